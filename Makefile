@@ -1,0 +1,36 @@
+# Two entry points (see README "Quick start"): `make demo` and `make test`.
+# Both create .venv on first use. TORCH picks the torch build: the default is the CPU wheel this
+# project is developed with; on a CUDA machine use pixi's cuda env or `make demo TORCH=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+CORES ?= all
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test lint dry-run clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[demo,test]'
+	touch $@
+
+demo: setup
+	$(BIN)/snakemake --cores $(CORES)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+dry-run: setup
+	$(BIN)/snakemake --dry-run
+
+clean:
+	rm -rf results resources benchmarks logs .snakemake

@@ -1,0 +1,167 @@
+"""Small helpers every stage uses: command line, logging, atomic output, model sources, devices."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger("pipeline")
+
+
+class StageError(RuntimeError):
+    """A clear, user-facing failure of a stage (bad input, missing model, ...)."""
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", required=True, type=_json_arg,
+                   help="the stage's config slice as JSON, or @file.json")
+    return p
+
+
+def _json_arg(text: str) -> Any:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from None
+
+
+def run_stage(main, argv=None) -> None:
+    """Run a stage's main with logging; turn StageError into one clear line and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        main(argv)
+    except StageError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
+
+
+# ---- reproducibility ---------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StageError("device: cuda was asked for but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def set_cpu_threads() -> None:
+    """Use the cores Snakemake granted (it sets OMP_NUM_THREADS from `threads:`)."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+# ---- atomic output -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    A killed or failed stage therefore never leaves a file or directory under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- model sources -----------------------------------------------------------------------------
+
+def resolve_model_source(source: str) -> str:
+    """Map a config model source to what from_pretrained takes.
+
+    `package:<module>`: a model shipped in an installed Python package (its get_model_path(), or
+    its `model/` folder); an existing path: a local directory; anything else: a hub id, which
+    transformers resolves from its cache (offline when HF_HUB_OFFLINE=1)."""
+    if source.startswith("package:"):
+        module_name = source.removeprefix("package:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise StageError(f"model source {source!r}: Python package {module_name!r} is not installed "
+                             f"(pip install the project's demo extra)") from None
+        getter = getattr(module, "get_model_path", None)
+        path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+        if not (path / "config.json").exists():
+            raise StageError(f"model source {source!r}: no config.json under {path}")
+        return str(path)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise StageError(f"model source {source!r}: directory has no config.json")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise StageError(f"model source {source!r}: no such directory")
+    return source
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_source(source))
+    except OSError as err:
+        raise StageError(f"tokenizer {source!r} could not be loaded: {err}") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    return fingerprint(sorted(vocab.items(), key=lambda kv: kv[1]))

@@ -1,0 +1,153 @@
+"""Load, validate and slice the pipeline configuration.
+
+The JSON schema (workflow/schemas/config.schema.yaml) is the single description of every key. This
+module validates a config against it, fills the schema's defaults, checks the cross-key rules a
+schema cannot express, and hands each stage only its own slice, so that an edit invalidates only the
+stages it concerns.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+OBJECTIVES_NEEDING_TARGETS = {"mlsm", "mlsm+mlm"}
+OBJECTIVES_NEEDING_TEACHER = OBJECTIVES_NEEDING_TARGETS | {"kd"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    path = list(error.absolute_path)
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        allowed = set(error.schema.get("properties", {}))
+        for ref in error.schema.get("allOf", []) + [error.schema]:
+            if "$ref" in ref:
+                allowed |= set(_resolve(ref["$ref"]).get("properties", {}))
+        unknown = sorted(set(error.instance) - allowed) if isinstance(error.instance, dict) else []
+        if unknown:
+            return f"config key '{_key(path + [unknown[0]])}': unknown key (allowed here: {', '.join(sorted(allowed))})"
+    if error.validator == "required":
+        return f"config key '{_key(path)}': {error.message}"
+    return f"config key '{_key(path)}': {error.message}"
+
+
+_SCHEMA_CACHE: dict | None = None
+
+
+def _schema() -> dict:
+    global _SCHEMA_CACHE
+    if _SCHEMA_CACHE is None:
+        _SCHEMA_CACHE = load_schema()
+    return _SCHEMA_CACHE
+
+
+def _resolve(ref: str) -> dict:
+    node: Any = _schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def _fill_defaults(schema: dict, instance: Any) -> None:
+    """Fill `default`s of `properties` (following $ref and name maps, never allOf).
+
+    Students list their options under allOf so that they inherit the pretrain section rather than
+    the schema's defaults (see resolve_students)."""
+    if "$ref" in schema:
+        _fill_defaults(_resolve(schema["$ref"]), instance)
+    if not isinstance(instance, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            _fill_defaults(sub, instance[name])
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, value in instance.items():
+            if name not in schema.get("properties", {}):
+                _fill_defaults(extra, value)
+
+
+def validate(config: dict) -> dict:
+    """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
+    config = copy.deepcopy(dict(config))
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    _fill_defaults(_schema(), config)
+    _check_cross_keys(config)
+    return config
+
+
+def _check_cross_keys(config: dict) -> None:
+    problems = []
+    for name, student in config["students"].items():
+        objective = student["objective"]
+        teacher = student.get("teacher")
+        if objective in OBJECTIVES_NEEDING_TEACHER:
+            if teacher is None:
+                problems.append(f"config key 'students.{name}.teacher': objective {objective} needs a teacher")
+            elif teacher not in config["teachers"]:
+                known = ", ".join(config["teachers"]) or "none defined"
+                problems.append(f"config key 'students.{name}.teacher': unknown teacher '{teacher}' (teachers: {known})")
+    atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
+    if top_k > atoms:
+        problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")
+    sample, heldout = config["activations"]["sample_tokens"], config["dictionary"]["heldout_tokens"]
+    if heldout >= sample:
+        problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below activations.sample_tokens ({sample})")
+    for name, task in config["tasks"].items():
+        if task["format"] == "tsv":
+            for key in ("text_columns", "label_column"):
+                if key not in task:
+                    problems.append(f"config key 'tasks.{name}.{key}': required for format tsv")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# ---- slices: what each stage sees --------------------------------------------------------------
+
+def student_options(config: dict, name: str) -> dict:
+    """The pretrain section overlaid with the student's own keys."""
+    merged = dict(config["pretrain"])
+    merged.update(config["students"][name])
+    return merged
+
+
+def teachers_in_use(config: dict) -> list[str]:
+    """Teachers that some student's objective needs (others are not run)."""
+    used = {s["teacher"] for s in config["students"].values() if s["objective"] in OBJECTIVES_NEEDING_TARGETS}
+    return sorted(used)
+
+
+def as_json(slice_: Any) -> str:
+    return json.dumps(slice_, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,214 @@
+"""Stage 6, finetune: one pre-trained student on one task with one seed -> dev scores per epoch.
+
+Tasks come as a GLUE task directory (official layout, train.tsv and dev.tsv; the task's name fixes its
+columns and official metric) or as any train.tsv/dev.tsv with a header and configured columns. The
+reported `score` is the GLUE convention: the task's official metric, or the mean of its two metrics
+(MRPC/QQP: F1 and accuracy; STS-B: Pearson and Spearman), at the last epoch.
+
+    python -m pipeline.finetune --model students/mlsm/model --out scores.json \
+        --params '{"task": {"format": "glue", "path": "../shared/data/glue/RTE"}, "seed": 1, ...}'
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import contract
+from .common import StageError, log, parser, pick_device, run_stage, seed_everything, set_cpu_threads, write_json
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    text_columns: tuple  # one column, or two for sentence pairs
+    label_column: str
+    metrics: tuple       # official metrics, the first two averaged into the score when there are two
+    header: bool = True
+    dev_file: str = "dev.tsv"
+
+    @property
+    def regression(self) -> bool:
+        return self.metrics[0] == "pearson"
+
+
+GLUE = {
+    # CoLA's files have no header: source, label, original label, sentence.
+    "CoLA": TaskSpec((3,), 1, ("mcc",), header=False),
+    "SST-2": TaskSpec(("sentence",), "label", ("accuracy",)),
+    "MRPC": TaskSpec(("#1 String", "#2 String"), "Quality", ("f1", "accuracy")),
+    "QQP": TaskSpec(("question1", "question2"), "is_duplicate", ("f1", "accuracy")),
+    "STS-B": TaskSpec(("sentence1", "sentence2"), "score", ("pearson", "spearman")),
+    "MNLI": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_matched.tsv"),
+    "QNLI": TaskSpec(("question", "sentence"), "label", ("accuracy",)),
+    "RTE": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",)),
+    "WNLI": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",)),
+}
+METRICS_OF = {"accuracy": ("accuracy",), "f1": ("f1", "accuracy"), "mcc": ("mcc",), "pearson": ("pearson", "spearman")}
+
+
+def task_spec(task: dict) -> TaskSpec:
+    if task["format"] == "glue":
+        name = task.get("glue_task") or Path(task["path"]).name
+        if name not in GLUE:
+            raise StageError(f"GLUE task directory {task['path']!r}: unknown task {name!r} "
+                             f"(set glue_task to one of {', '.join(GLUE)})")
+        return GLUE[name]
+    return TaskSpec(tuple(task["text_columns"]), task["label_column"], METRICS_OF[task.get("metric", "accuracy")])
+
+
+def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[str]]:
+    if not path.is_file():
+        raise StageError(f"task file {path} does not exist")
+    texts, labels = [], []
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if spec.header:
+            header = next(rows, None) or []
+            missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
+            if missing:
+                raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
+            columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
+        else:
+            columns = list(spec.text_columns), spec.label_column
+        width = max(columns[0] + [columns[1]])
+        for line, row in enumerate(rows, start=2 if spec.header else 1):
+            if len(row) <= width:
+                raise StageError(f"{path}, line {line}: {len(row)} columns, expected more than {width}")
+            texts.append(tuple(row[c] for c in columns[0]))
+            labels.append(row[columns[1]].strip())
+    if not texts:
+        raise StageError(f"task file {path} has no examples")
+    return texts, labels
+
+
+def encode_labels(train: list[str], dev: list[str], spec: TaskSpec, dev_path: Path):
+    if spec.regression:
+        try:
+            return np.array(train, np.float32), np.array(dev, np.float32), None
+        except ValueError as err:
+            raise StageError(f"regression task: a label is not a number ({err})") from None
+    names = sorted(set(train))
+    index = {name: i for i, name in enumerate(names)}
+    for line, label in enumerate(dev, start=2):
+        if label not in index:
+            raise StageError(f"{dev_path}, example {line - 1}: label {label!r} is not among the training labels {names}")
+    return np.array([index[x] for x in train]), np.array([index[x] for x in dev]), names
+
+
+def compute_metrics(names: tuple, predictions: np.ndarray, gold: np.ndarray, label_names) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    out = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = float((predictions == gold).mean())
+        elif name == "f1":
+            positive = label_names.index("1") if "1" in label_names else 1
+            out[name] = float(f1_score(gold, predictions, pos_label=positive, average="binary"))
+        elif name == "mcc":
+            out[name] = float(matthews_corrcoef(gold, predictions))
+        elif name == "pearson":
+            out[name] = float(pearsonr(predictions, gold)[0])
+        elif name == "spearman":
+            out[name] = float(spearmanr(predictions, gold)[0])
+    return out
+
+
+def batches(n: int, size: int, rng: np.random.Generator | None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def finetune(model_dir: str, task: dict, out: str, params: dict) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    set_cpu_threads()
+    seed_everything(params["seed"])
+    device = pick_device(params.get("device", "auto"))
+    spec = task_spec(task)
+    task_dir = Path(task["path"])
+    train_texts, train_labels = read_split(task_dir / "train.tsv", spec)
+    dev_texts, dev_labels = read_split(task_dir / spec.dev_file, spec)
+    if params["max_train_examples"]:
+        keep = np.random.default_rng(params["seed"]).permutation(len(train_texts))[: params["max_train_examples"]]
+        train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
+    y_train, y_dev, label_names = encode_labels(train_labels, dev_labels, spec, task_dir / spec.dev_file)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    num_labels = 1 if spec.regression else len(label_names)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=num_labels, problem_type="regression" if spec.regression else "single_label_classification",
+        attn_implementation="sdpa").to(device)
+
+    def encode(texts):
+        columns = list(zip(*texts))
+        return tokenizer(*columns, truncation=True, max_length=params["max_seq_len"])
+
+    train_enc, dev_enc = encode(train_texts), encode(dev_texts)
+    steps = params["epochs"] * -(-len(train_texts) // params["batch_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params["learning_rate"], weight_decay=params["weight_decay"])
+    warmup = max(1, int(params["warmup_fraction"] * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    rng = np.random.default_rng(params["seed"])
+
+    def collate(encoding, rows, labels=None):
+        features = [{k: encoding[k][i] for k in encoding.keys()} for i in rows]
+        batch = tokenizer.pad(features, return_tensors="pt")
+        if labels is not None:
+            batch["labels"] = torch.as_tensor(labels[rows])
+        return {k: v.to(device) for k, v in batch.items()}
+
+    epochs, started = [], time.perf_counter()
+    for epoch in range(params["epochs"]):
+        model.train()
+        for rows in batches(len(train_texts), params["batch_size"], rng):
+            with autocast:
+                loss = model(**collate(train_enc, rows, y_train)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        predictions = []
+        with torch.inference_mode(), autocast:
+            for rows in batches(len(dev_texts), params["batch_size"] * 2, None):
+                logits = model(**collate(dev_enc, rows)).logits.float()
+                predictions.append(logits.squeeze(-1) if spec.regression else logits.argmax(-1))
+        predictions = torch.cat(predictions).cpu().numpy()
+        metrics = compute_metrics(spec.metrics, predictions, y_dev, label_names)
+        epochs.append({"epoch": epoch + 1, "last_train_loss": loss.item(), **metrics})
+        log.info("epoch %d: %s", epoch + 1, metrics)
+    final = epochs[-1]
+    result = {
+        "format_version": contract.FORMAT_VERSION["finetune"], "params": params, "task": task,
+        "metrics": list(spec.metrics), "score": float(np.mean([final[m] for m in spec.metrics[:2]])),
+        "final": final, "epochs": epochs, "train_examples": len(train_texts), "dev_examples": len(dev_texts),
+        "labels": label_names, "seconds": time.perf_counter() - started,
+    }
+    write_json(out, result)
+    return result
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a save_pretrained directory")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    finetune(args.model, args.params["task"], args.out, args.params)
+
+
+if __name__ == "__main__":
+    run_stage(main)

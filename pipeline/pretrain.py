@@ -1,0 +1,312 @@
+"""Stage 5, pretrain_student: a BERT-style student from scratch with one of four objectives.
+
+- mlsm: the student gets K extra output units; loss = KL(target || softmax(units)) on the masked
+  positions, averaged over masked positions that have a target (the reference's batchmean).
+- mlm: cross-entropy over the vocabulary on the masked positions.
+- kd: KL(softmax(teacher MLM logits / T) || softmax(student logits / T)) * T^2 on the masked positions;
+  the teacher sees the same masked input and must have an MLM head.
+- mlsm+mlm: mlsm + mlm_weight * mlm.
+Heads compute logits only for the masked positions. The model is saved with save_pretrained (it
+loads with AutoModel; with AutoModelForMaskedLM too when it has an MLM head); the MLSM head is
+saved beside it as mlsm_head.safetensors.
+
+    python -m pipeline.pretrain --corpus-shards s0.parquet ... [--target-shards t0.parquet ...] \
+        --corpus-manifest m.json --out-model model/ --summary summary.json --params '{...}'
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import contract
+from .common import (StageError, atomic_output, load_tokenizer, log, parser, pick_device, read_json, resolve_model_source,
+                     run_stage, seed_everything, set_cpu_threads, write_json)
+from .corpus import read_shard
+from .targets import read_targets
+
+PRESETS = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "medium": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
+USES_MLSM = {"mlsm", "mlsm+mlm"}
+USES_MLM_HEAD = {"mlm", "kd", "mlsm+mlm"}
+LOG_EVERY = 10
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+class PretrainData:
+    """Sequences (and, for MLSM, their per-position targets) held in memory."""
+
+    def __init__(self, corpus_shards: list[str], target_shards: list[str] | None):
+        tables = [read_shard(p) for p in corpus_shards]
+        self.input_ids = [np.asarray(s, np.int64) for t in tables for s in t["input_ids"].to_pylist()]
+        self.type_ids = [np.asarray(s, np.int64) for t in tables for s in t["token_type_ids"].to_pylist()]
+        self.atom_ids = self.weights = None
+        if target_shards:
+            targets = [read_targets(p) for p in target_shards]
+            corpus_ids = np.concatenate([t["seq_id"].to_numpy() for t in tables])
+            target_ids = np.concatenate([t["seq_id"].to_numpy() for t in targets])
+            if not np.array_equal(corpus_ids, target_ids):
+                raise StageError("target shards are not aligned with the corpus shards (seq_id mismatch)")
+            self.atom_ids = [np.asarray(a, np.int64) for t in targets for a in t["atom_ids"].to_pylist()]
+            self.weights = [np.asarray(w, np.float32) for t in targets for w in t["weights"].to_pylist()]
+            for i, seq in enumerate(self.input_ids):
+                if len(self.atom_ids[i]) % len(seq):
+                    raise StageError(f"target row {i} does not match its sequence length")
+            self.top_k = len(self.atom_ids[0]) // len(self.input_ids[0])
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def mask_batch(data: PretrainData, rows: np.ndarray, tokenizer, params: dict, generator: torch.Generator) -> dict:
+    """Pad a batch and choose masked positions; return model inputs and per-masked-position labels."""
+    width = max(len(data.input_ids[r]) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    attention = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        n = len(data.input_ids[r])
+        ids[b, :n] = torch.from_numpy(data.input_ids[r])
+        types[b, :n] = torch.from_numpy(data.type_ids[r])
+        attention[b, :n] = 1
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | (attention == 0)
+    chosen = (torch.rand(ids.shape, generator=generator) < params["mask_fraction"]) & ~special
+    if not chosen.any():  # a batch must predict something
+        candidates = torch.nonzero(~special)
+        pick = candidates[torch.randint(len(candidates), (1,), generator=generator)][0]
+        chosen[pick[0], pick[1]] = True
+    labels = ids[chosen].clone()
+    masked = ids.clone()
+    if params["mask_strategy"] == "all_mask":
+        masked[chosen] = tokenizer.mask_token_id
+    else:  # BERT: 80 % [MASK], 10 % random token, 10 % unchanged
+        roll = torch.rand(ids.shape, generator=generator)
+        masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+        random_tokens = torch.randint(len(tokenizer), ids.shape, generator=generator)
+        swap = chosen & (roll >= 0.8) & (roll < 0.9)
+        masked[swap] = random_tokens[swap]
+    batch = {"input_ids": masked, "token_type_ids": types, "attention_mask": attention,
+             "masked": chosen, "labels": labels}
+    if data.atom_ids is not None:
+        k = data.top_k
+        atom_rows, weight_rows = [], []
+        for b, r in enumerate(rows):
+            positions = torch.nonzero(chosen[b]).flatten().numpy()
+            atom_rows.append(data.atom_ids[r].reshape(-1, k)[positions])
+            weight_rows.append(data.weights[r].reshape(-1, k)[positions])
+        batch["target_atoms"] = torch.from_numpy(np.concatenate(atom_rows))
+        batch["target_weights"] = torch.from_numpy(np.concatenate(weight_rows))
+    return batch
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+class MlsmHead(torch.nn.Module):
+    """Transform + K output units, shaped like BERT's MLM head."""
+
+    def __init__(self, hidden: int, atoms: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = torch.nn.Linear(hidden, hidden)
+        self.norm = torch.nn.LayerNorm(hidden, eps=eps)
+        self.decoder = torch.nn.Linear(hidden, atoms)
+        for linear in (self.dense, self.decoder):
+            torch.nn.init.normal_(linear.weight, std=0.02)
+            torch.nn.init.zeros_(linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+
+
+class Student(torch.nn.Module):
+    def __init__(self, config, objective: str, atoms: int | None):
+        from transformers import BertForMaskedLM, BertModel
+
+        super().__init__()
+        self.objective = objective
+        self.backbone = BertForMaskedLM(config) if objective in USES_MLM_HEAD else BertModel(config, add_pooling_layer=False)
+        self.mlsm_head = MlsmHead(config.hidden_size, atoms, config.layer_norm_eps) if objective in USES_MLSM else None
+
+    @property
+    def encoder(self):
+        return self.backbone.bert if hasattr(self.backbone, "bert") else self.backbone
+
+    def forward(self, batch: dict) -> dict:
+        hidden = self.encoder(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                              attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = hidden[batch["masked"]]  # heads run on masked positions only
+        out = {}
+        if self.objective in USES_MLM_HEAD:
+            out["mlm_logits"] = self.backbone.cls(hidden)
+        if self.mlsm_head is not None:
+            out["mlsm_logits"] = self.mlsm_head(hidden)
+        return out
+
+    def save(self, directory: Path, tokenizer, metadata: dict) -> None:
+        from safetensors.torch import save_file
+
+        self.backbone.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        if self.mlsm_head is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.mlsm_head.state_dict().items()}
+            save_file(state, str(directory / "mlsm_head.safetensors"), metadata={"atoms": str(state["decoder.bias"].numel())})
+        write_json(directory / "pretraining.json", metadata)
+
+
+def build_config(params: dict, tokenizer, max_len: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, max_len),
+                      pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", **PRESETS[params["size"]])
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+def mlsm_loss(logits: torch.Tensor, atoms: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) with sparse targets, mean over positions that have a target."""
+    log_probs = F.log_softmax(logits.float(), dim=-1).gather(1, atoms)
+    entropy_term = torch.where(weights > 0, weights * weights.clamp_min(1e-30).log(), torch.zeros_like(weights))
+    per_position = (entropy_term - weights * log_probs).sum(1)
+    has_target = weights.sum(1) > 0
+    return per_position[has_target].sum() / has_target.sum().clamp_min(1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+class KdTeacher:
+    def __init__(self, source: str, device: torch.device, corpus_manifest: dict):
+        from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+        from .teacher import _check_vocabulary
+
+        path = resolve_model_source(source)
+        _check_vocabulary(source, path, AutoConfig.from_pretrained(path), corpus_manifest, AutoTokenizer)
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        missing_head = [k for k in info["missing_keys"] if k.startswith("cls.")]
+        if missing_head:
+            raise StageError(f"objective kd needs a teacher with an MLM head, but {source!r} has none "
+                             f"(missing {missing_head[0]}, ...); use a teacher saved with BertForMaskedLM")
+        self.model = model.eval().to(device)
+
+    @torch.inference_mode()
+    def logits(self, batch: dict) -> torch.Tensor:
+        hidden = self.model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.model.cls(hidden[batch["masked"]])
+
+
+def compute_loss(out: dict, batch: dict, params: dict, teacher: KdTeacher | None) -> tuple[torch.Tensor, dict]:
+    objective, parts = params["objective"], {}
+    if objective in USES_MLSM:
+        parts["mlsm"] = mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"])
+    if objective in ("mlm", "mlsm+mlm"):
+        parts["mlm"] = F.cross_entropy(out["mlm_logits"].float(), batch["labels"])
+    if objective == "kd":
+        parts["kd"] = kd_loss(out["mlm_logits"], teacher.logits(batch), params["kd_temperature"])
+    if objective == "mlsm+mlm":
+        total = parts["mlsm"] + params["mlm_weight"] * parts["mlm"]
+    else:
+        total = parts[objective]
+    return total, {k: v.item() for k, v in parts.items()}
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(corpus_shards, target_shards, manifest_path, out_model, summary_path, params) -> dict:
+    set_cpu_threads()
+    seed_everything(params["seed"])
+    device = pick_device(params.get("device", "auto"))
+    manifest = read_json(manifest_path)
+    tokenizer = load_tokenizer(manifest["tokenizer"])
+    objective = params["objective"]
+    data = PretrainData(corpus_shards, target_shards if objective in USES_MLSM else None)
+    atoms = params.get("atoms") if objective in USES_MLSM else None
+    config = build_config(params, tokenizer, manifest["params"]["max_seq_len"])
+    model = Student(config, objective, atoms).to(device)
+    teacher = KdTeacher(params["teacher_source"], device, manifest) if objective == "kd" else None
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": params["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=params["learning_rate"], fused=device.type == "cuda")
+    total, warmup = params["max_steps"], max(1, int(params["warmup_fraction"] * params["max_steps"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    generator = torch.Generator().manual_seed(params["seed"])
+    rng = np.random.default_rng(params["seed"])
+    order, cursor = rng.permutation(len(data)), 0
+
+    history, tokens_seen, started = [], 0, time.perf_counter()
+    model.train()
+    for step in range(total):
+        step_parts: dict[str, float] = {}
+        for _ in range(params["grad_accumulation"]):
+            if cursor + params["batch_size"] > len(order):  # a new epoch: new order, new masks
+                order, cursor = rng.permutation(len(data)), 0
+            rows = order[cursor : cursor + params["batch_size"]]
+            cursor += params["batch_size"]
+            batch = {k: v.to(device) for k, v in mask_batch(data, rows, tokenizer, params, generator).items()}
+            with autocast:
+                loss, parts = compute_loss(model(batch), batch, params, teacher)
+            (loss / params["grad_accumulation"]).backward()
+            tokens_seen += int(batch["attention_mask"].sum())
+            for k, v in parts.items():
+                step_parts[k] = step_parts.get(k, 0.0) + v / params["grad_accumulation"]
+        if not all(math.isfinite(v) for v in step_parts.values()):
+            raise StageError(f"loss became non-finite at step {step}: {step_parts}")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % LOG_EVERY == 0 or step == total - 1:
+            history.append({"step": step + 1, **step_parts, "lr": scheduler.get_last_lr()[0]})
+            log.info("step %d/%d %s", step + 1, total, " ".join(f"{k}={v:.4f}" for k, v in step_parts.items()))
+    seconds = time.perf_counter() - started
+
+    metadata = {"format_version": contract.FORMAT_VERSION["pretrain"], "params": params, "steps": total,
+                "objective": objective, "atoms": atoms, "tokens_seen": tokens_seen}
+    with atomic_output(out_model) as tmp:
+        tmp.mkdir()
+        model.save(tmp, tokenizer, metadata)
+    summary = {**metadata, "seconds": seconds, "tokens_per_second": tokens_seen / seconds,
+               "parameters": sum(p.numel() for p in model.parameters()), "final": history[-1], "history": history}
+    write_json(summary_path, summary)
+    return summary
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--corpus-shards", nargs="+", required=True)
+    p.add_argument("--target-shards", nargs="*", default=[])
+    p.add_argument("--corpus-manifest", required=True)
+    p.add_argument("--out-model", required=True)
+    p.add_argument("--summary", required=True)
+    args = p.parse_args(argv)
+    if args.params["objective"] in USES_MLSM and not args.target_shards:
+        raise StageError(f"objective {args.params['objective']} needs --target-shards")
+    train(args.corpus_shards, args.target_shards, args.corpus_manifest, args.out_model, args.summary, args.params)
+
+
+if __name__ == "__main__":
+    run_stage(main)

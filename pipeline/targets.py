@@ -1,0 +1,160 @@
+"""Stage 4, precompute_targets: per-token MLSM target distributions, one parquet shard per corpus shard.
+
+For every position of every sequence: the teacher's state of the configured layer, L2-normalised,
+coded with the non-negative lasso over the dictionary, normalised to sum 1, cut to its top-k atoms
+and renormalised. Positions whose code is all zero get all-zero weights (they carry no target).
+
+    python -m pipeline.targets --corpus-shard s0.parquet --corpus-manifest m.json --dictionary D.npy \
+        --out t0.parquet --params '{"source": ..., "layer": -1, "lambda": 0.05, "top_k": 32, ...}'
+    python -m pipeline.targets --summarize t0.parquet t1.parquet --manifest manifest.json --params '{}'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import contract
+from .common import (StageError, atomic_output, log, parser, pick_device, read_json, run_stage,
+                     set_cpu_threads, sha256_file, write_json)
+from .corpus import read_shard
+from .dictionary import load_dictionary
+from .lasso import fista, l2_normalise, lipschitz
+from .teacher import length_batches, load_encoder
+
+STATS_KEY = b"mlsm_target_stats"
+
+
+def top_k_distribution(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(atom ids [n, k], weights [n, k] summing to 1 or all 0, mass lost to truncation [n])."""
+    total = codes.sum(1, keepdim=True)
+    weights, ids = torch.topk(codes, k, dim=1)
+    kept = weights.sum(1, keepdim=True)
+    lost = torch.where(total > 0, 1.0 - kept / total.clamp_min(1e-30), torch.zeros_like(total)).squeeze(1)
+    weights = torch.where(kept > 0, weights / kept.clamp_min(1e-30), torch.zeros_like(weights))
+    return ids, weights, lost
+
+
+def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, out: str, params: dict) -> dict:
+    set_cpu_threads()
+    device = pick_device(params.get("device", "auto"))
+    manifest = read_json(manifest_path)
+    encoder = load_encoder(params["source"], params["layer"], device, manifest)
+    dictionary = torch.from_numpy(load_dictionary(dictionary_path)).float().to(device)
+    if dictionary.shape[0] != encoder.hidden_size:
+        raise StageError(f"dictionary {dictionary_path} has atoms of size {dictionary.shape[0]} but teacher "
+                         f"{params['source']!r} has hidden size {encoder.hidden_size}")
+    k = params["top_k"]
+    if k > dictionary.shape[1]:
+        raise StageError(f"top_k {k} exceeds the dictionary's {dictionary.shape[1]} atoms")
+    gram = dictionary.T @ dictionary
+    lip = lipschitz(gram)
+
+    table = read_shard(corpus_shard)
+    sequences = [np.asarray(s, dtype=np.int32) for s in table["input_ids"].to_pylist()]
+    types = [np.asarray(s, dtype=np.int8) for s in table["token_type_ids"].to_pylist()]
+    atom_rows: list = [None] * len(sequences)
+    weight_rows: list = [None] * len(sequences)
+    nnz, lost, entropy, iterations, usage = [], [], [], [], torch.zeros(dictionary.shape[1], dtype=torch.float64)
+    started = time.perf_counter()
+    for batch in length_batches(np.array([len(s) for s in sequences]), params["batch_size"]):
+        states = encoder.states([sequences[i] for i in batch], [types[i] for i in batch])
+        x = l2_normalise(torch.from_numpy(np.concatenate(states)).to(device))
+        if not torch.isfinite(x).all():
+            raise StageError(f"teacher {params['source']!r} produced non-finite states on shard {corpus_shard}")
+        codes, used = fista(x, dictionary, params["lambda"], params["max_iterations"], params["tolerance"],
+                            gram=gram, lip=lip)
+        ids, weights, lost_mass = top_k_distribution(codes, k)
+        nnz.append((codes > 0).sum(1).cpu())
+        lost.append(lost_mass.cpu())
+        p = weights.clamp_min(1e-30)
+        entropy.append(-(weights * p.log()).sum(1).cpu())
+        iterations.append(used)
+        usage.index_add_(0, ids.flatten().cpu(), weights.flatten().cpu().double())
+        ids, weights = ids.cpu().numpy().astype(np.uint16), weights.cpu().numpy().astype(np.float16)
+        start = 0
+        for i, state in zip(batch, states):
+            stop = start + len(state)
+            atom_rows[i], weight_rows[i] = ids[start:stop].ravel(), weights[start:stop].ravel()
+            start = stop
+    seconds = time.perf_counter() - started
+    nnz, lost, entropy = torch.cat(nnz).float(), torch.cat(lost), torch.cat(entropy)
+    stats = {
+        "tokens": int(len(nnz)), "seconds": seconds, "tokens_per_second": len(nnz) / max(seconds, 1e-9),
+        "mean_nnz": float(nnz.mean()), "p99_nnz": float(torch.quantile(nnz, 0.99)),
+        "zero_code_fraction": float((nnz == 0).float().mean()),
+        "mean_mass_lost_to_top_k": float(lost.mean()), "max_mass_lost_to_top_k": float(lost.max()),
+        "mean_entropy_nats": float(entropy.mean()), "mean_iterations": float(np.mean(iterations)),
+        "atom_usage": usage.tolist(),
+    }
+    out_table = pa.table({
+        "seq_id": table["seq_id"],
+        "atom_ids": pa.array(atom_rows, pa.list_(pa.uint16())),
+        "weights": pa.array(weight_rows, pa.list_(pa.float16())),
+    }, schema=contract.TARGET_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
+    with atomic_output(out) as tmp:
+        pq.write_table(out_table, tmp, compression="zstd")
+    log.info("targets %s: %d tokens at %.0f tokens/s, mean nnz %.1f, top-%d loses %.2f%% of the mass",
+             out, stats["tokens"], stats["tokens_per_second"], stats["mean_nnz"], k, 100 * stats["mean_mass_lost_to_top_k"])
+    return stats
+
+
+def read_targets(path: str) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StageError(f"target shard {path} is unreadable: {err}") from None
+    if not table.schema.remove_metadata().equals(contract.TARGET_SCHEMA):
+        raise StageError(f"target shard {path} does not have the target schema")
+    return table
+
+
+def summarize(shards: list[str], manifest: str, params: dict) -> dict:
+    per_shard = []
+    for path in shards:
+        metadata = pq.read_schema(path).metadata or {}
+        if STATS_KEY not in metadata:
+            raise StageError(f"target shard {path} has no statistics; it was not written by this stage")
+        per_shard.append(json.loads(metadata[STATS_KEY]))
+    tokens = np.array([s["tokens"] for s in per_shard], dtype=float)
+
+    def mean(key):
+        return float(np.average([s[key] for s in per_shard], weights=tokens))
+
+    usage = np.sum([s["atom_usage"] for s in per_shard], axis=0)
+    summary = {
+        "format_version": contract.FORMAT_VERSION["targets"], "params": params, "tokens": int(tokens.sum()),
+        "tokens_per_second": float(tokens.sum() / sum(s["seconds"] for s in per_shard)),
+        **{key: mean(key) for key in ("mean_nnz", "zero_code_fraction", "mean_mass_lost_to_top_k",
+                                      "mean_entropy_nats", "mean_iterations")},
+        "atoms_used_fraction": float((usage > 0).mean()),
+        "atom_usage_histogram": np.histogram(usage / max(usage.sum(), 1e-30), bins=10)[0].tolist(),
+        "shards": [{"path": p.rsplit("/", 1)[-1], "sha256": sha256_file(p), "tokens": s["tokens"]}
+                   for p, s in zip(shards, per_shard)],
+    }
+    write_json(manifest, summary)
+    return summary
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--corpus-shard")
+    p.add_argument("--corpus-manifest")
+    p.add_argument("--dictionary")
+    p.add_argument("--out")
+    p.add_argument("--summarize", nargs="+", help="target shards to summarise into --manifest")
+    p.add_argument("--manifest")
+    args = p.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize, args.manifest, args.params)
+    else:
+        compute(args.corpus_shard, args.corpus_manifest, args.dictionary, args.out, args.params)
+
+
+if __name__ == "__main__":
+    run_stage(main)

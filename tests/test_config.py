@@ -1,0 +1,89 @@
+"""The schema and the cross-key rules: defaults fill in, bad values name their key."""
+
+import copy
+
+import pytest
+
+from pipeline import config as cfg
+from conftest import REPO
+
+
+@pytest.fixture()
+def default():
+    return cfg.load_yaml(REPO / "config" / "config.yaml")
+
+
+def test_default_config_is_valid_and_complete(default):
+    validated = cfg.validate(default)
+    assert validated["dictionary"]["atoms"] == default["dictionary"]["atoms"]
+    assert set(validated["students"]) == {"mlsm", "mlm", "mlsm_mlm"}
+
+
+def test_missing_options_take_schema_defaults():
+    minimal = {"corpus": {"inputs": ["a.txt"], "tokenizer": "t"}, "teachers": {"t": {"source": "x"}},
+               "students": {"s": {"objective": "mlsm", "teacher": "t"}},
+               "tasks": {"x": {"format": "glue", "path": "glue/RTE"}}}
+    validated = cfg.validate(minimal)
+    assert validated["teachers"]["t"]["layer"] == -1
+    assert validated["pretrain"]["mask_fraction"] == 0.15
+    assert validated["finetune"]["seeds"] == [1, 2]
+    assert "max_steps" not in validated["students"]["s"]  # students inherit the pretrain section
+
+
+def test_student_overrides_pretrain_section(default):
+    default["pretrain"]["max_steps"] = 7
+    default["students"]["mlm"]["max_steps"] = 3
+    validated = cfg.validate(default)
+    assert cfg.student_options(validated, "mlm")["max_steps"] == 3
+    assert cfg.student_options(validated, "mlsm")["max_steps"] == 7
+
+
+def set_key(config, dotted, value):
+    node = config
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("dictionary.atoms", "many", "dictionary.atoms"),          # wrong type
+    ("corpus.max_seq_len", -5, "corpus.max_seq_len"),            # negative size
+    ("dictionary.atoms", 0, "dictionary.atoms"),                 # K = 0
+    ("dictionary.lambda", -0.1, "dictionary.lambda"),            # lambda < 0
+    ("students.mlsm.objective", "mlsm2", "students.mlsm.objective"),  # unknown objective
+    ("targets.top_k", 10_000, "targets.top_k"),                  # top-k > K
+    ("students.mlsm.teacher", "bert", "students.mlsm.teacher"),  # unknown teacher
+    ("pretrain.mask_fraction", 1.5, "pretrain.mask_fraction"),
+    ("tasks.bbc_topic.format", "xml", "tasks.bbc_topic.format"),
+])
+def test_bad_value_names_its_key(default, key, value, expected):
+    set_key(default, key, value)
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.validate(default)
+    assert f"'{expected}'" in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["", "dictionary.", "students.mlsm.", "teachers.minilm."])
+def test_unknown_key_is_named(default, where):
+    set_key(default, where + "atomz", 3)
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.validate(default)
+    assert f"'{where}atomz'" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_mlsm_student_without_teacher_is_rejected(default):
+    del default["students"]["mlsm"]["teacher"]
+    with pytest.raises(cfg.ConfigError, match="students.mlsm.teacher"):
+        cfg.validate(default)
+
+
+def test_validation_does_not_modify_its_input(default):
+    before = copy.deepcopy(default)
+    cfg.validate(default)
+    assert default == before
+
+
+def test_only_teachers_of_mlsm_students_run(default):
+    default["teachers"]["unused"] = {"source": "somewhere"}
+    assert cfg.teachers_in_use(cfg.validate(default)) == ["minilm"]

