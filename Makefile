@@ -8,6 +8,8 @@ CORES ?= all
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Rules call `python -m pipeline.<stage>`: the venv must come first on PATH, as after activating it.
+IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
 .PHONY: setup demo test lint dry-run clean
 
@@ -21,16 +23,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/snakemake --cores $(CORES)
+	$(IN_VENV) snakemake --cores $(CORES)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(IN_VENV) python -m pytest
 
 lint: setup
-	$(BIN)/snakemake --lint
+	$(IN_VENV) snakemake --lint
 
 dry-run: setup
-	$(BIN)/snakemake --dry-run
+	$(IN_VENV) snakemake --dry-run
 
 clean:
 	rm -rf results resources benchmarks logs .snakemake

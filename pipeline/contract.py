@@ -1,8 +1,9 @@
 """The data contract between stages: where each stage writes, in which format, at which version.
 
-docs/data-contract.md describes the same contract in prose; the schemas below are what the stages
-write and what the tests check. Bump a stage's FORMAT_VERSION when its code changes its output: the
-version is part of the rule's params, so Snakemake reruns that stage and everything downstream.
+This module is the one place the contract is written down: every path, the parquet schemas the
+stages write and the tests check, and the layout of the zarr store, the dictionary and the JSON
+files. Bump a stage's FORMAT_VERSION when its code changes its output: the version is part of the
+rule's params, so Snakemake reruns that stage and everything downstream of it.
 """
 
 from __future__ import annotations
@@ -40,34 +41,66 @@ REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"
 
 
-
 def shard_names(count: int) -> list[str]:
     return [f"{i:03d}" for i in range(count)]
 
 
-# ---- stage 1: one row per packed sequence ------------------------------------------------------
+# ---- stage 0 (demo only), bbc_news_data ---------------------------------------------------------
+# resources/bbc_news/pretrain.txt.gz: corpus text (one sentence per line, blank line between
+# articles) from task-train articles only; topic/{train,dev}.tsv: header `text<TAB>label`;
+# manifest.json: article counts per split.
+
+# ---- stage 1, shard_corpus: one row per packed sequence -----------------------------------------
 # input_ids hold [CLS] A [SEP] B [SEP] (B may be empty: [CLS] A [SEP]); token_type_ids are 0 on
-# [CLS] A [SEP] and 1 on B [SEP]. No padding is stored.
+# [CLS] A [SEP] and 1 on B [SEP]. No padding is stored. Shards are written in seq_id order.
 CORPUS_SCHEMA = pa.schema([
     ("seq_id", pa.int64()),        # global, dense, 0..N-1 across all shards
     ("doc_id", pa.int64()),        # index of the source document in input order
     ("input_ids", pa.list_(pa.int32())),
     ("token_type_ids", pa.list_(pa.int8())),
 ])
+# corpus/manifest.json: documents, sentences, sequences, tokens, inputs, tokenizer (its config source),
+# tokenizer_fingerprint (hash of the vocabulary; teachers must match it), vocab_size, params,
+# shards [{path, sequences, sha256}].
 
-# ---- stage 2: zarr store arrays (N sampled tokens) ---------------------------------------------
+# ---- stage 2, extract_activations: zarr store (N sampled non-special tokens) --------------------
 # states float16 [N, d] (raw hidden states, not normalised); token_ids int32 [N];
-# seq_ids int64 [N]; positions int16 [N]. attrs: teacher, source, layer, hidden_layer_index,
-# hidden_size, tokenizer, normalisation ("none": consumers L2-normalise), format_version.
+# seq_ids int64 [N]; positions int16 [N] (rows sorted by seq_id, then position). attrs: teacher,
+# source, layer (from the last), hidden_layer_index, hidden_size, tokenizer, tokenizer_fingerprint,
+# normalisation ("none": consumers L2-normalise), dtype, tokens, format_version.
 ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 
-# ---- stage 3: dictionary.npy float32 [d, K], unit-norm non-negative-coded columns --------------
+# ---- stage 3, fit_dictionary ---------------------------------------------------------------------
+# dictionary.npy: float32 [d, K], unit-norm columns (atoms), for codes a >= 0.
+# metrics.json: heldout_objective (mean 1/2||x - Da||^2 + lambda||a||_1 on held-out L2-normalised
+# states, converged codes), relative_residual, mean_nnz, p99_nnz, zero_code_fraction,
+# atoms_used_fraction, mutual_coherence, lipschitz, atoms, lambda, hidden_size, train_tokens,
+# heldout_tokens, teacher, layer, format_version.
+# atoms.json: [{atom, usage, tokens_used, top_tokens: [{token, weight}]}] for the most-used atoms.
 
-# ---- stage 4: one row per sequence, aligned with the corpus shard of the same index -----------
+# ---- stage 4, precompute_targets: one row per sequence, aligned with the corpus shard -----------
 # atom_ids/weights are flattened [length * top_k]: position p's atoms are [p*k:(p+1)*k]. Weights of a
 # position sum to 1 over its kept atoms, or are all 0 where the lasso code is 0 (no target there).
+# Every position has a row, special tokens included; the student uses those it masks.
 TARGET_SCHEMA = pa.schema([
     ("seq_id", pa.int64()),
     ("atom_ids", pa.list_(pa.uint16())),
     ("weights", pa.list_(pa.float16())),
 ])
+# Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON); manifest.json
+# sums them: tokens, tokens_per_second, mean_nnz, zero_code_fraction, mean_mass_lost_to_top_k,
+# mean_entropy_nats, mean_iterations, atoms_used_fraction, params, shards [{path, sha256, tokens}].
+
+# ---- stage 5, pretrain_student --------------------------------------------------------------------
+# model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
+# tokenizer (loads with AutoModel / AutoModelForSequenceClassification); mlsm_head.safetensors for
+# MLSM objectives; pretraining.json (params, steps, objective, atoms, tokens_seen).
+# summary.json: the same plus seconds, tokens_per_second, parameters, final losses, history.
+
+# ---- stage 6, finetune ----------------------------------------------------------------------------
+# finetune/{student}/{task}/seed{seed}.json: params, task, metrics (names), score (GLUE convention:
+# mean of the task's official metrics at the last epoch), final, epochs, labels, example counts.
+
+# ---- stage 7, report --------------------------------------------------------------------------------
+# report.md (scores per student x task, mean ± std over seeds; students; dictionary metrics; atom
+# browser; stage costs), results.csv (one row per student x task x seed), scores.png.
