@@ -36,20 +36,20 @@ wildcard_constraints:
 
 def path(template, **wildcards):
     """A contract path under the results directory; unfilled fields stay Snakemake wildcards."""
-    return f"{R}/" + template.format_map(_Keep(wildcards))
+    return f"{R}/{template.format_map(_Keep(wildcards))}"
 
 
 class _Keep(dict):
     def __missing__(self, key):
-        return "{" + key + "}"
+        return f"{{{key}}}"
 
 
 def log_path(rule, *parts):
-    return f"{R}/{contract.LOGS}/{rule}/" + ("_".join(parts) or rule) + ".log"
+    return f"{R}/{contract.LOGS}/{rule}/{'_'.join(parts) or rule}.log"
 
 
 def bench_path(rule, *parts):
-    return f"{R}/{contract.BENCHMARKS}/{rule}/" + ("_".join(parts) or rule) + ".tsv"
+    return f"{R}/{contract.BENCHMARKS}/{rule}/{'_'.join(parts) or rule}.tsv"
 
 
 def stage_params(stage, *slices, **extra):
