@@ -1,0 +1,154 @@
+"""The workflow through a real one-node SLURM cluster (tests/slurm/cluster.sh) with profiles/slurm.
+
+Every rule runs as a SLURM job with the cpus, memory and time limit the rule declares (read back from
+SLURM's own job-completion records); a rerun submits nothing; changing one student submits only that
+student's jobs and the report. Without root (or without SLURM and a way to install it) these skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_workflow import SNAKEFILE, tiny_config
+
+pytestmark = pytest.mark.slurm
+
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+PROFILE = REPO / "profiles" / "slurm"
+RUN_TIMEOUT = 900
+
+
+def why_no_cluster() -> str | None:
+    if os.geteuid() != 0:
+        return "a SLURM cluster needs root to start slurmctld and slurmd"
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return None
+    if not shutil.which("apt-get"):
+        return "SLURM is not installed and apt-get is not available to install it"
+    if not (os.environ.get("CI") or os.environ.get("MLSM_TEST_SLURM")):
+        return ("SLURM is not installed; set MLSM_TEST_SLURM=1 (CI sets CI) to let the tests install "
+                "slurm-wlm and munge from Debian")
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = why_no_cluster()
+    if reason:
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True,
+                             timeout=900)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield state
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True, timeout=60)
+
+
+def slurm_config() -> dict:
+    """The tiny end-to-end config, cut to what tells the story: one MLSM and one MLM student."""
+    config = tiny_config(Path("unused"))
+    del config["teachers"]["tiny_mlm"]
+    config["students"] = {"mlsm": config["students"]["mlsm"], "mlm": config["students"]["mlm"]}
+    config["tasks"] = {"bbc_topic": config["tasks"]["bbc_topic"]}
+    config["finetune"]["seeds"] = [1]
+    return config
+
+
+def run_on_slurm(workdir: Path, config: dict) -> str:
+    configfile = workdir / f"config-{len(list(workdir.glob('config-*.yaml')))}.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    # timeout -k: a plugin that loses track of its jobs waits forever; the test must not.
+    command = ["timeout", "-k", "10", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake",
+               "--workflow-profile", str(PROFILE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+               "--configfile", str(configfile), "--jobs", "4", "--latency-wait", "5",
+               "--slurm-init-seconds-before-status-checks", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT + 30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+def submissions(output: str) -> dict[str, dict]:
+    """SLURM job id -> {rule, wildcards, threads, mem_mb, runtime} as Snakemake planned the job."""
+    planned, current = {}, None
+    for line in output.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            current = {"rule": match.group(1), "threads": 1}
+        elif current is not None and (match := re.match(r"^\s+jobid: (\d+)$", line)):
+            planned[match.group(1)] = current
+        elif current is not None and (match := re.match(r"^\s+threads: (\d+)$", line)):
+            current["threads"] = int(match.group(1))
+        elif current is not None and (match := re.match(r"^\s+resources: (.*)$", line)):
+            resources = dict(part.split("=", 1) for part in match.group(1).split(", "))
+            current["mem_mb"], current["runtime"] = int(resources["mem_mb"]), int(resources["runtime"])
+    jobs = {}
+    for job, slurm_id, log in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.*?)\)\.",
+                                         output):
+        jobs[slurm_id] = {**planned[job], "log": log}
+    return jobs
+
+
+def slurm_records(state: Path) -> dict[str, dict]:
+    """SLURM's own job-completion log (jobcomp/filetxt): job id -> its fields."""
+    records = {}
+    for line in (state / "jobcomp.log").read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        records[fields["JobId"]] = fields
+    return records
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm_workflow")
+    output = run_on_slurm(workdir, slurm_config())
+    return workdir, output
+
+
+def test_every_rule_ran_as_a_slurm_job_with_its_declared_resources(cluster, first_run):
+    workdir, output = first_run
+    jobs = submissions(output)
+    records = slurm_records(cluster)
+    expected_rules = {"bbc_news_data", "shard_corpus", "extract_activations", "fit_dictionary", "precompute_targets",
+                      "summarize_targets", "pretrain_student", "finetune", "report"}
+    assert {job["rule"] for job in jobs.values()} == expected_rules
+    assert len(jobs) == 12  # 2 target shards, 2 students, 2 fine-tuning jobs
+    for slurm_id, job in jobs.items():
+        record = records[slurm_id]
+        tres = dict(item.split("=") for item in record["Tres"].split(","))
+        assert record["JobState"] == "COMPLETED", (job, record)
+        assert int(tres["cpu"]) == job["threads"], (job, record)
+        assert tres["mem"] == f"{job['mem_mb']}M", (job, record)
+        assert int(record["TimeLimit"]) == job["runtime"], (job, record)
+    assert any(job["threads"] == 2 for job in jobs.values())  # threads reach SLURM, not only the default
+    assert (workdir / "results" / "report" / "report.md").is_file()
+
+
+def test_rerun_submits_nothing(cluster, first_run):
+    workdir, _ = first_run
+    before = len(slurm_records(cluster))
+    output = run_on_slurm(workdir, slurm_config())
+    assert submissions(output) == {}
+    assert "Nothing to be done" in output
+    assert len(slurm_records(cluster)) == before
+
+
+def test_changing_one_student_submits_only_its_jobs(cluster, first_run):
+    workdir, _ = first_run
+    config = json.loads(json.dumps(slurm_config()))
+    config["students"]["mlm"]["max_steps"] = 5
+    jobs = submissions(run_on_slurm(workdir, config))
+    assert sorted(job["rule"] for job in jobs.values()) == ["finetune", "pretrain_student", "report"]
+    assert all("/mlm" in job["log"] for job in jobs.values() if job["rule"] != "report")
+    records = slurm_records(cluster)
+    assert all(records[slurm_id]["JobState"] == "COMPLETED" for slurm_id in jobs)
