@@ -160,6 +160,19 @@ def test_changing_the_dictionary_reruns_only_mlsm_students(workflow_run):
 
 
 @pytest.mark.e2e
+def test_adding_a_seed_adds_only_its_finetune_jobs(workflow_run):
+    workdir, _, config = workflow_run
+    changed = json.loads(json.dumps(config))
+    changed["finetune"]["seeds"] = [1, 2, 3]
+    other = workdir / "seeds.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    result = snakemake(workdir, other, "--dry-run")
+    n_new = len(config["students"]) * len(config["tasks"])
+    assert planned_jobs(result) == {"finetune": n_new, "report": 1, "all": 1}, result.stdout[-2000:]
+    assert all("seed=3" in w for w in re.findall(r"wildcards: (.*)", result.stdout) if "task=" in w)
+
+
+@pytest.mark.e2e
 def test_invalid_config_fails_before_any_job(tmp_path, mlm_teacher):
     config = tiny_config(mlm_teacher)
     config["dictionary"]["atoms"] = 0

@@ -117,9 +117,11 @@ def task_files(wildcards):
 
 
 def finetune_params(student, task, seed):
+    # The list of seeds is left out: adding a seed adds jobs and must not rerun the others.
+    options = {k: v for k, v in CONFIG["finetune"].items() if k != "seeds"}
     return stage_params(
         "finetune",
-        CONFIG["finetune"],
+        options,
         student=student,
         objective=CONFIG["students"][student]["objective"],
         task_name=task,
