@@ -17,6 +17,7 @@ saved beside it as mlsm_head.safetensors.
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -232,17 +233,69 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; torchrun sets WORLD_SIZE, RANK and LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_ranks_mean(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(total)
+    return {k: float(v) / world for k, v in zip(values, total)}
+
+
+def _check_ranks_agree(model: torch.nn.Module, world: int) -> None:
+    """Data parallelism keeps every rank's weights equal; a checkpoint must not hide it if they drift."""
+    checksum = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    mean = all_ranks_mean({"checksum": checksum}, world)["checksum"]
+    if abs(mean - checksum) > 1e-6 * abs(checksum):
+        raise StageError(f"data-parallel ranks hold different weights (checksum {checksum} vs mean {mean})")
+
+
 def train(corpus_shards, target_shards, manifest_path, out_model, summary_path, params) -> dict:
+    """Pre-train one student; under torchrun, data-parallel (each rank takes its slice of every batch)."""
     set_cpu_threads()
     seed_everything(params["seed"])
-    device = pick_device(params.get("device", "auto"))
+    rank, world, device = init_distributed(params.get("device", "auto"))
+    try:
+        return _train(rank, world, device, corpus_shards, target_shards, manifest_path, out_model, summary_path,
+                      params)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(rank, world, device, corpus_shards, target_shards, manifest_path, out_model, summary_path, params):
     manifest = read_json(manifest_path)
     tokenizer = load_tokenizer(manifest["tokenizer"])
     objective = params["objective"]
     data = PretrainData(corpus_shards, target_shards if objective in USES_MLSM else None)
+    batch_size, accumulation = params["batch_size"], params["grad_accumulation"]
+    if len(data) < batch_size * world:
+        raise StageError(f"the corpus has {len(data)} sequences, fewer than one batch of {batch_size} x {world} "
+                         f"processes; lower batch_size")
     atoms = params.get("atoms") if objective in USES_MLSM else None
     config = build_config(params, tokenizer, manifest["params"]["max_seq_len"])
-    model = Student(config, objective, atoms).to(device)
+    model = Student(config, objective, atoms).to(device)  # same seed on every rank: same initial weights
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     teacher = KdTeacher(params["teacher_source"], device, manifest) if objective == "kd" else None
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -253,45 +306,57 @@ def train(corpus_shards, target_shards, manifest_path, out_model, summary_path, 
     total, warmup = params["max_steps"], max(1, int(params["warmup_fraction"] * params["max_steps"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    generator = torch.Generator().manual_seed(params["seed"])
-    rng = np.random.default_rng(params["seed"])
-    order, cursor = rng.permutation(len(data)), 0
+    generator = torch.Generator().manual_seed(params["seed"] + 1_000_003 * rank)  # masks differ across ranks
+    rng = np.random.default_rng(params["seed"])  # the batch order is the same on every rank
+    order, cursor, global_batch = rng.permutation(len(data)), 0, batch_size * world
 
     history, tokens_seen, started = [], 0, time.perf_counter()
     model.train()
     for step in range(total):
         step_parts: dict[str, float] = {}
-        for _ in range(params["grad_accumulation"]):
-            if cursor + params["batch_size"] > len(order):  # a new epoch: new order, new masks
+        for micro in range(accumulation):
+            if cursor + global_batch > len(order):  # a new epoch: new order, new masks
                 order, cursor = rng.permutation(len(data)), 0
-            rows = order[cursor : cursor + params["batch_size"]]
-            cursor += params["batch_size"]
+            rows = order[cursor + rank * batch_size : cursor + (rank + 1) * batch_size]
+            cursor += global_batch
             batch = {k: v.to(device) for k, v in mask_batch(data, rows, tokenizer, params, generator).items()}
-            with autocast:
-                loss, parts = compute_loss(model(batch), batch, params, teacher)
-            (loss / params["grad_accumulation"]).backward()
+            # Gradients are averaged across ranks once per update, on its last micro-batch.
+            sync = world == 1 or micro == accumulation - 1
+            with (nullcontext() if sync else trained.no_sync()), autocast:
+                loss, parts = compute_loss(trained(batch), batch, params, teacher)
+            (loss / accumulation).backward()
             tokens_seen += int(batch["attention_mask"].sum())
             for k, v in parts.items():
-                step_parts[k] = step_parts.get(k, 0.0) + v / params["grad_accumulation"]
+                step_parts[k] = step_parts.get(k, 0.0) + v / accumulation
         if not all(math.isfinite(v) for v in step_parts.values()):
-            raise StageError(f"loss became non-finite at step {step}: {step_parts}")
+            raise StageError(f"loss became non-finite at step {step} on rank {rank}: {step_parts}")
         torch.nn.utils.clip_grad_norm_(model.parameters(), params["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % LOG_EVERY == 0 or step == total - 1:
+            step_parts = all_ranks_mean(step_parts, world)
             history.append({"step": step + 1, **step_parts, "lr": scheduler.get_last_lr()[0]})
-            log.info("step %d/%d %s", step + 1, total, " ".join(f"{k}={v:.4f}" for k, v in step_parts.items()))
+            if rank == 0:
+                log.info("step %d/%d %s", step + 1, total, " ".join(f"{k}={v:.4f}" for k, v in step_parts.items()))
     seconds = time.perf_counter() - started
+    tokens_seen = int(round(all_ranks_mean({"tokens": float(tokens_seen)}, world)["tokens"] * world))
+    if world > 1:
+        _check_ranks_agree(model, world)
 
     metadata = {"format_version": contract.FORMAT_VERSION["pretrain"], "params": params, "steps": total,
-                "objective": objective, "atoms": atoms, "tokens_seen": tokens_seen}
-    with atomic_output(out_model) as tmp:
-        tmp.mkdir()
-        model.save(tmp, tokenizer, metadata)
+                "objective": objective, "atoms": atoms, "tokens_seen": tokens_seen, "world_size": world}
     summary = {**metadata, "seconds": seconds, "tokens_per_second": tokens_seen / seconds,
                "parameters": sum(p.numel() for p in model.parameters()), "final": history[-1], "history": history}
-    write_json(summary_path, summary)
+    if rank == 0:
+        with atomic_output(out_model) as tmp:
+            tmp.mkdir()
+            model.save(tmp, tokenizer, metadata)
+        write_json(summary_path, summary)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank exits (and lets torchrun end the job) before rank 0 has saved
     return summary
 
 

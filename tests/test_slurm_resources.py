@@ -33,21 +33,25 @@ class Resources(dict):
 class PlannedJob:
     def __init__(self, rule: str, threads: int, resources: dict):
         self.name, self.threads, self.resources = rule, threads, Resources(resources)
+        self.shell = ""
 
     def is_group(self) -> bool:
         return False
 
 
-def planned_jobs(workdir: Path, device: str, *extra: str) -> list[PlannedJob]:
-    """Every job of a dry run, with the resources Snakemake evaluated for it."""
+def planned_jobs(workdir: Path, device: str, *extra: str, gpus: int = 1) -> list[PlannedJob]:
+    """Every job of a dry run, with the resources Snakemake evaluated for it (and its shell command)."""
     config = slurm_config()
     config["device"] = device
-    configfile = workdir / f"{device}.yaml"
+    config["students"]["mlsm"]["gpus"] = gpus
+    configfile = workdir / f"{device}-{gpus}.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, configfile, "--dry-run", *extra)
+    result = snakemake(workdir, configfile, "--dry-run", "--printshellcmds", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs, current = [], None
     for line in result.stdout.splitlines():
+        if line.startswith("Shell command: ") and jobs:
+            jobs[-1].shell = line.removeprefix("Shell command: ")
         if match := re.match(r"^(?:local)?rule (\w+):$", line):
             current = {"rule": match.group(1), "threads": 1}
         elif current and (match := re.match(r"^\s+threads: (\d+)$", line)):
@@ -105,6 +109,16 @@ def test_gpu_model_and_cpus_per_gpu_from_set_resources(workdir):
         assert "--gpus=h100:1" in arguments and "--cpus-per-gpu=8" in arguments
         assert not any(a.startswith("--cpus-per-task") for a in arguments)
     assert all("--gpus=1" in sbatch_arguments(job) for job in jobs if job.name == "finetune")
+
+
+def test_a_two_gpu_student_asks_for_two_gpus_and_runs_torchrun(workdir):
+    jobs = planned_jobs(workdir, "cuda", gpus=2)
+    pretrain = [job for job in jobs if job.name == "pretrain_student"]
+    two = next(job for job in pretrain if "--out-model results/students/mlsm/model" in job.shell)
+    one = next(job for job in pretrain if "--out-model results/students/mlm/model" in job.shell)
+    assert "--gpus=2" in sbatch_arguments(two) and "--cpus-per-task=2" in sbatch_arguments(two)
+    assert two.shell.startswith("torchrun --standalone --nproc-per-node=2 -m pipeline.pretrain ")
+    assert "--gpus=1" in sbatch_arguments(one) and one.shell.startswith("python -m pipeline.pretrain ")
 
 
 def test_submission_parser_reads_snakemake_output():

@@ -7,6 +7,7 @@ import sys as _sys
 from pipeline import config as cfg
 from pipeline import contract
 from pipeline.finetune import task_spec as _task_spec
+from pipeline.launch import torchrun_command
 
 try:
     CONFIG = cfg.validate(config)
@@ -93,6 +94,10 @@ def student_inputs(wildcards):
         inputs["targets"] = target_shards(teacher)
         inputs["target_manifest"] = path(contract.TARGET_MANIFEST, teacher=teacher)
     return inputs
+
+
+def student_gpus(student):
+    return cfg.student_options(CONFIG, student)["gpus"]
 
 
 def student_params(student):

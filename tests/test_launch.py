@@ -1,0 +1,33 @@
+"""The launcher prefixes a rule puts before `-m pipeline.<stage>`: one process, torchrun, srun + torchrun."""
+
+import shlex
+
+import pytest
+
+from pipeline.launch import torchrun_command, world_size
+
+
+def test_one_gpu_is_plain_python():
+    assert torchrun_command(1) == "python"
+
+
+def test_one_node_several_gpus_is_standalone_torchrun():
+    assert torchrun_command(4) == "torchrun --standalone --nproc-per-node=4"
+    assert world_size(4) == 4
+
+
+def test_several_nodes_start_one_torchrun_per_node_under_srun():
+    words = shlex.split(torchrun_command(8, nodes=2), posix=True)
+    assert words[:4] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
+    torchrun = words[words.index("torchrun"):]
+    assert "--nnodes=2" in torchrun and "--nproc-per-node=8" in torchrun and "--rdzv-backend=c10d" in torchrun
+    assert "--rdzv-id=$SLURM_JOB_ID" in torchrun
+    endpoint = next(w for w in torchrun if w.startswith("--rdzv-endpoint="))
+    assert "scontrol show hostnames" in endpoint and endpoint.endswith(":29500")
+    assert world_size(8, nodes=2) == 16
+
+
+@pytest.mark.parametrize("gpus, nodes", [(0, 1), (1, 0), (-2, 3)])
+def test_nonsense_sizes_are_refused(gpus, nodes):
+    with pytest.raises(ValueError, match="at least 1"):
+        torchrun_command(gpus, nodes)
