@@ -58,7 +58,8 @@ def slurm_config() -> dict:
     """The tiny end-to-end config, cut to what tells the story: one MLSM and one MLM student."""
     config = tiny_config(Path("unused"))
     del config["teachers"]["tiny_mlm"]
-    config["students"] = {"mlsm": config["students"]["mlsm"], "mlm": config["students"]["mlm"]}
+    # The MLSM student trains data-parallel: torchrun starts 2 processes inside the job's srun step.
+    config["students"] = {"mlsm": {**config["students"]["mlsm"], "gpus": 2}, "mlm": config["students"]["mlm"]}
     config["tasks"] = {"bbc_topic": config["tasks"]["bbc_topic"]}
     config["finetune"]["seeds"] = [1]
     return config
@@ -134,21 +135,10 @@ def test_every_rule_ran_as_a_slurm_job_with_its_declared_resources(cluster, firs
     assert (workdir / "results" / "report" / "report.md").is_file()
 
 
-def test_rerun_submits_nothing(cluster, first_run):
-    workdir, _ = first_run
-    before = len(slurm_records(cluster))
-    output = run_on_slurm(workdir, slurm_config())
-    assert submissions(output) == {}
-    assert "Nothing to be done" in output
-    assert len(slurm_records(cluster)) == before
-
-
-def test_changing_one_student_submits_only_its_jobs(cluster, first_run):
-    workdir, _ = first_run
-    config = json.loads(json.dumps(slurm_config()))
-    config["students"]["mlm"]["max_steps"] = 5
-    jobs = submissions(run_on_slurm(workdir, config))
-    assert sorted(job["rule"] for job in jobs.values()) == ["finetune", "pretrain_student", "report"]
-    assert all("/mlm" in job["log"] for job in jobs.values() if job["rule"] != "report")
-    records = slurm_records(cluster)
-    assert all(records[slurm_id]["JobState"] == "COMPLETED" for slurm_id in jobs)
+def test_a_two_process_student_trains_under_torchrun_inside_its_slurm_job(cluster, first_run):
+    workdir, output = first_run
+    summary = json.loads((workdir / "results" / "students" / "mlsm" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    slurm_id, job = next((i, j) for i, j in submissions(output).items()
+                         if j["rule"] == "pretrain_student" and "/mlsm/" in j["log"])
+    assert job["threads"] == 2 and "cpu=2" in slurm_records(cluster)[slurm_id]["Tres"].split(",")
