@@ -8,7 +8,9 @@
 - mlsm+mlm: mlsm + mlm_weight * mlm.
 Heads compute logits only for the masked positions. The model is saved with save_pretrained (it
 loads with AutoModel; with AutoModelForMaskedLM too when it has an MLM head); the MLSM head is
-saved beside it as mlsm_head.safetensors.
+saved beside it as mlsm_head.safetensors. Started by torchrun (the rule does so when a student has
+gpus > 1, see pipeline/launch.py), it trains data-parallel: every rank takes its own batch_size rows
+of each global batch, gradients are averaged across ranks, rank 0 saves.
 
     python -m pipeline.pretrain --corpus-shards s0.parquet ... [--target-shards t0.parquet ...] \
         --corpus-manifest m.json --out-model model/ --summary summary.json --params '{...}'

@@ -142,3 +142,23 @@ def test_a_two_process_student_trains_under_torchrun_inside_its_slurm_job(cluste
     slurm_id, job = next((i, j) for i, j in submissions(output).items()
                          if j["rule"] == "pretrain_student" and "/mlsm/" in j["log"])
     assert job["threads"] == 2 and "cpu=2" in slurm_records(cluster)[slurm_id]["Tres"].split(",")
+
+
+def test_rerun_submits_nothing(cluster, first_run):
+    workdir, _ = first_run
+    before = len(slurm_records(cluster))
+    output = run_on_slurm(workdir, slurm_config())
+    assert submissions(output) == {}
+    assert "Nothing to be done" in output
+    assert len(slurm_records(cluster)) == before
+
+
+def test_changing_one_student_submits_only_its_jobs(cluster, first_run):
+    workdir, _ = first_run
+    config = json.loads(json.dumps(slurm_config()))
+    config["students"]["mlm"]["max_steps"] = 5
+    jobs = submissions(run_on_slurm(workdir, config))
+    assert sorted(job["rule"] for job in jobs.values()) == ["finetune", "pretrain_student", "report"]
+    assert all("/mlm" in job["log"] for job in jobs.values() if job["rule"] != "report")
+    records = slurm_records(cluster)
+    assert all(records[slurm_id]["JobState"] == "COMPLETED" for slurm_id in jobs)
