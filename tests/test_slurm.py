@@ -31,6 +31,9 @@ RUN_TIMEOUT = 900
 def why_no_cluster() -> str | None:
     if os.geteuid() != 0:
         return "a SLURM cluster needs root to start slurmctld and slurmd"
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.exists() and "tests/slurm/cluster.sh" not in (conf.read_text().splitlines() or [""])[0]:
+        return f"{conf} belongs to a real SLURM installation; the test cluster does not replace it"
     if shutil.which("slurmctld") and shutil.which("munged"):
         return None
     if not shutil.which("apt-get"):
