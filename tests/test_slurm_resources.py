@@ -46,7 +46,8 @@ def planned_jobs(workdir: Path, device: str, *extra: str, gpus: int = 1) -> list
     config["students"]["mlsm"]["gpus"] = gpus
     configfile = workdir / f"{device}-{gpus}.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, configfile, "--dry-run", "--printshellcmds", *extra)
+    # No workstation profile: its one-GPU cap for local runs would scale the jobs' gpu= down.
+    result = snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--workflow-profile", "none", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs, current = [], None
     for line in result.stdout.splitlines():

@@ -48,8 +48,10 @@ def tiny_config(kd_teacher: Path) -> dict:
 
 def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    # The workstation profile, as a user in the repository root gets it, wherever pytest runs from.
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--configfile", str(configfile), "--cores", "2", *args]
+               "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(configfile),
+               "--cores", "2", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
 
