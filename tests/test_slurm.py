@@ -83,23 +83,36 @@ def run_on_slurm(workdir: Path, config: dict) -> str:
     return output
 
 
-def submissions(output: str) -> dict[str, dict]:
-    """SLURM job id -> {rule, wildcards, threads, mem_mb, runtime} as Snakemake planned the job."""
-    planned, current = {}, None
+def job_blocks(output: str) -> list[dict]:
+    """The job blocks Snakemake prints: rule, jobid, threads, resources (numbers as int), shell command."""
+    blocks = []
     for line in output.splitlines():
         if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            current = {"rule": match.group(1), "threads": 1}
-        elif current is not None and (match := re.match(r"^\s+jobid: (\d+)$", line)):
-            planned[match.group(1)] = current
-        elif current is not None and (match := re.match(r"^\s+threads: (\d+)$", line)):
-            current["threads"] = int(match.group(1))
-        elif current is not None and (match := re.match(r"^\s+resources: (.*)$", line)):
-            resources = dict(part.split("=", 1) for part in match.group(1).split(", "))
-            current["mem_mb"], current["runtime"] = int(resources["mem_mb"]), int(resources["runtime"])
+            blocks.append({"rule": match.group(1), "threads": 1, "resources": {}, "shell": ""})
+        elif not blocks:
+            continue
+        elif match := re.match(r"^\s+jobid: (\d+)$", line):
+            blocks[-1]["jobid"] = match.group(1)
+        elif match := re.match(r"^\s+threads: (\d+)$", line):
+            blocks[-1]["threads"] = int(match.group(1))
+        elif match := re.match(r"^\s+resources: (.*)$", line):
+            for part in match.group(1).split(", "):
+                key, value = part.split("=", 1)
+                blocks[-1]["resources"][key] = int(value) if value.isdigit() else value
+        elif line.startswith("Shell command: "):
+            blocks[-1]["shell"] = line.removeprefix("Shell command: ")
+    return blocks
+
+
+def submissions(output: str) -> dict[str, dict]:
+    """SLURM job id -> {rule, threads, mem_mb, runtime, log} as Snakemake planned and submitted the job."""
+    planned = {block["jobid"]: block for block in job_blocks(output) if "jobid" in block}
     jobs = {}
     for job, slurm_id, log in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.*?)\)\.",
                                          output):
-        jobs[slurm_id] = {**planned[job], "log": log}
+        block = planned[job]
+        jobs[slurm_id] = {"rule": block["rule"], "threads": block["threads"], "mem_mb": block["resources"]["mem_mb"],
+                          "runtime": block["resources"]["runtime"], "log": log}
     return jobs
 
 

@@ -7,14 +7,13 @@ exactly as the plugin composes them when it submits. No cluster is needed.
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_slurm import slurm_config, submissions
+from test_slurm import job_blocks, slurm_config, submissions
 from test_workflow import snakemake
 
 GPU_RULES = {"extract_activations", "fit_dictionary", "precompute_targets", "pretrain_student", "finetune"}
@@ -31,9 +30,8 @@ class Resources(dict):
 
 
 class PlannedJob:
-    def __init__(self, rule: str, threads: int, resources: dict):
-        self.name, self.threads, self.resources = rule, threads, Resources(resources)
-        self.shell = ""
+    def __init__(self, rule: str, threads: int, resources: dict, shell: str):
+        self.name, self.threads, self.resources, self.shell = rule, threads, Resources(resources), shell
 
     def is_group(self) -> bool:
         return False
@@ -49,23 +47,9 @@ def planned_jobs(workdir: Path, device: str, *extra: str, gpus: int = 1) -> list
     # No workstation profile: its one-GPU cap for local runs would scale the jobs' gpu= down.
     result = snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--workflow-profile", "none", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs, current = [], None
-    for line in result.stdout.splitlines():
-        if line.startswith("Shell command: ") and jobs:
-            jobs[-1].shell = line.removeprefix("Shell command: ")
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            current = {"rule": match.group(1), "threads": 1}
-        elif current and (match := re.match(r"^\s+threads: (\d+)$", line)):
-            current["threads"] = int(match.group(1))
-        elif current and (match := re.match(r"^\s+resources: (.*)$", line)):
-            resources = {}
-            for part in match.group(1).split(", "):
-                key, value = part.split("=", 1)
-                resources[key] = int(value) if value.isdigit() else value
-            if current["rule"] != "all":  # the target rule runs in the main process, never on SLURM
-                jobs.append(PlannedJob(current["rule"], current["threads"], resources))
-            current = None
-    return jobs
+    # The target rule `all` runs in the main process, never on SLURM.
+    return [PlannedJob(block["rule"], block["threads"], block["resources"], block["shell"])
+            for block in job_blocks(result.stdout) if block["rule"] != "all"]
 
 
 def sbatch_arguments(job: PlannedJob) -> list[str]:
