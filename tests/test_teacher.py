@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from pipeline.common import StageError
 from pipeline.teacher import extract, load_encoder, read_store
