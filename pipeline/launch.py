@@ -33,10 +33,6 @@ def torchrun_command(gpus: int, nodes: int = 1) -> str:
             f'--rdzv-id=$SLURM_JOB_ID --rdzv-endpoint="{FIRST_NODE}:{RENDEZVOUS_PORT}"')
 
 
-def world_size(gpus: int, nodes: int = 1) -> int:
-    return gpus * nodes
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per node")
@@ -47,4 +43,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import contract
@@ -241,8 +242,6 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     device = pick_device(device_name)
     if world == 1:
         return 0, 1, device
-    import torch.distributed as dist
-
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -250,14 +249,16 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def all_ranks_mean(values: dict[str, float], world: int) -> dict[str, float]:
+def all_ranks_sum(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1:
         return values
-    import torch.distributed as dist
-
     total = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(total)
-    return {k: float(v) / world for k, v in zip(values, total)}
+    return {k: float(v) for k, v in zip(values, total)}
+
+
+def all_ranks_mean(values: dict[str, float], world: int) -> dict[str, float]:
+    return {k: v / world for k, v in all_ranks_sum(values, world).items()}
 
 
 def _check_ranks_agree(model: torch.nn.Module, world: int) -> None:
@@ -278,8 +279,6 @@ def train(corpus_shards, target_shards, manifest_path, out_model, summary_path, 
                       params)
     finally:
         if world > 1:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -342,7 +341,7 @@ def _train(rank, world, device, corpus_shards, target_shards, manifest_path, out
             if rank == 0:
                 log.info("step %d/%d %s", step + 1, total, " ".join(f"{k}={v:.4f}" for k, v in step_parts.items()))
     seconds = time.perf_counter() - started
-    tokens_seen = int(round(all_ranks_mean({"tokens": float(tokens_seen)}, world)["tokens"] * world))
+    tokens_seen = int(all_ranks_sum({"tokens": float(tokens_seen)}, world)["tokens"])
     if world > 1:
         _check_ranks_agree(model, world)
 
@@ -356,8 +355,6 @@ def _train(rank, world, device, corpus_shards, target_shards, manifest_path, out
             model.save(tmp, tokenizer, metadata)
         write_json(summary_path, summary)
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()  # no rank exits (and lets torchrun end the job) before rank 0 has saved
     return summary
 

@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from pipeline.launch import torchrun_command, world_size
+from pipeline.launch import torchrun_command
 
 
 def test_one_gpu_is_plain_python():
@@ -13,7 +13,6 @@ def test_one_gpu_is_plain_python():
 
 def test_one_node_several_gpus_is_standalone_torchrun():
     assert torchrun_command(4) == "torchrun --standalone --nproc-per-node=4"
-    assert world_size(4) == 4
 
 
 def test_several_nodes_start_one_torchrun_per_node_under_srun():
@@ -24,7 +23,6 @@ def test_several_nodes_start_one_torchrun_per_node_under_srun():
     assert "--rdzv-id=$SLURM_JOB_ID" in torchrun
     endpoint = next(w for w in torchrun if w.startswith("--rdzv-endpoint="))
     assert "scontrol show hostnames" in endpoint and endpoint.endswith(":29500")
-    assert world_size(8, nodes=2) == 16
 
 
 @pytest.mark.parametrize("gpus, nodes", [(0, 1), (1, 0), (-2, 3)])
