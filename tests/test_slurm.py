@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, venv_env
 from test_workflow import SNAKEFILE, tiny_config
 
 pytestmark = pytest.mark.slurm
@@ -71,7 +71,7 @@ def slurm_config() -> dict:
 def run_on_slurm(workdir: Path, config: dict) -> str:
     configfile = workdir / f"config-{len(list(workdir.glob('config-*.yaml')))}.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env = venv_env()
     # timeout -k: a plugin that loses track of its jobs waits forever; the test must not.
     command = ["timeout", "-k", "10", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake",
                "--workflow-profile", str(PROFILE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, venv_env
 from pipeline import contract
 
 SNAKEFILE = REPO / "workflow" / "Snakefile"
@@ -47,7 +46,7 @@ def tiny_config(kd_teacher: Path) -> dict:
 
 
 def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    env = venv_env()
     # The workstation profile, as a user in the repository root gets it, wherever pytest runs from.
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
                "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(configfile),
@@ -187,7 +186,7 @@ def test_invalid_config_fails_before_any_job(tmp_path, mlm_teacher):
 
 
 def test_lint_is_clean():
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = venv_env()
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
                             env=env, timeout=300)
     assert "Lints for" not in result.stdout + result.stderr, result.stdout + result.stderr
