@@ -1,19 +1,18 @@
-"""Small helpers every stage uses: command line, logging, atomic output, model sources, devices."""
+"""Small helpers every stage uses: command line, logging, errors, model sources, devices.
+
+Writing outputs safely and verifying inputs lives in pipeline.integrity."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -82,42 +81,7 @@ def set_cpu_threads() -> None:
         torch.set_num_threads(threads)
 
 
-# ---- atomic output -----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
-
-    A killed or failed stage therefore never leaves a file or directory under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
+# ---- hashing -----------------------------------------------------------------------------------
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
@@ -153,11 +117,11 @@ def resolve_model_source(source: str) -> str:
     return source
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_source(source))
+        return AutoTokenizer.from_pretrained(resolve_model_source(source), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise StageError(f"tokenizer {source!r} could not be loaded: {err}") from None
 

@@ -4,6 +4,18 @@ This module is the one place the contract is written down: every path, the parqu
 stages write and the tests check, and the layout of the zarr store, the dictionary and the JSON
 files. Bump a stage's FORMAT_VERSION when its code changes its output: the version is part of the
 rule's params, so Snakemake reruns that stage and everything downstream of it.
+
+Integrity (pipeline/integrity.py): every file is written atomically (temporary name, fsync, rename).
+Each stage writes one record, a JSON file with a `checksum` of its own content, which lists the data
+files the stage wrote under `files` ({name relative to the record's directory: {bytes, sha256}}):
+corpus/manifest.json, teachers/{teacher}/manifest.json, dictionaries/{teacher}/metrics.json,
+targets/{teacher}/manifest.json, students/{student}/summary.json, report/manifest.json (and the demo
+data's manifest.json). Fine-tuning scores are records themselves. A consumer verifies the files it reads
+against their record and refuses a missing, truncated or altered one, naming it. Parquet files also
+carry page checksums. Data files hold no timings, so a stage's output depends only on its inputs and
+params (timings are in the records of pre-training and fine-tuning, in logs and in benchmarks/).
+
+Resumable state (pipeline/resume.py) of the long stages lives under RESUME_DIR, outside the outputs.
 """
 
 from __future__ import annotations
@@ -11,14 +23,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_VERSION = {
-    "demo_data": 1,
-    "corpus": 1,
-    "activations": 1,
-    "dictionary": 1,
-    "targets": 1,
-    "pretrain": 1,
-    "finetune": 1,
-    "report": 1,
+    "demo_data": 2,
+    "corpus": 2,
+    "activations": 2,
+    "dictionary": 2,
+    "targets": 2,
+    "pretrain": 2,
+    "finetune": 2,
+    "report": 2,
 }
 
 # ---- paths, relative to the config's `results` directory (demo data goes to resources/) --------
@@ -26,6 +38,7 @@ BBC_DIR = "resources/bbc_news"
 CORPUS_SHARD = "corpus/shard-{shard}.parquet"  # shard: a 3-digit index, see shard_names()
 CORPUS_MANIFEST = "corpus/manifest.json"
 ACTIVATIONS = "teachers/{teacher}/activations.zarr"
+ACTIVATIONS_MANIFEST = "teachers/{teacher}/manifest.json"
 DICTIONARY = "dictionaries/{teacher}/dictionary.npy"
 DICTIONARY_METRICS = "dictionaries/{teacher}/metrics.json"
 DICTIONARY_ATOMS = "dictionaries/{teacher}/atoms.json"
@@ -39,6 +52,9 @@ BENCHMARKS = "benchmarks"
 REPORT_MD = "report/report.md"
 REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"
+REPORT_MANIFEST = "report/manifest.json"
+# Resumable state of one job of a long stage (checkpoints and journal.jsonl); `job` joins its wildcards.
+RESUME_DIR = "resume/{rule}/{job}"
 
 
 def shard_names(count: int) -> list[str]:
@@ -61,13 +77,14 @@ CORPUS_SCHEMA = pa.schema([
 ])
 # corpus/manifest.json: documents, sentences, sequences, tokens, inputs, tokenizer (its config source),
 # tokenizer_fingerprint (hash of the vocabulary; teachers must match it), vocab_size, params,
-# shards [{path, sequences, sha256}].
+# shards [{path, sequences}], files, checksum.
 
 # ---- stage 2, extract_activations: zarr store (N sampled non-special tokens) --------------------
 # states float16 [N, d] (raw hidden states, not normalised); token_ids int32 [N];
 # seq_ids int64 [N]; positions int16 [N] (rows sorted by seq_id, then position). attrs: teacher,
 # source, layer (from the last), hidden_layer_index, hidden_size, tokenizer, tokenizer_fingerprint,
 # normalisation ("none": consumers L2-normalise), dtype, tokens, format_version.
+# teachers/{teacher}/manifest.json: the same attributes, files (every file of the store), checksum.
 ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 
 # ---- stage 3, fit_dictionary ---------------------------------------------------------------------
@@ -75,7 +92,7 @@ ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 # metrics.json: heldout_objective (mean 1/2||x - Da||^2 + lambda||a||_1 on held-out L2-normalised
 # states, converged codes), relative_residual, mean_nnz, p99_nnz, zero_code_fraction,
 # atoms_used_fraction, mutual_coherence, lipschitz, atoms, lambda, hidden_size, train_tokens,
-# heldout_tokens, teacher, layer, format_version.
+# heldout_tokens, teacher, layer, format_version, files (dictionary.npy, atoms.json), checksum.
 # atoms.json: [{atom, usage, tokens_used, top_tokens: [{token, weight}]}] for the most-used atoms.
 
 # ---- stage 4, precompute_targets: one row per sequence, aligned with the corpus shard -----------
@@ -88,19 +105,22 @@ TARGET_SCHEMA = pa.schema([
     ("weights", pa.list_(pa.float16())),
 ])
 # Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON); manifest.json
-# sums them: tokens, tokens_per_second, mean_nnz, zero_code_fraction, mean_mass_lost_to_top_k,
-# mean_entropy_nats, mean_iterations, atoms_used_fraction, params, shards [{path, sha256, tokens}].
+# sums them: tokens, mean_nnz, zero_code_fraction, mean_mass_lost_to_top_k, mean_entropy_nats,
+# mean_iterations, atoms_used_fraction, atom_usage_histogram, params, shards [{path, tokens}], files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
 # model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
 # tokenizer (loads with AutoModel / AutoModelForSequenceClassification); mlsm_head.safetensors for
 # MLSM objectives; pretraining.json (params, steps, objective, atoms, tokens_seen).
-# summary.json: the same plus seconds, tokens_per_second, parameters, final losses, history.
+# summary.json: the same plus seconds, tokens_per_second, parameters, final losses, history, files
+# (every file under model/), checksum.
 
 # ---- stage 6, finetune ----------------------------------------------------------------------------
 # finetune/{student}/{task}/seed{seed}.json: params, task, metrics (names), score (GLUE convention:
-# mean of the task's official metrics at the last epoch), final, epochs, labels, example counts.
+# mean of the task's official metrics at the last epoch), final, epochs, labels, example counts,
+# seconds, checksum.
 
 # ---- stage 7, report --------------------------------------------------------------------------------
 # report.md (scores per student x task, mean ± std over seeds; students; dictionary metrics; atom
-# browser; stage costs), results.csv (one row per student x task x seed), scores.png.
+# browser; stage costs), results.csv (one row per student x task x seed), scores.png, manifest.json
+# (files, checksum).

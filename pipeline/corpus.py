@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -22,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import contract
-from .common import (StageError, atomic_output, load_tokenizer, log, parser, run_stage, sha256_file,
-                     tokenizer_fingerprint, write_json)
+from .common import StageError, load_tokenizer, log, parser, run_stage, tokenizer_fingerprint
+from .integrity import atomic_output, file_entries, read_verified, write_record
 
 MAX_LINE_BYTES = 1 << 20  # a "sentence" longer than 1 MiB is a broken file, not text
 
@@ -43,24 +45,32 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 
 def read_documents(path: Path) -> Iterator[list[str]]:
-    """Yield documents (lists of sentences); name the file and byte offset of undecodable text."""
+    """Yield documents (lists of sentences); name the file, line and byte offset of anything not text."""
     opener = gzip.open if path.suffix == ".gz" else open
     offset, sentences = 0, []
-    with opener(path, "rb") as fh:
-        for raw in fh:
-            if len(raw) > MAX_LINE_BYTES:
-                raise StageError(f"{path}: line at byte {offset} is {len(raw)} bytes long; "
-                                 f"expected one sentence per line")
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise StageError(f"{path}: not UTF-8 at byte {offset + err.start}") from None
-            offset += len(raw)
-            if line:
-                sentences.append(line)
-            elif sentences:
-                yield sentences
-                sentences = []
+    try:
+        with opener(path, "rb") as fh:
+            for number in itertools.count(1):
+                raw = fh.readline(MAX_LINE_BYTES + 1)  # bounded: a file without newlines is not read whole
+                if not raw:
+                    break
+                where = f"{path}, line {number} (byte {offset})"
+                if len(raw) > MAX_LINE_BYTES:
+                    raise StageError(f"{where}: longer than {MAX_LINE_BYTES} bytes; expected one sentence per line")
+                if b"\0" in raw:
+                    raise StageError(f"{where}: NUL byte at byte {offset + raw.index(0)}; this is a binary file, not text")
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as err:
+                    raise StageError(f"{where}: not UTF-8 at byte {offset + err.start}") from None
+                offset += len(raw)
+                if line:
+                    sentences.append(line)
+                elif sentences:
+                    yield sentences
+                    sentences = []
+    except (OSError, EOFError, zlib.error) as err:  # a corrupt or truncated .gz
+        raise StageError(f"{path}: unreadable after byte {offset} of text: {err}") from None
     if sentences:
         yield sentences
 
@@ -118,9 +128,8 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
             "input_ids": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
             "token_type_ids": pa.array([r[2] for r in rows], pa.list_(pa.int8())),
         }, schema=contract.CORPUS_SCHEMA)
-        with atomic_output(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        written.append({"path": Path(path).name, "sequences": len(rows), "sha256": sha256_file(path)})
+        write_parquet(path, table)
+        written.append({"path": Path(path).name, "sequences": len(rows)})
     tokens = sum(len(s[1]) for s in sequences)
     manifest = {
         "format_version": contract.FORMAT_VERSION["corpus"],
@@ -128,21 +137,37 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         "inputs": [str(f) for f in files],
         "tokenizer": params["tokenizer"], "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer), "params": params, "shards": written,
+        "files": file_entries(Path(manifest_path).parent, shard_paths),
     }
-    write_json(manifest_path, manifest)
+    write_record(manifest_path, manifest)
     log.info("corpus: %d documents, %d sequences, %d tokens in %d shards",
              counts["documents"], len(sequences), tokens, n_shards)
     return manifest
 
 
-def read_shard(path: str | Path) -> pa.Table:
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    """Atomically, with page checksums, so a reader detects a corrupt page as well as a truncated file."""
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
+
+
+def read_parquet(path: str | Path, schema: pa.Schema, what: str) -> pa.Table:
     try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise StageError(f"corpus shard {path} is unreadable: {err}") from None
-    if not table.schema.equals(contract.CORPUS_SCHEMA):
-        raise StageError(f"corpus shard {path} does not have the corpus schema")
+        table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as err:
+        raise StageError(f"{what} {path} is unreadable: {err}") from None
+    if not table.schema.remove_metadata().equals(schema):
+        raise StageError(f"{what} {path} does not have the {what} schema")
     return table
+
+
+def read_manifest(manifest_path: str | Path, shard_paths=()) -> dict:
+    """The corpus manifest, with the given shards verified against its checksums."""
+    return read_verified(manifest_path, shard_paths)
+
+
+def read_shard(path: str | Path) -> pa.Table:
+    return read_parquet(path, contract.CORPUS_SCHEMA, "corpus shard")
 
 
 def main(argv=None) -> None:

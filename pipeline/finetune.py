@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from . import contract
-from .common import StageError, log, parser, pick_device, run_stage, seed_everything, set_cpu_threads, write_json
+from .common import StageError, log, parser, pick_device, run_stage, seed_everything, set_cpu_threads
+from .integrity import CHECKSUM_KEY, read_verified, write_record
+from .resume import Resume, load_model_and_optimizer, model_and_optimizer_tensors
 
 csv.field_size_limit(sys.maxsize)
 
@@ -34,23 +36,26 @@ class TaskSpec:
     metrics: tuple       # official metrics, the first two averaged into the score when there are two
     header: bool = True
     dev_file: str = "dev.tsv"
+    labels: tuple | None = None  # the task's label set, where it is fixed (GLUE classification tasks)
 
     @property
     def regression(self) -> bool:
         return self.metrics[0] == "pearson"
 
 
+BINARY, ENTAILMENT = ("0", "1"), ("entailment", "not_entailment")
 GLUE = {
     # CoLA's files have no header: source, label, original label, sentence.
-    "CoLA": TaskSpec((3,), 1, ("mcc",), header=False),
-    "SST-2": TaskSpec(("sentence",), "label", ("accuracy",)),
-    "MRPC": TaskSpec(("#1 String", "#2 String"), "Quality", ("f1", "accuracy")),
-    "QQP": TaskSpec(("question1", "question2"), "is_duplicate", ("f1", "accuracy")),
+    "CoLA": TaskSpec((3,), 1, ("mcc",), header=False, labels=BINARY),
+    "SST-2": TaskSpec(("sentence",), "label", ("accuracy",), labels=BINARY),
+    "MRPC": TaskSpec(("#1 String", "#2 String"), "Quality", ("f1", "accuracy"), labels=BINARY),
+    "QQP": TaskSpec(("question1", "question2"), "is_duplicate", ("f1", "accuracy"), labels=BINARY),
     "STS-B": TaskSpec(("sentence1", "sentence2"), "score", ("pearson", "spearman")),
-    "MNLI": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_matched.tsv"),
-    "QNLI": TaskSpec(("question", "sentence"), "label", ("accuracy",)),
-    "RTE": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",)),
-    "WNLI": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",)),
+    "MNLI": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_matched.tsv",
+                     labels=("contradiction", "entailment", "neutral")),
+    "QNLI": TaskSpec(("question", "sentence"), "label", ("accuracy",), labels=ENTAILMENT),
+    "RTE": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",), labels=ENTAILMENT),
+    "WNLI": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",), labels=BINARY),
 }
 METRICS_OF = {"accuracy": ("accuracy",), "f1": ("f1", "accuracy"), "mcc": ("mcc",), "pearson": ("pearson", "spearman")}
 
@@ -66,41 +71,56 @@ def task_spec(task: dict) -> TaskSpec:
 
 
 def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[str]]:
+    """Texts and labels of one split; StageError naming the file and line of a malformed row or label."""
     if not path.is_file():
         raise StageError(f"task file {path} does not exist")
     texts, labels = [], []
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if spec.header:
-            header = next(rows, None) or []
-            missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
-            if missing:
-                raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
-            columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
-        else:
-            columns = list(spec.text_columns), spec.label_column
-        width = max(columns[0] + [columns[1]])
-        for line, row in enumerate(rows, start=2 if spec.header else 1):
-            if len(row) <= width:
-                raise StageError(f"{path}, line {line}: {len(row)} columns, expected more than {width}")
-            texts.append(tuple(row[c] for c in columns[0]))
-            labels.append(row[columns[1]].strip())
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if spec.header:
+                header = next(rows, None) or []
+                missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
+                if missing:
+                    raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
+                columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
+            else:
+                columns = list(spec.text_columns), spec.label_column
+            width = max(columns[0] + [columns[1]])
+            for line, row in enumerate(rows, start=2 if spec.header else 1):
+                if len(row) <= width:
+                    raise StageError(f"{path}, line {line}: {len(row)} columns, expected more than {width}")
+                label = row[columns[1]].strip()
+                _check_label(label, spec, f"{path}, line {line}")
+                texts.append(tuple(row[c] for c in columns[0]))
+                labels.append(label)
+    except UnicodeDecodeError as err:
+        raise StageError(f"{path}: not UTF-8 at byte {err.start} of a read block ({err.reason})") from None
     if not texts:
         raise StageError(f"task file {path} has no examples")
     return texts, labels
 
 
-def encode_labels(train: list[str], dev: list[str], spec: TaskSpec, dev_path: Path):
+def _check_label(label: str, spec: TaskSpec, where: str) -> None:
     if spec.regression:
         try:
-            return np.array(train, np.float32), np.array(dev, np.float32), None
-        except ValueError as err:
-            raise StageError(f"regression task: a label is not a number ({err})") from None
-    names = sorted(set(train))
+            if not np.isfinite(float(label)):
+                raise ValueError
+        except ValueError:
+            raise StageError(f"{where}: label {label!r} is not a finite number (regression task)") from None
+    elif spec.labels is not None and label not in spec.labels:
+        raise StageError(f"{where}: label {label!r} is not one of the task's labels {list(spec.labels)}")
+
+
+def encode_labels(train: list[str], dev: list[str], spec: TaskSpec, task_dir: Path):
+    if spec.regression:
+        return np.array(train, np.float32), np.array(dev, np.float32), None
+    names = sorted(spec.labels or set(train))
     index = {name: i for i, name in enumerate(names)}
-    for line, label in enumerate(dev, start=2):
+    for example, label in enumerate(dev, start=1):
         if label not in index:
-            raise StageError(f"{dev_path}, example {line - 1}: label {label!r} is not among the training labels {names}")
+            raise StageError(f"{task_dir / spec.dev_file}, example {example}: label {label!r} is not among the "
+                             f"training labels {names}")
     return np.array([index[x] for x in train]), np.array([index[x] for x in dev]), names
 
 
@@ -129,12 +149,14 @@ def batches(n: int, size: int, rng: np.random.Generator | None):
     return [order[i : i + size] for i in range(0, n, size)]
 
 
-def finetune(model_dir: str, task: dict, out: str, params: dict) -> dict:
+def finetune(model_dir: str, student_summary: str | None, task: dict, out: str, params: dict,
+             resume_dir: str | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     set_cpu_threads()
     seed_everything(params["seed"])
     device = pick_device(params.get("device", "auto"))
+    student = read_verified(student_summary, [model_dir]) if student_summary else {}
     spec = task_spec(task)
     task_dir = Path(task["path"])
     train_texts, train_labels = read_split(task_dir / "train.tsv", spec)
@@ -142,13 +164,13 @@ def finetune(model_dir: str, task: dict, out: str, params: dict) -> dict:
     if params["max_train_examples"]:
         keep = np.random.default_rng(params["seed"]).permutation(len(train_texts))[: params["max_train_examples"]]
         train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
-    y_train, y_dev, label_names = encode_labels(train_labels, dev_labels, spec, task_dir / spec.dev_file)
+    y_train, y_dev, label_names = encode_labels(train_labels, dev_labels, spec, task_dir)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     num_labels = 1 if spec.regression else len(label_names)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=num_labels, problem_type="regression" if spec.regression else "single_label_classification",
-        attn_implementation="sdpa").to(device)
+        attn_implementation="sdpa", trust_remote_code=False).to(device)
 
     def encode(texts):
         columns = list(zip(*texts))
@@ -170,17 +192,39 @@ def finetune(model_dir: str, task: dict, out: str, params: dict) -> dict:
             batch["labels"] = torch.as_tensor(labels[rows])
         return {k: v.to(device) for k, v in batch.items()}
 
-    epochs, started = [], time.perf_counter()
-    for epoch in range(params["epochs"]):
+    # One unit of work is one update; a checkpoint holds the weights, the optimizer, and the random
+    # states at the start of its epoch (the batch order is redrawn from them) and of the update.
+    resume = Resume(resume_dir, {"params": params, "student": student.get(CHECKSUM_KEY)})
+    progress = {"epoch": 0, "batch": 0, "epochs": [], "loss": None}
+    saved = resume.load_state()
+    if saved is not None:
+        meta, tensors = saved
+        load_model_and_optimizer(model, optimizer, tensors, meta["optimizer_groups"])
+        scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["torch_rng"])
+        rng.bit_generator.state = meta["rng_at_epoch_start"]
+        progress = meta["progress"]
+
+    started = time.perf_counter()
+    for epoch in range(progress["epoch"], params["epochs"]):
+        rng_at_epoch_start = rng.bit_generator.state
+        order = batches(len(train_texts), params["batch_size"], rng)
         model.train()
-        for rows in batches(len(train_texts), params["batch_size"], rng):
+        for index in range(progress["batch"] if epoch == progress["epoch"] else 0, len(order)):
             with autocast:
-                loss = model(**collate(train_enc, rows, y_train)).loss
+                loss = model(**collate(train_enc, order[index], y_train)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            progress.update(epoch=epoch, batch=index + 1, loss=loss.item())
+            if resume.due():
+                tensors, groups = model_and_optimizer_tensors(model, optimizer)
+                resume.save_state(epoch * len(order) + index + 1, {
+                    "optimizer_groups": groups, "scheduler": scheduler.state_dict(),
+                    "rng_at_epoch_start": rng_at_epoch_start, "progress": progress},
+                    {**tensors, "torch_rng": torch.get_rng_state()})
         model.eval()
         predictions = []
         with torch.inference_mode(), autocast:
@@ -189,25 +233,29 @@ def finetune(model_dir: str, task: dict, out: str, params: dict) -> dict:
                 predictions.append(logits.squeeze(-1) if spec.regression else logits.argmax(-1))
         predictions = torch.cat(predictions).cpu().numpy()
         metrics = compute_metrics(spec.metrics, predictions, y_dev, label_names)
-        epochs.append({"epoch": epoch + 1, "last_train_loss": loss.item(), **metrics})
+        progress["epochs"].append({"epoch": epoch + 1, "last_train_loss": progress["loss"], **metrics})
+        progress.update(epoch=epoch + 1, batch=0)
         log.info("epoch %d: %s", epoch + 1, metrics)
-    final = epochs[-1]
+    final = progress["epochs"][-1]
     result = {
         "format_version": contract.FORMAT_VERSION["finetune"], "params": params, "task": task,
         "metrics": list(spec.metrics), "score": float(np.mean([final[m] for m in spec.metrics[:2]])),
-        "final": final, "epochs": epochs, "train_examples": len(train_texts), "dev_examples": len(dev_texts),
-        "labels": label_names, "seconds": time.perf_counter() - started,
+        "final": final, "epochs": progress["epochs"], "train_examples": len(train_texts),
+        "dev_examples": len(dev_texts), "labels": label_names, "seconds": time.perf_counter() - started,
     }
-    write_json(out, result)
+    write_record(out, result)
+    resume.finish()
     return result
 
 
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a save_pretrained directory")
+    p.add_argument("--student-summary", help="the pre-training record listing the model's checksums")
     p.add_argument("--out", required=True)
+    p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     args = p.parse_args(argv)
-    finetune(args.model, args.params["task"], args.out, args.params)
+    finetune(args.model, args.student_summary, args.params["task"], args.out, args.params, args.resume_dir)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import contract
-from .common import (StageError, atomic_output, load_tokenizer, log, parser, pick_device, read_json, resolve_model_source,
-                     run_stage, seed_everything, set_cpu_threads, write_json)
-from .corpus import read_shard
+from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
+                     seed_everything, set_cpu_threads)
+from .corpus import read_manifest, read_shard
+from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
+from .resume import Resume, load_model_and_optimizer, model_and_optimizer_tensors
 from .targets import read_targets
 
 PRESETS = {
@@ -51,12 +54,13 @@ LOG_EVERY = 10
 class PretrainData:
     """Sequences (and, for MLSM, their per-position targets) held in memory."""
 
-    def __init__(self, corpus_shards: list[str], target_shards: list[str] | None):
+    def __init__(self, corpus_shards: list[str], target_shards: list[str] | None, target_manifest: str | None):
         tables = [read_shard(p) for p in corpus_shards]
         self.input_ids = [np.asarray(s, np.int64) for t in tables for s in t["input_ids"].to_pylist()]
         self.type_ids = [np.asarray(s, np.int64) for t in tables for s in t["token_type_ids"].to_pylist()]
         self.atom_ids = self.weights = None
         if target_shards:
+            read_verified(target_manifest, target_shards)
             targets = [read_targets(p) for p in target_shards]
             corpus_ids = np.concatenate([t["seq_id"].to_numpy() for t in tables])
             target_ids = np.concatenate([t["seq_id"].to_numpy() for t in targets])
@@ -192,14 +196,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 class KdTeacher:
-    def __init__(self, source: str, device: torch.device, corpus_manifest: dict):
+    def __init__(self, source: str, device: torch.device, corpus_manifest: dict, trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
         from .teacher import _check_vocabulary
 
         path = resolve_model_source(source)
-        _check_vocabulary(source, path, AutoConfig.from_pretrained(path), corpus_manifest, AutoTokenizer)
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _check_vocabulary(source, path, config, corpus_manifest, AutoTokenizer, trust_remote_code)
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code)
         missing_head = [k for k in info["missing_keys"] if k.startswith("cls.")]
         if missing_head:
             raise StageError(f"objective kd needs a teacher with an MLM head, but {source!r} has none "
@@ -269,35 +275,109 @@ def _check_ranks_agree(model: torch.nn.Module, world: int) -> None:
         raise StageError(f"data-parallel ranks hold different weights (checksum {checksum} vs mean {mean})")
 
 
-def train(corpus_shards, target_shards, manifest_path, out_model, summary_path, params) -> dict:
+@dataclass
+class Paths:
+    corpus_shards: list[str]
+    corpus_manifest: str
+    out_model: str
+    summary: str
+    target_shards: list[str] = field(default_factory=list)
+    resume_dir: str | None = None
+
+    @property
+    def target_manifest(self) -> str | None:
+        """The target stage's record lies beside its shards (contract.TARGET_MANIFEST)."""
+        if not self.target_shards:
+            return None
+        return str(Path(self.target_shards[0]).parent / Path(contract.TARGET_MANIFEST).name)
+
+
+def train(paths: Paths, params: dict) -> dict:
     """Pre-train one student; under torchrun, data-parallel (each rank takes its slice of every batch)."""
     set_cpu_threads()
     seed_everything(params["seed"])
     rank, world, device = init_distributed(params.get("device", "auto"))
     try:
-        return _train(rank, world, device, corpus_shards, target_shards, manifest_path, out_model, summary_path,
-                      params)
+        return _train(rank, world, device, paths, params)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(rank, world, device, corpus_shards, target_shards, manifest_path, out_model, summary_path, params):
-    manifest = read_json(manifest_path)
+class TrainingState:
+    """Everything an update depends on, so that a resumed run continues exactly where a killed one stopped."""
+
+    def __init__(self, model, optimizer, scheduler, generator, rng, order, rank, world):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.generator, self.rng, self.order, self.rank, self.world = generator, rng, order, rank, world
+        self.step, self.cursor, self.tokens_seen, self.seconds, self.history = 0, 0, 0, 0.0, []
+
+    def _rank_rngs(self) -> dict[str, torch.Tensor]:
+        rngs = {"mask": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rngs["cuda"] = torch.cuda.get_rng_state()
+        return rngs
+
+    def save(self, resume: Resume) -> None:
+        """Collective under torchrun: every rank sends its random states, rank 0 writes."""
+        mine = {"rngs": self._rank_rngs(), "tokens_seen": self.tokens_seen}
+        everyone = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        if self.rank != 0:
+            return
+        tensors, groups = model_and_optimizer_tensors(self.model, self.optimizer)
+        for r, theirs in enumerate(everyone):
+            tensors.update({f"rng.{r}.{k}": v for k, v in theirs["rngs"].items()})
+        tensors["order"] = torch.from_numpy(self.order)
+        meta = {"optimizer_groups": groups, "scheduler": self.scheduler.state_dict(),
+                "numpy_rng": self.rng.bit_generator.state, "cursor": self.cursor, "seconds": self.seconds,
+                "history": self.history, "tokens_seen": [theirs["tokens_seen"] for theirs in everyone]}
+        resume.save_state(self.step, meta, tensors)
+
+    def load(self, saved: tuple[dict, dict]) -> None:
+        meta, tensors = saved
+        load_model_and_optimizer(self.model, self.optimizer, tensors, meta["optimizer_groups"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.generator.set_state(tensors[f"rng.{self.rank}.mask"])
+        torch.set_rng_state(tensors[f"rng.{self.rank}.torch"])
+        if f"rng.{self.rank}.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[f"rng.{self.rank}.cuda"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        self.order = tensors["order"].numpy()
+        self.step, self.cursor, self.seconds = meta["unit"], meta["cursor"], meta["seconds"]
+        self.history, self.tokens_seen = meta["history"], meta["tokens_seen"][self.rank]
+
+
+def _checkpoint_due(resume: Resume, world: int) -> bool:
+    """Rank 0's clock decides, so that every rank joins the collective save."""
+    due = torch.tensor([resume.due()], dtype=torch.uint8)
+    if world > 1:
+        dist.broadcast(due, src=0)
+    return bool(due.item())
+
+
+def _train(rank, world, device, paths: Paths, params):
+    manifest = read_manifest(paths.corpus_manifest, paths.corpus_shards)
     tokenizer = load_tokenizer(manifest["tokenizer"])
     objective = params["objective"]
-    data = PretrainData(corpus_shards, target_shards if objective in USES_MLSM else None)
+    uses_targets = objective in USES_MLSM
+    data = PretrainData(paths.corpus_shards, paths.target_shards if uses_targets else None, paths.target_manifest)
     batch_size, accumulation = params["batch_size"], params["grad_accumulation"]
     if len(data) < batch_size * world:
         raise StageError(f"the corpus has {len(data)} sequences, fewer than one batch of {batch_size} x {world} "
                          f"processes; lower batch_size")
-    atoms = params.get("atoms") if objective in USES_MLSM else None
+    atoms = params.get("atoms") if uses_targets else None
     config = build_config(params, tokenizer, manifest["params"]["max_seq_len"])
     model = Student(config, objective, atoms).to(device)  # same seed on every rank: same initial weights
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    teacher = KdTeacher(params["teacher_source"], device, manifest) if objective == "kd" else None
+    teacher = None
+    if objective == "kd":
+        teacher = KdTeacher(params["teacher_source"], device, manifest, params["teacher_trust_remote_code"])
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -309,24 +389,33 @@ def _train(rank, world, device, corpus_shards, target_shards, manifest_path, out
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     generator = torch.Generator().manual_seed(params["seed"] + 1_000_003 * rank)  # masks differ across ranks
     rng = np.random.default_rng(params["seed"])  # the batch order is the same on every rank
-    order, cursor, global_batch = rng.permutation(len(data)), 0, batch_size * world
+    state = TrainingState(model, optimizer, scheduler, generator, rng, rng.permutation(len(data)), rank, world)
 
-    history, tokens_seen, started = [], 0, time.perf_counter()
+    key = {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
+           "targets": read_verified(paths.target_manifest)[CHECKSUM_KEY] if uses_targets else None}
+    resume = Resume(paths.resume_dir, key, writer=rank == 0)
+    if world > 1:
+        dist.barrier()  # rank 0 has discarded stale state before anyone reads it
+    saved = resume.load_state()
+    if saved is not None:
+        state.load(saved)
+
+    global_batch, started = batch_size * world, time.perf_counter() - state.seconds
     model.train()
-    for step in range(total):
-        step_parts: dict[str, float] = {}
+    while state.step < total:
+        step, step_parts = state.step, {}
         for micro in range(accumulation):
-            if cursor + global_batch > len(order):  # a new epoch: new order, new masks
-                order, cursor = rng.permutation(len(data)), 0
-            rows = order[cursor + rank * batch_size : cursor + (rank + 1) * batch_size]
-            cursor += global_batch
+            if state.cursor + global_batch > len(state.order):  # a new epoch: new order, new masks
+                state.order, state.cursor = rng.permutation(len(data)), 0
+            rows = state.order[state.cursor + rank * batch_size : state.cursor + (rank + 1) * batch_size]
+            state.cursor += global_batch
             batch = {k: v.to(device) for k, v in mask_batch(data, rows, tokenizer, params, generator).items()}
             # Gradients are averaged across ranks once per update, on its last micro-batch.
             sync = world == 1 or micro == accumulation - 1
             with (nullcontext() if sync else trained.no_sync()), autocast:
                 loss, parts = compute_loss(trained(batch), batch, params, teacher)
             (loss / accumulation).backward()
-            tokens_seen += int(batch["attention_mask"].sum())
+            state.tokens_seen += int(batch["attention_mask"].sum())
             for k, v in parts.items():
                 step_parts[k] = step_parts.get(k, 0.0) + v / accumulation
         if not all(math.isfinite(v) for v in step_parts.values()):
@@ -337,23 +426,29 @@ def _train(rank, world, device, corpus_shards, target_shards, manifest_path, out
         optimizer.zero_grad(set_to_none=True)
         if step % LOG_EVERY == 0 or step == total - 1:
             step_parts = all_ranks_mean(step_parts, world)
-            history.append({"step": step + 1, **step_parts, "lr": scheduler.get_last_lr()[0]})
+            state.history.append({"step": step + 1, **step_parts, "lr": scheduler.get_last_lr()[0]})
             if rank == 0:
                 log.info("step %d/%d %s", step + 1, total, " ".join(f"{k}={v:.4f}" for k, v in step_parts.items()))
+        state.step, state.seconds = step + 1, time.perf_counter() - started
+        if state.step < total and _checkpoint_due(resume, world):
+            state.save(resume)
     seconds = time.perf_counter() - started
-    tokens_seen = int(all_ranks_sum({"tokens": float(tokens_seen)}, world)["tokens"])
+    tokens_seen = int(all_ranks_sum({"tokens": float(state.tokens_seen)}, world)["tokens"])
     if world > 1:
         _check_ranks_agree(model, world)
 
     metadata = {"format_version": contract.FORMAT_VERSION["pretrain"], "params": params, "steps": total,
                 "objective": objective, "atoms": atoms, "tokens_seen": tokens_seen, "world_size": world}
     summary = {**metadata, "seconds": seconds, "tokens_per_second": tokens_seen / seconds,
-               "parameters": sum(p.numel() for p in model.parameters()), "final": history[-1], "history": history}
+               "parameters": sum(p.numel() for p in model.parameters()), "final": state.history[-1],
+               "history": state.history}
     if rank == 0:
-        with atomic_output(out_model) as tmp:
+        with atomic_output(paths.out_model) as tmp:
             tmp.mkdir()
             model.save(tmp, tokenizer, metadata)
-        write_json(summary_path, summary)
+        summary["files"] = file_entries(Path(paths.summary).parent, [paths.out_model])
+        write_record(paths.summary, summary)
+        resume.finish()
     if world > 1:
         dist.barrier()  # no rank exits (and lets torchrun end the job) before rank 0 has saved
     return summary
@@ -365,11 +460,13 @@ def main(argv=None) -> None:
     p.add_argument("--target-shards", nargs="*", default=[])
     p.add_argument("--corpus-manifest", required=True)
     p.add_argument("--out-model", required=True)
-    p.add_argument("--summary", required=True)
+    p.add_argument("--summary", required=True, help="the run's record, with the checksums of the model's files")
+    p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     args = p.parse_args(argv)
     if args.params["objective"] in USES_MLSM and not args.target_shards:
         raise StageError(f"objective {args.params['objective']} needs --target-shards")
-    train(args.corpus_shards, args.target_shards, args.corpus_manifest, args.out_model, args.summary, args.params)
+    train(Paths(args.corpus_shards, args.corpus_manifest, args.out_model, args.summary, args.target_shards,
+                args.resume_dir), args.params)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from . import contract
-from .common import atomic_output, parser, read_json, run_stage
+from .common import parser, run_stage
+from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
 
@@ -29,7 +31,7 @@ def mean_std(values: list[float]) -> str:
 def collect_scores(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
-        result = read_json(path)
+        result = read_record(path)
         rows.append({"student": result["params"]["student"], "objective": result["params"]["objective"],
                      "task": result["params"]["task_name"], "seed": result["params"]["seed"],
                      "score": result["score"], **{m: result["final"][m] for m in result["metrics"]}})
@@ -119,7 +121,7 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> 
                   f"| {metrics['p99_nnz']:.0f} | {metrics['atoms_used_fraction']:.1%} | {metrics['mutual_coherence']:.3f} |"]
         if teacher in targets:
             t = targets[teacher]
-            lines += ["", f"Targets: {t['tokens']:,} tokens at {t['tokens_per_second']:,.0f} tokens/s; mean nnz "
+            lines += ["", f"Targets: {t['tokens']:,} tokens; mean nnz "
                       f"{t['mean_nnz']:.1f}; top-{t['params']['top_k']} keeps {1 - t['mean_mass_lost_to_top_k']:.2%} "
                       f"of the mass; mean entropy {t['mean_entropy_nats']:.2f} nats; "
                       f"{t['zero_code_fraction']:.2%} of positions without a target."]
@@ -135,18 +137,24 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> 
     return "\n".join(lines)
 
 
-def report(score_paths, student_paths, dictionary_paths, atom_paths, target_paths, benchmark_dir, out_md, out_csv, out_png):
+def report(score_paths, student_paths, dictionary_paths, atom_paths, target_paths, benchmark_dir, out_md, out_csv, out_png,
+           out_manifest):
     scores = collect_scores(score_paths)
-    students = sorted((read_json(p) for p in student_paths), key=lambda s: s["params"]["student"])
-    dictionaries = {read_json(p)["teacher"]: read_json(p) for p in dictionary_paths}
-    atoms = {Path(p).parent.name: read_json(p) for p in atom_paths}
-    targets = {Path(p).parent.name: read_json(p) for p in target_paths}
+    students = sorted((read_record(p) for p in student_paths), key=lambda s: s["params"]["student"])
+    dictionaries = {Path(p).parent.name: read_record(p) for p in dictionary_paths}
+    atoms = {}
+    for path in atom_paths:  # listed, with its checksum, in the metrics record beside it
+        read_verified(Path(path).parent / Path(contract.DICTIONARY_METRICS).name, [path])
+        atoms[Path(path).parent.name] = json.loads(Path(path).read_text())
+    targets = {Path(p).parent.name: read_record(p) for p in target_paths}
     write_csv(out_csv, scores)
     plot(out_png, scores, sorted({r["student"] for r in scores}), sorted({r["task"] for r in scores}))
     text = render(scores, students, dictionaries, atoms, targets, stage_costs(benchmark_dir) if benchmark_dir else [],
                   Path(out_png).name)
     with atomic_output(out_md) as tmp:
         tmp.write_text(text)
+    write_record(out_manifest, {"format_version": contract.FORMAT_VERSION["report"],
+                                "files": file_entries(Path(out_manifest).parent, [out_md, out_csv, out_png])})
 
 
 def main(argv=None) -> None:
@@ -160,9 +168,10 @@ def main(argv=None) -> None:
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-png", required=True)
+    p.add_argument("--out-manifest", required=True, help="checksums of the three files above")
     args = p.parse_args(argv)
     report(args.scores, args.students, args.dictionaries, args.atoms, args.targets, args.benchmarks,
-           args.out_md, args.out_csv, args.out_png)
+           args.out_md, args.out_csv, args.out_png, args.out_manifest)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from . import contract
-from .common import (StageError, atomic_output, log, parser, pick_device, read_json, run_stage,
-                     set_cpu_threads, sha256_file, write_json)
-from .corpus import read_shard
+from .common import StageError, log, parser, pick_device, run_stage, set_cpu_threads
+from .corpus import read_manifest, read_parquet, read_shard, write_parquet
 from .dictionary import load_dictionary
+from .integrity import CHECKSUM_KEY, file_entries, read_verified, write_record
 from .lasso import fista, l2_normalise, lipschitz
+from .resume import Resume
 from .teacher import length_batches, load_encoder
 
 STATS_KEY = b"mlsm_target_stats"
@@ -40,11 +41,13 @@ def top_k_distribution(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return ids, weights, lost
 
 
-def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, out: str, params: dict) -> dict:
+def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, metrics_path: str, out: str, params: dict,
+            resume_dir: str | None = None) -> dict:
     set_cpu_threads()
     device = pick_device(params.get("device", "auto"))
-    manifest = read_json(manifest_path)
-    encoder = load_encoder(params["source"], params["layer"], device, manifest)
+    manifest = read_manifest(manifest_path, [corpus_shard])
+    dictionary_record = read_verified(metrics_path, [dictionary_path])
+    encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
     dictionary = torch.from_numpy(load_dictionary(dictionary_path)).float().to(device)
     if dictionary.shape[0] != encoder.hidden_size:
         raise StageError(f"dictionary {dictionary_path} has atoms of size {dictionary.shape[0]} but teacher "
@@ -58,38 +61,38 @@ def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, out: st
     table = read_shard(corpus_shard)
     sequences = [np.asarray(s, dtype=np.int32) for s in table["input_ids"].to_pylist()]
     types = [np.asarray(s, dtype=np.int8) for s in table["token_type_ids"].to_pylist()]
+    resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY],
+                                 "dictionary": dictionary_record[CHECKSUM_KEY], "shard": corpus_shard})
+    done = resume.load_parts()
+    units = []  # per batch: atoms, weights, nnz, lost mass, entropy, iterations, atom usage
+    started = time.perf_counter()
+    for unit, batch in enumerate(length_batches(np.array([len(s) for s in sequences]), params["batch_size"])):
+        if unit not in done:
+            done[unit] = _code_batch([sequences[i] for i in batch], [types[i] for i in batch], encoder, dictionary,
+                                     gram, lip, params, corpus_shard)
+            resume.add_part(unit, done[unit])
+        units.append((batch, done[unit]))
+    seconds = time.perf_counter() - started
+
     atom_rows: list = [None] * len(sequences)
     weight_rows: list = [None] * len(sequences)
-    nnz, lost, entropy, iterations, usage = [], [], [], [], torch.zeros(dictionary.shape[1], dtype=torch.float64)
-    started = time.perf_counter()
-    for batch in length_batches(np.array([len(s) for s in sequences]), params["batch_size"]):
-        states = encoder.states([sequences[i] for i in batch], [types[i] for i in batch])
-        x = l2_normalise(torch.from_numpy(np.concatenate(states)).to(device))
-        if not torch.isfinite(x).all():
-            raise StageError(f"teacher {params['source']!r} produced non-finite states on shard {corpus_shard}")
-        codes, used = fista(x, dictionary, params["lambda"], params["max_iterations"], params["tolerance"],
-                            gram=gram, lip=lip)
-        ids, weights, lost_mass = top_k_distribution(codes, k)
-        nnz.append((codes > 0).sum(1).cpu())
-        lost.append(lost_mass.cpu())
-        p = weights.clamp_min(1e-30)
-        entropy.append(-(weights * p.log()).sum(1).cpu())
-        iterations.append(used)
-        usage.index_add_(0, ids.flatten().cpu(), weights.flatten().cpu().double())
-        ids, weights = ids.cpu().numpy().astype(np.uint16), weights.cpu().numpy().astype(np.float16)
+    for batch, result in units:
         start = 0
-        for i, state in zip(batch, states):
-            stop = start + len(state)
-            atom_rows[i], weight_rows[i] = ids[start:stop].ravel(), weights[start:stop].ravel()
+        for i in batch:
+            stop = start + len(sequences[i])
+            atom_rows[i], weight_rows[i] = result["atoms"][start:stop].ravel(), result["weights"][start:stop].ravel()
             start = stop
-    seconds = time.perf_counter() - started
-    nnz, lost, entropy = torch.cat(nnz).float(), torch.cat(lost), torch.cat(entropy)
+    nnz, lost, entropy = (torch.from_numpy(np.concatenate([r[key] for _, r in units])) for key in ("nnz", "lost", "entropy"))
+    usage = np.zeros(dictionary.shape[1])
+    for _, result in units:
+        usage += result["usage"]
     stats = {
-        "tokens": int(len(nnz)), "seconds": seconds, "tokens_per_second": len(nnz) / max(seconds, 1e-9),
-        "mean_nnz": float(nnz.mean()), "p99_nnz": float(torch.quantile(nnz, 0.99)),
+        "tokens": int(len(nnz)),
+        "mean_nnz": float(nnz.float().mean()), "p99_nnz": float(torch.quantile(nnz.float(), 0.99)),
         "zero_code_fraction": float((nnz == 0).float().mean()),
         "mean_mass_lost_to_top_k": float(lost.mean()), "max_mass_lost_to_top_k": float(lost.max()),
-        "mean_entropy_nats": float(entropy.mean()), "mean_iterations": float(np.mean(iterations)),
+        "mean_entropy_nats": float(entropy.mean()),
+        "mean_iterations": float(np.mean([r["iterations"][0] for _, r in units])),
         "atom_usage": usage.tolist(),
     }
     out_table = pa.table({
@@ -97,27 +100,43 @@ def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, out: st
         "atom_ids": pa.array(atom_rows, pa.list_(pa.uint16())),
         "weights": pa.array(weight_rows, pa.list_(pa.float16())),
     }, schema=contract.TARGET_SCHEMA.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
-    with atomic_output(out) as tmp:
-        pq.write_table(out_table, tmp, compression="zstd")
+    write_parquet(out, out_table)
+    resume.finish()
+    # Timing stays in the log: the shard's bytes depend only on its inputs and params.
     log.info("targets %s: %d tokens at %.0f tokens/s, mean nnz %.1f, top-%d loses %.2f%% of the mass",
-             out, stats["tokens"], stats["tokens_per_second"], stats["mean_nnz"], k, 100 * stats["mean_mass_lost_to_top_k"])
+             out, stats["tokens"], stats["tokens"] / max(seconds, 1e-9), stats["mean_nnz"], k,
+             100 * stats["mean_mass_lost_to_top_k"])
     return stats
 
 
+def _code_batch(sequences, types, encoder, dictionary, gram, lip, params, corpus_shard) -> dict[str, np.ndarray]:
+    """Sparse codes of one batch of sequences, cut to top-k distributions, with their statistics."""
+    states = encoder.states(sequences, types)
+    x = l2_normalise(torch.from_numpy(np.concatenate(states)).to(dictionary.device))
+    if not torch.isfinite(x).all():
+        raise StageError(f"teacher {params['source']!r} produced non-finite states on shard {corpus_shard}")
+    codes, used = fista(x, dictionary, params["lambda"], params["max_iterations"], params["tolerance"],
+                        gram=gram, lip=lip)
+    ids, weights, lost = top_k_distribution(codes, params["top_k"])
+    p = weights.clamp_min(1e-30)
+    usage = torch.zeros(dictionary.shape[1], dtype=torch.float64).index_add_(
+        0, ids.flatten().cpu(), weights.flatten().cpu().double())
+    return {
+        "atoms": ids.cpu().numpy().astype(np.uint16), "weights": weights.cpu().numpy().astype(np.float16),
+        "nnz": (codes > 0).sum(1).cpu().numpy().astype(np.int32), "lost": lost.cpu().numpy(),
+        "entropy": (-(weights * p.log()).sum(1)).cpu().numpy(), "iterations": np.array([used], np.int32),
+        "usage": usage.numpy(),
+    }
+
+
 def read_targets(path: str) -> pa.Table:
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise StageError(f"target shard {path} is unreadable: {err}") from None
-    if not table.schema.remove_metadata().equals(contract.TARGET_SCHEMA):
-        raise StageError(f"target shard {path} does not have the target schema")
-    return table
+    return read_parquet(path, contract.TARGET_SCHEMA, "target shard")
 
 
 def summarize(shards: list[str], manifest: str, params: dict) -> dict:
     per_shard = []
     for path in shards:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = read_targets(path).schema.metadata or {}
         if STATS_KEY not in metadata:
             raise StageError(f"target shard {path} has no statistics; it was not written by this stage")
         per_shard.append(json.loads(metadata[STATS_KEY]))
@@ -129,15 +148,14 @@ def summarize(shards: list[str], manifest: str, params: dict) -> dict:
     usage = np.sum([s["atom_usage"] for s in per_shard], axis=0)
     summary = {
         "format_version": contract.FORMAT_VERSION["targets"], "params": params, "tokens": int(tokens.sum()),
-        "tokens_per_second": float(tokens.sum() / sum(s["seconds"] for s in per_shard)),
         **{key: mean(key) for key in ("mean_nnz", "zero_code_fraction", "mean_mass_lost_to_top_k",
                                       "mean_entropy_nats", "mean_iterations")},
         "atoms_used_fraction": float((usage > 0).mean()),
         "atom_usage_histogram": np.histogram(usage / max(usage.sum(), 1e-30), bins=10)[0].tolist(),
-        "shards": [{"path": p.rsplit("/", 1)[-1], "sha256": sha256_file(p), "tokens": s["tokens"]}
-                   for p, s in zip(shards, per_shard)],
+        "shards": [{"path": p.rsplit("/", 1)[-1], "tokens": s["tokens"]} for p, s in zip(shards, per_shard)],
+        "files": file_entries(Path(manifest).parent, shards),
     }
-    write_json(manifest, summary)
+    write_record(manifest, summary)
     return summary
 
 
@@ -146,14 +164,17 @@ def main(argv=None) -> None:
     p.add_argument("--corpus-shard")
     p.add_argument("--corpus-manifest")
     p.add_argument("--dictionary")
+    p.add_argument("--dictionary-metrics", help="the dictionary stage's record, to verify the dictionary")
     p.add_argument("--out")
+    p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     p.add_argument("--summarize", nargs="+", help="target shards to summarise into --manifest")
     p.add_argument("--manifest")
     args = p.parse_args(argv)
     if args.summarize:
         summarize(args.summarize, args.manifest, args.params)
     else:
-        compute(args.corpus_shard, args.corpus_manifest, args.dictionary, args.out, args.params)
+        compute(args.corpus_shard, args.corpus_manifest, args.dictionary, args.dictionary_metrics, args.out,
+                args.params, args.resume_dir)
 
 
 if __name__ == "__main__":

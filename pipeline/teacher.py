@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from . import contract
-from .common import (StageError, atomic_output, log, parser, pick_device, read_json, resolve_model_source,
-                     run_stage, set_cpu_threads, tokenizer_fingerprint)
-from .corpus import read_shard
+from .common import (StageError, log, parser, pick_device, resolve_model_source, run_stage, set_cpu_threads,
+                     tokenizer_fingerprint)
+from .corpus import read_manifest, read_shard
+from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_record
+from .resume import Resume
 
 
 @dataclass
@@ -58,12 +60,13 @@ class TeacherEncoder:
         return [out[row, :n] for row, n in enumerate(lengths)]
 
 
-def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None) -> TeacherEncoder:
+def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None,
+                 trust_remote_code: bool = False) -> TeacherEncoder:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = resolve_model_source(source)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise StageError(f"teacher {source!r} could not be loaded: {err}") from None
     n_layers = config.num_hidden_layers
@@ -72,17 +75,18 @@ def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest:
                          f"(-{n_layers}..-1, counted from the last)")
     keep = n_layers + 1 + layer
     if corpus_manifest is not None:
-        _check_vocabulary(source, path, config, corpus_manifest, AutoTokenizer)
+        _check_vocabulary(source, path, config, corpus_manifest, AutoTokenizer, trust_remote_code)
     config.num_hidden_layers = keep  # layers above the chosen one are never built nor run
-    model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", add_pooling_layer=False)
+    model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", add_pooling_layer=False,
+                                      trust_remote_code=trust_remote_code)
     model.eval().to(device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     return TeacherEncoder(model, device, config.hidden_size, keep, pad_id)
 
 
-def _check_vocabulary(source, path, config, manifest, auto_tokenizer) -> None:
+def _check_vocabulary(source, path, config, manifest, auto_tokenizer, trust_remote_code=False) -> None:
     try:
-        tokenizer = auto_tokenizer.from_pretrained(path)
+        tokenizer = auto_tokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None
     if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:
@@ -103,11 +107,12 @@ def special_mask(input_ids: np.ndarray, special_ids: set[int]) -> np.ndarray:
     return np.isin(input_ids, list(special_ids))
 
 
-def extract(shard_paths: list[str], manifest_path: str, out: str, params: dict) -> None:
+def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: str, params: dict,
+            resume_dir: str | None = None) -> None:
     set_cpu_threads()
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path, shard_paths)
     device = pick_device(params.get("device", "auto"))
-    encoder = load_encoder(params["source"], params["layer"], device, manifest)
+    encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
     tables = [read_shard(p) for p in shard_paths]
     input_ids = [np.asarray(ids, dtype=np.int32) for t in tables for ids in t["input_ids"].to_pylist()]
     type_ids = [np.asarray(ids, dtype=np.int8) for t in tables for ids in t["token_type_ids"].to_pylist()]
@@ -134,14 +139,23 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, params: dict) 
     needed = np.unique(owner)
     states = np.zeros((n, encoder.hidden_size), dtype=np.float16)
     rows_of = {s: np.flatnonzero(owner == s) for s in needed}
-    for batch in length_batches(np.array([len(input_ids[s]) for s in needed]), params["batch_size"]):
+    resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY]})
+    done = resume.load_parts()
+    batches = length_batches(np.array([len(input_ids[s]) for s in needed]), params["batch_size"])
+    for unit, batch in enumerate(batches):
         seqs = needed[batch]
+        rows = np.concatenate([rows_of[s] for s in seqs])
+        if unit in done:
+            states[rows] = done[unit]["states"]
+            continue
         outs = encoder.states([input_ids[s] for s in seqs], [type_ids[s] for s in seqs])
         for s, h in zip(seqs, outs):
-            rows = rows_of[s]
-            states[rows] = h[positions[rows]]
+            states[rows_of[s]] = h[positions[rows_of[s]]]
+        resume.add_part(unit, {"states": states[rows]})
     if not np.isfinite(states).all():
-        raise StageError(f"teacher {params['source']!r} produced non-finite hidden states")
+        row = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
+        raise StageError(f"teacher {params['source']!r} produced non-finite hidden states (sampled token {row}, "
+                         f"sequence {seq_ids[owner[row]]}); check the teacher's weights")
 
     attrs = {
         "format_version": contract.FORMAT_VERSION["activations"], "teacher": params["teacher"],
@@ -150,8 +164,9 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, params: dict) 
         "tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "normalisation": "none",
         "dtype": "float16", "tokens": int(n),
     }
-    write_store(out, attrs, states=states, token_ids=np.array([input_ids[s][p] for s, p in zip(owner, positions)],
-                dtype=np.int32), seq_ids=seq_ids[owner].astype(np.int64), positions=positions)
+    write_store(out, out_manifest, attrs, states=states, positions=positions, seq_ids=seq_ids[owner].astype(np.int64),
+                token_ids=np.array([input_ids[s][p] for s, p in zip(owner, positions)], dtype=np.int32))
+    resume.finish()
     log.info("activations: %d tokens from %d sequences, layer %d of %s, d=%d", n, len(needed), params["layer"],
              params["source"], encoder.hidden_size)
 
@@ -162,7 +177,8 @@ def _special_ids(params: dict) -> set[int]:
     return set(load_tokenizer(params["tokenizer"]).all_special_ids)
 
 
-def write_store(out: str, attrs: dict, **arrays: np.ndarray) -> None:
+def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> None:
+    """The zarr store, then its record (the attributes and the checksum of every file of the store)."""
     import zarr
 
     with atomic_output(out) as tmp:
@@ -172,11 +188,15 @@ def write_store(out: str, attrs: dict, **arrays: np.ndarray) -> None:
             array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
             array[...] = data
         group.attrs.update(attrs)
+    write_record(manifest, {**attrs, "files": file_entries(Path(manifest).parent, [out])})
 
 
-def read_store(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+def read_store(path: str | Path, manifest_path: str | Path | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The arrays of an activation store; with its manifest, every chunk is verified first."""
     import zarr
 
+    if manifest_path is not None:
+        read_verified(manifest_path, [path])
     try:
         group = zarr.open_group(str(path), mode="r")
         arrays = {name: group[name][...] for name in contract.ACTIVATION_ARRAYS}
@@ -190,8 +210,10 @@ def main(argv=None) -> None:
     p.add_argument("--corpus-manifest", required=True)
     p.add_argument("--corpus-shards", nargs="+", required=True)
     p.add_argument("--out", required=True, help="zarr store directory")
+    p.add_argument("--out-manifest", required=True, help="the stage's record: attributes and checksums of the store")
+    p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     args = p.parse_args(argv)
-    extract(args.corpus_shards, args.corpus_manifest, args.out, args.params)
+    extract(args.corpus_shards, args.corpus_manifest, args.out, args.out_manifest, args.params, args.resume_dir)
 
 
 if __name__ == "__main__":

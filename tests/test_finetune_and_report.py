@@ -1,7 +1,6 @@
 """Stages 6 and 7: task readers on the real GLUE files, metrics, fine-tuning and the report."""
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from conftest import SHARED, save_tiny_teacher
 from pipeline.common import StageError
 from pipeline.finetune import GLUE, compute_metrics, finetune, read_split, task_spec
+from pipeline.integrity import read_record, write_record
 from pipeline.report import report
 
 GLUE_DIR = SHARED / "glue"
@@ -61,7 +61,7 @@ def test_finetune_learns_a_separable_task(tmp_path):
     model = save_tiny_teacher(tmp_path / "student", with_mlm_head=True)
     train_rows = [("good fine great", "pos"), ("bad awful poor", "neg")] * 40
     write_task(tmp_path / "task", train_rows, train_rows[:20])
-    result = finetune(str(model), {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"),
+    result = finetune(str(model), None, {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"),
                       {**PARAMS, "epochs": 4})
     assert result["score"] == pytest.approx(1.0) and len(result["epochs"]) == 4
     assert result["labels"] == ["neg", "pos"]
@@ -70,14 +70,14 @@ def test_finetune_learns_a_separable_task(tmp_path):
 def test_label_outside_the_training_labels_names_the_example(tmp_path):
     write_task(tmp_path / "task", [("a", "x"), ("b", "y")], [("c", "x"), ("d", "z")])
     with pytest.raises(StageError, match=r"dev.tsv, example 2: label 'z'"):
-        finetune(str(tmp_path), {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"), PARAMS)
+        finetune(str(tmp_path), None, {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"), PARAMS)
 
 
 def test_missing_dev_file_is_named(tmp_path):
     write_task(tmp_path / "task", [("a", "x")], [("c", "x")])
     (tmp_path / "task" / "dev.tsv").unlink()
     with pytest.raises(StageError, match="dev.tsv does not exist"):
-        finetune(str(tmp_path), {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"), PARAMS)
+        finetune(str(tmp_path), None, {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"), PARAMS)
 
 
 def test_report_lists_every_student_and_task(tmp_path):
@@ -86,17 +86,19 @@ def test_report_lists_every_student_and_task(tmp_path):
         for task in ("t1", "t2"):
             for seed in (1, 2):
                 path = tmp_path / f"{student}-{task}-{seed}.json"
-                path.write_text(json.dumps({"params": {"student": student, "objective": objective, "task_name": task,
-                                                       "seed": seed}, "score": 0.5 + seed / 10,
-                                            "metrics": ["accuracy"], "final": {"accuracy": 0.5 + seed / 10}}))
+                write_record(path, {"params": {"student": student, "objective": objective, "task_name": task,
+                                               "seed": seed}, "score": 0.5 + seed / 10,
+                                    "metrics": ["accuracy"], "final": {"accuracy": 0.5 + seed / 10}})
                 scores.append(str(path))
         path = tmp_path / f"{student}.json"
-        path.write_text(json.dumps({"params": {"student": student, "objective": objective, "size": "tiny"},
-                                    "steps": 3, "final": {"step": 3, objective: 1.0}, "parameters": 10,
-                                    "tokens_per_second": 5.0}))
+        write_record(path, {"params": {"student": student, "objective": objective, "size": "tiny"},
+                            "steps": 3, "final": {"step": 3, objective: 1.0}, "parameters": 10,
+                            "tokens_per_second": 5.0})
         students.append(str(path))
     out = tmp_path / "report"
-    report(scores, students, [], [], [], None, str(out / "r.md"), str(out / "r.csv"), str(out / "r.png"))
+    report(scores, students, [], [], [], None, str(out / "r.md"), str(out / "r.csv"), str(out / "r.png"),
+           str(out / "manifest.json"))
+    assert set(read_record(out / "manifest.json")["files"]) == {"r.md", "r.csv", "r.png"}
     text = (out / "r.md").read_text()
     assert "| a | mlsm | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.650 |" in text
     assert "| b | mlm |" in text

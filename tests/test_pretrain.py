@@ -1,6 +1,7 @@
 """Stage 5: the four objectives, masking, losses and loadable checkpoints."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,27 +9,35 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import StageError
-from pipeline.pretrain import PretrainData, kd_loss, mask_batch, mlsm_loss, train
-from pipeline.targets import compute
+from pipeline import pretrain
+from pipeline.pretrain import PretrainData, kd_loss, mask_batch, mlsm_loss
+from pipeline.integrity import read_record
+from pipeline.targets import compute, summarize
 
-from test_dictionary_and_targets import random_dictionary
+from test_dictionary_and_targets import random_dictionary, save_dictionary
+
+
+def train(shards, targets, manifest, out_model, summary, params, resume_dir=None):
+    return pretrain.train(pretrain.Paths(shards, manifest, out_model, summary, targets or [], resume_dir), params)
 
 BASE = {"size": "tiny", "max_steps": 3, "batch_size": 4, "grad_accumulation": 2, "learning_rate": 1e-3,
         "weight_decay": 0.01, "warmup_fraction": 0.1, "max_grad_norm": 1.0, "mask_fraction": 0.15,
-        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 2.0, "seed": 0, "device": "cpu"}
+        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 2.0, "seed": 0, "device": "cpu",
+        "teacher_trust_remote_code": False}
 
 
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory, sharded_corpus, encoder_teacher):
     out = tmp_path_factory.mktemp("targets")
     shards, manifest = sharded_corpus
-    np.save(out / "D.npy", random_dictionary(32, 24).numpy())
+    save_dictionary(out, random_dictionary(32, 24))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "lambda": 0.05, "top_k": 4,
-              "max_iterations": 50, "tolerance": 1e-4, "device": "cpu"}
+              "max_iterations": 50, "tolerance": 1e-4, "device": "cpu", "trust_remote_code": False}
     paths = []
     for i, shard in enumerate(shards):
         paths.append(str(out / f"t{i}.parquet"))
-        compute(shard, manifest, str(out / "D.npy"), paths[-1], params)
+        compute(shard, manifest, str(out / "D.npy"), str(out / "m.json"), paths[-1], params)
+    summarize(paths, str(out / "manifest.json"), params)  # the record pretrain verifies the shards against
     return paths
 
 
@@ -53,7 +62,7 @@ def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
 
 @pytest.mark.parametrize("strategy", ["all_mask", "bert"])
 def test_masking_touches_only_ordinary_tokens(sharded_corpus, tokenizer, strategy):
-    data = PretrainData(sharded_corpus[0], None)
+    data = PretrainData(sharded_corpus[0], None, None)
     batch = mask_batch(data, np.arange(16), tokenizer, {"mask_fraction": 0.15, "mask_strategy": strategy},
                        torch.Generator().manual_seed(0))
     originals = torch.full_like(batch["input_ids"], tokenizer.pad_token_id)
@@ -89,7 +98,7 @@ def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded
         _, info = AutoModelForMaskedLM.from_pretrained(tmp_path / "model", output_loading_info=True)
         assert not info["missing_keys"]
     assert (tmp_path / "model" / "mlsm_head.safetensors").exists() == ("mlsm" in objective)
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+    assert read_record(tmp_path / "summary.json")["steps"] == 3
 
 
 def test_kd_without_an_mlm_head_says_so(tmp_path, sharded_corpus, encoder_teacher):
@@ -102,7 +111,7 @@ def test_kd_without_an_mlm_head_says_so(tmp_path, sharded_corpus, encoder_teache
 
 def test_misaligned_targets_are_refused(sharded_corpus, targets):
     with pytest.raises(StageError, match="not aligned"):
-        PretrainData(sharded_corpus[0], targets[1:])
+        PretrainData(sharded_corpus[0], targets[1:], str(Path(targets[0]).parent / "manifest.json"))
 
 
 def test_training_is_reproducible(tmp_path, sharded_corpus, targets):
@@ -132,7 +141,7 @@ def test_torchrun_data_parallel_training_on_two_cpu_processes(tmp_path, sharded_
         "--params", json.dumps(params)]
     result = subprocess.run(command, capture_output=True, text=True, env=venv_env(OMP_NUM_THREADS="1"), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = read_record(tmp_path / "s.json")
     assert summary["world_size"] == 2
     assert summary["tokens_seen"] > 1.5 * single["tokens_seen"]  # each rank took its own rows
     assert AutoModel.from_pretrained(tmp_path / "model").config.hidden_size == 128

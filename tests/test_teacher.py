@@ -12,15 +12,15 @@ from conftest import MINILM, save_tiny_teacher
 
 def params(source, **over):
     base = {"teacher": "t", "source": str(source), "layer": -1, "batch_size": 8, "sample_tokens": 500,
-            "sample_seed": 0, "tokenizer": MINILM, "device": "cpu"}
+            "sample_seed": 0, "tokenizer": MINILM, "device": "cpu", "trust_remote_code": False}
     return {**base, **over}
 
 
 def test_store_holds_the_chosen_layer_of_sampled_tokens(tmp_path, sharded_corpus, encoder_teacher):
     shards, manifest = sharded_corpus
     out = tmp_path / "a.zarr"
-    extract(shards, manifest, str(out), params(encoder_teacher, layer=-2))
-    attrs, arrays = read_store(out)
+    extract(shards, manifest, str(out), str(tmp_path / "a.json"), params(encoder_teacher, layer=-2))
+    attrs, arrays = read_store(out, tmp_path / "a.json")
     assert arrays["states"].shape == (500, 32) and arrays["states"].dtype == np.float16
     assert attrs["layer"] == -2 and attrs["hidden_layer_index"] == 2 and attrs["source"] == str(encoder_teacher)
 

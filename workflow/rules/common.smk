@@ -8,6 +8,7 @@ from pipeline import config as cfg
 from pipeline import contract
 from pipeline.finetune import task_spec as _task_spec
 from pipeline.launch import torchrun_command
+from pipeline.resume import INTERVAL_VARIABLE as RESUME_INTERVAL_VARIABLE
 
 try:
     CONFIG = cfg.validate(config)
@@ -21,6 +22,9 @@ TASKS = sorted(CONFIG["tasks"])
 SEEDS = CONFIG["finetune"]["seeds"]
 TEACHERS = cfg.teachers_in_use(CONFIG)
 GPU = 1 if CONFIG["device"] == "cuda" else 0
+# How often long stages save resumable state. Jobs read it from the environment (set again when a
+# cluster job parses this file), so that changing it, which changes no result, reruns nothing.
+os.environ[RESUME_INTERVAL_VARIABLE] = str(CONFIG["checkpoint_seconds"])
 
 
 def _names(names):
@@ -47,6 +51,11 @@ class _Keep(dict):
 
 def log_path(rule, *parts):
     return f"{R}/{contract.LOGS}/{rule}/{'_'.join(parts) or rule}.log"
+
+
+def resume_dir(rule, *parts):
+    """Where a job of a long stage keeps its resumable state (not an output: it survives a failure)."""
+    return path(contract.RESUME_DIR, rule=rule, job="_".join(parts) or rule)
 
 
 def bench_path(rule, *parts):
@@ -88,7 +97,8 @@ def student_teacher(student):
 
 
 def student_inputs(wildcards):
-    inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST)}
+    """Corpus, and for MLSM objectives the targets (the stage finds their manifest beside them)."""
+    inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST), "targets": []}
     if CONFIG["students"][wildcards.student]["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         teacher = student_teacher(wildcards.student)
         inputs["targets"] = target_shards(teacher)
@@ -108,6 +118,7 @@ def student_params(student):
         options.pop("teacher", None)
     else:
         extra["teacher_source"] = CONFIG["teachers"][teacher]["source"]
+        extra["teacher_trust_remote_code"] = CONFIG["teachers"][teacher]["trust_remote_code"]
     if options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         extra["atoms"] = CONFIG["dictionary"]["atoms"]
     return stage_params("pretrain", options, **extra)

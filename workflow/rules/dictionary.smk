@@ -4,12 +4,14 @@
 rule fit_dictionary:
     input:
         store=path(contract.ACTIVATIONS),
+        store_manifest=path(contract.ACTIVATIONS_MANIFEST),
     output:
         dictionary=path(contract.DICTIONARY),
         metrics=path(contract.DICTIONARY_METRICS),
         atoms=path(contract.DICTIONARY_ATOMS),
     params:
         stage=stage_params("dictionary", CONFIG["dictionary"], device=CONFIG["device"]),
+        resume=lambda w: resume_dir("fit_dictionary", w.teacher),
     log:
         log_path("fit_dictionary", "{teacher}"),
     benchmark:
@@ -22,5 +24,6 @@ rule fit_dictionary:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.dictionary --activations {input.store:q} --dictionary {output.dictionary:q}"
-        " --metrics {output.metrics:q} --atoms {output.atoms:q} --params {params.stage:q} > {log:q} 2>&1"
+        "python -m pipeline.dictionary --activations {input.store:q} --activations-manifest {input.store_manifest:q}"
+        " --dictionary {output.dictionary:q} --metrics {output.metrics:q} --atoms {output.atoms:q}"
+        " --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"

@@ -10,9 +10,7 @@ rule pretrain_student:
     params:
         stage=lambda w: student_params(w.student),
         launcher=lambda w: torchrun_command(student_gpus(w.student)),
-        targets=lambda w, input: (
-            f"--target-shards {' '.join(input.targets)}" if "targets" in input.keys() else ""
-        ),
+        resume=lambda w: resume_dir("pretrain_student", w.student),
     log:
         log_path("pretrain_student", "{student}"),
     benchmark:
@@ -25,6 +23,6 @@ rule pretrain_student:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "{params.launcher} -m pipeline.pretrain --corpus-shards {input.shards:q} {params.targets}"
+        "{params.launcher} -m pipeline.pretrain --corpus-shards {input.shards:q} --target-shards {input.targets:q}"
         " --corpus-manifest {input.manifest:q} --out-model {output.model:q} --summary {output.summary:q}"
-        " --params {params.stage:q} > {log:q} 2>&1"
+        " --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"

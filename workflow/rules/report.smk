@@ -12,12 +12,10 @@ rule report:
         md=path(contract.REPORT_MD),
         csv=path(contract.REPORT_CSV),
         png=path(contract.REPORT_PLOT),
+        manifest=path(contract.REPORT_MANIFEST),
     params:
         stage=stage_params("report"),
         benchmarks=f"{R}/{contract.BENCHMARKS}",
-        optional=lambda w, input: " ".join(
-            f"--{name} " + " ".join(input[name]) for name in ("dictionaries", "atoms", "targets") if input[name]
-        ),
     log:
         log_path("report"),
     benchmark:
@@ -29,6 +27,7 @@ rule report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report --scores {input.scores:q} --students {input.students:q} {params.optional}"
+        "python -m pipeline.report --scores {input.scores:q} --students {input.students:q}"
+        " --dictionaries {input.dictionaries:q} --atoms {input.atoms:q} --targets {input.targets:q}"
         " --benchmarks {params.benchmarks:q} --out-md {output.md:q} --out-csv {output.csv:q}"
-        " --out-png {output.png:q} --params {params.stage:q} > {log:q} 2>&1"
+        " --out-png {output.png:q} --out-manifest {output.manifest:q} --params {params.stage:q} > {log:q} 2>&1"

@@ -7,10 +7,12 @@ rule precompute_targets:
         shard=path(contract.CORPUS_SHARD),
         manifest=path(contract.CORPUS_MANIFEST),
         dictionary=path(contract.DICTIONARY),
+        dictionary_metrics=path(contract.DICTIONARY_METRICS),
     output:
         shard=path(contract.TARGET_SHARD),
     params:
         stage=lambda w: teacher_params(w.teacher, "targets", TARGET_SLICE),
+        resume=lambda w: resume_dir("precompute_targets", w.teacher, w.shard),
     log:
         log_path("precompute_targets", "{teacher}", "{shard}"),
     benchmark:
@@ -24,7 +26,8 @@ rule precompute_targets:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.targets --corpus-shard {input.shard:q} --corpus-manifest {input.manifest:q}"
-        " --dictionary {input.dictionary:q} --out {output.shard:q} --params {params.stage:q} > {log:q} 2>&1"
+        " --dictionary {input.dictionary:q} --dictionary-metrics {input.dictionary_metrics:q}"
+        " --out {output.shard:q} --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"
 
 
 rule summarize_targets:

@@ -13,8 +13,10 @@ rule extract_activations:
         manifest=path(contract.CORPUS_MANIFEST),
     output:
         store=directory(path(contract.ACTIVATIONS)),
+        manifest=path(contract.ACTIVATIONS_MANIFEST),
     params:
         stage=lambda w: teacher_params(w.teacher, "activations", SAMPLE),
+        resume=lambda w: resume_dir("extract_activations", w.teacher),
     log:
         log_path("extract_activations", "{teacher}"),
     benchmark:
@@ -28,4 +30,5 @@ rule extract_activations:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.teacher --corpus-manifest {input.manifest:q} --corpus-shards {input.shards:q}"
-        " --out {output.store:q} --params {params.stage:q} > {log:q} 2>&1"
+        " --out {output.store:q} --out-manifest {output.manifest:q} --resume-dir {params.resume:q}"
+        " --params {params.stage:q} > {log:q} 2>&1"

@@ -1,0 +1,169 @@
+"""Resumable state of the long stages, kept outside their declared outputs.
+
+Snakemake deletes the outputs of a failed or killed job, but not this directory (contract.RESUME_DIR,
+passed as --resume-dir). A long stage works in units (a batch of sequences, a mini-batch, an update)
+and saves a checkpoint at a unit boundary at most every MLSM_CHECKPOINT_SECONDS (the workflow sets it
+from the config's `checkpoint_seconds`; 0 saves after every unit); restarted, it continues from the
+last checkpoint and its output equals that of an uninterrupted run. Two kinds of state:
+
+- parts (extraction, targets): each unit's results, appended in part files; a rerun skips those units.
+- state (dictionary, pre-training, fine-tuning): the whole training state, replaced at each checkpoint.
+
+The state is tied to a key (the stage's params and its inputs' checksums): other params or inputs
+discard it. journal.jsonl logs start, resume, checkpoint, discard and done events, and outlives the
+checkpoints, which are deleted when the stage has written its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import fingerprint, log
+from .integrity import atomic_output
+
+INTERVAL_VARIABLE, DEFAULT_INTERVAL_SECONDS = "MLSM_CHECKPOINT_SECONDS", 300.0
+
+
+def checkpoint_interval() -> float:
+    return float(os.environ.get(INTERVAL_VARIABLE, DEFAULT_INTERVAL_SECONDS))
+
+
+class Resume:
+    """Checkpoints of one job in `directory`; with directory None, a no-op (nothing saved or resumed).
+
+    Under torchrun only rank 0 is the writer; the other ranks read the state it saved."""
+
+    def __init__(self, directory: str | Path | None, key: object, writer: bool = True):
+        self.directory = Path(directory) if directory else None
+        self.writer = writer
+        self.key = fingerprint(key)
+        self.interval = checkpoint_interval()
+        self.last_save = time.monotonic()
+        self.pending: dict[int, dict[str, np.ndarray]] = {}
+        self.parts_written = 0
+        if self.directory is None or not writer:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        key_file = self.directory / "key"
+        if key_file.exists() and key_file.read_text() != self.key:
+            self._clear()
+            self.journal("discard", reason="params or inputs changed")
+        if not key_file.exists():
+            with atomic_output(key_file) as tmp:
+                tmp.write_text(self.key)
+
+    # ---- journal ----
+
+    def journal(self, event: str, **fields) -> None:
+        if self.directory is None or not self.writer:
+            return
+        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
+        with open(self.directory / "journal.jsonl", "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def due(self) -> bool:
+        return self.directory is not None and time.monotonic() - self.last_save >= self.interval
+
+    # ---- parts: results per unit ----
+
+    def load_parts(self) -> dict[int, dict[str, np.ndarray]]:
+        """Results of the units completed by earlier attempts, by unit index."""
+        from safetensors.numpy import load_file
+
+        units: dict[int, dict[str, np.ndarray]] = {}
+        if self.directory is None:
+            return units
+        for path in sorted(self.directory.glob("part-*.safetensors")):
+            for name, array in load_file(path).items():
+                unit, field = name.split("/", 1)
+                units.setdefault(int(unit), {})[field] = array
+            self.parts_written += 1
+        if units:
+            self.journal("resume", completed=len(units))
+            log.info("resuming: %d units done by an earlier attempt (%s)", len(units), self.directory)
+        else:
+            self.journal("start")
+        return units
+
+    def add_part(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+        """Keep a unit's results; write the kept ones to a new part file when a checkpoint is due."""
+        if self.directory is None:
+            return
+        self.pending[unit] = arrays
+        if self.due():
+            from safetensors.numpy import save_file
+
+            tensors = {f"{u}/{k}": np.ascontiguousarray(v) for u, a in self.pending.items() for k, v in a.items()}
+            with atomic_output(self.directory / f"part-{self.parts_written:06d}.safetensors") as tmp:
+                save_file(tensors, str(tmp))
+            self.parts_written += 1
+            self.journal("checkpoint", units=sorted(self.pending))
+            self.pending, self.last_save = {}, time.monotonic()
+
+    # ---- state: the whole training state ----
+
+    def load_state(self) -> tuple[dict, dict] | None:
+        """(meta, torch tensors) of the last checkpoint, or None."""
+        from safetensors import safe_open
+
+        path = None if self.directory is None else self.directory / "state.safetensors"
+        if path is None or not path.exists():
+            self.journal("start")
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["meta"])
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        self.journal("resume", completed=meta["unit"])
+        log.info("resuming after unit %d from %s", meta["unit"], path)
+        return meta, tensors
+
+    def save_state(self, unit: int, meta: dict, tensors: dict) -> None:
+        """Checkpoint after `unit` units (meta: JSON-able; tensors: name -> torch tensor)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_output(self.directory / "state.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, "unit": unit})})
+        self.journal("checkpoint", unit=unit)
+        self.last_save = time.monotonic()
+
+    # ---- end ----
+
+    def finish(self) -> None:
+        """The outputs are written: drop the checkpoints, keep the journal."""
+        if self.directory is None or not self.writer:
+            return
+        self._clear()
+        self.journal("done")
+
+    def _clear(self) -> None:
+        for item in self.directory.iterdir():
+            if item.name == "journal.jsonl":
+                continue
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def model_and_optimizer_tensors(model, optimizer) -> tuple[dict, list]:
+    """A model's and its optimizer's tensors under flat names, and the optimizer's (JSON) param groups."""
+    state = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"optimizer.{pid}.{k}": v for pid, values in state["state"].items() for k, v in values.items()})
+    return tensors, state["param_groups"]
+
+
+def load_model_and_optimizer(model, optimizer, tensors: dict, groups: list) -> None:
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
