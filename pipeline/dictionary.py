@@ -38,7 +38,8 @@ def learn(x: torch.Tensor, atoms: int, lam: float, batch_size: int, epochs: int,
     starts = list(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size))
     saved = resume.load_state() if resume is not None else None
     if saved is None:
-        dictionary = x[torch.randperm(n, generator=generator)[:atoms]].T.clone()  # init on data points
+        # Init on data points; contiguous, as a restored checkpoint is (the layout changes float sums).
+        dictionary = x[torch.randperm(n, generator=generator)[:atoms]].T.contiguous()
         stat_a = torch.zeros(atoms, atoms, dtype=x.dtype, device=x.device)
         stat_b = torch.zeros(d, atoms, dtype=x.dtype, device=x.device)
         unit, seen, order = 0, 0, None

