@@ -62,7 +62,8 @@ def read_documents(path: Path) -> Iterator[list[str]]:
                 try:
                     line = raw.decode("utf-8").strip()
                 except UnicodeDecodeError as err:
-                    raise StageError(f"{where}: not UTF-8 at byte {offset + err.start}") from None
+                    raise StageError(f"{where}: not UTF-8 at byte {offset + err.start} (a binary file, or text in "
+                                     f"another encoding?)") from None
                 offset += len(raw)
                 if line:
                     sentences.append(line)

@@ -6,8 +6,8 @@ accumulated, and each atom is updated by block-coordinate descent and renormalis
 Atoms no code uses are re-drawn from the worst-reconstructed states of the batch. The last
 `heldout_tokens` of the (shuffled) sample never enter training and give the held-out metrics.
 
-    python -m pipeline.dictionary --activations a.zarr --dictionary D.npy --metrics m.json \
-        --atoms atoms.json --params '{"atoms": 256, "lambda": 0.05, ...}'
+    python -m pipeline.dictionary --activations a.zarr --activations-manifest manifest.json --dictionary D.npy \
+        --metrics m.json --atoms atoms.json [--resume-dir state/] --params '{"atoms": 256, "lambda": 0.05, ...}'
 """
 
 from __future__ import annotations

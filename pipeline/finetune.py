@@ -5,7 +5,8 @@ columns and official metric) or as any train.tsv/dev.tsv with a header and confi
 reported `score` is the GLUE convention: the task's official metric, or the mean of its two metrics
 (MRPC/QQP: F1 and accuracy; STS-B: Pearson and Spearman), at the last epoch.
 
-    python -m pipeline.finetune --model students/mlsm/model --out scores.json \
+    python -m pipeline.finetune --model students/mlsm/model [--student-summary students/mlsm/summary.json] \
+        --out scores.json [--resume-dir state/] \
         --params '{"task": {"format": "glue", "path": "../shared/data/glue/RTE"}, "seed": 1, ...}'
 """
 

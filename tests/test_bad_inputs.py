@@ -1,0 +1,318 @@
+"""Bad-input matrix: each bad input fails its stage with exit status 1 and one message naming the culprit
+(file, key, line or byte offset), and leaves every previously valid output as it was.
+
+Stages run in-process through run_stage, the entry point of `python -m pipeline.<stage>`, on copies of
+valid outputs that the failing run would overwrite; config cases run through real Snakemake against the
+tiny DAG's finished results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import MINILM, save_tiny_teacher
+from pipeline import contract, corpus, dictionary, finetune, targets, teacher
+from pipeline.common import run_stage
+from pipeline.integrity import file_entries, write_record
+
+FINETUNE = {"seed": 1, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.01,
+            "warmup_fraction": 0.1, "max_seq_len": 32, "max_train_examples": 0, "device": "cpu"}
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def fails(module, args: list, caplog) -> str:
+    """Run a stage as its command line does; assert exit status 1; return the error it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="pipeline"), pytest.raises(SystemExit) as exit_info:
+        run_stage(module.main, [str(a) for a in args])
+    assert exit_info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def write_glue_wnli(directory: Path, train_labels=("0", "1") * 8, with_dev=True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{i}\tThe cat sat {i}.\tIt sat {i}.\t{label}\n" for i, label in enumerate(train_labels))
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    (directory / "train.tsv").write_text(header + rows)
+    if with_dev:
+        (directory / "dev.tsv").write_text(header + rows)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory, sharded_corpus, encoder_teacher) -> Path:
+    """Valid outputs of every stage a case feeds or overwrites."""
+    root = tmp_path_factory.mktemp("valid")
+    shards, manifest = sharded_corpus
+    shutil.copytree(Path(manifest).parent, root / "corpus")
+    teacher.extract([root / "corpus" / Path(s).name for s in shards], root / "corpus" / "manifest.json",
+                    str(root / "teacher" / "activations.zarr"), str(root / "teacher" / "manifest.json"),
+                    teacher_params(encoder_teacher))
+    dictionary.fit(str(root / "teacher" / "activations.zarr"), str(root / "teacher" / "manifest.json"),
+                   str(root / "dictionary" / "D.npy"), str(root / "dictionary" / "metrics.json"),
+                   str(root / "dictionary" / "atoms.json"), DICTIONARY)
+    save_tiny_teacher(root / "model", with_mlm_head=False)
+    write_glue_wnli(root / "glue" / "WNLI")
+    return root
+
+
+def teacher_params(source, **over):
+    return {"teacher": "t", "source": str(source), "layer": -1, "batch_size": 8, "sample_tokens": 300,
+            "sample_seed": 0, "tokenizer": MINILM, "device": "cpu", "trust_remote_code": False, **over}
+
+
+DICTIONARY = {"atoms": 16, "lambda": 0.05, "batch_size": 64, "epochs": 1, "heldout_tokens": 50, "code_iterations": 20,
+              "seed": 0, "browse_atoms": 3, "device": "cpu"}
+
+
+@pytest.fixture
+def work(tmp_path, valid) -> Path:
+    shutil.copytree(valid, tmp_path / "w")
+    return tmp_path / "w"
+
+
+def corpus_args(work: Path, inputs) -> list:
+    return ["--inputs", *inputs, "--shards", work / "corpus/shard-000.parquet", work / "corpus/shard-001.parquet",
+            "--manifest", work / "corpus/manifest.json", "--params",
+            json.dumps({"tokenizer": MINILM, "max_seq_len": 64, "seed": 0})]
+
+
+# ---- stage 1: text that is not a corpus ---------------------------------------------------------
+
+TEXT_CASES = {
+    "empty corpus": (b"\n\n   \n", r"empty\.txt'\] holds no text"),
+    "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, r"bad\.txt, line 1 \(byte 0\): not UTF-8 at byte 0 \(a binary file"),
+    "binary file with NUL bytes": (b"\x00\x01\x02" * 100, r"bad\.txt, line 1 \(byte 0\): NUL byte at byte 0; this is a binary file"),
+    "non-UTF-8 bytes in a line": (b"A fine sentence.\nA caf\xe9 sentence.\n", r"bad\.txt, line 2 \(byte 17\): not UTF-8 at byte 22"),
+    "one 10 MB line": (b"Ok.\n" + b"word " * 2_000_000 + b"\n", r"bad\.txt, line 2 \(byte 4\): longer than 1048576 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_CASES))
+def test_bad_corpus_text(case, work, caplog):
+    content, expected = TEXT_CASES[case]
+    path = work / ("empty.txt" if case == "empty corpus" else "bad.txt")
+    path.write_bytes(content)
+    before = snapshot(work / "corpus")
+    message = fails(corpus, corpus_args(work, [path]), caplog)
+    assert __import__("re").search(expected, message), message
+    assert snapshot(work / "corpus") == before
+
+
+# ---- stage 2: teachers ----------------------------------------------------------------------------
+
+def extract_args(work: Path, params: dict) -> list:
+    return ["--corpus-manifest", work / "corpus/manifest.json", "--corpus-shards", work / "corpus/shard-000.parquet",
+            work / "corpus/shard-001.parquet", "--out", work / "teacher/activations.zarr",
+            "--out-manifest", work / "teacher/manifest.json", "--params", json.dumps(params)]
+
+
+def test_teacher_path_that_does_not_exist(work, caplog):
+    before = snapshot(work / "teacher")
+    message = fails(teacher, extract_args(work, teacher_params(work / "no_such_teacher")), caplog)
+    assert "no_such_teacher" in message and "no such directory" in message
+    assert snapshot(work / "teacher") == before
+
+
+def test_nan_in_the_teacher_states(work, caplog, tmp_path):
+    import torch
+    from transformers import BertModel
+
+    broken = save_tiny_teacher(tmp_path / "nan_teacher", with_mlm_head=False)
+    model = BertModel.from_pretrained(broken)
+    with torch.no_grad():
+        model.encoder.layer[-1].output.dense.bias[3] = float("nan")
+    model.save_pretrained(broken)
+    before = snapshot(work / "teacher")
+    message = fails(teacher, extract_args(work, teacher_params(broken)), caplog)
+    assert "nan_teacher" in message and "non-finite hidden states (sampled token 0" in message
+    assert snapshot(work / "teacher") == before
+
+
+def test_truncated_parquet_shard(work, caplog, encoder_teacher):
+    shard = work / "corpus/shard-001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    before = snapshot(work / "teacher")
+    message = fails(teacher, extract_args(work, teacher_params(encoder_teacher)), caplog)
+    assert f"{shard} is truncated or altered" in message
+    assert snapshot(work / "teacher") == before
+
+
+# ---- stages 3 and 4: activations and dictionaries ---------------------------------------------------
+
+def dictionary_args(work: Path) -> list:
+    return ["--activations", work / "teacher/activations.zarr", "--activations-manifest", work / "teacher/manifest.json",
+            "--dictionary", work / "dictionary/D.npy", "--metrics", work / "dictionary/metrics.json",
+            "--atoms", work / "dictionary/atoms.json", "--params", json.dumps(DICTIONARY)]
+
+
+def test_zarr_store_missing_a_chunk(work, caplog):
+    chunk = next(p for p in sorted((work / "teacher/activations.zarr/states").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    before = snapshot(work / "dictionary")
+    message = fails(dictionary, dictionary_args(work), caplog)
+    assert f"{chunk} is missing" in message
+    assert snapshot(work / "dictionary") == before
+
+
+def test_nan_in_the_stored_states(work, caplog):
+    states = np.ones((400, 8), np.float16)
+    states[42, 3] = np.nan
+    shutil.rmtree(work / "teacher/activations.zarr")
+    teacher.write_store(str(work / "teacher/activations.zarr"), str(work / "teacher/manifest.json"),
+                        {"teacher": "t", "layer": -1, "tokenizer": MINILM}, states=states,
+                        token_ids=np.zeros(400, np.int32), seq_ids=np.zeros(400, np.int64), positions=np.zeros(400, np.int16))
+    before = snapshot(work / "dictionary")
+    message = fails(dictionary, dictionary_args(work), caplog)
+    assert "activations.zarr: non-finite state in row 42" in message
+    assert snapshot(work / "dictionary") == before
+
+
+def test_teacher_hidden_size_differs_from_the_dictionary(work, caplog, tmp_path):
+    other = save_tiny_teacher(tmp_path / "wide_teacher", with_mlm_head=False, hidden_size=48)
+    out = work / "targets/shard-000.parquet"
+    out.parent.mkdir()
+    out.write_bytes(b"a valid shard from an earlier run")
+    params = {**teacher_params(other), "lambda": 0.05, "top_k": 4, "max_iterations": 10, "tolerance": 0}
+    message = fails(targets, ["--corpus-shard", work / "corpus/shard-000.parquet", "--corpus-manifest",
+                              work / "corpus/manifest.json", "--dictionary", work / "dictionary/D.npy",
+                              "--dictionary-metrics", work / "dictionary/metrics.json", "--out", out,
+                              "--params", json.dumps(params)], caplog)
+    assert "D.npy has atoms of size 32 but teacher" in message and "hidden size 48" in message
+    assert out.read_bytes() == b"a valid shard from an earlier run"
+
+
+# ---- stage 6: tasks ---------------------------------------------------------------------------------
+
+def finetune_args(work: Path, task_dir: Path) -> list:
+    params = {**FINETUNE, "task": {"format": "glue", "path": str(task_dir)}}
+    return ["--model", work / "model", "--out", work / "scores.json", "--params", json.dumps(params)]
+
+
+def test_glue_directory_missing_dev_tsv(work, caplog):
+    task = write_glue_wnli(work / "glue_nodev" / "WNLI", with_dev=False)
+    write_record(work / "scores.json", {"score": 0.5})
+    before = snapshot(work)
+    message = fails(finetune, finetune_args(work, task), caplog)
+    assert f"{task / 'dev.tsv'} does not exist" in message
+    assert snapshot(work) == before
+
+
+def test_label_outside_the_task_label_set(work, caplog):
+    task = write_glue_wnli(work / "glue_bad" / "WNLI", train_labels=("0", "1", "1", "2", "0"))
+    before = snapshot(work)
+    message = fails(finetune, finetune_args(work, task), caplog)
+    assert f"{task / 'train.tsv'}, line 5: label '2' is not one of the task's labels ['0', '1']" in message
+    assert snapshot(work) == before
+
+
+# ---- a full disk ----------------------------------------------------------------------------------
+
+def mount_tmpfs(directory: Path, size_kb: int) -> bool:
+    directory.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(directory)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_fails_cleanly_and_a_rerun_after_freeing_space_completes(work, caplog, monkeypatch, corpus_text):
+    disk = work / "small_disk"
+    needed_kb = sum(p.stat().st_size for p in (work / "corpus").glob("*.parquet")) // 1024
+    mounted = mount_tmpfs(disk, max(8, needed_kb // 2))
+    try:
+        args = corpus_args(work, [corpus_text])
+        args[args.index("--shards") + 1 : args.index("--manifest") + 2] = [
+            disk / "shard-000.parquet", disk / "shard-001.parquet", "--manifest", disk / "manifest.json"]
+        if not mounted:  # no tmpfs without privileges: the same error, injected where arrow writes
+            import pyarrow.parquet as pq
+
+            real = pq.write_table
+
+            def full(*a, **k):
+                raise OSError(28, "No space left on device")
+            monkeypatch.setattr(pq, "write_table", full)
+        message = fails(corpus, args, caplog)
+        assert "no space left on the device while writing" in message and str(disk) in message
+        # No temporary and no manifest: a shard written before the disk filled is whole but unlisted,
+        # so nothing trusts it (under Snakemake, the failed job's outputs are removed too).
+        assert not [p for p in disk.iterdir() if p.name.startswith(".")] and not (disk / "manifest.json").exists()
+        for shard in disk.glob("*.parquet"):
+            corpus.read_shard(shard)
+        if mounted:  # free space: grow the file system
+            subprocess.run(["mount", "-o", f"remount,size={needed_kb * 4 + 64}k", str(disk)], check=True)
+        else:
+            monkeypatch.setattr(pq, "write_table", real)
+        run_stage(corpus.main, [str(a) for a in args])
+        assert snapshot(disk) and (disk / "manifest.json").exists()
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
+# ---- the config: validated before any job, nothing touched -----------------------------------------
+
+CONFIG_CASES = {
+    "wrong type": (("corpus", "max_seq_len"), "long", "corpus.max_seq_len"),
+    "negative size": (("corpus", "shards"), -2, "corpus.shards"),
+    "unknown key": (("dictionary", "atomz"), 8, "dictionary.atomz': unknown key"),
+    "unknown objective": (("students", "mlm", "objective"), "mlx", "students.mlm.objective"),
+    "K = 0": (("dictionary", "atoms"), 0, "dictionary.atoms"),
+    "lambda < 0": (("dictionary", "lambda"), -0.1, "dictionary.lambda"),
+    "top-k > K": (("targets", "top_k"), 100, "targets.top_k': 100 is larger than dictionary.atoms"),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_fails_before_any_job(case, workflow_run, tmp_path):
+    from test_workflow import snakemake
+
+    workdir, _, config = workflow_run
+    keys, value, expected = CONFIG_CASES[case]
+    bad = json.loads(json.dumps(config))
+    node = bad
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    configfile = tmp_path / "bad.yaml"
+    configfile.write_text(yaml.safe_dump(bad))
+    before = snapshot(workdir / "results")
+    result = snakemake(workdir, configfile)
+    assert result.returncode == 1
+    assert expected in result.stdout + result.stderr, result.stderr[-2000:]
+    assert snapshot(workdir / "results") == before
+
+
+def test_records_and_manifests_name_what_is_wrong(tmp_path):
+    """The helpers under every case above: a truncated or edited record, an altered listed file."""
+    from pipeline.common import StageError
+    from pipeline.integrity import read_record, read_verified
+
+    (tmp_path / "data.bin").write_bytes(b"x" * 100)
+    write_record(tmp_path / "manifest.json", {"files": file_entries(tmp_path, [tmp_path / "data.bin"])})
+    read_verified(tmp_path / "manifest.json", [tmp_path / "data.bin"])
+    (tmp_path / "data.bin").write_bytes(b"y" * 100)
+    with pytest.raises(StageError, match="data.bin is corrupt: its sha256 differs"):
+        read_verified(tmp_path / "manifest.json", [tmp_path / "data.bin"])
+    text = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(text.replace('"bytes": 100', '"bytes": 101'))
+    with pytest.raises(StageError, match="manifest.json was modified after it was written"):
+        read_record(tmp_path / "manifest.json")
+    (tmp_path / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(StageError, match="manifest.json is truncated or not JSON"):
+        read_record(tmp_path / "manifest.json")
+    assert contract.CORPUS_MANIFEST.endswith("manifest.json")
