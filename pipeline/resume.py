@@ -81,11 +81,15 @@ class Resume:
         units: dict[int, dict[str, np.ndarray]] = {}
         if self.directory is None:
             return units
-        for path in sorted(self.directory.glob("part-*.safetensors")):
-            for name, array in load_file(path).items():
-                unit, field = name.split("/", 1)
-                units.setdefault(int(unit), {})[field] = array
-            self.parts_written += 1
+        try:
+            for path in sorted(self.directory.glob("part-*.safetensors")):
+                for name, array in load_file(path).items():
+                    unit, field = name.split("/", 1)
+                    units.setdefault(int(unit), {})[field] = array
+                self.parts_written += 1
+        except Exception as err:  # unreadable state is only lost work, never a wrong result
+            self._discard(err)
+            units, self.parts_written = {}, 0
         if units:
             self.journal("resume", completed=len(units))
             log.info("resuming: %d units done by an earlier attempt (%s)", len(units), self.directory)
@@ -118,9 +122,14 @@ class Resume:
         if path is None or not path.exists():
             self.journal("start")
             return None
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["meta"])
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads(fh.metadata()["meta"])
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        except Exception as err:  # unreadable state is only lost work, never a wrong result
+            self._discard(err)
+            self.journal("start")
+            return None
         self.journal("resume", completed=meta["unit"])
         log.info("resuming after unit %d from %s", meta["unit"], path)
         return meta, tensors
@@ -148,6 +157,12 @@ class Resume:
             return
         self._clear()
         self.journal("done")
+
+    def _discard(self, err: Exception) -> None:
+        log.warning("resumable state in %s is unreadable (%s); starting over", self.directory, err)
+        if self.writer:
+            self._clear()
+            self.journal("discard", reason=f"unreadable: {err}"[:300])
 
     def _clear(self) -> None:
         for item in self.directory.iterdir():

@@ -260,7 +260,8 @@ def test_full_disk_fails_cleanly_and_a_rerun_after_freeing_space_completes(work,
         assert snapshot(disk) and (disk / "manifest.json").exists()
     finally:
         if mounted:
-            subprocess.run(["umount", str(disk)], check=False)
+            # Lazy: arrow may still hold a file of it open; the mount goes once that is closed.
+            subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 # ---- the config: validated before any job, nothing touched -----------------------------------------
