@@ -138,11 +138,15 @@ def test_torchrun_data_parallel_training_on_two_cpu_processes(tmp_path, sharded_
     command = shlex.split(torchrun_command(2)) + [
         "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,
         "--corpus-manifest", manifest, "--out-model", str(tmp_path / "model"), "--summary", str(tmp_path / "s.json"),
-        "--params", json.dumps(params)]
-    result = subprocess.run(command, capture_output=True, text=True, env=venv_env(OMP_NUM_THREADS="1"), timeout=300)
+        "--resume-dir", str(tmp_path / "state"), "--params", json.dumps(params)]
+    # Checkpoints after every update: the collective save (every rank's random states) runs too.
+    env = venv_env(OMP_NUM_THREADS="1", MLSM_CHECKPOINT_SECONDS="0")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = read_record(tmp_path / "s.json")
     assert summary["world_size"] == 2
     assert summary["tokens_seen"] > 1.5 * single["tokens_seen"]  # each rank took its own rows
     assert AutoModel.from_pretrained(tmp_path / "model").config.hidden_size == 128
     assert len(list(tmp_path.glob(".model.*"))) == 0  # no temporary left behind
+    journal = [json.loads(line)["event"] for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]
+    assert journal == ["start", "checkpoint", "checkpoint", "done"]  # 3 updates: saved after the first two
