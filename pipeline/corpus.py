@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from . import contract
 from .common import StageError, load_tokenizer, log, parser, run_stage, tokenizer_fingerprint
-from .integrity import atomic_output, file_entries, read_verified, write_record
+from .integrity import atomic_output, file_entries, write_record
 
 MAX_LINE_BYTES = 1 << 20  # a "sentence" longer than 1 MiB is a broken file, not text
 
@@ -160,11 +160,6 @@ def read_parquet(path: str | Path, schema: pa.Schema, what: str) -> pa.Table:
     if not table.schema.remove_metadata().equals(schema):
         raise StageError(f"{what} {path} does not have the {what} schema")
     return table
-
-
-def read_manifest(manifest_path: str | Path, shard_paths=()) -> dict:
-    """The corpus manifest, with the given shards verified against its checksums."""
-    return read_verified(manifest_path, shard_paths)
 
 
 def read_shard(path: str | Path) -> pa.Table:

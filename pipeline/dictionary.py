@@ -133,7 +133,8 @@ def browse_atoms(codes: torch.Tensor, token_ids: np.ndarray, tokenizer, n_atoms:
 def fit(activations: str, activations_manifest: str, dictionary_path: str, metrics_path: str, atoms_path: str,
         params: dict, resume_dir: str | None = None) -> dict:
     set_cpu_threads()
-    attrs, arrays = read_store(activations, activations_manifest)
+    store_record = read_verified(activations_manifest, [activations])
+    attrs, arrays = read_store(activations)
     states = arrays["states"].astype(np.float32)
     if not np.isfinite(states).all():
         bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
@@ -144,7 +145,7 @@ def fit(activations: str, activations_manifest: str, dictionary_path: str, metri
     x = l2_normalise(torch.from_numpy(states)[order].to(device))
     n_heldout = params["heldout_tokens"]
     train, heldout = x[:-n_heldout], x[-n_heldout:]
-    resume = Resume(resume_dir, {"params": params, "activations": attrs_checksum(activations_manifest)})
+    resume = Resume(resume_dir, {"params": params, "activations": store_record[CHECKSUM_KEY]})
     dictionary = learn(train, params["atoms"], params["lambda"], params["batch_size"], params["epochs"],
                        params["code_iterations"], generator, resume)
     metrics, codes = evaluate(heldout, dictionary, params["lambda"])
@@ -166,14 +167,8 @@ def fit(activations: str, activations_manifest: str, dictionary_path: str, metri
     return metrics
 
 
-def attrs_checksum(manifest_path: str) -> str:
-    return read_verified(manifest_path)[CHECKSUM_KEY]
-
-
-def load_dictionary(path: str, metrics_path: str | None = None) -> np.ndarray:
-    """The dictionary [d, K]; with the stage's metrics record, verified against its checksum first."""
-    if metrics_path is not None:
-        read_verified(metrics_path, [path])
+def load_dictionary(path: str) -> np.ndarray:
+    """The dictionary [d, K] (verify it against the stage's metrics record first)."""
     try:
         dictionary = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:

@@ -116,8 +116,7 @@ def write_record(path: str | Path, obj: dict) -> None:
     """Write a JSON record with the checksum of its content."""
     body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
     body[CHECKSUM_KEY] = hashlib.sha256(_canonical(body)).hexdigest()
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_json(path, body)
 
 
 def read_record(path: str | Path) -> dict:

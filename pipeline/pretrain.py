@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import contract
 from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
                      seed_everything, set_cpu_threads)
-from .corpus import read_manifest, read_shard
+from .corpus import read_shard
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
 from .resume import Resume, load_model_and_optimizer, model_and_optimizer_tensors
 from .targets import read_targets
@@ -59,9 +59,9 @@ class PretrainData:
         tables = [read_shard(p) for p in corpus_shards]
         self.input_ids = [np.asarray(s, np.int64) for t in tables for s in t["input_ids"].to_pylist()]
         self.type_ids = [np.asarray(s, np.int64) for t in tables for s in t["token_type_ids"].to_pylist()]
-        self.atom_ids = self.weights = None
+        self.atom_ids = self.weights = self.target_record = None
         if target_shards:
-            read_verified(target_manifest, target_shards)
+            self.target_record = read_verified(target_manifest, target_shards)
             targets = [read_targets(p) for p in target_shards]
             corpus_ids = np.concatenate([t["seq_id"].to_numpy() for t in tables])
             target_ids = np.concatenate([t["seq_id"].to_numpy() for t in targets])
@@ -361,7 +361,7 @@ def _checkpoint_due(resume: Resume, world: int) -> bool:
 
 
 def _train(rank, world, device, paths: Paths, params):
-    manifest = read_manifest(paths.corpus_manifest, paths.corpus_shards)
+    manifest = read_verified(paths.corpus_manifest, paths.corpus_shards)
     tokenizer = load_tokenizer(manifest["tokenizer"])
     objective = params["objective"]
     uses_targets = objective in USES_MLSM
@@ -393,7 +393,7 @@ def _train(rank, world, device, paths: Paths, params):
     state = TrainingState(model, optimizer, scheduler, generator, rng, rng.permutation(len(data)), rank, world)
 
     key = {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
-           "targets": read_verified(paths.target_manifest)[CHECKSUM_KEY] if uses_targets else None}
+           "targets": data.target_record[CHECKSUM_KEY] if uses_targets else None}
     resume = Resume(paths.resume_dir, key, writer=rank == 0)
     if world > 1:
         dist.barrier()  # rank 0 has discarded stale state before anyone reads it

@@ -21,7 +21,7 @@ import torch
 
 from . import contract
 from .common import StageError, log, parser, pick_device, run_stage, set_cpu_threads
-from .corpus import read_manifest, read_parquet, read_shard, write_parquet
+from .corpus import read_parquet, read_shard, write_parquet
 from .dictionary import load_dictionary
 from .integrity import CHECKSUM_KEY, file_entries, read_verified, write_record
 from .lasso import fista, l2_normalise, lipschitz
@@ -45,7 +45,7 @@ def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, metrics
             resume_dir: str | None = None) -> dict:
     set_cpu_threads()
     device = pick_device(params.get("device", "auto"))
-    manifest = read_manifest(manifest_path, [corpus_shard])
+    manifest = read_verified(manifest_path, [corpus_shard])
     dictionary_record = read_verified(metrics_path, [dictionary_path])
     encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
     dictionary = torch.from_numpy(load_dictionary(dictionary_path)).float().to(device)

@@ -21,7 +21,7 @@ import torch
 from . import contract
 from .common import (StageError, log, parser, pick_device, resolve_model_source, run_stage, set_cpu_threads,
                      tokenizer_fingerprint)
-from .corpus import read_manifest, read_shard
+from .corpus import read_shard
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_record
 from .resume import Resume
 
@@ -110,7 +110,7 @@ def special_mask(input_ids: np.ndarray, special_ids: set[int]) -> np.ndarray:
 def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: str, params: dict,
             resume_dir: str | None = None) -> None:
     set_cpu_threads()
-    manifest = read_manifest(manifest_path, shard_paths)
+    manifest = read_verified(manifest_path, shard_paths)
     device = pick_device(params.get("device", "auto"))
     encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
     tables = [read_shard(p) for p in shard_paths]
@@ -191,12 +191,10 @@ def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> N
     write_record(manifest, {**attrs, "files": file_entries(Path(manifest).parent, [out])})
 
 
-def read_store(path: str | Path, manifest_path: str | Path | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """The arrays of an activation store; with its manifest, every chunk is verified first."""
+def read_store(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The attributes and arrays of an activation store (verify it against its manifest first)."""
     import zarr
 
-    if manifest_path is not None:
-        read_verified(manifest_path, [path])
     try:
         group = zarr.open_group(str(path), mode="r")
         arrays = {name: group[name][...] for name in contract.ACTIVATION_ARRAYS}

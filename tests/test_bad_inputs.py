@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -110,7 +111,7 @@ def test_bad_corpus_text(case, work, caplog):
     path.write_bytes(content)
     before = snapshot(work / "corpus")
     message = fails(corpus, corpus_args(work, [path]), caplog)
-    assert __import__("re").search(expected, message), message
+    assert re.search(expected, message), message
     assert snapshot(work / "corpus") == before
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.common import StageError
+from pipeline.integrity import read_verified
 from pipeline.teacher import extract, load_encoder, read_store
 
 from conftest import MINILM, save_tiny_teacher
@@ -20,7 +21,8 @@ def test_store_holds_the_chosen_layer_of_sampled_tokens(tmp_path, sharded_corpus
     shards, manifest = sharded_corpus
     out = tmp_path / "a.zarr"
     extract(shards, manifest, str(out), str(tmp_path / "a.json"), params(encoder_teacher, layer=-2))
-    attrs, arrays = read_store(out, tmp_path / "a.json")
+    read_verified(tmp_path / "a.json", [out])
+    attrs, arrays = read_store(out)
     assert arrays["states"].shape == (500, 32) and arrays["states"].dtype == np.float16
     assert attrs["layer"] == -2 and attrs["hidden_layer_index"] == 2 and attrs["source"] == str(encoder_teacher)
 
