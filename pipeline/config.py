@@ -19,6 +19,8 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 OBJECTIVES_NEEDING_TARGETS = {"mlsm", "mlsm+mlm"}
 OBJECTIVES_NEEDING_TEACHER = OBJECTIVES_NEEDING_TARGETS | {"kd"}
+TRAINED_TOKENIZER = "train"  # corpus.tokenizer: the train_tokenizer stage's output
+AUXILIARY_TEACHER = "auxiliary"  # teachers.<name>.source: pre-trained by the pipeline (pretrain_teacher)
 
 
 class ConfigError(ValueError):
@@ -119,6 +121,12 @@ def _check_cross_keys(config: dict) -> None:
             elif teacher not in config["teachers"]:
                 known = ", ".join(config["teachers"]) or "none defined"
                 problems.append(f"config key 'students.{name}.teacher': unknown teacher '{teacher}' (teachers: {known})")
+    if config["corpus"]["tokenizer"] == TRAINED_TOKENIZER:
+        used = {s.get("teacher") for s in config["students"].values() if s["objective"] in OBJECTIVES_NEEDING_TEACHER}
+        for name in sorted(used & set(config["teachers"])):
+            if config["teachers"][name]["source"] != AUXILIARY_TEACHER:
+                problems.append(f"config key 'teachers.{name}.source': with corpus.tokenizer '{TRAINED_TOKENIZER}' "
+                                f"a teacher must be '{AUXILIARY_TEACHER}' (a pre-trained teacher has its own vocabulary)")
     atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
     if top_k > atoms:
         problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")

@@ -24,8 +24,9 @@ import pyarrow as pa
 
 FORMAT_VERSION = {
     "demo_data": 2,
-    "corpus": 2,
-    "activations": 2,
+    "tokenizer": 1,
+    "corpus": 3,
+    "activations": 3,
     "dictionary": 2,
     "targets": 2,
     "pretrain": 2,
@@ -37,6 +38,12 @@ FORMAT_VERSION = {
 BBC_DIR = "resources/bbc_news"
 CORPUS_SHARD = "corpus/shard-{shard}.parquet"  # shard: a 3-digit index, see shard_names()
 CORPUS_MANIFEST = "corpus/manifest.json"
+CORPUS_VALIDATION = "corpus/validation.parquet"
+CORPUS_TOKEN_COUNTS = "corpus/token_counts.npy"
+TOKENIZER = "tokenizer/model"  # written by the optional train_tokenizer stage
+TOKENIZER_MANIFEST = "tokenizer/manifest.json"
+AUXILIARY_TEACHER = "teachers/{teacher}/auxiliary/model"  # an auxiliary teacher pre-trained by the pipeline
+AUXILIARY_SUMMARY = "teachers/{teacher}/auxiliary/summary.json"
 ACTIVATIONS = "teachers/{teacher}/activations.zarr"
 ACTIVATIONS_MANIFEST = "teachers/{teacher}/manifest.json"
 DICTIONARY = "dictionaries/{teacher}/dictionary.npy"
@@ -66,18 +73,29 @@ def shard_names(count: int) -> list[str]:
 # articles) from task-train articles only; topic/{train,dev}.tsv: header `text<TAB>label`;
 # manifest.json: article counts per split.
 
+# ---- optional stage train_tokenizer -------------------------------------------------------------
+# tokenizer/model/: a fast tokenizer (save_pretrained; AutoTokenizer loads it) with [PAD] [UNK] [CLS]
+# [SEP] [MASK] as ids 0-4. tokenizer/manifest.json: params, vocab_size, sentences, files, checksum.
+# With corpus.tokenizer "train", the corpus (and every model trained on it) uses this tokenizer.
+
 # ---- stage 1, shard_corpus: one row per packed sequence -----------------------------------------
-# input_ids hold [CLS] A [SEP] B [SEP] (B may be empty: [CLS] A [SEP]); token_type_ids are 0 on
-# [CLS] A [SEP] and 1 on B [SEP]. No padding is stored. Shards are written in seq_id order.
+# sentence_pairs packing: input_ids hold [CLS] A [SEP] B [SEP] (B may be empty: [CLS] A [SEP]);
+# token_type_ids are 0 on [CLS] A [SEP] and 1 on B [SEP]. contiguous packing: [CLS] tokens [SEP] with
+# a [SEP] between documents, token_type_ids all 0. No padding is stored. Shards are written in seq_id
+# order, in row groups of ROW_GROUP_ROWS sequences (pipeline/corpus.py), so readers can stream them.
 CORPUS_SCHEMA = pa.schema([
-    ("seq_id", pa.int64()),        # global, dense, 0..N-1 across all shards
-    ("doc_id", pa.int64()),        # index of the source document in input order
+    ("seq_id", pa.int64()),        # global, dense: 0..N-1 across the shards, then N.. in validation
+    ("doc_id", pa.int64()),        # index of the (first) source document in input order
     ("input_ids", pa.list_(pa.int32())),
     ("token_type_ids", pa.list_(pa.int8())),
 ])
-# corpus/manifest.json: documents, sentences, sequences, tokens, inputs, tokenizer (its config source),
-# tokenizer_fingerprint (hash of the vocabulary; teachers must match it), vocab_size, params,
-# shards [{path, sequences}], files, checksum.
+# validation.parquet: the held-out documents' sequences, same schema (possibly no rows).
+# token_counts.npy: int64 [vocab_size], how often each id occurs in the training shards.
+# corpus/manifest.json: documents (training), sentences, sequences and tokens (training shards),
+# validation {documents, sequences, tokens, path}, skipped {empty_documents, and per reason what
+# bad_input: skip dropped}, inputs, tokenizer (its config source), tokenizer_fingerprint (hash of the
+# vocabulary; teachers must match it), vocab_size, params, shards [{path, sequences, tokens}], files,
+# checksum.
 
 # ---- stage 2, extract_activations: zarr store (N sampled non-special tokens) --------------------
 # states float16 [N, d] (raw hidden states, not normalised); token_ids int32 [N];

@@ -8,6 +8,8 @@ last checkpoint and its output equals that of an uninterrupted run. Two kinds of
 
 - parts (extraction, targets): each unit's results, appended in part files; a rerun skips those units.
 - state (dictionary, pre-training, fine-tuning): the whole training state, replaced at each checkpoint.
+- progress (extraction): the output grows in a work directory here; a small record says how much of
+  it is final (after each shard), and a rerun cuts anything written beyond that and goes on.
 
 The state is tied to a key (the stage's params and its inputs' checksums): other params or inputs
 discard it. journal.jsonl logs start, resume, checkpoint, discard and done events, and outlives the
@@ -16,16 +18,19 @@ checkpoints, which are deleted when the stage has written its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .common import fingerprint, log
-from .integrity import atomic_output
+from .integrity import atomic_output, fsync_tree
 
 INTERVAL_VARIABLE, DEFAULT_INTERVAL_SECONDS = "MLSM_CHECKPOINT_SECONDS", 300.0
 
@@ -146,6 +151,46 @@ class Resume:
             seen.add(tensor.untyped_storage().data_ptr())
         with atomic_output(self.directory / "state.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, "unit": unit})})
+        self.journal("checkpoint", unit=unit)
+        self.last_save = time.monotonic()
+
+    # ---- progress: an output growing in the work directory ----
+
+    @contextlib.contextmanager
+    def work_directory(self, fallback_parent: Path) -> Iterator[Path]:
+        """Where the growing output lives: kept here across attempts, or a temporary directory without state."""
+        if self.directory is None:
+            fallback_parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".work.", dir=fallback_parent) as tmp:
+                yield Path(tmp)
+            return
+        work = self.directory / "work"
+        work.mkdir(exist_ok=True)
+        yield work
+
+    def load_progress(self) -> dict | None:
+        path = None if self.directory is None else self.directory / "progress.json"
+        if path is None or not path.exists():
+            self.journal("start")
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            unit = meta["unit"]
+        except (ValueError, KeyError) as err:  # unreadable state is only lost work, never a wrong result
+            self._discard(err)
+            self.journal("start")
+            return None
+        self.journal("resume", completed=unit)
+        log.info("resuming after unit %d from %s", unit, self.directory)
+        return meta
+
+    def save_progress(self, unit: int, meta: dict, data: Path) -> None:
+        """Record that `unit` units of the growing output under `data` are final (after flushing it to disk)."""
+        if self.directory is None:
+            return
+        fsync_tree(data)
+        with atomic_output(self.directory / "progress.json") as tmp:
+            tmp.write_text(json.dumps({**meta, "unit": unit}))
         self.journal("checkpoint", unit=unit)
         self.last_save = time.monotonic()
 

