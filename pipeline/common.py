@@ -109,8 +109,8 @@ def resolve_model_source(source: str) -> str:
         return str(path)
     path = Path(source).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise StageError(f"model source {source!r}: directory has no config.json")
+        if not any((path / name).exists() for name in ("config.json", "tokenizer_config.json")):
+            raise StageError(f"model source {source!r}: directory has no config.json (nor tokenizer_config.json)")
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise StageError(f"model source {source!r}: no such directory")

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from . import contract
 from .common import StageError, load_tokenizer, log, parser, run_stage, tokenizer_fingerprint
-from .integrity import atomic_output, disk_full_error, file_entries, write_record
+from .integrity import atomic_output, disk_full_error, file_entries, read_verified, write_record
 
 CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
 ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
@@ -379,6 +379,13 @@ def _worker_pack(chunk: Chunk) -> dict:
     return _WORKER_PACKER(chunk)
 
 
+def _pool(workers: int, params: dict):
+    # fork starts at once with the modules already imported; the tokenizer's own thread pool is never
+    # used in this process (TOKENIZERS_PARALLELISM=false), so forking it is safe.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, _worker_init, (params,))
+
+
 def packed_chunks(chunks: Iterator[Chunk], params: dict, pool, workers: int) -> Iterator[dict]:
     """Packed chunks in chunk order; with a pool, a bounded number in flight (memory stays flat)."""
     if pool is None:
@@ -449,7 +456,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
             if sum(f.stat().st_size for f in files) < 2 * CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
                 workers = 1  # starting processes would cost more than they save
-            pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (params,)) if workers > 1 else None
+            pool = _pool(workers, params) if workers > 1 else None
             try:
                 totals, token_counts = _spill(read_chunks(files, params, skipped), spills, params, pool, workers,
                                               len(tokenizer))
@@ -562,7 +569,10 @@ def main(argv=None) -> None:
     p.add_argument("--token-counts", required=True, help="output .npy: training-token frequency per vocabulary id")
     p.add_argument("--manifest", required=True)
     p.add_argument("--workers", type=int, default=1, help="processes (changes speed, never the output)")
+    p.add_argument("--tokenizer-manifest", help="the record of a tokenizer trained by train_tokenizer, to verify it")
     args = p.parse_args(argv)
+    if args.tokenizer_manifest:
+        read_verified(args.tokenizer_manifest, [args.params["tokenizer"]])
     shard(input_files(args.inputs), args.shards, args.manifest, args.params, args.validation, args.token_counts,
           max(1, args.workers))
 

@@ -37,7 +37,7 @@ from .corpus import iter_shard, read_token_counts
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
 from .resume import Resume
 
-READ_ROWS = 1024  # sequences read from a shard at a time: bounds the memory of the sampled states
+READ_BATCHES = 8  # teacher batches read from a shard at a time: the unit of work, which bounds memory
 CHUNK_ROWS = 16384  # rows per zarr chunk of the store: large sequential reads for the dictionary stage
 
 
@@ -223,16 +223,27 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
     targets = shard_quotas([by_name[Path(p).name] for p in shard_paths], params["sample_tokens"])
 
     resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY]})
-    progress = resume.load_progress() or {"unit": 0, "rows": 0}
+    progress = resume.load_progress() or {"unit": 0, "shard": 0, "batch": 0, "rows": 0, "rng": None}
     with resume.work_directory(Path(out).parent) as work:
         store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
                                 min(CHUNK_ROWS, params["sample_tokens"]), progress["rows"])
-        for index in range(progress["unit"], len(shard_paths)):
+        unit = progress["unit"]
+        for index in range(progress["shard"], len(shard_paths)):
             rng = np.random.default_rng([params["sample_seed"], index])
-            quota = int(targets[index]) - store.rows
-            started = time.monotonic()
-            processed = extract_shard(encoder, shard_paths[index], store, keep, rng, quota, params)
-            resume.save_progress(index + 1, {"rows": store.rows}, store.path)
+            first = 0
+            if index == progress["shard"] and progress["rng"] is not None:  # resume inside this shard
+                rng.bit_generator.state, first = progress["rng"], progress["batch"]
+            started, processed = time.monotonic(), 0
+            for number, batch in enumerate(iter_shard(shard_paths[index], READ_BATCHES * params["batch_size"])):
+                quota = int(targets[index]) - store.rows
+                if number < first or quota <= 0:
+                    continue
+                processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
+                unit += 1
+                if resume.due():
+                    resume.save_progress(unit, {"shard": index, "batch": number + 1, "rows": store.rows,
+                                                "rng": rng.bit_generator.state}, store.path)
+            resume.save_progress(unit, {"shard": index + 1, "batch": 0, "rows": store.rows, "rng": None}, store.path)
             log.info("shard %s: %d sampled tokens so far, teacher ran on %d tokens (%.0f tokens/s)",
                      shard_paths[index], store.rows, processed, processed / max(1e-9, time.monotonic() - started))
         if store.rows < params["sample_tokens"]:
@@ -255,40 +266,34 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
              encoder.hidden_size)
 
 
-def extract_shard(encoder: TeacherEncoder, shard_path: str, store: ActivationStore, keep: np.ndarray, rng,
-                  quota: int, params: dict) -> int:
-    """Append one shard's sampled states to the store; return how many tokens the teacher ran on."""
-    processed = 0
-    for batch in iter_shard(shard_path, READ_ROWS):
-        if quota <= 0:
-            break
-        rows, positions = sample_positions(batch, keep, rng, quota, params["positions_per_sequence"])
-        if not len(rows):
-            continue
-        quota -= len(rows)
-        ids, types = batch.column("input_ids"), batch.column("token_type_ids")
-        needed = np.unique(rows)
-        states = np.empty((len(rows), encoder.hidden_size), dtype=np.float16)
-        lengths = np.diff(ids.offsets.to_numpy())[needed]
-        slot_of = np.full(len(batch), -1)
-        for group in length_batches(lengths, params["batch_size"]):
-            seqs = needed[group]
-            slot_of[seqs] = np.arange(len(seqs))
-            where = np.flatnonzero(slot_of[rows] >= 0)
-            states[where] = encoder.gather(padded(ids, seqs, encoder.pad_id), padded(types, seqs, 0), lengths[group],
-                                           slot_of[rows[where]], positions[where])
-            slot_of[seqs] = -1
-            processed += int(lengths[group].sum())
-        if not np.isfinite(states).all():
-            bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
-            raise StageError(f"teacher {params['source']!r} produced non-finite hidden states (sequence "
-                             f"{batch.column('seq_id')[int(rows[bad])].as_py()} of {shard_path}); check the "
-                             f"teacher's weights")
-        flat = ids.values.to_numpy()
-        starts = ids.offsets.to_numpy()[rows]
-        store.append(states=states, token_ids=flat[starts + positions], seq_ids=batch.column("seq_id").to_numpy()[rows],
-                     positions=positions)
-    return processed
+def extract_batch(encoder: TeacherEncoder, batch, store: ActivationStore, keep: np.ndarray, rng, quota: int,
+                  params: dict, shard_path: str) -> int:
+    """Append the sampled states of one record batch of a shard; return how many tokens the teacher ran on."""
+    rows, positions = sample_positions(batch, keep, rng, quota, params["positions_per_sequence"])
+    if not len(rows):
+        return 0
+    ids, types = batch.column("input_ids"), batch.column("token_type_ids")
+    needed = np.unique(rows)
+    states = np.empty((len(rows), encoder.hidden_size), dtype=np.float16)
+    lengths = np.diff(ids.offsets.to_numpy())[needed]
+    slot_of = np.full(len(batch), -1)
+    for group in length_batches(lengths, params["batch_size"]):
+        seqs = needed[group]
+        slot_of[seqs] = np.arange(len(seqs))
+        where = np.flatnonzero(slot_of[rows] >= 0)
+        states[where] = encoder.gather(padded(ids, seqs, encoder.pad_id), padded(types, seqs, 0), lengths[group],
+                                       slot_of[rows[where]], positions[where])
+        slot_of[seqs] = -1
+    if not np.isfinite(states).all():
+        bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
+        raise StageError(f"teacher {params['source']!r} produced non-finite hidden states (sequence "
+                         f"{batch.column('seq_id')[int(rows[bad])].as_py()} of {shard_path}); check the "
+                         f"teacher's weights")
+    flat = ids.values.to_numpy()
+    starts = ids.offsets.to_numpy()[rows]
+    store.append(states=states, token_ids=flat[starts + positions], seq_ids=batch.column("seq_id").to_numpy()[rows],
+                 positions=positions)
+    return int(lengths.sum())
 
 
 def padded(column, rows: np.ndarray, pad: int) -> np.ndarray:

@@ -1,5 +1,8 @@
 """Stage 2: activations of the chosen layer in a zarr store."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +83,59 @@ def test_vocabulary_mismatch_is_refused(tmp_path, sharded_corpus):
 def test_real_minilm_teacher_loads_offline():
     encoder = load_encoder(MINILM, -1, torch.device("cpu"))
     assert encoder.hidden_size == 384 and len(encoder.model.encoder.layer) == 6
+
+
+def test_an_interrupted_extraction_resumes_to_the_same_store(tmp_path, sharded_corpus, encoder_teacher, monkeypatch):
+    from pipeline import teacher
+    from pipeline.integrity import sha256_file
+
+    shards, manifest = sharded_corpus
+    p = params(encoder_teacher, batch_size=2, sample_tokens=800, positions_per_sequence=5)
+    extract(shards, manifest, str(tmp_path / "ref.zarr"), str(tmp_path / "ref.json"), p)
+
+    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
+    real, calls = teacher.extract_batch, []
+
+    def dies_on_the_fourth_unit(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as a kill would, between the 3rd checkpoint and the 4th
+        return real(*args)
+    monkeypatch.setattr(teacher, "extract_batch", dies_on_the_fourth_unit)
+    out, state = tmp_path / "a.zarr", tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        extract(shards, manifest, str(out), str(tmp_path / "a.json"), p, str(state))
+    assert not out.exists() and (state / "work" / "activations.zarr").is_dir()
+    monkeypatch.setattr(teacher, "extract_batch", real)
+    extract(shards, manifest, str(out), str(tmp_path / "a.json"), p, str(state))
+
+    events = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
+    assert [e.get("completed") for e in events if e["event"] == "resume"] == [3]  # not from the start
+    assert events[-1]["event"] == "done"
+    _, ref = read_store(tmp_path / "ref.zarr")
+    _, got = read_store(out)
+    for name in ref:
+        assert np.array_equal(ref[name], got[name]), name
+    assert not (state / "work").exists()
+
+
+def test_frequency_subsampling_and_the_per_sequence_cap(tmp_path, sharded_corpus, encoder_teacher):
+    shards, manifest = sharded_corpus
+    counts = str(Path(manifest).parent / "token_counts.npy")
+    frequency = np.load(counts) / np.load(counts).sum()
+    stores = {}
+    for rule in ("none", "w2v", "drop"):
+        out = tmp_path / f"{rule}.zarr"
+        extract(shards, manifest, str(out), str(tmp_path / f"{rule}.json"),
+                params(encoder_teacher, subsample=rule, subsample_threshold=1e-3), token_counts_path=counts)
+        stores[rule] = read_store(out)[1]["token_ids"]
+    share = {rule: (frequency[ids] > 1e-3).mean() for rule, ids in stores.items()}
+    assert share["drop"] == 0 and 0 < share["w2v"] < share["none"]  # frequent subwords sampled less
+    capped = tmp_path / "capped.zarr"
+    extract(shards, manifest, str(capped), str(tmp_path / "capped.json"), params(encoder_teacher, positions_per_sequence=3))
+    attrs, arrays = read_store(capped)
+    _, per_sequence = np.unique(arrays["seq_ids"], return_counts=True)
+    assert per_sequence.max() <= 3 and len(per_sequence) >= 500 / 3
+    assert attrs["sampling"]["positions_per_sequence"] == 3 and attrs["model_fingerprint"]
+    with pytest.raises(StageError, match="needs the corpus token counts"):
+        extract(shards, manifest, str(tmp_path / "x.zarr"), str(tmp_path / "x.json"), params(encoder_teacher, subsample="w2v"))

@@ -154,6 +154,21 @@ def test_changing_the_dictionary_reruns_only_mlsm_students(workflow_run):
 
 
 @pytest.mark.e2e
+def test_sampling_reruns_from_extraction_and_threads_rerun_nothing(workflow_run):
+    workdir, _, config = workflow_run
+    changed = json.loads(json.dumps(config))
+    changed["activations"]["subsample"] = "w2v"
+    other = workdir / "subsample.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(snakemake(workdir, other, "--dry-run"))
+    assert jobs["extract_activations"] == 1 and "shard_corpus" not in jobs and jobs["pretrain_student"] == 2
+    changed = json.loads(json.dumps(config))
+    changed["corpus"]["threads"] = 1  # speed only: the shards are the same
+    other.write_text(yaml.safe_dump(changed))
+    assert planned_jobs(snakemake(workdir, other, "--dry-run")) == {}
+
+
+@pytest.mark.e2e
 def test_adding_a_seed_adds_only_its_finetune_jobs(workflow_run):
     workdir, _, config = workflow_run
     changed = json.loads(json.dumps(config))

