@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -227,7 +228,7 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
     with resume.work_directory(Path(out).parent) as work:
         store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
                                 min(CHUNK_ROWS, params["sample_tokens"]), progress["rows"])
-        unit = progress["unit"]
+        unit = saved = progress["unit"]
         for index in range(progress["shard"], len(shard_paths)):
             rng = np.random.default_rng([params["sample_seed"], index])
             first = 0
@@ -243,7 +244,11 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
                 if resume.due():
                     resume.save_progress(unit, {"shard": index, "batch": number + 1, "rows": store.rows,
                                                 "rng": rng.bit_generator.state}, store.path)
-            resume.save_progress(unit, {"shard": index + 1, "batch": 0, "rows": store.rows, "rng": None}, store.path)
+                    saved = unit
+            if saved < unit:  # the shard's last units: a kill from now on resumes at the next shard
+                resume.save_progress(unit, {"shard": index + 1, "batch": 0, "rows": store.rows, "rng": None},
+                                     store.path)
+                saved = unit
             log.info("shard %s: %d sampled tokens so far, teacher ran on %d tokens (%.0f tokens/s)",
                      shard_paths[index], store.rows, processed, processed / max(1e-9, time.monotonic() - started))
         if store.rows < params["sample_tokens"]:
@@ -259,8 +264,7 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
             "sampling": {k: params[k] for k in ("sample_tokens", "sample_seed", "subsample", "subsample_threshold",
                                                 "positions_per_sequence")},
         }
-        store.group.attrs.update(attrs)
-        publish_store(store.path, out, out_manifest, attrs)
+        publish_store(store, out, out_manifest, attrs)
     resume.finish()
     log.info("activations: %d tokens, layer %d of %s, d=%d", attrs["tokens"], params["layer"], params["source"],
              encoder.hidden_size)
@@ -324,11 +328,21 @@ def _special_ids(params: dict) -> set[int]:
     return set(load_tokenizer(params["tokenizer"]).all_special_ids)
 
 
-def publish_store(work_store: Path, out: str, manifest: str, attrs: dict) -> None:
-    """Move the finished store into place atomically, then write its record."""
+def publish_store(store: ActivationStore, out: str, manifest: str, attrs: dict) -> None:
+    """Give the finished store its attributes, move it into place atomically, then write its record."""
+    store.group.attrs.update(attrs)
     with atomic_output(out) as tmp:
-        shutil.move(str(work_store), str(tmp))
+        shutil.move(str(store.path), str(tmp))
     write_record(manifest, {**attrs, "files": file_entries(Path(manifest).parent, [out])})
+
+
+def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> None:
+    """A whole store at once (states, token_ids, seq_ids, positions), then its record."""
+    with tempfile.TemporaryDirectory(prefix=".work.", dir=Path(out).parent) as work:
+        store = ActivationStore(Path(work) / "activations.zarr", arrays["states"].shape[1],
+                                min(CHUNK_ROWS, max(1, len(arrays["states"]))), 0)
+        store.append(**arrays)
+        publish_store(store, out, manifest, attrs)
 
 
 def read_store(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

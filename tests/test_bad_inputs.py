@@ -173,14 +173,13 @@ def test_zarr_store_missing_a_chunk(work, caplog):
     assert snapshot(work / "dictionary") == before
 
 
-def test_nan_in_the_stored_states(work, caplog, tmp_path):
+def test_nan_in_the_stored_states(work, caplog):
     states = np.ones((400, 8), np.float16)
     states[42, 3] = np.nan
     shutil.rmtree(work / "teacher/activations.zarr")
-    store = teacher.ActivationStore(tmp_path / "growing.zarr", 8, 128, 0)
-    store.append(states=states, token_ids=np.zeros(400), seq_ids=np.zeros(400), positions=np.zeros(400))
-    teacher.publish_store(store.path, str(work / "teacher/activations.zarr"), str(work / "teacher/manifest.json"),
-                          {"teacher": "t", "layer": -1, "tokenizer": MINILM})
+    teacher.write_store(str(work / "teacher/activations.zarr"), str(work / "teacher/manifest.json"),
+                        {"teacher": "t", "layer": -1, "tokenizer": MINILM}, states=states,
+                        token_ids=np.zeros(400, np.int32), seq_ids=np.zeros(400, np.int64), positions=np.zeros(400, np.int16))
     before = snapshot(work / "dictionary")
     message = fails(dictionary, dictionary_args(work), caplog)
     assert "activations.zarr: non-finite state in row 42" in message
