@@ -5,7 +5,7 @@ a noisy machine where absolute MB/s do not. Plain tokenization = read and decode
 tokenizer's batch encoding; sharding = everything shard_corpus does (reading, checks, tokenizing,
 packing, validation split, spilling, shuffling, parquet writing, manifest).
 
-    python bench/sharding.py [--corpus ../shared/data/corpus/train.txt.gz] [--megabytes 12] [--workers 2]
+    python bench/sharding.py [--corpus ../shared/data/corpus/train.txt.gz] [--megabytes 12] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import gzip
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -72,23 +73,31 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "data" / "corpus" / "train.txt.gz")
     p.add_argument("--megabytes", type=float, default=12.0, help="MB of text taken from the corpus' start")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    p.add_argument("--repeats", type=int, default=5, help="paired runs (plain, then sharding) per figure")
     args = p.parse_args()
     load_tokenizer(TOKENIZER)  # imports paid once, before either side is timed
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         text = tmp / "corpus.txt.gz"
         megabytes = corpus_prefix(args.corpus, args.megabytes, text)
-        plain = min(plain_tokenization(text) for _ in range(args.repeats))
-        one = min(sharding(text, tmp / f"one{i}", 1)[0] for i in range(args.repeats))
-        many, manifest = sharding(text, tmp / "many", args.workers)
+        # This machine's speed drifts by tens of percent within a minute: each ratio comes from a pair
+        # of runs back to back, and the median pair is reported.
+        pairs = []
+        for repeat in range(args.repeats):
+            plain = plain_tokenization(text)
+            one, manifest = sharding(text, tmp / f"one{repeat}", 1)
+            pairs.append((plain, one))
+        many, _ = sharding(text, tmp / "many", args.workers)
+    ratios = sorted(plain / one for plain, one in pairs)
+    plain, one = sorted(pairs, key=lambda pair: pair[0] / pair[1])[len(pairs) // 2]
     figures = {
         "text_mb": round(megabytes, 2), "tokens": manifest["tokens"], "sequences": manifest["sequences"],
         "plain_tokenization_mb_per_s": round(megabytes / plain, 3),
         "sharding_mb_per_s_per_core": round(megabytes / one, 3),
-        "ratio_sharding_to_plain_tokenization": round(plain / one, 3),
+        "ratio_sharding_to_plain_tokenization": round(statistics.median(ratios), 3),
+        "ratio_of_each_pair": [round(r, 3) for r in ratios],
         f"sharding_mb_per_s_with_{args.workers}_workers": round(megabytes / many, 3),
-        "parallel_speedup": round(one / many, 2),
+        "parallel_speedup": round(statistics.median(one for _, one in pairs) / many, 2),
     }
     print(json.dumps(figures, indent=2))
 

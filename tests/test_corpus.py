@@ -242,3 +242,17 @@ def test_a_truncated_compressed_file_is_named(tmp_path, corpus_text):
     path.write_bytes(_zstd(corpus_text.read_bytes())[:5000])
     with pytest.raises(StageError, match=r"c.txt.zst: unreadable after byte \d+ of text"):
         list(read_documents(path))
+
+
+def test_lines_keep_their_numbers_and_offsets_across_blocks(tmp_path, monkeypatch):
+    from pipeline import corpus
+
+    monkeypatch.setattr(corpus, "BLOCK_BYTES", 1000)  # the long lines span several blocks
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"a.\nb.\n" + b"x" * 5000 + b"\nc.\n\nd \xff.\ne.\n" + b"y" * 3000)
+    skipped = Skipped("skip")
+    assert list(corpus.iter_lines(path, 2048, skipped)) == [(1, 0, "a."), (2, 3, "b."), (4, 5007, "c."),
+                                                            (5, 5010, ""), (7, 5016, "e.")]
+    assert skipped.counts == {"line_too_long": 2, "not_utf8_line": 1}
+    with pytest.raises(StageError, match=r"c.txt, line 3 \(byte 6\): longer than 2048 bytes"):
+        list(corpus.iter_lines(path, 2048, Skipped()))
