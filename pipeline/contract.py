@@ -99,9 +99,12 @@ CORPUS_SCHEMA = pa.schema([
 
 # ---- stage 2, extract_activations: zarr store (N sampled non-special tokens) --------------------
 # states float16 [N, d] (raw hidden states, not normalised); token_ids int32 [N];
-# seq_ids int64 [N]; positions int16 [N] (rows sorted by seq_id, then position). attrs: teacher,
-# source, layer (from the last), hidden_layer_index, hidden_size, tokenizer, tokenizer_fingerprint,
-# normalisation ("none": consumers L2-normalise), dtype, tokens, format_version.
+# seq_ids int64 [N]; positions int16 [N] (rows sorted by seq_id, then position);
+# chunks of 16384 rows. attrs: teacher, source, revision (hub commit, if any), model_fingerprint (hash of
+# the weight files), layer (from the last), hidden_layer_index, hidden_size, tokenizer,
+# tokenizer_fingerprint, normalisation ("none": consumers L2-normalise), dtype, tokens, sampling
+# (sample_tokens, sample_seed, subsample, subsample_threshold, positions_per_sequence), format_version.
+# An auxiliary teacher (teachers/{teacher}/auxiliary/): model/ and summary.json as a student's (stage 5).
 # teachers/{teacher}/manifest.json: the same attributes, files (every file of the store), checksum.
 ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 

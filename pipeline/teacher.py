@@ -9,9 +9,10 @@ The sample: shard by shard, each shard's tokens in stored order (the corpus stag
 token is eligible unless special and kept with its subsampling probability (`subsample`: none, w2v or
 drop, from the corpus token counts), at most `positions_per_sequence` per sequence, until the shard
 holds its share of `sample_tokens`. Only sequences holding sampled tokens go through the teacher. The
-store is appended shard by shard in the job's resume directory, so a killed extraction resumes after
-its last finished shard; finished, it is moved into place and its record written. Memory holds one
-record batch of one shard, whatever the corpus size.
+store grows record batch by record batch in the job's resume directory; a checkpoint (the store's
+length, the shard, the batch and the sampler's RNG state) lets a killed extraction resume where it
+stopped, with the same result; finished, the store is moved into place and its record written.
+Memory holds one record batch of one shard, whatever the corpus size.
 
     python -m pipeline.teacher --corpus-manifest m.json --corpus-shards s0.parquet s1.parquet \
         --token-counts counts.npy --out activations.zarr --out-manifest manifest.json [--resume-dir state/] \

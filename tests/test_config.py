@@ -87,3 +87,15 @@ def test_validation_does_not_modify_its_input(default):
 def test_only_teachers_of_mlsm_students_run(default):
     default["teachers"]["unused"] = {"source": "somewhere"}
     assert cfg.teachers_in_use(cfg.validate(default)) == ["minilm"]
+
+
+def test_a_trained_tokenizer_needs_auxiliary_teachers(default):
+    config = copy.deepcopy(default)
+    config["corpus"]["tokenizer"] = cfg.TRAINED_TOKENIZER
+    with pytest.raises(cfg.ConfigError, match=r"'teachers.minilm.source': with corpus.tokenizer 'train'"):
+        cfg.validate(config)
+    config["teachers"]["minilm"]["source"] = cfg.AUXILIARY_TEACHER
+    validated = cfg.validate(config)
+    assert validated["teachers"]["minilm"]["auxiliary"]["max_steps"] == 300  # the pretrain options' defaults
+    assert validated["tokenizer_training"] == {"model": "wordpiece", "vocab_size": 16000, "lowercase": True,
+                                               "min_frequency": 2, "max_sentences": 0}
