@@ -25,6 +25,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,10 @@ def sample_positions(batch, keep: np.ndarray, rng, quota: int, per_sequence: int
 # ---- extraction --------------------------------------------------------------------------------
 
 class ActivationStore:
-    """The zarr store being written, appended shard by shard in a work directory (it survives a kill)."""
+    """The zarr store being written, appended unit by unit in a work directory (it survives a kill).
+
+    Appends run in a background thread (compressing and writing chunks overlaps the teacher's next
+    batches); at most one is pending, and flush() waits for it."""
 
     ARRAYS = {"states": np.float16, "token_ids": np.int32, "seq_ids": np.int64, "positions": np.int16}
 
@@ -192,23 +196,40 @@ class ActivationStore:
         import zarr
 
         self.path = path
-        if rows == 0 or not path.exists():
+        if rows == 0:
             group = zarr.open_group(str(path), mode="w")
             for name, dtype in self.ARRAYS.items():
                 shape = (0, hidden_size) if name == "states" else (0,)
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:])
         self.group = zarr.open_group(str(path), mode="r+")
-        for name in self.ARRAYS:  # drop rows a killed attempt appended after its last finished shard
+        for name in self.ARRAYS:  # drop rows a killed attempt appended after its last checkpoint
             array = self.group[name]
+            if array.shape[0] < rows:
+                raise StageError(f"{path} holds {array.shape[0]} rows, fewer than its checkpoint's {rows}")
             array.resize((rows,) + array.shape[1:])
+        self.rows = rows
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="zarr-append")
+        self._pending = None
 
     def append(self, **arrays: np.ndarray) -> None:
-        for name, data in arrays.items():
-            self.group[name].append(data.astype(self.ARRAYS[name], copy=False))
+        self.flush()
+        arrays = {name: data.astype(self.ARRAYS[name], copy=False) for name, data in arrays.items()}
+        self._pending = self._writer.submit(self._write, arrays)
+        self.rows += len(arrays["states"])
 
-    @property
-    def rows(self) -> int:
-        return self.group["states"].shape[0]
+    def _write(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, data in arrays.items():
+            self.group[name].append(data)
+
+    def flush(self) -> None:
+        """Wait for the pending append (and raise its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.shutdown()
 
 
 def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: str, params: dict,
@@ -225,10 +246,17 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
     targets = shard_quotas([by_name[Path(p).name] for p in shard_paths], params["sample_tokens"])
 
     resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY]})
-    progress = resume.load_progress() or {"unit": 0, "shard": 0, "batch": 0, "rows": 0, "rng": None}
+    fresh = {"unit": 0, "shard": 0, "batch": 0, "rows": 0, "rng": None}
+    progress = resume.load_progress() or fresh
     with resume.work_directory(Path(out).parent) as work:
-        store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
-                                min(CHUNK_ROWS, params["sample_tokens"]), progress["rows"])
+        try:
+            store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
+                                    min(CHUNK_ROWS, params["sample_tokens"]), progress["rows"])
+        except Exception as err:  # the checkpointed store is gone or unreadable: lost work, not a wrong result
+            log.warning("starting over: %s", err)
+            progress = fresh
+            store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
+                                    min(CHUNK_ROWS, params["sample_tokens"]), 0)
         unit = saved = progress["unit"]
         for index in range(progress["shard"], len(shard_paths)):
             rng = np.random.default_rng([params["sample_seed"], index])
@@ -243,10 +271,12 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
                 processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
                 unit += 1
                 if resume.due():
+                    store.flush()
                     resume.save_progress(unit, {"shard": index, "batch": number + 1, "rows": store.rows,
                                                 "rng": rng.bit_generator.state}, store.path)
                     saved = unit
             if saved < unit:  # the shard's last units: a kill from now on resumes at the next shard
+                store.flush()
                 resume.save_progress(unit, {"shard": index + 1, "batch": 0, "rows": store.rows, "rng": None},
                                      store.path)
                 saved = unit
@@ -331,6 +361,7 @@ def _special_ids(params: dict) -> set[int]:
 
 def publish_store(store: ActivationStore, out: str, manifest: str, attrs: dict) -> None:
     """Give the finished store its attributes, move it into place atomically, then write its record."""
+    store.close()
     store.group.attrs.update(attrs)
     with atomic_output(out) as tmp:
         shutil.move(str(store.path), str(tmp))

