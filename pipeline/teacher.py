@@ -265,9 +265,11 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
                 rng.bit_generator.state, first = progress["rng"], progress["batch"]
             started, processed = time.monotonic(), 0
             for number, batch in enumerate(iter_shard(shard_paths[index], READ_BATCHES * params["batch_size"])):
-                quota = int(targets[index]) - store.rows
-                if number < first or quota <= 0:
+                if number < first:  # done before the kill
                     continue
+                quota = int(targets[index]) - store.rows
+                if quota <= 0:  # the rest of the shard is not read
+                    break
                 processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
                 unit += 1
                 if resume.due():
