@@ -6,10 +6,10 @@ and saves a checkpoint at a unit boundary at most every MLSM_CHECKPOINT_SECONDS 
 from the config's `checkpoint_seconds`; 0 saves after every unit); restarted, it continues from the
 last checkpoint and its output equals that of an uninterrupted run. Two kinds of state:
 
-- parts (extraction, targets): each unit's results, appended in part files; a rerun skips those units.
+- parts (targets): each unit's results, appended in part files; a rerun skips those units.
 - state (dictionary, pre-training, fine-tuning): the whole training state, replaced at each checkpoint.
 - progress (extraction): the output grows in a work directory here; a small record says how much of
-  it is final (after each shard), and a rerun cuts anything written beyond that and goes on.
+  it is final (at each checkpoint), and a rerun cuts anything written beyond that and goes on.
 
 The state is tied to a key (the stage's params and its inputs' checksums): other params or inputs
 discard it. journal.jsonl logs start, resume, checkpoint, discard and done events, and outlives the

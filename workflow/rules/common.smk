@@ -1,5 +1,4 @@
 # Shared by every rule: the validated config, output paths, and each stage's params slice.
-import glob as _glob
 import os
 import re as _re
 import sys as _sys
@@ -139,13 +138,13 @@ def student_teacher(student):
 
 
 def student_inputs(wildcards):
-    """Corpus, and for MLSM objectives the targets (the stage finds their manifest beside them)."""
+    """Corpus; for MLSM objectives the targets (the stage finds their manifest beside them); an auxiliary
+    teacher's model."""
     inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST), "targets": []}
+    teacher = student_teacher(wildcards.student)
     if CONFIG["students"][wildcards.student]["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
-        teacher = student_teacher(wildcards.student)
         inputs["targets"] = target_shards(teacher)
         inputs["target_manifest"] = path(contract.TARGET_MANIFEST, teacher=teacher)
-    teacher = student_teacher(wildcards.student)
     if teacher is not None:
         inputs.update(teacher_model_inputs(teacher))
     return inputs
