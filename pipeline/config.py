@@ -70,6 +70,12 @@ def _schema() -> dict:
     return _SCHEMA_CACHE
 
 
+def section_defaults(section: str, keys: tuple[str, ...]) -> dict:
+    """The schema's defaults of some keys of a config section (for stages called outside the workflow)."""
+    properties = _schema()["properties"][section]["properties"]
+    return {key: properties[key]["default"] for key in keys}
+
+
 def _resolve(ref: str) -> dict:
     node: Any = _schema()
     for part in ref.removeprefix("#/").split("/"):

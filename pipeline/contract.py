@@ -8,7 +8,8 @@ rule's params, so Snakemake reruns that stage and everything downstream of it.
 Integrity (pipeline/integrity.py): every file is written atomically (temporary name, fsync, rename).
 Each stage writes one record, a JSON file with a `checksum` of its own content, which lists the data
 files the stage wrote under `files` ({name relative to the record's directory: {bytes, sha256}}):
-corpus/manifest.json, teachers/{teacher}/manifest.json, dictionaries/{teacher}/metrics.json,
+tokenizer/manifest.json, corpus/manifest.json, teachers/{teacher}/auxiliary/summary.json,
+teachers/{teacher}/manifest.json, dictionaries/{teacher}/metrics.json,
 targets/{teacher}/manifest.json, students/{student}/summary.json, report/manifest.json (and the demo
 data's manifest.json). Fine-tuning scores are records themselves. A consumer verifies the files it reads
 against their record and refuses a missing, truncated or altered one, naming it. Parquet files also

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from . import contract
 from .common import StageError, load_tokenizer, log, parser, run_stage, tokenizer_fingerprint
+from .config import section_defaults
 from .integrity import atomic_output, disk_full_error, file_entries, read_verified, write_record
 
 CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
@@ -52,8 +53,9 @@ BLOCK_BYTES = 1 << 22  # text read and checked at a time
 MAX_RECORD_BYTES = 1 << 28  # a jsonl line (a whole document) longer than this is a broken file
 COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-DEFAULTS = {"format": "auto", "text_field": "text", "packing": "sentence_pairs", "validation_fraction": 0.0,
-            "bad_input": "error", "max_line_bytes": 1 << 20}
+# What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
+DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
+                                       "max_line_bytes"))
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -342,9 +344,9 @@ def pack_contiguous(documents: list[tuple[int, list[list[int]]]], max_len: int, 
 class ChunkPacker:
     """Tokenizes and packs chunks; one per worker process (the tokenizer is loaded once)."""
 
-    def __init__(self, params: dict):
+    def __init__(self, params: dict, tokenizer=None):
         self.params = {**DEFAULTS, **params}
-        self.tokenizer = load_tokenizer(params["tokenizer"])
+        self.tokenizer = tokenizer or load_tokenizer(params["tokenizer"])
         self.cls, self.sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
         if self.cls is None or self.sep is None:
             raise StageError("the corpus tokenizer has no [CLS]/[SEP] tokens; a BERT-style tokenizer is needed")
@@ -404,10 +406,10 @@ def _pool(workers: int, params: dict):
     return multiprocessing.get_context(method).Pool(workers, _worker_init, (params,))
 
 
-def packed_chunks(chunks: Iterator[Chunk], params: dict, pool, workers: int) -> Iterator[dict]:
+def packed_chunks(chunks: Iterator[Chunk], params: dict, pool, workers: int, tokenizer) -> Iterator[dict]:
     """Packed chunks in chunk order; with a pool, a bounded number in flight (memory stays flat)."""
     if pool is None:
-        packer = ChunkPacker(params)
+        packer = ChunkPacker(params, tokenizer)
         yield from map(packer, chunks)
         return
     in_flight: deque = deque()
@@ -432,13 +434,11 @@ class Spill:
         # lz4: a spill is written and read once, so speed beats ratio.
         self.writer = pa.ipc.new_stream(str(path), SPILL_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="lz4"))
         self.sequences = 0
-        self.tokens = 0
 
     def write(self, table: pa.Table) -> None:
         if len(table):
             self.writer.write_table(table)
             self.sequences += len(table)
-            self.tokens += count_tokens(table)
 
 
 def count_tokens(table: pa.Table) -> int:
@@ -477,7 +477,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
             pool = _pool(workers, params) if workers > 1 else None
             try:
                 totals, token_counts = _spill(read_chunks(files, params, skipped), spills, params, pool, workers,
-                                              len(tokenizer))
+                                              tokenizer)
                 _check_counts(files, spills)
                 firsts = np.concatenate([[0], np.cumsum([s.sequences for s in spills])])
                 jobs = [(str(s.path), out, i, int(firsts[i]), params["seed"])
@@ -513,12 +513,12 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
     return manifest
 
 
-def _spill(chunks: Iterator[Chunk], spills: list[Spill], params: dict, pool, workers: int, vocab_size: int):
+def _spill(chunks: Iterator[Chunk], spills: list[Spill], params: dict, pool, workers: int, tokenizer):
     """Pack every chunk and append its sequences to the spills: training sequence g to shard g mod N
     (the last spill holds the validation split). Returns the totals and the training token counts."""
     n_shards = len(spills) - 1
-    totals, token_counts = Counter(), np.zeros(vocab_size, dtype=np.int64)
-    for packed in packed_chunks(chunks, params, pool, workers):
+    totals, token_counts = Counter(), np.zeros(len(tokenizer), dtype=np.int64)
+    for packed in packed_chunks(chunks, params, pool, workers, tokenizer):
         train = packed["tables"]["train"]
         which = (sum(s.sequences for s in spills[:-1]) + np.arange(len(train))) % n_shards
         order = np.argsort(which, kind="stable")

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from . import contract
-from .common import (StageError, log, parser, pick_device, resolve_model_source, run_stage, set_cpu_threads,
-                     tokenizer_fingerprint)
+from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
+                     set_cpu_threads, tokenizer_fingerprint)
 from .corpus import iter_shard, read_token_counts
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
 from .resume import Resume
@@ -249,14 +249,15 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
     fresh = {"unit": 0, "shard": 0, "batch": 0, "rows": 0, "rng": None}
     progress = resume.load_progress() or fresh
     with resume.work_directory(Path(out).parent) as work:
+        def open_store(rows: int) -> ActivationStore:
+            return ActivationStore(work / "activations.zarr", encoder.hidden_size,
+                                   min(CHUNK_ROWS, params["sample_tokens"]), rows)
+
         try:
-            store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
-                                    min(CHUNK_ROWS, params["sample_tokens"]), progress["rows"])
+            store = open_store(progress["rows"])
         except Exception as err:  # the checkpointed store is gone or unreadable: lost work, not a wrong result
             log.warning("starting over: %s", err)
-            progress = fresh
-            store = ActivationStore(work / "activations.zarr", encoder.hidden_size,
-                                    min(CHUNK_ROWS, params["sample_tokens"]), 0)
+            progress, store = fresh, open_store(0)
         unit = saved = progress["unit"]
         for index in range(progress["shard"], len(shard_paths)):
             rng = np.random.default_rng([params["sample_seed"], index])
@@ -356,8 +357,6 @@ def model_identity(source: str, encoder: TeacherEncoder) -> dict:
 
 
 def _special_ids(params: dict) -> set[int]:
-    from .common import load_tokenizer
-
     return set(load_tokenizer(params["tokenizer"]).all_special_ids)
 
 
