@@ -19,6 +19,14 @@ def test_default_config_is_valid_and_complete(default):
     assert set(validated["students"]) == {"mlsm", "mlm", "mlsm_mlm"}
 
 
+def test_the_paper_preset_is_valid_and_holds_the_reference_recipe():
+    paper = cfg.validate(cfg.load_yaml(REPO / "config" / "paper.yaml"))
+    options = cfg.student_options(paper, "mlsm")
+    assert options["size"] == "medium" and options["learning_rate"] == 1e-4
+    assert options["batch_size"] * options["grad_accumulation"] == 1024 and paper["corpus"]["max_seq_len"] == 128
+    assert (paper["dictionary"]["atoms"], paper["dictionary"]["lambda"]) == (3000, 0.05)
+
+
 def test_missing_options_take_schema_defaults():
     minimal = {"corpus": {"inputs": ["a.txt"], "tokenizer": "t"}, "teachers": {"t": {"source": "x"}},
                "students": {"s": {"objective": "mlsm", "teacher": "t"}},

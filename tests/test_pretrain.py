@@ -312,6 +312,27 @@ def test_checkpoints_csv_and_validation_loss(tmp_path, corpus_text, tokenizer):
     assert not (tmp_path / "state" / "models").exists()  # moved into the outputs, the state cleared
 
 
+def test_tensorboard_events_are_written_when_it_is_installed(tmp_path, sharded_corpus):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shards, manifest = sharded_corpus
+    params = {**BASE, "objective": "mlm", "student": "s", "max_steps": 2}
+    train(shards, None, manifest, str(tmp_path / "m"), str(tmp_path / "s.json"), params,
+          tensorboard_dir=str(tmp_path / "tb"))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"pretrain/mlm", "pretrain/grad_norm", "pretrain/lr"} <= set(events.Tags()["scalars"])
+
+
+def test_a_compiled_encoder_saves_under_the_same_names(tokenizer):
+    params = {**BASE, "objective": "mlsm+mlm"}
+    plain = pretrain.Student(pretrain.build_config(params, tokenizer, 64), "mlsm+mlm", 24)
+    compiled = pretrain.Student(pretrain.build_config(params, tokenizer, 64), "mlsm+mlm", 24)
+    compiled.compile_encoder()  # compiles lazily, at the first call: nothing runs here
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+
+
 def test_a_non_finite_loss_stops_the_run_with_the_state_saved(tmp_path, sharded_corpus, targets, monkeypatch):
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 4}

@@ -154,6 +154,20 @@ def test_changing_the_dictionary_reruns_only_mlsm_students(workflow_run):
 
 
 @pytest.mark.e2e
+def test_an_online_student_reads_the_dictionary_and_needs_no_targets_job(workflow_run):
+    workdir, _, config = workflow_run
+    changed = json.loads(json.dumps(config))
+    changed["students"]["online"] = {"objective": "mlsm", "teacher": "minilm", "targets": "online"}
+    other = workdir / "online.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    result = snakemake(workdir, other, "--dry-run", "--printshellcmds")
+    assert planned_jobs(result) == {"pretrain_student": 1, "finetune": len(config["tasks"]) * 2, "report": 1, "all": 1}
+    command = next(line for line in result.stdout.splitlines() if "-m pipeline.pretrain" in line)
+    assert "--dictionary results/dictionaries/minilm/dictionary.npy" in command and "--target-shards" not in command
+    assert '"online":{' in command and '"max_iterations"' in command
+
+
+@pytest.mark.e2e
 def test_sampling_reruns_from_extraction_and_threads_rerun_nothing(workflow_run):
     workdir, _, config = workflow_run
     changed = json.loads(json.dumps(config))
