@@ -111,10 +111,29 @@ def resolve_model_source(source: str) -> str:
     if path.exists():
         if not any((path / name).exists() for name in ("config.json", "tokenizer_config.json")):
             raise StageError(f"model source {source!r}: directory has no config.json (nor tokenizer_config.json)")
+        _verify_auxiliary_teacher(path)
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise StageError(f"model source {source!r}: no such directory")
     return source
+
+
+_VERIFIED: set[tuple] = set()
+
+
+def _verify_auxiliary_teacher(path: Path) -> None:
+    """An auxiliary teacher the pipeline pre-trained (contract.AUXILIARY_TEACHER, .../auxiliary/model) is
+    checked against its record (summary.json beside it), once per process, like any stage's output."""
+    record = path.parent / "summary.json"
+    if path.name != "model" or path.parent.name != "auxiliary" or not record.exists():
+        return
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    key = (str(path.resolve()), record.stat().st_mtime_ns, *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if key not in _VERIFIED:
+        from .integrity import read_verified
+
+        read_verified(record, [path])
+        _VERIFIED.add(key)
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

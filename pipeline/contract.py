@@ -29,7 +29,7 @@ FORMAT_VERSION = {
     "corpus": 3,
     "activations": 3,
     "dictionary": 2,
-    "targets": 2,
+    "targets": 3,
     "pretrain": 3,
     "finetune": 2,
     "report": 2,
@@ -51,6 +51,7 @@ DICTIONARY = "dictionaries/{teacher}/dictionary.npy"
 DICTIONARY_METRICS = "dictionaries/{teacher}/metrics.json"
 DICTIONARY_ATOMS = "dictionaries/{teacher}/atoms.json"
 TARGET_SHARD = "targets/{teacher}/shard-{shard}.parquet"
+TARGET_VALIDATION = "targets/{teacher}/validation.parquet"  # targets of corpus/validation.parquet
 TARGET_MANIFEST = "targets/{teacher}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
 STUDENT_CHECKPOINTS = "students/{student}/checkpoints"  # step{N}/ per checkpoint_fractions entry
@@ -127,9 +128,11 @@ TARGET_SCHEMA = pa.schema([
     ("atom_ids", pa.list_(pa.uint16())),
     ("weights", pa.list_(pa.float16())),
 ])
+# validation.parquet: the same for corpus/validation.parquet (possibly no rows).
 # Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON); manifest.json
-# sums them: tokens, mean_nnz, zero_code_fraction, mean_mass_lost_to_top_k, mean_entropy_nats,
-# mean_iterations, atoms_used_fraction, atom_usage_histogram, params, shards [{path, tokens}], files, checksum.
+# sums the training shards': tokens, mean_nnz, zero_code_fraction, mean_mass_lost_to_top_k,
+# mean_entropy_nats, mean_iterations, atoms_used_fraction, atom_usage_histogram, params,
+# shards [{path, tokens}], validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
 # model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
@@ -139,7 +142,8 @@ TARGET_SCHEMA = pa.schema([
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
 # summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the
 # last history entry), history [{step, loss per part, grad_norm, lr, masked_tokens, tokens_per_second,
-# mfu (null off known GPUs), seconds, validation_mlm at saves for students with an MLM head}], files
+# mfu (null off known GPUs), seconds, and at each save validation_mlsm / validation_mlm: the losses
+# on corpus/validation.parquet with fixed masks}], files
 # (every file under model/ and checkpoints/), checksum. logs/pretrain_student/{student}.csv: the history.
 
 # ---- stage 6, finetune ----------------------------------------------------------------------------

@@ -21,9 +21,10 @@ Outputs: the final model (save_pretrained: loads with AutoModel; with AutoModelF
 has an MLM head; the MLSM head beside it as mlsm_head.safetensors), the models saved after
 checkpoint_fractions of the updates (checkpoints/step{N}/, kept in the resume directory until the end
 so that a killed run keeps them), and the record. The training log (losses, lr, grad norm, masked
-tokens, tokens/s, MFU on known GPUs, validation MLM loss at each save) goes to the record's history,
+tokens, tokens/s, MFU on known GPUs, validation MLSM and MLM losses at each save) goes to the record's history,
 a CSV, TensorBoard if installed, and the log (a progress bar on a terminal). A non-finite loss stops
-the run; the state before that update is saved.
+the run; the state before that update is saved. SIGTERM (a SLURM preemption or time limit) saves the
+state at the end of the update in progress and stops; a rerun resumes from it.
 
     python -m pipeline.pretrain --corpus-shards s0.parquet ... [--target-shards t0.parquet ...] \
         --corpus-manifest m.json [--validation validation.parquet] --out-model model/ \
@@ -38,8 +39,11 @@ import csv
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +103,10 @@ class Shard:
                              "(seq_id mismatch)")
         offsets, atoms = _flat_list(targets, "atom_ids")
         _, weights = _flat_list(targets, "weights")
-        k = (offsets[-1] - offsets[0]) // max(1, len(self.tokens))
+        if len(self.tokens) == 0:  # an empty validation split
+            self.atoms, self.weights = np.zeros((0, 1), atoms.dtype), np.zeros((0, 1), weights.dtype)
+            return
+        k = (offsets[-1] - offsets[0]) // len(self.tokens)
         if k < 1 or not np.array_equal(offsets - offsets[0], self.offsets * k):
             raise StageError(f"target shard {target_path} does not hold top-k targets for every position "
                              f"of corpus shard {corpus_path}")
@@ -125,7 +132,8 @@ class BatchStream:
     from (seed, e, shard); micro-batch m holds rows m*G .. (m+1)*G - 1 of that endless stream (G, the
     global batch: batch_size x processes) and its masks are drawn from (seed, m). So a resumed run needs
     only the index of its next micro-batch, and every process builds the same global batch (and takes its
-    own rows of it), whatever their number. Two shards at most are held in memory."""
+    own rows of it), whatever their number. Three shards at most are in memory: two in use, and the
+    next one, read in the background."""
 
     def __init__(self, corpus_shards: list[str], target_shards: list[str] | None, sizes: list[int], seed: int):
         if target_shards and len(target_shards) != len(corpus_shards):
@@ -133,18 +141,30 @@ class BatchStream:
         self.corpus_shards, self.target_shards = corpus_shards, target_shards or None
         self.sizes, self.seed, self.total = np.asarray(sizes), seed, int(np.sum(sizes))
         self._cache: dict[int, Shard] = {}
+        self._loading: dict[int, Future] = {}
+        self._reader = ThreadPoolExecutor(1)  # reads the next shard while batches come from this one
         self._orders: dict[tuple, np.ndarray] = {}
 
     def shard(self, index: int) -> Shard:
         if index not in self._cache:
+            future = self._loading.pop(index, None) or self._reader.submit(self._read, index)
             while len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            shard = Shard(self.corpus_shards[index], self.target_shards[index] if self.target_shards else None)
-            if len(shard) != self.sizes[index]:
-                raise StageError(f"corpus shard {self.corpus_shards[index]} has {len(shard)} sequences, its "
-                                 f"manifest says {self.sizes[index]}")
-            self._cache[index] = shard
+            self._cache[index] = future.result()
         return self._cache[index]
+
+    def _read(self, index: int) -> Shard:
+        shard = Shard(self.corpus_shards[index], self.target_shards[index] if self.target_shards else None)
+        if len(shard) != self.sizes[index]:
+            raise StageError(f"corpus shard {self.corpus_shards[index]} has {len(shard)} sequences, its "
+                             f"manifest says {self.sizes[index]}")
+        return shard
+
+    def _read_ahead(self, start: int) -> None:
+        """Start reading the shard that holds row `start` of the stream, unless it is at hand."""
+        index = self._locate(start)[0]
+        if index not in self._cache and index not in self._loading:
+            self._loading[index] = self._reader.submit(self._read, index)
 
     def _order(self, *key) -> np.ndarray:
         if key not in self._orders:
@@ -154,19 +174,24 @@ class BatchStream:
             self._orders[key] = np.random.default_rng([self.seed, *key]).permutation(n)
         return self._orders[key]
 
+    def _locate(self, start: int) -> tuple[int, int, int]:
+        """(shard index, its row order's position, epoch) of row `start` of the stream."""
+        epoch, offset = divmod(start, self.total)
+        shard_order = self._order(epoch)
+        ends = np.cumsum(self.sizes[shard_order])
+        slot = int(np.searchsorted(ends, offset, side="right"))
+        shard = int(shard_order[slot])
+        return shard, int(offset - (ends[slot] - self.sizes[shard])), epoch
+
     def rows(self, start: int, count: int) -> list[tuple[int, np.ndarray]]:
         """Rows start .. start+count-1 of the stream, as (shard index, row indices) pieces."""
         pieces = []
         while count > 0:
-            epoch, offset = divmod(start, self.total)
-            shard_order = self._order(epoch)
-            ends = np.cumsum(self.sizes[shard_order])
-            slot = int(np.searchsorted(ends, offset, side="right"))
-            shard = int(shard_order[slot])
-            first = offset - (ends[slot] - self.sizes[shard])
+            shard, first, epoch = self._locate(start)
             take = min(count, int(self.sizes[shard] - first))
             pieces.append((shard, self._order(epoch, shard)[first:first + take]))
             start, count = start + take, count - take
+        self._read_ahead(start)
         return pieces
 
 
@@ -251,7 +276,6 @@ class Prefetcher:
 
     def __init__(self, build, start: int, pin: bool, depth: int = 4):
         import queue
-        import threading
 
         self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
         self.thread = threading.Thread(target=self._run, args=(build, start, pin), daemon=True)
@@ -522,6 +546,7 @@ class Paths:
     metrics_csv: str | None = None      # the training log, rewritten at every logged step
     tensorboard_dir: str | None = None  # the same, for TensorBoard (if installed)
     validation: str | None = None       # corpus/validation.parquet: validation losses at each save
+    validation_targets: str | None = None  # their targets (targets/{teacher}/validation.parquet)
     dictionary: str | None = None       # with targets: online, the dictionary and its record
     dictionary_metrics: str | None = None
 
@@ -595,7 +620,10 @@ class Trainer:
             self.online = OnlineTargets(params["online"], device, self.manifest, paths.dictionary,
                                         paths.dictionary_metrics)
         self.uses_targets = objective in USES_MLSM and self.online is None  # targets read from the shards
-        self.target_record = read_verified(paths.target_manifest, paths.target_shards) if self.uses_targets else None
+        self.target_record = None
+        if self.uses_targets:
+            self.target_record = read_verified(paths.target_manifest,
+                                               [*paths.target_shards, *filter(None, [paths.validation_targets])])
         sizes = {Path(s["path"]).name: s["sequences"] for s in self.manifest["shards"]}
         self.stream = BatchStream(paths.corpus_shards, paths.target_shards if self.uses_targets else None,
                                   [sizes[Path(p).name] for p in paths.corpus_shards], params["seed"])
@@ -624,6 +652,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: linear_schedule(s, total, warmup))
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
+        self.stop_requested = False
         self.resume = Resume(paths.resume_dir, {"params": params, "corpus": self.manifest[CHECKSUM_KEY],
                                                 "world_size": world,
                                                 "targets": self.target_record[CHECKSUM_KEY] if self.uses_targets else None,
@@ -667,12 +696,19 @@ class Trainer:
         if self.rank == 0:
             log.info("resuming at update %d of %d", self.step, self.params["max_steps"])
 
-    def _checkpoint_due(self) -> bool:
-        """Rank 0's clock decides, so that every rank joins the collective save."""
-        due = torch.tensor([self.resume.due()], dtype=torch.uint8)
+    def _checkpoint_due(self) -> tuple[bool, bool]:
+        """(save now, stop after saving): rank 0's clock and stop request decide, so that every rank joins
+        the collective save and stops with it."""
+        decision = torch.tensor([self.resume.due() or self.stop_requested, self.stop_requested], dtype=torch.uint8)
         if self.world > 1:
-            dist.broadcast(due, src=0)
-        return bool(due.item())
+            dist.broadcast(decision, src=0)
+        return bool(decision[0]), bool(decision[1])
+
+    def _request_stop(self, signum, frame) -> None:
+        """SIGTERM (SLURM's preemption or time limit, a kill): save at the end of this update, then stop."""
+        if self.paths.resume_dir is None:
+            raise StageError(f"stopped by signal {signum}; no resume directory was given, so no state was saved")
+        self.stop_requested = True
 
     # ---- training ----
 
@@ -685,6 +721,8 @@ class Trainer:
         prefetch = Prefetcher(build, self.step * accumulation, pin=self.device.type == "cuda")
         logger = TrainingLog(self.paths, total, self.rank == 0)
         started, window = time.perf_counter() - self.seconds, Window(self.step, self.tokens_seen)
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if in_main_thread else None
         self.model.train()
         try:
             while self.step < total:
@@ -697,9 +735,15 @@ class Trainer:
                     self._log(logger, window, values, masked)
                 if self.step in saves:
                     self._save_model(self.saved_models / f"step{self.step}")
-                if self.step < total and self._checkpoint_due():
+                save, stop = self._checkpoint_due() if self.step < total else (False, False)
+                if save:
                     self.save_state()
+                if stop:
+                    raise StageError(f"stopped by SIGTERM after update {self.step} of {total}; the state is "
+                                     f"saved in {self.paths.resume_dir}, and a rerun resumes from it")
         finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
             prefetch.close()
             logger.close()
         return self._finish()
@@ -757,13 +801,14 @@ class Trainer:
         logger.write(self.history, self.seconds)
 
     def _validation_losses(self) -> dict[str, float]:
-        """Rank 0's mean MLM loss on the held-out sequences (fixed masks), for students with an MLM head.
-
-        MLSM losses would need targets for the held-out sequences, which the target stage does not make."""
-        if not self.paths.validation or self.params["objective"] not in USES_MLM_HEAD:
+        """Rank 0's mean losses on the held-out sequences (fixed masks): MLM for students with an MLM head,
+        MLSM where the held-out sequences have precomputed targets."""
+        with_mlm = self.params["objective"] in USES_MLM_HEAD
+        targets = self.paths.validation_targets if self.uses_targets else None
+        if not self.paths.validation or not (with_mlm or targets):
             return {}
-        nll = count = 0.0
-        shard = Shard(self.paths.validation) if self.rank == 0 else None
+        sums = np.zeros(4)  # mlm sum, masked tokens, mlsm sum, masked tokens with a target
+        shard = Shard(self.paths.validation, targets) if self.rank == 0 else None
         if shard is not None and len(shard):
             self.model.eval()
             size = self.params["batch_size"]
@@ -773,12 +818,24 @@ class Trainer:
                     batch = make_batch([(shard, rows)], self.tokenizer, self.params,
                                        mask_seed=(self.params["seed"], VALIDATION_MASKS, start))
                     batch = {k: v.to(self.device) for k, v in batch.items()}
-                    logits = self.model.backbone.cls(self.model.hidden(batch))
-                    nll += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-                    count += float(batch["masked_count"])
+                    hidden = self.model.hidden(batch)
+                    if with_mlm:
+                        logits = self.model.backbone.cls(hidden).float()
+                        sums[0] += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+                        sums[1] += float(batch["masked_count"])
+                    if targets:
+                        count = batch["with_target"]
+                        sums[2] += float(mlsm_loss(self.model.mlsm_head(hidden), batch["target_atoms"],
+                                                   batch["target_weights"], count) * count)
+                        sums[3] += float(count)
             self.model.train()
-        nll, count = all_ranks_sum(torch.tensor([nll, count], dtype=torch.float64), self.world).tolist()
-        return {"validation_mlm": nll / count} if count else {}
+        sums = all_ranks_sum(torch.from_numpy(sums), self.world).tolist()
+        losses = {}
+        if sums[1]:
+            losses["validation_mlm"] = sums[0] / sums[1]
+        if sums[3]:
+            losses["validation_mlsm"] = sums[2] / sums[3]
+        return losses
 
     def _save_model(self, directory: Path) -> None:
         if self.rank != 0:
@@ -904,6 +961,8 @@ def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--corpus-shards", nargs="+", required=True)
     p.add_argument("--target-shards", nargs="*", default=[])
+    # The rule passes these three with no value where the job has no such input.
+    p.add_argument("--validation-targets", nargs="?", help="the targets of --validation, for the validation MLSM loss")
     p.add_argument("--corpus-manifest", required=True)
     p.add_argument("--validation", help="held-out sequences (corpus/validation.parquet) for validation losses")
     p.add_argument("--out-model", required=True)
@@ -912,9 +971,10 @@ def main(argv=None) -> None:
     p.add_argument("--metrics-csv", help="the training log as CSV (not an output: it grows while training)")
     p.add_argument("--tensorboard-dir", help="TensorBoard event files (if tensorboard is installed)")
     p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
-    p.add_argument("--dictionary", help="with targets: online, the dictionary (dictionary.npy)")
-    p.add_argument("--dictionary-metrics", help="its record (metrics.json), to verify it")
+    p.add_argument("--dictionary", nargs="?", help="with targets: online, the dictionary (dictionary.npy)")
+    p.add_argument("--dictionary-metrics", nargs="?", help="its record (metrics.json), to verify it")
     args = p.parse_args(argv)
+    args.target_shards = [t for t in args.target_shards if t]
     if args.params["objective"] in USES_MLSM:
         online = args.params["targets"] == "online"
         if not (args.dictionary and args.dictionary_metrics if online else args.target_shards):
@@ -922,7 +982,7 @@ def main(argv=None) -> None:
                              + ("--dictionary and --dictionary-metrics" if online else "--target-shards"))
     train(Paths(args.corpus_shards, args.corpus_manifest, args.out_model, args.summary, args.target_shards,
                 args.resume_dir, args.out_checkpoints, args.metrics_csv, args.tensorboard_dir, args.validation,
-                args.dictionary, args.dictionary_metrics), args.params)
+                args.validation_targets, args.dictionary, args.dictionary_metrics), args.params)
 
 
 if __name__ == "__main__":

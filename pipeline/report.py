@@ -86,7 +86,7 @@ def stage_costs(benchmark_dir: str) -> list[tuple[str, float, float]]:
     return [(rule, s, rss) for rule, (s, rss) in costs.items()]
 
 
-LOSSES = ("mlsm", "mlm", "kd", "validation_mlm")  # the entries of a student's history that are losses
+LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")  # the entries of a student's history that are losses
 
 
 def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> str:

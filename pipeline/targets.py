@@ -6,7 +6,8 @@ and renormalised. Positions whose code is all zero get all-zero weights (they ca
 
     python -m pipeline.targets --corpus-shard s0.parquet --corpus-manifest m.json --dictionary D.npy \
         --dictionary-metrics metrics.json --out t0.parquet [--resume-dir state/] --params '{"source": ..., "layer": -1, "lambda": 0.05, "top_k": 32, ...}'
-    python -m pipeline.targets --summarize t0.parquet t1.parquet --manifest manifest.json --params '{}'
+    python -m pipeline.targets --summarize t0.parquet t1.parquet [--validation v.parquet] --manifest manifest.json --params '{}'
+The validation split (corpus/validation.parquet) is coded the same way, as one more "shard".
 """
 
 from __future__ import annotations
@@ -82,19 +83,7 @@ def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, metrics
             stop = start + len(sequences[i])
             atom_rows[i], weight_rows[i] = result["atoms"][start:stop].ravel(), result["weights"][start:stop].ravel()
             start = stop
-    nnz, lost, entropy = (torch.from_numpy(np.concatenate([r[key] for _, r in units])) for key in ("nnz", "lost", "entropy"))
-    usage = np.zeros(dictionary.shape[1])
-    for _, result in units:
-        usage += result["usage"]
-    stats = {
-        "tokens": int(len(nnz)),
-        "mean_nnz": float(nnz.float().mean()), "p99_nnz": float(torch.quantile(nnz.float(), 0.99)),
-        "zero_code_fraction": float((nnz == 0).float().mean()),
-        "mean_mass_lost_to_top_k": float(lost.mean()), "max_mass_lost_to_top_k": float(lost.max()),
-        "mean_entropy_nats": float(entropy.mean()),
-        "mean_iterations": float(np.mean([r["iterations"][0] for _, r in units])),
-        "atom_usage": usage.tolist(),
-    }
+    stats = statistics([result for _, result in units], dictionary.shape[1])
     out_table = pa.table({
         "seq_id": table["seq_id"],
         "atom_ids": pa.array(atom_rows, pa.list_(pa.uint16())),
@@ -107,6 +96,28 @@ def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, metrics
              out, stats["tokens"], stats["tokens"] / max(seconds, 1e-9), stats["mean_nnz"], k,
              100 * stats["mean_mass_lost_to_top_k"])
     return stats
+
+
+def statistics(results: list[dict], atoms: int) -> dict:
+    """A shard's target statistics from its batches' results (zeros for a shard without tokens, such as
+    an empty validation split)."""
+    if not results:
+        return {"tokens": 0, "mean_nnz": 0.0, "p99_nnz": 0.0, "zero_code_fraction": 0.0,
+                "mean_mass_lost_to_top_k": 0.0, "max_mass_lost_to_top_k": 0.0, "mean_entropy_nats": 0.0,
+                "mean_iterations": 0.0, "atom_usage": [0.0] * atoms}
+    nnz, lost, entropy = (torch.from_numpy(np.concatenate([r[key] for r in results])) for key in ("nnz", "lost", "entropy"))
+    usage = np.zeros(atoms)
+    for result in results:
+        usage += result["usage"]
+    return {
+        "tokens": int(len(nnz)),
+        "mean_nnz": float(nnz.float().mean()), "p99_nnz": float(torch.quantile(nnz.float(), 0.99)),
+        "zero_code_fraction": float((nnz == 0).float().mean()),
+        "mean_mass_lost_to_top_k": float(lost.mean()), "max_mass_lost_to_top_k": float(lost.max()),
+        "mean_entropy_nats": float(entropy.mean()),
+        "mean_iterations": float(np.mean([r["iterations"][0] for r in results])),
+        "atom_usage": usage.tolist(),
+    }
 
 
 def _code_batch(sequences, types, encoder, dictionary, gram, lip, params, corpus_shard) -> dict[str, np.ndarray]:
@@ -133,13 +144,9 @@ def read_targets(path: str) -> pa.Table:
     return read_parquet(path, contract.TARGET_SCHEMA, "target shard")
 
 
-def summarize(shards: list[str], manifest: str, params: dict) -> dict:
-    per_shard = []
-    for path in shards:
-        metadata = read_targets(path).schema.metadata or {}
-        if STATS_KEY not in metadata:
-            raise StageError(f"target shard {path} has no statistics; it was not written by this stage")
-        per_shard.append(json.loads(metadata[STATS_KEY]))
+def summarize(shards: list[str], manifest: str, params: dict, validation: str | None = None) -> dict:
+    """The stage's record: the training shards' statistics summed, and the validation targets' apart."""
+    per_shard = [shard_stats(path) for path in shards]
     tokens = np.array([s["tokens"] for s in per_shard], dtype=float)
 
     def mean(key):
@@ -153,10 +160,21 @@ def summarize(shards: list[str], manifest: str, params: dict) -> dict:
         "atoms_used_fraction": float((usage > 0).mean()),
         "atom_usage_histogram": np.histogram(usage / max(usage.sum(), 1e-30), bins=10)[0].tolist(),
         "shards": [{"path": p.rsplit("/", 1)[-1], "tokens": s["tokens"]} for p, s in zip(shards, per_shard)],
-        "files": file_entries(Path(manifest).parent, shards),
+        "files": file_entries(Path(manifest).parent, [*shards, *filter(None, [validation])]),
     }
+    if validation:
+        stats = shard_stats(validation)
+        summary["validation"] = {"path": validation.rsplit("/", 1)[-1], "tokens": stats["tokens"],
+                                 "mean_nnz": stats["mean_nnz"], "zero_code_fraction": stats["zero_code_fraction"]}
     write_record(manifest, summary)
     return summary
+
+
+def shard_stats(path: str) -> dict:
+    metadata = read_targets(path).schema.metadata or {}
+    if STATS_KEY not in metadata:
+        raise StageError(f"target shard {path} has no statistics; it was not written by this stage")
+    return json.loads(metadata[STATS_KEY])
 
 
 def main(argv=None) -> None:
@@ -169,9 +187,10 @@ def main(argv=None) -> None:
     p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
     p.add_argument("--summarize", nargs="+", help="target shards to summarise into --manifest")
     p.add_argument("--manifest")
+    p.add_argument("--validation", help="with --summarize: the validation split's targets, listed apart")
     args = p.parse_args(argv)
     if args.summarize:
-        summarize(args.summarize, args.manifest, args.params)
+        summarize(args.summarize, args.manifest, args.params, args.validation)
     else:
         compute(args.corpus_shard, args.corpus_manifest, args.dictionary, args.dictionary_metrics, args.out,
                 args.params, args.resume_dir)

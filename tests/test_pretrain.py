@@ -1,6 +1,7 @@
 """Stage 5: the four objectives, masking, losses and loadable checkpoints."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,10 @@ def targets(tmp_path_factory, sharded_corpus, encoder_teacher):
     for i, shard in enumerate(shards):
         paths.append(str(out / f"t{i}.parquet"))
         compute(shard, manifest, str(out / "D.npy"), str(out / "m.json"), paths[-1], params)
-    summarize(paths, str(out / "manifest.json"), params)  # the record pretrain verifies the shards against
+    validation = str(Path(manifest).parent / "validation.parquet")  # no rows: validation_fraction is 0
+    compute(validation, manifest, str(out / "D.npy"), str(out / "m.json"), str(out / "validation.parquet"), params)
+    record = summarize(paths, str(out / "manifest.json"), params, str(out / "validation.parquet"))
+    assert record["validation"]["tokens"] == 0
     return paths
 
 
@@ -282,7 +286,7 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, t
     assert resumed["tokens_seen"] == straight["tokens_seen"]
 
 
-def test_checkpoints_csv_and_validation_loss(tmp_path, corpus_text, tokenizer):
+def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer, encoder_teacher):
     from transformers import AutoModelForMaskedLM
 
     from conftest import MINILM
@@ -292,23 +296,36 @@ def test_checkpoints_csv_and_validation_loss(tmp_path, corpus_text, tokenizer):
     manifest, validation = str(tmp_path / "manifest.json"), str(tmp_path / "validation.parquet")
     shard([corpus_text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0,
                                             "validation_fraction": 0.2}, validation)
-    params = {**BASE, "objective": "mlm", "student": "s", "max_steps": 4, "checkpoint_fractions": [0.25, 0.5, 1.0]}
-    summary = train(shards, None, manifest, str(tmp_path / "model"), str(tmp_path / "summary.json"), params,
+    (tmp_path / "targets").mkdir()
+    save_dictionary(tmp_path, random_dictionary(32, 24))
+    coding = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "lambda": 0.05, "top_k": 4,
+              "max_iterations": 50, "tolerance": 1e-4, "device": "cpu", "trust_remote_code": False}
+    targets = [str(tmp_path / "targets" / "shard-000.parquet"), str(tmp_path / "targets" / "validation.parquet")]
+    for corpus_part, out in zip([*shards, validation], targets):
+        compute(corpus_part, manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), out, coding)
+    record = summarize(targets[:1], str(tmp_path / "targets" / "manifest.json"), coding, validation=targets[1])
+    assert record["validation"]["tokens"] > 0 and record["tokens"] > 2 * record["validation"]["tokens"]
+
+    params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4,
+              "checkpoint_fractions": [0.25, 0.5, 1.0]}
+    summary = train(shards, targets[:1], manifest, str(tmp_path / "model"), str(tmp_path / "summary.json"), params,
                     str(tmp_path / "state"), out_checkpoints=str(tmp_path / "checkpoints"),
-                    metrics_csv=str(tmp_path / "log.csv"), validation=validation)
+                    metrics_csv=str(tmp_path / "log.csv"), validation=validation, validation_targets=targets[1])
     assert summary["checkpoints"] == ["step1", "step2"]
     for step in (1, 2):
         directory = tmp_path / "checkpoints" / f"step{step}"
         _, info = AutoModelForMaskedLM.from_pretrained(directory, output_loading_info=True)
-        assert not info["missing_keys"]
+        assert not info["missing_keys"] and (directory / "mlsm_head.safetensors").exists()
         assert json.loads((directory / "pretraining.json").read_text())["steps"] == step
     assert set(read_record(tmp_path / "summary.json")["files"]) >= {"checkpoints/step1/model.safetensors",
                                                                    "model/model.safetensors"}
     saved = {e["step"]: e for e in summary["history"]}
     assert set(saved) == {1, 2, 4}  # the checkpoints and the last update (LOG_EVERY is 10)
-    assert all(np.isfinite(saved[s]["validation_mlm"]) for s in saved)
+    for entry in saved.values():
+        assert np.isfinite(entry["validation_mlm"]) and np.isfinite(entry["validation_mlsm"])
+    assert saved[4]["validation_mlm"] < saved[1]["validation_mlm"]  # lr 1e-3 learns even in 4 updates
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,mlm,grad_norm,lr") and len(rows) == 4
+    assert rows[0].startswith("step,mlsm,mlm,grad_norm,lr") and len(rows) == 4
     assert not (tmp_path / "state" / "models").exists()  # moved into the outputs, the state cleared
 
 
@@ -331,6 +348,35 @@ def test_a_compiled_encoder_saves_under_the_same_names(tokenizer):
     compiled = pretrain.Student(pretrain.build_config(params, tokenizer, 64), "mlsm+mlm", 24)
     compiled.compile_encoder()  # compiles lazily, at the first call: nothing runs here
     assert compiled.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_sigterm_saves_the_state_and_stops(tmp_path, sharded_corpus, targets):
+    """What SLURM sends at preemption or time limit: the update in progress ends, the state is saved."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import venv_env
+
+    shards, manifest = sharded_corpus
+    params = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 100_000}
+    state = tmp_path / "state"
+    command = [sys.executable, "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,
+               "--corpus-manifest", manifest, "--out-model", str(tmp_path / "model"),
+               "--summary", str(tmp_path / "s.json"), "--metrics-csv", str(tmp_path / "log.csv"),
+               "--resume-dir", str(state), "--params", json.dumps(params)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=venv_env(OMP_NUM_THREADS="1", MLSM_CHECKPOINT_SECONDS="3600"))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "log.csv").exists() and time.monotonic() < deadline:  # 10 updates are done
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "stopped by SIGTERM after update" in stderr and "a rerun resumes" in stderr
+    journal = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
+    assert journal[-1]["event"] == "checkpoint" and journal[-1]["unit"] >= 10
+    assert (state / "state.safetensors").exists() and not (tmp_path / "model").exists()
 
 
 def test_a_non_finite_loss_stops_the_run_with_the_state_saved(tmp_path, sharded_corpus, targets, monkeypatch):

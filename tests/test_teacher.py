@@ -139,3 +139,18 @@ def test_frequency_subsampling_and_the_per_sequence_cap(tmp_path, sharded_corpus
     assert attrs["sampling"]["positions_per_sequence"] == 3 and attrs["model_fingerprint"]
     with pytest.raises(StageError, match="needs the corpus token counts"):
         extract(shards, manifest, str(tmp_path / "x.zarr"), str(tmp_path / "x.json"), params(encoder_teacher, subsample="w2v"))
+
+
+def test_an_altered_auxiliary_teacher_is_refused(tmp_path):
+    """The pipeline's own teacher (teachers/<t>/auxiliary/model) is verified against its record."""
+    from conftest import save_tiny_teacher
+    from pipeline.common import resolve_model_source
+    from pipeline.integrity import file_entries, write_record
+
+    model = save_tiny_teacher(tmp_path / "auxiliary" / "model", with_mlm_head=True)
+    write_record(tmp_path / "auxiliary" / "summary.json", {"files": file_entries(tmp_path / "auxiliary", [model])})
+    assert resolve_model_source(str(model)) == str(model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(StageError, match="model.safetensors"):
+        resolve_model_source(str(model))

@@ -163,7 +163,7 @@ def test_an_online_student_reads_the_dictionary_and_needs_no_targets_job(workflo
     result = snakemake(workdir, other, "--dry-run", "--printshellcmds")
     assert planned_jobs(result) == {"pretrain_student": 1, "finetune": len(config["tasks"]) * 2, "report": 1, "all": 1}
     command = next(line for line in result.stdout.splitlines() if "-m pipeline.pretrain" in line)
-    assert "--dictionary results/dictionaries/minilm/dictionary.npy" in command and "--target-shards" not in command
+    assert "--dictionary results/dictionaries/minilm/dictionary.npy" in command and "results/targets/" not in command
     assert '"online":{' in command and '"max_iterations"' in command
 
 

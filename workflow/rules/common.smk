@@ -1,6 +1,5 @@
 # Shared by every rule: the validated config, output paths, and each stage's params slice.
 import os
-import shlex
 import re as _re
 import sys as _sys
 
@@ -142,13 +141,14 @@ def student_inputs(wildcards):
     """Corpus; for MLSM objectives the targets (the stage finds their manifest beside them); an auxiliary
     teacher's model."""
     inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST),
-              "validation": path(contract.CORPUS_VALIDATION)}
+              "validation": path(contract.CORPUS_VALIDATION), "targets": []}
     teacher = student_teacher(wildcards.student)
     if online_targets(wildcards.student):
         inputs["dictionary"] = path(contract.DICTIONARY, teacher=teacher)
         inputs["dictionary_metrics"] = path(contract.DICTIONARY_METRICS, teacher=teacher)
     elif CONFIG["students"][wildcards.student]["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         inputs["targets"] = target_shards(teacher)
+        inputs["validation_targets"] = path(contract.TARGET_VALIDATION, teacher=teacher)
         inputs["target_manifest"] = path(contract.TARGET_MANIFEST, teacher=teacher)
     if teacher is not None:
         inputs.update(teacher_model_inputs(teacher))
@@ -161,13 +161,10 @@ def online_targets(student):
     return options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS and options["targets"] == "online"
 
 
-def student_data_arguments(wildcards, input):
-    """The stage's arguments for where its MLSM targets come from: target shards or the dictionary."""
-    if "dictionary" in input.keys():
-        return f"--dictionary {shlex.quote(input.dictionary)} --dictionary-metrics {shlex.quote(input.dictionary_metrics)}"
-    if "targets" in input.keys():
-        return "--target-shards " + " ".join(shlex.quote(t) for t in input.targets)
-    return ""
+def optional_input(name):
+    """A params function: the path of input `name`, or "" where this job has no such input (the option
+    is then given without a value, which the stage reads as absent)."""
+    return lambda wildcards, input: getattr(input, name, "")
 
 
 def student_gpus(student):

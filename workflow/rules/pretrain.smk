@@ -12,7 +12,9 @@ rule pretrain_student:
         stage=lambda w: student_params(w.student),
         launcher=lambda w: torchrun_command(student_gpus(w.student)),
         resume=lambda w: resume_dir("pretrain_student", w.student),
-        data=student_data_arguments,
+        validation_targets=optional_input("validation_targets"),
+        dictionary=optional_input("dictionary"),
+        dictionary_metrics=optional_input("dictionary_metrics"),
     log:
         main=log_path("pretrain_student", "{student}"),
         # The training log as CSV and TensorBoard events: they grow while training, so not outputs.
@@ -28,7 +30,9 @@ rule pretrain_student:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "{params.launcher} -m pipeline.pretrain --corpus-shards {input.shards:q} {params.data}"
+        "{params.launcher} -m pipeline.pretrain --corpus-shards {input.shards:q} --target-shards {input.targets:q}"
+        " --validation-targets {params.validation_targets:q} --dictionary {params.dictionary:q}"
+        " --dictionary-metrics {params.dictionary_metrics:q}"
         " --corpus-manifest {input.manifest:q} --validation {input.validation:q} --out-model {output.model:q}"
         " --out-checkpoints {output.checkpoints:q} --summary {output.summary:q} --metrics-csv {log.metrics:q}"
         " --tensorboard-dir {log.tensorboard:q} --resume-dir {params.resume:q} --params {params.stage:q}"

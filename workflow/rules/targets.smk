@@ -31,9 +31,29 @@ rule precompute_targets:
         " --out {output.shard:q} --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"
 
 
+# The validation split, coded the same way (for the students' validation MLSM loss).
+use rule precompute_targets as precompute_validation_targets with:
+    input:
+        unpack(lambda w: teacher_model_inputs(w.teacher)),
+        shard=path(contract.CORPUS_VALIDATION),
+        manifest=path(contract.CORPUS_MANIFEST),
+        dictionary=path(contract.DICTIONARY),
+        dictionary_metrics=path(contract.DICTIONARY_METRICS),
+    output:
+        shard=path(contract.TARGET_VALIDATION),
+    params:
+        stage=lambda w: teacher_params(w.teacher, "targets", TARGET_SLICE),
+        resume=lambda w: resume_dir("precompute_targets", w.teacher, "validation"),
+    log:
+        log_path("precompute_targets", "{teacher}", "validation"),
+    benchmark:
+        bench_path("precompute_targets", "{teacher}", "validation")
+
+
 rule summarize_targets:
     input:
         shards=lambda w: target_shards(w.teacher),
+        validation=path(contract.TARGET_VALIDATION),
     output:
         manifest=path(contract.TARGET_MANIFEST),
     params:
@@ -49,5 +69,6 @@ rule summarize_targets:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.targets --summarize {input.shards:q} --manifest {output.manifest:q}"
+        "python -m pipeline.targets --summarize {input.shards:q} --validation {input.validation:q}"
+        " --manifest {output.manifest:q}"
         " --params {params.stage:q} > {log:q} 2>&1"
