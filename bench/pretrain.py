@@ -80,7 +80,7 @@ def real_inputs(work: Path, args, device: str) -> tuple[list[str], str, list[str
     manifest = str(work / "manifest.json")
     shard([text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 128, "seed": 0}, workers=os.cpu_count() or 1)
     started = time.perf_counter()
-    dictionary = random_dictionary(384, args.atoms) if args.atoms else np.load(SPAMS_DICTIONARY)
+    dictionary = random_dictionary(384, args.atoms) if args.atoms else np.load(args.dictionary)
     dictionary_path, metrics = save_dictionary(work, dictionary)
     params = {"source": MINILM, "layer": -1, "batch_size": 256, "lambda": 0.05, "top_k": args.top_k,
               "max_iterations": 200, "tolerance": 1e-4, "device": device, "trust_remote_code": False}
@@ -169,6 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=str(SHARED / "corpus" / "train.txt.gz"))
     p.add_argument("--text-mb", type=float, default=12.0, help="MB of raw text to shard and target")
+    p.add_argument("--dictionary", default=str(SPAMS_DICTIONARY), help="MiniLM-L6 last-layer dictionary [384, K]")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--size", default="medium", choices=sorted(pretrain.PRESETS))
     p.add_argument("--batch-size", type=int, default=256)

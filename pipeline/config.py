@@ -140,10 +140,13 @@ def _check_cross_keys(config: dict) -> None:
     if heldout >= sample:
         problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below activations.sample_tokens ({sample})")
     for name, task in config["tasks"].items():
-        if task["format"] == "tsv":
+        if task["format"] != "glue":
             for key in ("text_columns", "label_column"):
                 if key not in task:
-                    problems.append(f"config key 'tasks.{name}.{key}': required for format tsv")
+                    problems.append(f"config key 'tasks.{name}.{key}': required for format {task['format']}")
+    unknown = [t for t in config["finetune"]["checkpoint_tasks"] if t not in config["tasks"]]
+    if unknown:
+        problems.append(f"config key 'finetune.checkpoint_tasks': {unknown} are not tasks (tasks: {sorted(config['tasks'])})")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -155,6 +158,21 @@ def student_options(config: dict, name: str) -> dict:
     merged = dict(config["pretrain"])
     merged.update(config["students"][name])
     return merged
+
+
+def checkpoint_steps(options: dict) -> list[int]:
+    """The updates after which a student's model is saved besides the final one: round(f * max_steps) for
+    each of its checkpoint_fractions f, those before the last update only."""
+    total = options["max_steps"]
+    steps = {max(1, round(f * total)) for f in options["checkpoint_fractions"]}
+    return sorted(s for s in steps if s < total)
+
+
+def finetuned_snapshots(config: dict, student: str, task: str) -> list[str]:
+    """Which of a student's models are fine-tuned on a task: "final", and its saved checkpoints
+    ("step<N>") for the finetune.checkpoint_tasks (the sample-efficiency curve)."""
+    steps = checkpoint_steps(student_options(config, student)) if task in config["finetune"]["checkpoint_tasks"] else []
+    return [f"step{s}" for s in steps] + ["final"]
 
 
 def teachers_in_use(config: dict) -> list[str]:

@@ -31,8 +31,8 @@ FORMAT_VERSION = {
     "dictionary": 2,
     "targets": 3,
     "pretrain": 3,
-    "finetune": 2,
-    "report": 2,
+    "finetune": 3,
+    "report": 3,
 }
 
 # ---- paths, relative to the config's `results` directory (demo data goes to resources/) --------
@@ -56,12 +56,13 @@ TARGET_MANIFEST = "targets/{teacher}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
 STUDENT_CHECKPOINTS = "students/{student}/checkpoints"  # step{N}/ per checkpoint_fractions entry
 STUDENT_SUMMARY = "students/{student}/summary.json"
-FINETUNE_SCORES = "finetune/{student}/{task}/seed{seed}.json"
+FINETUNE_SCORES = "finetune/{student}/{snapshot}/{task}/seed{seed}.json"  # snapshot: final or step{N}
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
 REPORT_MD = "report/report.md"
 REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"
+REPORT_CURVE = "report/sample_efficiency.png"
 REPORT_MANIFEST = "report/manifest.json"
 # Resumable state of one job of a long stage (checkpoints and journal.jsonl); `job` joins its wildcards.
 RESUME_DIR = "resume/{rule}/{job}"
@@ -147,11 +148,14 @@ TARGET_SCHEMA = pa.schema([
 # (every file under model/ and checkpoints/), checksum. logs/pretrain_student/{student}.csv: the history.
 
 # ---- stage 6, finetune ----------------------------------------------------------------------------
-# finetune/{student}/{task}/seed{seed}.json: params, task, metrics (names), score (GLUE convention:
-# mean of the task's official metrics at the last epoch), final, epochs, labels, example counts,
-# seconds, checksum.
+# finetune/{student}/{snapshot}/{task}/seed{seed}.json, snapshot "final" (model/) or "step{N}"
+# (checkpoints/step{N}/): params (with snapshot), task, pretrain_steps (updates of the fine-tuned model),
+# metrics (names), score (GLUE convention: mean of the task's official metrics at the last epoch),
+# final, epochs, labels, example counts, seconds, checksum.
 
 # ---- stage 7, report --------------------------------------------------------------------------------
-# report.md (scores per student x task, mean ± std over seeds; students; dictionary metrics; atom
-# browser; stage costs), results.csv (one row per student x task x seed), scores.png, manifest.json
-# (files, checksum).
+# report.md (final models' scores per student x task: mean ± std [95 % bootstrap CI] over seeds and
+# the GLUE-style average; MLSM vs MLM differences paired by seed with CIs; the checkpoints' scores by
+# pre-training updates; students; dictionary metrics; atom browser; wall and GPU time per stage),
+# results.csv (one row per student x snapshot x task x seed), scores.png, sample_efficiency.png,
+# manifest.json (files, checksum).

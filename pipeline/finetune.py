@@ -1,9 +1,14 @@
 """Stage 6, finetune: one pre-trained student on one task with one seed -> dev scores per epoch.
 
 Tasks come as a GLUE task directory (official layout, train.tsv and dev.tsv; the task's name fixes its
-columns and official metric) or as any train.tsv/dev.tsv with a header and configured columns. The
+columns and official metric; MNLI-mm scores MNLI on its mismatched dev set) or as train/dev files with
+configured text and label columns: train.tsv/dev.tsv (header row), train.csv/dev.csv (header row,
+quoted fields) or train.jsonl/dev.jsonl (one object per line). The
 reported `score` is the GLUE convention: the task's official metric, or the mean of its two metrics
 (MRPC/QQP: F1 and accuracy; STS-B: Pearson and Spearman), at the last epoch.
+
+A student's intermediate checkpoint (students/<s>/checkpoints/step<N>) is fine-tuned the same way, for the
+sample-efficiency curve; the record names the model's pre-training updates.
 
     python -m pipeline.finetune --model students/mlsm/model [--student-summary students/mlsm/summary.json] \
         --out scores.json [--resume-dir state/] \
@@ -13,6 +18,7 @@ reported `score` is the GLUE convention: the task's official metric, or the mean
 from __future__ import annotations
 
 import csv
+import json
 import sys
 import time
 from contextlib import nullcontext
@@ -38,6 +44,7 @@ class TaskSpec:
     header: bool = True
     dev_file: str = "dev.tsv"
     labels: tuple | None = None  # the task's label set, where it is fixed (GLUE classification tasks)
+    train_file: str = "train.tsv"
 
     @property
     def regression(self) -> bool:
@@ -54,6 +61,9 @@ GLUE = {
     "STS-B": TaskSpec(("sentence1", "sentence2"), "score", ("pearson", "spearman")),
     "MNLI": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_matched.tsv",
                      labels=("contradiction", "entailment", "neutral")),
+    # The same training set, scored on the mismatched-genre dev set (a separate entry in GLUE's table).
+    "MNLI-mm": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_mismatched.tsv",
+                        labels=("contradiction", "entailment", "neutral")),
     "QNLI": TaskSpec(("question", "sentence"), "label", ("accuracy",), labels=ENTAILMENT),
     "RTE": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",), labels=ENTAILMENT),
     "WNLI": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",), labels=BINARY),
@@ -68,7 +78,9 @@ def task_spec(task: dict) -> TaskSpec:
             raise StageError(f"GLUE task directory {task['path']!r}: unknown task {name!r} "
                              f"(set glue_task to one of {', '.join(GLUE)})")
         return GLUE[name]
-    return TaskSpec(tuple(task["text_columns"]), task["label_column"], METRICS_OF[task.get("metric", "accuracy")])
+    suffix = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}[task["format"]]
+    return TaskSpec(tuple(task["text_columns"]), task["label_column"], METRICS_OF[task.get("metric", "accuracy")],
+                    train_file=f"train.{suffix}", dev_file=f"dev.{suffix}")
 
 
 def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[str]]:
@@ -77,29 +89,55 @@ def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[
         raise StageError(f"task file {path} does not exist")
     texts, labels = [], []
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            if spec.header:
-                header = next(rows, None) or []
-                missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
-                if missing:
-                    raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
-                columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
-            else:
-                columns = list(spec.text_columns), spec.label_column
-            width = max(columns[0] + [columns[1]])
-            for line, row in enumerate(rows, start=2 if spec.header else 1):
-                if len(row) <= width:
-                    raise StageError(f"{path}, line {line}: {len(row)} columns, expected more than {width}")
-                label = row[columns[1]].strip()
-                _check_label(label, spec, f"{path}, line {line}")
-                texts.append(tuple(row[c] for c in columns[0]))
-                labels.append(label)
+        rows = _json_rows(path, spec) if path.suffix == ".jsonl" else _delimited_rows(path, spec)
+        for where, text, label in rows:
+            label = label.strip()
+            _check_label(label, spec, where)
+            texts.append(text)
+            labels.append(label)
     except UnicodeDecodeError as err:
         raise StageError(f"{path}: not UTF-8 at byte {err.start} of a read block ({err.reason})") from None
     if not texts:
         raise StageError(f"task file {path} has no examples")
     return texts, labels
+
+
+def _delimited_rows(path: Path, spec: TaskSpec):
+    """(where, texts, label) of a TSV (GLUE's: no quoting) or CSV (quoted fields) file."""
+    csv_file = path.suffix == ".csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh) if csv_file else csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if spec.header:
+            header = next(rows, None) or []
+            missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
+            if missing:
+                raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
+            columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
+        else:
+            columns = list(spec.text_columns), spec.label_column
+        width = max(columns[0] + [columns[1]])
+        for row in rows:
+            where = f"{path}, line {rows.line_num}"
+            if len(row) <= width:
+                raise StageError(f"{where}: {len(row)} columns, expected more than {width}")
+            yield where, tuple(row[c] for c in columns[0]), row[columns[1]]
+
+
+def _json_rows(path: Path, spec: TaskSpec):
+    """(where, texts, label) of a JSON-lines file: one object per line with the named fields."""
+    with open(path, encoding="utf-8") as fh:
+        for line_number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StageError(f"{where}: not JSON ({err.msg})") from None
+            missing = [c for c in (*spec.text_columns, spec.label_column) if not isinstance(example, dict) or c not in example]
+            if missing:
+                raise StageError(f"{where}: lacks field(s) {missing}")
+            yield where, tuple(str(example[c]) for c in spec.text_columns), str(example[spec.label_column])
 
 
 def _check_label(label: str, spec: TaskSpec, where: str) -> None:
@@ -160,7 +198,7 @@ def finetune(model_dir: str, student_summary: str | None, task: dict, out: str, 
     student = read_verified(student_summary, [model_dir]) if student_summary else {}
     spec = task_spec(task)
     task_dir = Path(task["path"])
-    train_texts, train_labels = read_split(task_dir / "train.tsv", spec)
+    train_texts, train_labels = read_split(task_dir / spec.train_file, spec)
     dev_texts, dev_labels = read_split(task_dir / spec.dev_file, spec)
     if params["max_train_examples"]:
         keep = np.random.default_rng(params["seed"]).permutation(len(train_texts))[: params["max_train_examples"]]
@@ -240,13 +278,19 @@ def finetune(model_dir: str, student_summary: str | None, task: dict, out: str, 
     final = progress["epochs"][-1]
     result = {
         "format_version": contract.FORMAT_VERSION["finetune"], "params": params, "task": task,
-        "metrics": list(spec.metrics), "score": float(np.mean([final[m] for m in spec.metrics[:2]])),
+        "pretrain_steps": pretrain_steps(model_dir), "metrics": list(spec.metrics), "score": float(np.mean([final[m] for m in spec.metrics[:2]])),
         "final": final, "epochs": progress["epochs"], "train_examples": len(train_texts),
         "dev_examples": len(dev_texts), "labels": label_names, "seconds": time.perf_counter() - started,
     }
     write_record(out, result)
     resume.finish()
     return result
+
+
+def pretrain_steps(model_dir: str) -> int | None:
+    """The updates the fine-tuned model had been pre-trained for (pretraining.json), if it is a student."""
+    record = Path(model_dir) / "pretraining.json"
+    return json.loads(record.read_text())["steps"] if record.exists() else None
 
 
 def main(argv=None) -> None:

@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import contract
+from .config import checkpoint_steps
 from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
                      seed_everything, set_cpu_threads)
 from .corpus import read_shard
@@ -498,13 +499,6 @@ def linear_schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def checkpoint_steps(params: dict) -> list[int]:
-    """The updates after which a model is saved (checkpoint_fractions of max_steps), the last excluded."""
-    total = params["max_steps"]
-    steps = {max(1, round(f * total)) for f in params["checkpoint_fractions"]}
-    return sorted(s for s in steps if s < total)
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:

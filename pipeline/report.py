@@ -1,9 +1,10 @@
-"""Stage 7, report: compare the students -> report.md, results.csv and scores.png.
+"""Stage 7, report: compare the students -> report.md, results.csv, scores.png and sample_efficiency.png.
 
     python -m pipeline.report --scores finetune/*/*/seed*.json --students students/*/summary.json \
         --dictionaries dictionaries/minilm/metrics.json --atoms dictionaries/minilm/atoms.json \
         --targets targets/minilm/manifest.json --benchmarks benchmarks --out-md report.md --out-csv results.csv \
-        --out-png scores.png --out-manifest manifest.json --params '{}'
+        --out-png scores.png --out-curve sample_efficiency.png --out-manifest manifest.json \
+        --params '{"device": "cuda", "student_gpus": {"mlsm": 1}}'
 """
 
 from __future__ import annotations
@@ -21,26 +22,50 @@ from .common import parser, run_stage
 from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
+BOOTSTRAP_SAMPLES = 10_000
+MLSM_OBJECTIVES = ("mlsm", "mlsm+mlm")
+# Rules whose jobs hold a GPU when the config's device is cuda (pretrain_student: its `gpus`).
+GPU_RULES = ("pretrain_teacher", "extract_activations", "fit_dictionary", "precompute_targets",
+             "precompute_validation_targets", "pretrain_student", "finetune")
 
 
-def mean_std(values: list[float]) -> str:
+def bootstrap_ci(values, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean over seeds (nan with fewer than 2 values)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (BOOTSTRAP_SAMPLES, len(values)))].mean(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def summary_cell(values) -> str:
+    """mean ± sample std [95 % bootstrap CI] over seeds."""
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+    low, high = bootstrap_ci(values)
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} [{low:.3f}, {high:.3f}]"
 
 
 def collect_scores(paths: list[str]) -> list[dict]:
     rows = []
     for path in paths:
         result = read_record(path)
-        rows.append({"student": result["params"]["student"], "objective": result["params"]["objective"],
-                     "task": result["params"]["task_name"], "seed": result["params"]["seed"],
-                     "score": result["score"], **{m: result["final"][m] for m in result["metrics"]}})
-    return sorted(rows, key=lambda r: (r["student"], r["task"], r["seed"]))
+        params = result["params"]
+        rows.append({"student": params["student"], "objective": params["objective"],
+                     "snapshot": params.get("snapshot", "final"), "pretrain_steps": result.get("pretrain_steps"),
+                     "task": params["task_name"], "seed": params["seed"], "score": result["score"],
+                     **{m: result["final"][m] for m in result["metrics"]}})
+    return sorted(rows, key=lambda r: (r["student"], r["task"], r["pretrain_steps"] or 0, r["seed"]))
+
+
+def select(rows: list[dict], **where) -> list[dict]:
+    return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    columns = ["student", "objective", "task", "seed", "score"]
+    columns = ["student", "objective", "snapshot", "pretrain_steps", "task", "seed", "score"]
     columns += sorted({k for r in rows for k in r} - set(columns))
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, columns)
@@ -48,66 +73,162 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot(path: str, rows: list[dict], students: list[str], tasks: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) * max(1, len(students)) / 2), 3.6))
-    width = 0.8 / len(students)
-    for i, student in enumerate(students):
-        means, errors = [], []
-        for task in tasks:
-            values = [r["score"] for r in rows if r["student"] == student and r["task"] == task]
-            means.append(np.mean(values))
-            errors.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
-        ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=errors, capsize=3, label=student)
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-    ax.set_ylabel("dev score (mean ± std over seeds)")
-    ax.set_title("Fine-tuning scores by pre-training objective")
-    ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
-def stage_costs(benchmark_dir: str) -> list[tuple[str, float, float]]:
-    costs = defaultdict(lambda: [0.0, 0.0])
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(path: str, rows: list[dict], students: list[str], tasks: list[str]) -> None:
+    """Final models: one bar per student and task, mean ± std over seeds."""
+    fig, ax = _pyplot().subplots(figsize=(max(5, 1.6 * len(tasks) * max(1, len(students)) / 2), 3.6))
+    width = 0.8 / len(students)
+    for i, student in enumerate(students):
+        means, errors = [], []
+        for task in tasks:
+            values = [r["score"] for r in select(rows, student=student, task=task, snapshot="final")]
+            means.append(np.mean(values) if values else np.nan)
+            errors.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=errors, capsize=3, label=student)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+    ax.set_ylabel("dev score (mean ± std over seeds)")
+    ax.set_title("Fine-tuning scores by pre-training objective")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def curve_tasks(rows: list[dict]) -> list[str]:
+    """Tasks on which some intermediate checkpoint was fine-tuned."""
+    return sorted({r["task"] for r in rows if r["snapshot"] != "final"})
+
+
+def plot_sample_efficiency(path: str, rows: list[dict], students: list[str]) -> None:
+    """Score against pre-training updates, one line per student, one panel per curve task (mean over
+    seeds, the band its 95 % bootstrap CI)."""
+    plt = _pyplot()
+    tasks = curve_tasks(rows)
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), squeeze=False)
+    if not tasks:
+        axes[0][0].text(0.5, 0.5, "no checkpoints were fine-tuned\n(finetune.checkpoint_tasks)", ha="center",
+                        va="center")
+        axes[0][0].set_axis_off()
+    for ax, task in zip(axes[0], tasks):
+        for student in students:
+            points = sorted({r["pretrain_steps"] for r in select(rows, student=student, task=task)})
+            series = [[r["score"] for r in select(rows, student=student, task=task, pretrain_steps=s)] for s in points]
+            if not points:
+                continue
+            bands = np.array([bootstrap_ci(v) for v in series])
+            ax.plot(points, [np.mean(v) for v in series], marker="o", label=student)
+            ax.fill_between(points, bands[:, 0], bands[:, 1], alpha=0.15)
+        ax.set_title(task)
+        ax.set_xlabel("pre-training updates")
+        ax.set_ylabel("dev score")
+        ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Each MLSM student against each MLM student, per task: the mean over seeds of (MLSM - MLM) on
+    the final models, paired by seed, with its 95 % bootstrap CI."""
+    final = select(rows, snapshot="final")
+    students = {r["student"]: r["objective"] for r in final}
+    out = []
+    for mlsm in sorted(s for s, o in students.items() if o in MLSM_OBJECTIVES):
+        for mlm in sorted(s for s, o in students.items() if o == "mlm"):
+            for task in sorted({r["task"] for r in final}):
+                a = {r["seed"]: r["score"] for r in select(final, student=mlsm, task=task)}
+                b = {r["seed"]: r["score"] for r in select(final, student=mlm, task=task)}
+                seeds = sorted(a.keys() & b.keys())
+                if not seeds:
+                    continue
+                diffs = [a[s] - b[s] for s in seeds]
+                low, high = bootstrap_ci(diffs)
+                out.append({"mlsm": mlsm, "mlm": mlm, "task": task, "seeds": len(seeds), "difference": float(np.mean(diffs)),
+                            "low": low, "high": high, "wins": sum(d > 0 for d in diffs)})
+    return out
+
+
+def stage_costs(benchmark_dir: str, device: str = "cpu", student_gpus: dict | None = None) -> list[dict]:
+    """Per rule: jobs, wall time and GPU time (wall time x the GPUs a job holds, with device cuda) summed
+    over its jobs' benchmark files (the last run of each), and the peak RSS of any of them."""
+    costs = {}
     for path in sorted(glob.glob(f"{benchmark_dir}/**/*.tsv", recursive=True)):
-        rule = Path(path).relative_to(benchmark_dir).parts[0]
+        rule, job = Path(path).relative_to(benchmark_dir).parts[0], Path(path).stem
         with open(path) as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
-        if rows:
-            costs[rule][0] += float(rows[-1]["s"])
-            rss = rows[-1].get("max_rss", "NA")
-            costs[rule][1] = max(costs[rule][1], float(rss) if rss not in ("NA", "-") else 0.0)
-    return [(rule, s, rss) for rule, (s, rss) in costs.items()]
+        if not rows:
+            continue
+        seconds, rss = float(rows[-1]["s"]), rows[-1].get("max_rss", "NA")
+        gpus = (student_gpus or {}).get(job, 1) if rule == "pretrain_student" else int(rule in GPU_RULES)
+        cost = costs.setdefault(rule, {"rule": rule, "jobs": 0, "seconds": 0.0, "gpu_seconds": 0.0, "max_rss_mb": 0.0})
+        cost["jobs"] += 1
+        cost["seconds"] += seconds
+        cost["gpu_seconds"] += seconds * gpus if device == "cuda" else 0.0
+        cost["max_rss_mb"] = max(cost["max_rss_mb"], float(rss) if rss not in ("NA", "-") else 0.0)
+    return list(costs.values())
 
 
 LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")  # the entries of a student's history that are losses
 
 
-def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> str:
+def render(scores, students, dictionaries, atoms, targets, costs, plot_name, curve_name) -> str:
+    final = select(scores, snapshot="final")
     names = sorted({r["student"] for r in scores})
-    tasks = sorted({r["task"] for r in scores})
+    tasks = sorted({r["task"] for r in final})
     lines = ["# MLSM pipeline report", "",
              f"{len(names)} students × {len(tasks)} tasks × {len({r['seed'] for r in scores})} seeds. "
              "Scores are dev-set scores at the last fine-tuning epoch (GLUE convention: mean of the task's "
-             "official metrics), mean ± sample std over seeds.", "",
-             "## Fine-tuning scores", "",
+             "official metrics), as mean ± sample std [95 % bootstrap CI of the mean] over seeds; the average "
+             "is the GLUE-style unweighted mean over tasks.", "",
+             "## Fine-tuning scores of the final models", "",
              "| student | objective | " + " | ".join(tasks) + " | average |",
              "|---|---|" + "---:|" * (len(tasks) + 1)]
     for name in names:
         cells, averages = [], []
         for task in tasks:
-            values = [r["score"] for r in scores if r["student"] == name and r["task"] == task]
-            cells.append(mean_std(values) if values else "–")
+            values = [r["score"] for r in select(final, student=name, task=task)]
+            cells.append(summary_cell(values) if values else "–")
             averages.append(np.mean(values) if values else np.nan)
         objective = next(r["objective"] for r in scores if r["student"] == name)
         lines.append(f"| {name} | {objective} | " + " | ".join(cells) + f" | {np.nanmean(averages):.3f} |")
-    lines += ["", f"![scores]({plot_name})", "", "## Students", "",
+    lines += ["", f"![scores]({plot_name})"]
+    pairs = paired_differences(scores)
+    if pairs:
+        lines += ["", "## MLSM against MLM, paired by seed", "",
+                  "Mean over seeds of (MLSM student's score − MLM student's score) on the final models, its 95 % "
+                  "bootstrap CI, and on how many seeds MLSM scored higher.", "",
+                  "| MLSM student | MLM student | task | difference | 95 % CI | MLSM higher |", "|---|---|---|---:|---|---:|"]
+        for p in pairs:
+            ci = "–" if np.isnan(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
+            lines.append(f"| {p['mlsm']} | {p['mlm']} | {p['task']} | {p['difference']:+.3f} | {ci} | "
+                         f"{p['wins']}/{p['seeds']} |")
+    if curve_tasks(scores):
+        lines += ["", "## Sample efficiency", "",
+                  "Scores of the students' checkpoints by pre-training updates (finetune.checkpoint_tasks).", "",
+                  "| student | task | " + " | ".join(f"updates {s}" for s in sorted({r["pretrain_steps"] for r in scores
+                                                                                     if r["task"] in curve_tasks(scores)})) + " |"]
+        steps = sorted({r["pretrain_steps"] for r in scores if r["task"] in curve_tasks(scores)})
+        lines.append("|---|---|" + "---:|" * len(steps))
+        for name in names:
+            for task in curve_tasks(scores):
+                cells = [summary_cell(v) if (v := [r["score"] for r in select(scores, student=name, task=task,
+                                                                               pretrain_steps=s)]) else "–" for s in steps]
+                lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+        lines += ["", f"![sample efficiency]({curve_name})"]
+    lines += ["", "## Students", "",
               "| student | objective | teacher | size | updates | final losses | parameters | tokens/s |",
               "|---|---|---|---|---:|---|---:|---:|"]
     for summary in students:
@@ -135,14 +256,17 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name) -> 
             tokens = ", ".join(f"`{t['token']}` {t['weight']:.2f}" for t in atom["top_tokens"][:TOKENS_SHOWN])
             lines.append(f"| {atom['atom']} | {atom['usage']:.1f} | {tokens} |")
     if costs:
-        lines += ["", "## Cost of each stage", "", "| rule | wall time (s, all jobs) | peak RSS (MB) |", "|---|---:|---:|"]
-        lines += [f"| {rule} | {s:.1f} | {rss:.0f} |" for rule, s, rss in costs]
+        lines += ["", "## Cost of each stage", "",
+                  "| rule | jobs | wall time (s, all jobs) | GPU time (s) | peak RSS (MB) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['rule']} | {c['jobs']} | {c['seconds']:.1f} | {c['gpu_seconds']:.1f} | {c['max_rss_mb']:.0f} |"
+                  for c in costs]
     lines += ["", f"_Report format version {contract.FORMAT_VERSION['report']}._", ""]
     return "\n".join(lines)
 
 
-def report(score_paths, student_paths, dictionary_paths, atom_paths, target_paths, benchmark_dir, out_md, out_csv, out_png,
-           out_manifest):
+def report(score_paths, student_paths, dictionary_paths, atom_paths, target_paths, benchmark_dir, out_md, out_csv,
+           out_png, out_curve, out_manifest, params: dict | None = None):
+    params = params or {}
     scores = collect_scores(score_paths)
     students = sorted((read_record(p) for p in student_paths), key=lambda s: s["params"]["student"])
     dictionaries = {Path(p).parent.name: read_record(p) for p in dictionary_paths}
@@ -151,14 +275,16 @@ def report(score_paths, student_paths, dictionary_paths, atom_paths, target_path
         read_verified(Path(path).parent / Path(contract.DICTIONARY_METRICS).name, [path])
         atoms[Path(path).parent.name] = json.loads(Path(path).read_text())
     targets = {Path(p).parent.name: read_record(p) for p in target_paths}
+    names = sorted({r["student"] for r in scores})
     write_csv(out_csv, scores)
-    plot(out_png, scores, sorted({r["student"] for r in scores}), sorted({r["task"] for r in scores}))
-    text = render(scores, students, dictionaries, atoms, targets, stage_costs(benchmark_dir) if benchmark_dir else [],
-                  Path(out_png).name)
+    plot_scores(out_png, scores, names, sorted({r["task"] for r in scores}))
+    plot_sample_efficiency(out_curve, scores, names)
+    costs = stage_costs(benchmark_dir, params.get("device", "cpu"), params.get("student_gpus")) if benchmark_dir else []
+    text = render(scores, students, dictionaries, atoms, targets, costs, Path(out_png).name, Path(out_curve).name)
     with atomic_output(out_md) as tmp:
         tmp.write_text(text)
     write_record(out_manifest, {"format_version": contract.FORMAT_VERSION["report"],
-                                "files": file_entries(Path(out_manifest).parent, [out_md, out_csv, out_png])})
+                                "files": file_entries(Path(out_manifest).parent, [out_md, out_csv, out_png, out_curve])})
 
 
 def main(argv=None) -> None:
@@ -171,11 +297,12 @@ def main(argv=None) -> None:
     p.add_argument("--benchmarks", default=None)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-csv", required=True)
-    p.add_argument("--out-png", required=True)
-    p.add_argument("--out-manifest", required=True, help="checksums of the three files above")
+    p.add_argument("--out-png", required=True, help="the final models' scores (bars)")
+    p.add_argument("--out-curve", required=True, help="the sample-efficiency plot")
+    p.add_argument("--out-manifest", required=True, help="checksums of the four files above")
     args = p.parse_args(argv)
     report(args.scores, args.students, args.dictionaries, args.atoms, args.targets, args.benchmarks,
-           args.out_md, args.out_csv, args.out_png, args.out_manifest)
+           args.out_md, args.out_csv, args.out_png, args.out_curve, args.out_manifest, args.params)
 
 
 if __name__ == "__main__":

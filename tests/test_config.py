@@ -27,6 +27,14 @@ def test_the_paper_preset_is_valid_and_holds_the_reference_recipe():
     assert (paper["dictionary"]["atoms"], paper["dictionary"]["lambda"]) == (3000, 0.05)
 
 
+def test_the_glue_small_comparison_is_valid():
+    small = cfg.validate(cfg.load_yaml(REPO / "config" / "glue-small.yaml"))
+    assert {s["objective"] for s in small["students"].values()} == {"mlsm", "mlm", "kd", "mlsm+mlm"}
+    assert len(small["tasks"]) == 6 and len(small["finetune"]["seeds"]) == 3
+    assert cfg.finetuned_snapshots(small, "mlsm", "RTE") == ["step500", "step1000", "final"]
+    assert cfg.finetuned_snapshots(small, "mlsm", "SST-2") == ["final"]
+
+
 def test_missing_options_take_schema_defaults():
     minimal = {"corpus": {"inputs": ["a.txt"], "tokenizer": "t"}, "teachers": {"t": {"source": "x"}},
                "students": {"s": {"objective": "mlsm", "teacher": "t"}},

@@ -10,7 +10,7 @@ from conftest import SHARED, save_tiny_teacher
 from pipeline.common import StageError
 from pipeline.finetune import GLUE, compute_metrics, finetune, read_split, task_spec
 from pipeline.integrity import read_record, write_record
-from pipeline.report import report
+from pipeline.report import bootstrap_ci, report
 
 GLUE_DIR = SHARED / "glue"
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason="../shared/data/glue is not beside this checkout")
@@ -40,7 +40,28 @@ def test_official_metrics():
 
 
 def test_all_nine_glue_tasks_are_known():
-    assert set(GLUE) == {"CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE", "WNLI"}
+    assert set(GLUE) == {"CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "MNLI-mm", "QNLI", "RTE", "WNLI"}
+    assert GLUE["MNLI-mm"].dev_file == "dev_mismatched.tsv" and GLUE["MNLI"].dev_file == "dev_matched.tsv"
+
+
+def test_csv_and_jsonl_tasks_read_the_same_examples(tmp_path):
+    import json
+
+    rows = [("a, \"quoted\" text", "x"), ("second\ttabbed", "y")]
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["label", "text"])
+        writer.writerows([(label, text) for text, label in rows])
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": l, "extra": 1}) + "\n" for t, l in rows))
+    for fmt in ("csv", "jsonl"):
+        spec = task_spec({"format": fmt, "path": str(tmp_path), "text_columns": ["text"], "label_column": "label"})
+        assert spec.train_file == f"train.{fmt}" and spec.dev_file == f"dev.{fmt}"
+        texts, labels = read_split(tmp_path / spec.train_file, spec)
+        assert texts == [(t,) for t, _ in rows] and labels == ["x", "y"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(StageError, match=r"bad.jsonl, line 2: lacks field\(s\) \['label'\]"):
+        read_split(tmp_path / "bad.jsonl", task_spec({"format": "jsonl", "path": str(tmp_path),
+                                                      "text_columns": ["text"], "label_column": "label"}))
 
 
 def write_task(directory: Path, train_rows, dev_rows):
@@ -80,27 +101,53 @@ def test_missing_dev_file_is_named(tmp_path):
         finetune(str(tmp_path), None, {**TSV_TASK, "path": str(tmp_path / "task")}, str(tmp_path / "s.json"), PARAMS)
 
 
-def test_report_lists_every_student_and_task(tmp_path):
+def test_bootstrap_interval_of_the_mean():
+    low, high = bootstrap_ci([0.5, 0.6, 0.7, 0.8])
+    assert 0.5 <= low < 0.65 < high <= 0.8
+    assert all(np.isnan(bootstrap_ci([0.5])))
+    assert bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4))
+
+
+def test_report_has_every_table_and_its_plots_render(tmp_path):
+    import matplotlib.image
+
     scores, students = [], []
-    for student, objective in (("a", "mlsm"), ("b", "mlm")):
+    # a (mlsm) beats b (mlm) by 0.1 on every seed; t1 also has checkpoints at updates 2 and 4 (final: 8).
+    for student, objective, bonus in (("a", "mlsm", 0.1), ("b", "mlm", 0.0)):
         for task in ("t1", "t2"):
-            for seed in (1, 2):
-                path = tmp_path / f"{student}-{task}-{seed}.json"
-                write_record(path, {"params": {"student": student, "objective": objective, "task_name": task,
-                                               "seed": seed}, "score": 0.5 + seed / 10,
-                                    "metrics": ["accuracy"], "final": {"accuracy": 0.5 + seed / 10}})
-                scores.append(str(path))
+            for snapshot, steps in (("step2", 2), ("step4", 4), ("final", 8)):
+                if task == "t2" and snapshot != "final":
+                    continue
+                for seed in (1, 2, 3):
+                    path = tmp_path / f"{student}-{snapshot}-{task}-{seed}.json"
+                    score = 0.4 + bonus + seed / 20 + steps / 100
+                    write_record(path, {"params": {"student": student, "objective": objective, "task_name": task,
+                                                   "seed": seed, "snapshot": snapshot},
+                                        "pretrain_steps": steps, "score": score,
+                                        "metrics": ["accuracy"], "final": {"accuracy": score}})
+                    scores.append(str(path))
         path = tmp_path / f"{student}.json"
         write_record(path, {"params": {"student": student, "objective": objective, "size": "tiny"},
-                            "steps": 3, "final": {"step": 3, objective: 1.0}, "parameters": 10,
-                            "tokens_per_second": 5.0})
+                            "steps": 8, "final": {"step": 8, objective: 1.0, "grad_norm": 0.5, "mfu": None},
+                            "parameters": 10, "tokens_per_second": 5.0})
         students.append(str(path))
+    bench = tmp_path / "benchmarks"
+    for rule, job, seconds in (("pretrain_student", "a", 10.0), ("pretrain_student", "b", 30.0), ("report", "report", 1.0)):
+        (bench / rule).mkdir(parents=True, exist_ok=True)
+        (bench / rule / f"{job}.tsv").write_text(f"s\tmax_rss\n{seconds}\t100\n")
     out = tmp_path / "report"
-    report(scores, students, [], [], [], None, str(out / "r.md"), str(out / "r.csv"), str(out / "r.png"),
-           str(out / "manifest.json"))
-    assert set(read_record(out / "manifest.json")["files"]) == {"r.md", "r.csv", "r.png"}
+    report(scores, students, [], [], [], str(bench), str(out / "r.md"), str(out / "r.csv"), str(out / "r.png"),
+           str(out / "curve.png"), str(out / "manifest.json"), {"device": "cuda", "student_gpus": {"a": 1, "b": 2}})
+    assert set(read_record(out / "manifest.json")["files"]) == {"r.md", "r.csv", "r.png", "curve.png"}
     text = (out / "r.md").read_text()
-    assert "| a | mlsm | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.650 |" in text
+    # Final scores: a on t1 = 0.58 + seed/20 over seeds 1-3 -> mean 0.68, std 0.05, and the average.
+    assert "| a | mlsm | 0.680 ± 0.050 [0.630, 0.730] | 0.680 ± 0.050 [0.630, 0.730] | 0.680 |" in text
     assert "| b | mlm |" in text
-    assert len(list(csv.DictReader(open(out / "r.csv")))) == 8
-    assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| a | b | t1 | +0.100 | [+0.100, +0.100] | 3/3 |" in text  # paired by seed
+    assert "| student | task | updates 2 | updates 4 | updates 8 |" in text
+    assert "| a | t1 | 0.620 ± 0.050 [0.570, 0.670] | 0.640 ± 0.050" in text
+    assert "| pretrain_student | 2 | 40.0 | 70.0 | 100 |" in text  # GPU time: 10 x 1 GPU + 30 x 2 GPUs
+    assert len(list(csv.DictReader(open(out / "r.csv")))) == 2 * (3 * 3 + 3)
+    for png in ("r.png", "curve.png"):
+        image = matplotlib.image.imread(out / png)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image[..., :3].std() > 0.05

@@ -65,6 +65,7 @@ def slurm_config() -> dict:
     config["students"] = {"mlsm": {**config["students"]["mlsm"], "gpus": 2}, "mlm": config["students"]["mlm"]}
     config["tasks"] = {"bbc_topic": config["tasks"]["bbc_topic"]}
     config["finetune"]["seeds"] = [1]
+    config["finetune"]["checkpoint_tasks"] = []  # the final models only
     return config
 
 
@@ -137,9 +138,10 @@ def test_every_rule_ran_as_a_slurm_job_with_its_declared_resources(cluster, firs
     jobs = submissions(output)
     records = slurm_records(cluster)
     expected_rules = {"bbc_news_data", "shard_corpus", "extract_activations", "fit_dictionary", "precompute_targets",
+                      "precompute_validation_targets",
                       "summarize_targets", "pretrain_student", "finetune", "report"}
     assert {job["rule"] for job in jobs.values()} == expected_rules
-    assert len(jobs) == 12  # 2 target shards, 2 students, 2 fine-tuning jobs
+    assert len(jobs) == 13  # 2 target shards and the validation split's, 2 students, 2 fine-tuning jobs
     for slurm_id, job in jobs.items():
         record = records[slurm_id]
         tres = dict(item.split("=") for item in record["Tres"].split(","))

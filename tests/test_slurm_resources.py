@@ -16,7 +16,8 @@ import yaml
 from test_slurm import job_blocks, slurm_config, submissions
 from test_workflow import snakemake
 
-GPU_RULES = {"extract_activations", "fit_dictionary", "precompute_targets", "pretrain_student", "finetune"}
+GPU_RULES = {"extract_activations", "fit_dictionary", "precompute_targets", "precompute_validation_targets",
+             "pretrain_student", "finetune"}
 
 
 class Resources(dict):

@@ -36,14 +36,23 @@ def tiny_config(kd_teacher: Path) -> dict:
         "dictionary": {"atoms": 24, "lambda": 0.05, "batch_size": 256, "epochs": 2, "heldout_tokens": 300,
                        "code_iterations": 30, "browse_atoms": 5},
         "targets": {"top_k": 8, "max_iterations": 50, "tolerance": 1e-3, "batch_size": 8},
-        "pretrain": {"size": "tiny", "max_steps": 4, "batch_size": 8},
+        "pretrain": {"size": "tiny", "max_steps": 4, "batch_size": 8, "checkpoint_fractions": [0.5]},
         "students": {"mlsm": {"objective": "mlsm", "teacher": "minilm"},
                      "mlm": {"objective": "mlm"},
                      "kd": {"objective": "kd", "teacher": "tiny_mlm"},
                      "both": {"objective": "mlsm+mlm", "teacher": "minilm", "mlm_weight": 0.5}},
-        "finetune": {"seeds": [1, 2], "epochs": 1, "batch_size": 16, "max_seq_len": 64, "max_train_examples": 64},
+        "finetune": {"seeds": [1, 2], "epochs": 1, "batch_size": 16, "max_seq_len": 64, "max_train_examples": 64,
+                     "checkpoint_tasks": ["bbc_topic"]},  # the students' step-2 checkpoints too
         "tasks": tasks,
     }
+
+
+def finetune_jobs(config: dict, students: int | None = None, seeds: int | None = None) -> int:
+    """Fine-tuning jobs of the tiny config: every task on the final models, the checkpoint tasks on
+    each student's one checkpoint too."""
+    students = len(config["students"]) if students is None else students
+    seeds = len(config["finetune"]["seeds"]) if seeds is None else seeds
+    return students * seeds * (len(config["tasks"]) + len(config["finetune"]["checkpoint_tasks"]))
 
 
 def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
@@ -103,15 +112,19 @@ def test_every_declared_output_is_valid(workflow_run):
     for student in config["students"]:
         model = AutoModel.from_pretrained(results / contract.STUDENT_MODEL.format(student=student))
         assert model.config.hidden_size == 128
+        checkpoint = results / contract.STUDENT_CHECKPOINTS.format(student=student) / "step2"
+        assert AutoModel.from_pretrained(checkpoint).config.hidden_size == 128
 
     report = (results / contract.REPORT_MD).read_text()
     rows = list(__import__("csv").DictReader(open(results / contract.REPORT_CSV)))
-    assert len(rows) == len(config["students"]) * len(config["tasks"]) * 2
+    assert len(rows) == finetune_jobs(config)
+    assert {r["pretrain_steps"] for r in rows if r["snapshot"] == "step2"} == {"2"}
     for student in config["students"]:
         assert f"| {student} |" in report
     for task in config["tasks"]:
         assert task in report
     assert "Atom browser" in report and (results / contract.REPORT_PLOT).stat().st_size > 1000
+    assert "## Sample efficiency" in report and (results / contract.REPORT_CURVE).stat().st_size > 1000
     benchmarks = list((results / contract.BENCHMARKS).rglob("*.tsv"))
     logs = list((results / contract.LOGS).rglob("*.log"))
     assert len(benchmarks) == len(logs) >= 9
@@ -135,7 +148,7 @@ def test_changing_one_student_reruns_only_that_student(workflow_run):
     other.write_text(yaml.safe_dump(changed))
     result = snakemake(workdir, other, "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
-    n_finetune = len(config["tasks"]) * 2
+    n_finetune = finetune_jobs(config, students=1)
     assert planned_jobs(result) == {"pretrain_student": 1, "finetune": n_finetune, "report": 1, "all": 1}
     planned = re.findall(r"wildcards: (.*)", result.stdout)
     assert all("student=mlm" in w for w in planned), planned
@@ -161,7 +174,7 @@ def test_an_online_student_reads_the_dictionary_and_needs_no_targets_job(workflo
     other = workdir / "online.yaml"
     other.write_text(yaml.safe_dump(changed))
     result = snakemake(workdir, other, "--dry-run", "--printshellcmds")
-    assert planned_jobs(result) == {"pretrain_student": 1, "finetune": len(config["tasks"]) * 2, "report": 1, "all": 1}
+    assert planned_jobs(result) == {"pretrain_student": 1, "finetune": finetune_jobs(config, students=1), "report": 1, "all": 1}
     command = next(line for line in result.stdout.splitlines() if "-m pipeline.pretrain" in line)
     assert "--dictionary results/dictionaries/minilm/dictionary.npy" in command and "results/targets/" not in command
     assert '"online":{' in command and '"max_iterations"' in command
@@ -190,7 +203,7 @@ def test_adding_a_seed_adds_only_its_finetune_jobs(workflow_run):
     other = workdir / "seeds.yaml"
     other.write_text(yaml.safe_dump(changed))
     result = snakemake(workdir, other, "--dry-run")
-    n_new = len(config["students"]) * len(config["tasks"])
+    n_new = finetune_jobs(config, seeds=1)
     assert planned_jobs(result) == {"finetune": n_new, "report": 1, "all": 1}, result.stdout[-2000:]
     assert all("seed=3" in w for w in re.findall(r"wildcards: (.*)", result.stdout) if "task=" in w)
 

@@ -37,6 +37,7 @@ wildcard_constraints:
     student=_names(STUDENTS),
     task=_names(TASKS),
     seed=r"\d+",
+    snapshot=r"final|step\d+",
 
 
 def path(template, **wildcards):
@@ -195,17 +196,36 @@ def student_params(student):
 def task_files(wildcards):
     task = CONFIG["tasks"][wildcards.task]
     return {
-        "train": f"{task['path']}/train.tsv",
+        "train": f"{task['path']}/{_task_spec(task).train_file}",
         "dev": f"{task['path']}/{_task_spec(task).dev_file}",
     }
 
 
-def finetune_params(student, task, seed):
-    # The list of seeds is left out: adding a seed adds jobs and must not rerun the others.
-    options = {k: v for k, v in CONFIG["finetune"].items() if k != "seeds"}
+def finetune_scores():
+    """Every fine-tuning run's scores: student x task x seed on the final model, and on the saved
+    checkpoints for the finetune.checkpoint_tasks."""
+    return [path(contract.FINETUNE_SCORES, student=s, snapshot=c, task=t, seed=seed)
+            for s in STUDENTS for t in TASKS for c in cfg.finetuned_snapshots(CONFIG, s, t) for seed in SEEDS]
+
+
+def finetune_model(wildcards):
+    """The model a fine-tuning job starts from, and the record that lists its files."""
+    model = (path(contract.STUDENT_MODEL, student=wildcards.student) if wildcards.snapshot == "final"
+             else path(contract.STUDENT_CHECKPOINTS, student=wildcards.student))
+    return {"model": model, "summary": path(contract.STUDENT_SUMMARY, student=wildcards.student)}
+
+
+def finetune_model_dir(wildcards, input):
+    return input.model if wildcards.snapshot == "final" else f"{input.model}/{wildcards.snapshot}"
+
+
+def finetune_params(student, task, seed, snapshot):
+    # The lists of seeds and checkpoint tasks are left out: they add jobs and must not rerun the others.
+    options = {k: v for k, v in CONFIG["finetune"].items() if k not in ("seeds", "checkpoint_tasks")}
     return stage_params(
         "finetune",
         options,
+        snapshot=snapshot,
         student=student,
         objective=CONFIG["students"][student]["objective"],
         task_name=task,

@@ -1,20 +1,21 @@
-# Stage 6: every student x task x seed fine-tuned on the task's train split, scored on dev (pipeline/finetune.py).
+# Stage 6: every student x task x seed fine-tuned on the task's train split, scored on dev (pipeline/finetune.py);
+# for the finetune.checkpoint_tasks, the students' intermediate checkpoints too (sample efficiency).
 
 
 rule finetune:
     input:
         unpack(task_files),
-        model=path(contract.STUDENT_MODEL),
-        summary=path(contract.STUDENT_SUMMARY),
+        unpack(finetune_model),
     output:
         scores=path(contract.FINETUNE_SCORES),
     params:
-        stage=lambda w: finetune_params(w.student, w.task, w.seed),
-        resume=lambda w: resume_dir("finetune", w.student, w.task, f"seed{w.seed}"),
+        stage=lambda w: finetune_params(w.student, w.task, w.seed, w.snapshot),
+        model=finetune_model_dir,
+        resume=lambda w: resume_dir("finetune", w.student, w.snapshot, w.task, f"seed{w.seed}"),
     log:
-        log_path("finetune", "{student}", "{task}", "seed{seed}"),
+        log_path("finetune", "{student}", "{snapshot}", "{task}", "seed{seed}"),
     benchmark:
-        bench_path("finetune", "{student}", "{task}", "seed{seed}")
+        bench_path("finetune", "{student}", "{snapshot}", "{task}", "seed{seed}")
     threads: 1
     resources:
         mem_mb=6000,
@@ -23,5 +24,5 @@ rule finetune:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.finetune --model {input.model:q} --student-summary {input.summary:q}"
+        "python -m pipeline.finetune --model {params.model:q} --student-summary {input.summary:q}"
         " --out {output.scores:q} --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"

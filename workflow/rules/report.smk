@@ -3,7 +3,7 @@
 
 rule report:
     input:
-        scores=expand(path(contract.FINETUNE_SCORES), student=STUDENTS, task=TASKS, seed=SEEDS),
+        scores=finetune_scores(),
         students=expand(path(contract.STUDENT_SUMMARY), student=STUDENTS),
         dictionaries=expand(path(contract.DICTIONARY_METRICS), teacher=TEACHERS),
         atoms=expand(path(contract.DICTIONARY_ATOMS), teacher=TEACHERS),
@@ -12,9 +12,10 @@ rule report:
         md=path(contract.REPORT_MD),
         csv=path(contract.REPORT_CSV),
         png=path(contract.REPORT_PLOT),
+        curve=path(contract.REPORT_CURVE),
         manifest=path(contract.REPORT_MANIFEST),
     params:
-        stage=stage_params("report"),
+        stage=stage_params("report", device=CONFIG["device"], student_gpus={s: student_gpus(s) for s in STUDENTS}),
         benchmarks=f"{R}/{contract.BENCHMARKS}",
     log:
         log_path("report"),
@@ -30,4 +31,5 @@ rule report:
         "python -m pipeline.report --scores {input.scores:q} --students {input.students:q}"
         " --dictionaries {input.dictionaries:q} --atoms {input.atoms:q} --targets {input.targets:q}"
         " --benchmarks {params.benchmarks:q} --out-md {output.md:q} --out-csv {output.csv:q}"
-        " --out-png {output.png:q} --out-manifest {output.manifest:q} --params {params.stage:q} > {log:q} 2>&1"
+        " --out-png {output.png:q} --out-curve {output.curve:q} --out-manifest {output.manifest:q}"
+        " --params {params.stage:q} > {log:q} 2>&1"
