@@ -60,6 +60,7 @@ FINETUNE_SCORES = "finetune/{student}/{snapshot}/{task}/seed{seed}.json"  # snap
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
 REPORT_MD = "report/report.md"
+REPORT_HTML = "report/report.html"  # the same, one self-contained page (plots embedded)
 REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"
 REPORT_CURVE = "report/sample_efficiency.png"
@@ -157,5 +158,6 @@ TARGET_SCHEMA = pa.schema([
 # report.md (final models' scores per student x task: mean ± std [95 % bootstrap CI] over seeds and
 # the GLUE-style average; MLSM vs MLM differences paired by seed with CIs; the checkpoints' scores by
 # pre-training updates; students; dictionary metrics; atom browser; wall and GPU time per stage),
-# results.csv (one row per student x snapshot x task x seed), scores.png, sample_efficiency.png,
+# report.html (the same page with the plots embedded), results.csv (one row per student x snapshot x
+# task x seed), scores.png, sample_efficiency.png,
 # manifest.json (files, checksum).

@@ -1,4 +1,5 @@
-"""Stage 7, report: compare the students -> report.md, results.csv, scores.png and sample_efficiency.png.
+"""Stage 7, report: compare the students -> report.md (and report.html), results.csv, scores.png and
+sample_efficiency.png.
 
     python -m pipeline.report --scores finetune/*/*/seed*.json --students students/*/summary.json \
         --dictionaries dictionaries/minilm/metrics.json --atoms dictionaries/minilm/atoms.json \
@@ -264,8 +265,51 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name, cur
     return "\n".join(lines)
 
 
+def to_html(markdown: str, images: dict[str, str]) -> str:
+    """The report as one self-contained HTML page: the subset of Markdown render() writes (headings,
+    paragraphs, pipe tables, images, `code`), with the PNGs embedded."""
+    import base64
+    import html
+    import re
+
+    def inline(text: str) -> str:
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+    out, table = [], []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table if not re.match(r"^\|[-:|]+\|$", row.strip())]
+        out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
+                   + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+                   + "</tbody></table>")
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        image = re.fullmatch(r"!\[([^]]*)\]\(([^)]*)\)", line.strip())
+        if image and image.group(2) in images:
+            data = base64.b64encode(Path(images[image.group(2)]).read_bytes()).decode()
+            out.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>MLSM pipeline report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
 def report(score_paths, student_paths, dictionary_paths, atom_paths, target_paths, benchmark_dir, out_md, out_csv,
-           out_png, out_curve, out_manifest, params: dict | None = None):
+           out_png, out_curve, out_manifest, params: dict | None = None, out_html: str | None = None):
     params = params or {}
     scores = collect_scores(score_paths)
     students = sorted((read_record(p) for p in student_paths), key=lambda s: s["params"]["student"])
@@ -283,8 +327,13 @@ def report(score_paths, student_paths, dictionary_paths, atom_paths, target_path
     text = render(scores, students, dictionaries, atoms, targets, costs, Path(out_png).name, Path(out_curve).name)
     with atomic_output(out_md) as tmp:
         tmp.write_text(text)
+    outputs = [out_md, out_csv, out_png, out_curve]
+    if out_html:
+        with atomic_output(out_html) as tmp:
+            tmp.write_text(to_html(text, {Path(out_png).name: out_png, Path(out_curve).name: out_curve}))
+        outputs.append(out_html)
     write_record(out_manifest, {"format_version": contract.FORMAT_VERSION["report"],
-                                "files": file_entries(Path(out_manifest).parent, [out_md, out_csv, out_png, out_curve])})
+                                "files": file_entries(Path(out_manifest).parent, outputs)})
 
 
 def main(argv=None) -> None:
@@ -299,10 +348,11 @@ def main(argv=None) -> None:
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-png", required=True, help="the final models' scores (bars)")
     p.add_argument("--out-curve", required=True, help="the sample-efficiency plot")
-    p.add_argument("--out-manifest", required=True, help="checksums of the four files above")
+    p.add_argument("--out-html", help="the report as one self-contained HTML page")
+    p.add_argument("--out-manifest", required=True, help="checksums of the files above")
     args = p.parse_args(argv)
     report(args.scores, args.students, args.dictionaries, args.atoms, args.targets, args.benchmarks,
-           args.out_md, args.out_csv, args.out_png, args.out_curve, args.out_manifest, args.params)
+           args.out_md, args.out_csv, args.out_png, args.out_curve, args.out_manifest, args.params, args.out_html)
 
 
 if __name__ == "__main__":

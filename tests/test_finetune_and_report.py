@@ -137,8 +137,12 @@ def test_report_has_every_table_and_its_plots_render(tmp_path):
         (bench / rule / f"{job}.tsv").write_text(f"s\tmax_rss\n{seconds}\t100\n")
     out = tmp_path / "report"
     report(scores, students, [], [], [], str(bench), str(out / "r.md"), str(out / "r.csv"), str(out / "r.png"),
-           str(out / "curve.png"), str(out / "manifest.json"), {"device": "cuda", "student_gpus": {"a": 1, "b": 2}})
-    assert set(read_record(out / "manifest.json")["files"]) == {"r.md", "r.csv", "r.png", "curve.png"}
+           str(out / "curve.png"), str(out / "manifest.json"), {"device": "cuda", "student_gpus": {"a": 1, "b": 2}},
+           str(out / "r.html"))
+    assert set(read_record(out / "manifest.json")["files"]) == {"r.md", "r.csv", "r.png", "curve.png", "r.html"}
+    page = (out / "r.html").read_text()
+    assert page.count("<table>") == (out / "r.md").read_text().count("\n|---") == 5
+    assert page.count('src="data:image/png;base64,') == 2 and "<td>+0.100</td>" in page
     text = (out / "r.md").read_text()
     # Final scores: a on t1 = 0.58 + seed/20 over seeds 1-3 -> mean 0.68, std 0.05, and the average.
     assert "| a | mlsm | 0.680 ± 0.050 [0.630, 0.730] | 0.680 ± 0.050 [0.630, 0.730] | 0.680 |" in text

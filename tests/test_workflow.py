@@ -125,6 +125,7 @@ def test_every_declared_output_is_valid(workflow_run):
         assert task in report
     assert "Atom browser" in report and (results / contract.REPORT_PLOT).stat().st_size > 1000
     assert "## Sample efficiency" in report and (results / contract.REPORT_CURVE).stat().st_size > 1000
+    assert (results / contract.REPORT_HTML).read_text().count('src="data:image/png;base64,') == 2
     benchmarks = list((results / contract.BENCHMARKS).rglob("*.tsv"))
     logs = list((results / contract.LOGS).rglob("*.log"))
     assert len(benchmarks) == len(logs) >= 9

@@ -139,8 +139,8 @@ def student_teacher(student):
 
 
 def student_inputs(wildcards):
-    """Corpus; for MLSM objectives the targets (the stage finds their manifest beside them); an auxiliary
-    teacher's model."""
+    """Corpus and validation split; for MLSM objectives the targets of both (the stage finds their
+    manifest beside them), or with targets: online the dictionary; an auxiliary teacher's model."""
     inputs = {"shards": corpus_shards(), "manifest": path(contract.CORPUS_MANIFEST),
               "validation": path(contract.CORPUS_VALIDATION), "targets": []}
     teacher = student_teacher(wildcards.student)

@@ -10,6 +10,7 @@ rule report:
         targets=expand(path(contract.TARGET_MANIFEST), teacher=TEACHERS),
     output:
         md=path(contract.REPORT_MD),
+        html=path(contract.REPORT_HTML),
         csv=path(contract.REPORT_CSV),
         png=path(contract.REPORT_PLOT),
         curve=path(contract.REPORT_CURVE),
@@ -31,5 +32,6 @@ rule report:
         "python -m pipeline.report --scores {input.scores:q} --students {input.students:q}"
         " --dictionaries {input.dictionaries:q} --atoms {input.atoms:q} --targets {input.targets:q}"
         " --benchmarks {params.benchmarks:q} --out-md {output.md:q} --out-csv {output.csv:q}"
-        " --out-png {output.png:q} --out-curve {output.curve:q} --out-manifest {output.manifest:q}"
+        " --out-png {output.png:q} --out-curve {output.curve:q} --out-html {output.html:q}"
+        " --out-manifest {output.manifest:q}"
         " --params {params.stage:q} > {log:q} 2>&1"
