@@ -720,10 +720,10 @@ class Trainer:
         self.model.train()
         try:
             while self.step < total:
-                rngs = _rng_states()
+                before = _rng_states(), self.tokens_seen
                 values, masked = self._update(prefetch, accumulation)
                 if not all(math.isfinite(v) for v in values.values()):
-                    self._stop_on_non_finite(values, rngs)
+                    self._stop_on_non_finite(values, *before)
                 self.step, self.seconds = self.step + 1, time.perf_counter() - started
                 if self.step % LOG_EVERY == 0 or self.step == total or self.step in saves:
                     self._log(logger, window, values, masked)
@@ -770,10 +770,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return values, masked
 
-    def _stop_on_non_finite(self, values: dict[str, float], rngs: dict[str, torch.Tensor]) -> None:
+    def _stop_on_non_finite(self, values: dict[str, float], rngs: dict[str, torch.Tensor], tokens_seen: int) -> None:
         """Save the state as it was before this update (the update was not applied), then stop."""
         where = self.paths.resume_dir
         if where:
+            self.tokens_seen = tokens_seen
             self.save_state(rngs)
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         raise StageError(f"the loss became non-finite at update {self.step + 1} ({shown}); training stopped. "
