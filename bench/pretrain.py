@@ -121,7 +121,8 @@ def in_memory_speed(shards, manifest, targets, params, device: torch.device) -> 
     """The same model's step cycling over batches built beforehand and kept on the device."""
     torch.manual_seed(0)
     tokenizer = load_tokenizer(MINILM)
-    stream = pretrain.BatchStream(shards, targets, [len(pretrain.Shard(s)) for s in shards], params["seed"])
+    sizes = [s["sequences"] for s in json.loads(Path(manifest).read_text())["shards"]]
+    stream = pretrain.BatchStream(shards, targets, sizes, params["seed"])
     batches = [{k: v.to(device) for k, v in pretrain.micro_batch(stream, m, params["batch_size"], tokenizer,
                                                                  params).items()} for m in range(LOG_EVERY)]
     tokens = [int(b["lengths"].sum()) for b in batches]

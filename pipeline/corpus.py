@@ -575,6 +575,17 @@ def iter_shard(path: str | Path, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[p
         raise StageError(f"corpus shard {path} is unreadable: {err}") from None
 
 
+def pad_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, fill: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a flattened list column (row i is values[offsets[i]:offsets[i+1]]), right-padded to
+    `width` (default: the longest): (index into values [len(rows), width], -1 in padding; the values)."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    width = int(lengths.max()) if width is None else width
+    columns = np.arange(width)
+    index = np.where(columns < lengths[:, None], starts[:, None] + columns, -1)
+    return index, np.where(index >= 0, values[np.maximum(index, 0)], fill)
+
+
 def read_token_counts(path: str | Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 

@@ -57,7 +57,7 @@ from . import contract
 from .config import checkpoint_steps
 from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
                      seed_everything, set_cpu_threads)
-from .corpus import read_shard
+from .corpus import pad_rows, read_shard
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
 from .resume import Resume, load_model_and_optimizer, model_and_optimizer_tensors
 from .targets import read_targets
@@ -119,11 +119,8 @@ class Shard:
 
     def padded(self, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(flat token index [b, width], -1 in padding), and the ids and type ids at those indices."""
-        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
-        columns = np.arange(width)
-        index = np.where(columns < lengths[:, None], starts[:, None] + columns, -1)
-        safe = np.maximum(index, 0)
-        return index, self.tokens[safe], self.types[safe]
+        index, ids = pad_rows(self.offsets, self.tokens, rows, 0, width)
+        return index, ids, pad_rows(self.offsets, self.types, rows, 0, width)[1]
 
 
 class BatchStream:
@@ -647,6 +644,7 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
         self.stop_requested = False
+        self._validation: Shard | None = None
         self.resume = Resume(paths.resume_dir, {"params": params, "corpus": self.manifest[CHECKSUM_KEY],
                                                 "world_size": world,
                                                 "targets": self.target_record[CHECKSUM_KEY] if self.uses_targets else None,
@@ -803,7 +801,9 @@ class Trainer:
         if not self.paths.validation or not (with_mlm or targets):
             return {}
         sums = np.zeros(4)  # mlm sum, masked tokens, mlsm sum, masked tokens with a target
-        shard = Shard(self.paths.validation, targets) if self.rank == 0 else None
+        if self.rank == 0 and self._validation is None:  # read once, at the first save
+            self._validation = Shard(self.paths.validation, targets)
+        shard = self._validation if self.rank == 0 else None
         if shard is not None and len(shard):
             self.model.eval()
             size = self.params["batch_size"]

@@ -36,7 +36,7 @@ import torch
 from . import contract
 from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
                      set_cpu_threads, tokenizer_fingerprint)
-from .corpus import iter_shard, read_token_counts
+from .corpus import iter_shard, pad_rows, read_token_counts
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
 from .resume import Resume
 
@@ -336,12 +336,7 @@ def extract_batch(encoder: TeacherEncoder, batch, store: ActivationStore, keep: 
 
 def padded(column, rows: np.ndarray, pad: int) -> np.ndarray:
     """Rows of a list column as one right-padded [len(rows), longest] int64 array."""
-    offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
-    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
-    width = int(lengths.max())
-    index = starts[:, None] + np.arange(width)
-    valid = np.arange(width) < lengths[:, None]
-    return np.where(valid, values[np.minimum(index, len(values) - 1)], pad).astype(np.int64)
+    return pad_rows(column.offsets.to_numpy(), column.values.to_numpy(), rows, pad)[1].astype(np.int64)
 
 
 def model_identity(source: str, encoder: TeacherEncoder) -> dict:
