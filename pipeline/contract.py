@@ -29,7 +29,7 @@ FORMAT_VERSION = {
     "corpus": 3,
     "activations": 3,
     "dictionary": 2,
-    "targets": 3,
+    "targets": 4,
     "pretrain": 3,
     "finetune": 3,
     "report": 3,
@@ -124,17 +124,22 @@ ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 # ---- stage 4, precompute_targets: one row per sequence, aligned with the corpus shard -----------
 # atom_ids/weights are flattened [length * top_k]: position p's atoms are [p*k:(p+1)*k]. Weights of a
 # position sum to 1 over its kept atoms, or are all 0 where the lasso code is 0 (no target there).
-# Every position has a row, special tokens included; the student uses those it masks.
+# Every position has a row, special tokens included; the student uses those it masks, and leaves the
+# all-zero ones out of the MLSM loss. One row per sequence (not per token) so that a shard reads back as
+# three flat arrays with no per-row work (bench/targets.py measures the read speed).
 TARGET_SCHEMA = pa.schema([
     ("seq_id", pa.int64()),
     ("atom_ids", pa.list_(pa.uint16())),
     ("weights", pa.list_(pa.float16())),
 ])
 # validation.parquet: the same for corpus/validation.parquet (possibly no rows).
-# Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON); manifest.json
-# sums the training shards': tokens, mean_nnz, zero_code_fraction, mean_mass_lost_to_top_k,
-# mean_entropy_nats, mean_iterations, atoms_used_fraction, atom_usage_histogram, params,
-# shards [{path, tokens}], validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
+# Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON: tokens, mean_nnz,
+# p99_nnz, nnz_histogram, zero_code_fraction, mean/max_mass_lost_to_top_k, mean_entropy_nats,
+# mean/p99_iterations, atom_usage, dictionary = the dictionary record's checksum). manifest.json sums the
+# training shards': tokens, mean_nnz, zero_code_fraction, zero_code_tokens, mean/max_mass_lost_to_top_k,
+# mean_entropy_nats, mean_iterations, nnz_histogram {bins, tokens}, atoms_used_fraction,
+# atom_usage_histogram, dictionary, params (solver, lambda, top_k, ...), shards [{path, tokens}],
+# validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
 # model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its

@@ -544,10 +544,12 @@ def _check_counts(files: list[Path], spills: list[Spill]) -> None:
         raise StageError(f"corpus has {train} training sequences, fewer than the {len(spills) - 1} shards asked for")
 
 
-def write_parquet(path: str | Path, table: pa.Table) -> None:
-    """Atomically, with page checksums, so a reader detects a corrupt page as well as a truncated file."""
+def write_parquet(path: str | Path, table: pa.Table, **options) -> None:
+    """Atomically, with page checksums, so a reader detects a corrupt page as well as a truncated file.
+    `options` go to pyarrow's write_table (encodings, compression level)."""
     with atomic_output(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, tmp, **{"compression": "zstd", "row_group_size": ROW_GROUP_ROWS, **options},
+                       write_page_checksum=True)
 
 
 def read_parquet(path: str | Path, schema: pa.Schema, what: str) -> pa.Table:
@@ -573,6 +575,13 @@ def iter_shard(path: str | Path, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[p
         yield from reader.iter_batches(batch_size=batch_rows)
     except (OSError, pa.ArrowException) as err:
         raise StageError(f"corpus shard {path} is unreadable: {err}") from None
+
+
+def flat_list(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [n+1], values) of a list column, without copying it row by row. A sliced list array keeps
+    its parent's values: the rows are values[offsets[0]:offsets[-1]]."""
+    array = table[column].combine_chunks()
+    return np.asarray(array.offsets, dtype=np.int64), np.asarray(array.values)
 
 
 def pad_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, fill: int,

@@ -57,7 +57,7 @@ from . import contract
 from .config import checkpoint_steps
 from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
                      seed_everything, set_cpu_threads)
-from .corpus import pad_rows, read_shard
+from .corpus import flat_list, pad_rows, read_shard
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
 from .resume import Resume, load_model_and_optimizer, model_and_optimizer_tensors
 from .targets import read_targets
@@ -76,20 +76,14 @@ VALIDATION_MASKS = 1  # the held-out sequences' masks come from (seed, VALIDATIO
 
 # ---- data --------------------------------------------------------------------------------------
 
-def _flat_list(table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [n+1], values) of a list column, without copying it row by row."""
-    array = table[column].combine_chunks()
-    return np.asarray(array.offsets, dtype=np.int64), np.asarray(array.values)
-
-
 class Shard:
     """One corpus shard (and its aligned target shard) as flat arrays: sequence i is
     tokens[offsets[i]:offsets[i+1]], and token t's target is atoms[t], weights[t] ([k] each)."""
 
     def __init__(self, corpus_path: str, target_path: str | None = None):
         table = read_shard(corpus_path)
-        offsets, tokens = _flat_list(table, "input_ids")
-        _, types = _flat_list(table, "token_type_ids")
+        offsets, tokens = flat_list(table, "input_ids")
+        _, types = flat_list(table, "token_type_ids")
         # A sliced list array keeps its parent's values: index from its first row.
         self.tokens, self.types = tokens[offsets[0]:offsets[-1]], types[offsets[0]:offsets[-1]]
         self.offsets = offsets - offsets[0]
@@ -102,8 +96,8 @@ class Shard:
         if not np.array_equal(seq_ids, targets["seq_id"].to_numpy()):
             raise StageError(f"target shard {target_path} is not aligned with corpus shard {corpus_path} "
                              "(seq_id mismatch)")
-        offsets, atoms = _flat_list(targets, "atom_ids")
-        _, weights = _flat_list(targets, "weights")
+        offsets, atoms = flat_list(targets, "atom_ids")
+        _, weights = flat_list(targets, "weights")
         if len(self.tokens) == 0:  # an empty validation split
             self.atoms, self.weights = np.zeros((0, 1), atoms.dtype), np.zeros((0, 1), weights.dtype)
             return
@@ -431,38 +425,35 @@ class KdTeacher:
 
 class OnlineTargets:
     """MLSM targets made inside the step, as the reference trainer does: the teacher's state of every
-    masked token (in the unmasked input), L2-normalised, coded with the same lasso solver as
-    precompute_targets (settings `online`: source, layer, lambda, max_iterations, tolerance), normalised to
-    sum 1, with no top-k cut. It costs a teacher forward and a solve per step: for comparison runs."""
+    masked token (in the unmasked input), L2-normalised, coded with the lasso solver interface that
+    precompute_targets uses (settings `online`: source, layer, lambda, solver, max_iterations, tolerance,
+    precision), normalised to sum 1, with no top-k cut. It costs a teacher forward and a solve per step:
+    for comparison runs."""
 
     def __init__(self, settings: dict, device: torch.device, corpus_manifest: dict, dictionary: str, metrics: str):
         from .dictionary import load_dictionary
-        from .lasso import lipschitz
+        from .targets import make_solver
         from .teacher import load_encoder
 
         self.record = read_verified(metrics, [dictionary])
-        self.settings = settings
         self.encoder = load_encoder(settings["source"], settings["layer"], device, corpus_manifest,
                                     settings["trust_remote_code"])
-        self.dictionary = torch.from_numpy(load_dictionary(dictionary)).float().to(device)
-        if self.dictionary.shape[0] != self.encoder.hidden_size:
-            raise StageError(f"dictionary {dictionary} has atoms of size {self.dictionary.shape[0]} but teacher "
+        atoms = torch.from_numpy(load_dictionary(dictionary)).float().to(device)
+        if atoms.shape[0] != self.encoder.hidden_size:
+            raise StageError(f"dictionary {dictionary} has atoms of size {atoms.shape[0]} but teacher "
                              f"{settings['source']!r} has hidden size {self.encoder.hidden_size}")
-        self.gram = self.dictionary.T @ self.dictionary
-        self.lipschitz = lipschitz(self.gram)
+        self.solver = make_solver(atoms, settings)
 
     @torch.no_grad()
     def add_to(self, batch: dict, world: int) -> None:
-        from .lasso import fista, l2_normalise
+        from .lasso import l2_normalise
 
         original = batch["input_ids"].clone()
         original[batch["masked"]] = batch["labels"]
         with self.encoder.autocast():
             hidden = self.encoder.model(input_ids=original, token_type_ids=batch["token_type_ids"],
                                         attention_mask=batch["attention_mask"]).last_hidden_state
-        x = l2_normalise(hidden[batch["masked"]].float())
-        codes, _ = fista(x, self.dictionary, self.settings["lambda"], self.settings["max_iterations"],
-                         self.settings["tolerance"], gram=self.gram, lip=self.lipschitz)
+        codes = self.solver(l2_normalise(hidden[batch["masked"]].float())).codes
         total = codes.sum(1, keepdim=True)
         batch["target_weights"] = torch.where(total > 0, codes / total.clamp_min(1e-30), codes)
         batch["target_atoms"] = torch.arange(codes.shape[1], device=codes.device).expand_as(codes)

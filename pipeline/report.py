@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

@@ -191,7 +191,7 @@ def test_teacher_hidden_size_differs_from_the_dictionary(work, caplog, tmp_path)
     out = work / "targets/shard-000.parquet"
     out.parent.mkdir()
     out.write_bytes(b"a valid shard from an earlier run")
-    params = {**teacher_params(other), "lambda": 0.05, "top_k": 4, "max_iterations": 10, "tolerance": 0}
+    params = {**teacher_params(other), "lambda": 0.05, "top_k": 4, "solver": "fista", "max_iterations": 10, "tolerance": 0}
     message = fails(targets, ["--corpus-shard", work / "corpus/shard-000.parquet", "--corpus-manifest",
                               work / "corpus/manifest.json", "--dictionary", work / "dictionary/D.npy",
                               "--dictionary-metrics", work / "dictionary/metrics.json", "--out", out,

@@ -1,6 +1,7 @@
 """Stages 3 and 4: the non-negative lasso, dictionary learning and the target shards."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from pipeline import contract
 from pipeline.common import StageError
 from pipeline.dictionary import evaluate, fit, learn, load_dictionary
 from pipeline.integrity import file_entries, read_record, write_record
-from pipeline.lasso import fista, l2_normalise, objective
+from pipeline.lasso import Lasso, fista, l2_normalise, objective, relative_gap
 from pipeline.targets import compute, summarize, top_k_distribution
 from pipeline.teacher import write_store
 
@@ -46,6 +47,81 @@ def test_fista_tolerance_stops_early_and_stays_close():
     assert used < 3000
     gap = (objective(x, dictionary, fast, lam).mean() / objective(x, dictionary, exact, lam).mean()) - 1
     assert 0 <= gap < 1e-3
+
+
+def kkt_violation(x, dictionary, codes, lam):
+    """Largest violation of the non-negative lasso's optimality conditions: the gradient g of the smooth
+    part is -lam on the support and >= -lam off it."""
+    gradient = (codes @ dictionary.T - x) @ dictionary
+    active = codes > 0
+    on = (gradient[active] + lam).abs().max() if active.any() else torch.tensor(0.0)
+    off = (-lam - gradient[~active]).clamp_min(0).max()
+    return float(max(on, off))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fast_solver_reaches_the_kkt_conditions_and_its_gap(precision):
+    dictionary, lam = random_dictionary(24, 96, seed=3), 0.05
+    x = l2_normalise(torch.randn(200, 24, generator=torch.Generator().manual_seed(4)))
+    solution = Lasso(dictionary, lam, "fast", 5000, 1e-5, precision)(x)
+    assert (solution.codes >= 0).all() and solution.codes.dtype == torch.float32
+    assert kkt_violation(x.double(), dictionary.double(), solution.codes.double(), lam) < 2e-3
+    assert (solution.gap <= 1e-5).all()
+    exact_gap = relative_gap(x.double(), dictionary.double(), solution.codes.double(), lam).float()
+    assert torch.allclose(solution.gap, exact_gap, atol=3e-6)  # the solver's fp32 gap, with its rounding
+    assert (solution.iterations > 0).all() and (solution.iterations < 5000).all()
+
+
+def test_duality_gap_bounds_the_distance_to_the_optimum():
+    dictionary, lam = random_dictionary(16, 48, seed=6), 0.1
+    x = l2_normalise(torch.randn(100, 16, generator=torch.Generator().manual_seed(7))).double()
+    dictionary = dictionary.double()
+    optimum = objective(x, dictionary, fista(x, dictionary, lam, 20000, 1e-14)[0], lam)
+    rough, _ = fista(x, dictionary, lam, 5)
+    gap = relative_gap(x, dictionary, rough, lam)
+    primal = objective(x, dictionary, rough, lam)
+    assert ((primal - optimum) / primal <= gap + 1e-9).all()
+    assert gap.max() > 1e-3  # five iterations are far from converged
+    assert relative_gap(x, dictionary, torch.zeros_like(rough), lam).min() >= 0
+
+
+@pytest.fixture(scope="module")
+def real_problem():
+    """The SPAMS-fitted reference dictionary (K=3000 over real MiniLM states), and states made of sparse
+    non-negative mixtures of ~80 of its atoms plus noise, as sparse as the real states' codes."""
+    path = Path(__file__).resolve().parents[2] / "shared/data/dictionaries/minilm-l6-last-spams-k3000-lambda0.05.npy"
+    if not path.exists():
+        pytest.skip("the shared reference dictionary is not beside this checkout")
+    dictionary = torch.from_numpy(np.load(path).astype(np.float32))
+    g = torch.Generator().manual_seed(0)
+    mixtures = torch.rand(64, 3000, generator=g) * (torch.rand(64, 3000, generator=g) < 80 / 3000)
+    x = l2_normalise(mixtures @ dictionary.T + 0.05 * torch.randn(64, dictionary.shape[0], generator=g))
+    return x, dictionary
+
+
+def test_fast_solver_beats_the_reference_fista_objective_on_the_real_dictionary(real_problem):
+    x, dictionary = real_problem
+    lam = 0.05
+    exact = Lasso(dictionary, lam, "fast", 3000, 1e-5)(x).codes
+    reference = Lasso(dictionary, lam, "fista", 100, 0.0)(x)
+    fast = Lasso(dictionary, lam, "fast", 500, 1e-2)(x)
+    assert (reference.iterations == 100).all()
+    optimum = objective(x, dictionary, exact, lam).mean()
+    assert objective(x, dictionary, fast.codes, lam).mean() <= objective(x, dictionary, reference.codes, lam).mean()
+    assert objective(x, dictionary, fast.codes, lam).mean() / optimum - 1 < 1e-3
+
+    def distribution(codes):
+        return codes / codes.sum(1, keepdim=True).clamp_min(1e-30)
+
+    distance = (distribution(fast.codes) - distribution(exact)).abs().sum(1).mean()
+    assert distance < (distribution(reference.codes) - distribution(exact)).abs().sum(1).mean()
+
+
+def test_unknown_solver_and_precision_are_refused():
+    with pytest.raises(ValueError, match="unknown lasso solver 'lars'"):
+        Lasso(random_dictionary(4, 8), 0.05, "lars")
+    with pytest.raises(ValueError, match="unknown precision"):
+        Lasso(random_dictionary(4, 8), 0.05, "fast", precision="fp8")
 
 
 def synthetic_states(n=4000, d=24, k=32, seed=0):
@@ -119,7 +195,7 @@ def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_t
     shards, manifest = sharded_corpus
     save_dictionary(tmp_path, random_dictionary(32, 40))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
-              "max_iterations": 100, "tolerance": 1e-4, "device": "cpu", "trust_remote_code": False}
+              "solver": "fast", "max_iterations": 300, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
     compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t0.parquet"), params)
     corpus, targets = pq.read_table(shards[0]), pq.read_table(tmp_path / "t0.parquet")
     assert targets.schema.remove_metadata().equals(contract.TARGET_SCHEMA)
@@ -138,6 +214,42 @@ def test_dictionary_and_teacher_sizes_must_match(tmp_path, sharded_corpus, encod
     shards, manifest = sharded_corpus
     save_dictionary(tmp_path, random_dictionary(16, 40))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
-              "max_iterations": 10, "tolerance": 0, "device": "cpu", "trust_remote_code": False}
+              "solver": "fista", "max_iterations": 10, "tolerance": 0, "device": "cpu", "trust_remote_code": False}
     with pytest.raises(StageError, match="atoms of size 16 but teacher .* hidden size 32"):
         compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t.parquet"), params)
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a job."""
+
+
+def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharded_corpus, encoder_teacher,
+                                                              monkeypatch):
+    from pipeline import targets
+
+    shards, manifest = sharded_corpus
+    save_dictionary(tmp_path, random_dictionary(32, 40))
+    params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 4, "lambda": 0.05, "top_k": 6,
+              "solver": "fast", "max_iterations": 300, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
+    args = (shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"))
+    compute(*args, str(tmp_path / "whole.parquet"), params)
+
+    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
+    real, calls, kill = targets._code_batch, [], True
+
+    def dies_on_the_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3 and kill:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(targets, "_code_batch", dies_on_the_third_batch)
+    with pytest.raises(Killed):
+        compute(*args, str(tmp_path / "t.parquet"), params, resume_dir=str(tmp_path / "resume"))
+    assert not (tmp_path / "t.parquet").exists()
+    calls.clear()
+    kill = False
+    compute(*args, str(tmp_path / "t.parquet"), params, resume_dir=str(tmp_path / "resume"))
+    batches = -(-pq.read_metadata(shards[0]).num_rows // 4)
+    assert len(calls) == batches - 2  # the two finished batches were not coded again
+    assert pq.read_table(tmp_path / "t.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))

@@ -41,7 +41,7 @@ def targets(tmp_path_factory, sharded_corpus, encoder_teacher):
     shards, manifest = sharded_corpus
     save_dictionary(out, random_dictionary(32, 24))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "lambda": 0.05, "top_k": 4,
-              "max_iterations": 50, "tolerance": 1e-4, "device": "cpu", "trust_remote_code": False}
+              "solver": "fast", "max_iterations": 200, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
     paths = []
     for i, shard in enumerate(shards):
         paths.append(str(out / f"t{i}.parquet"))
@@ -172,7 +172,7 @@ def test_online_targets_match_the_precomputed_ones(tmp_path, sharded_corpus, enc
     """With top_k = K and the same solver, the step's own targets give the precomputed run's losses."""
     shards, manifest = sharded_corpus
     save_dictionary(tmp_path, random_dictionary(32, 24, seed=5))
-    solver = {"lambda": 0.05, "max_iterations": 100, "tolerance": 0.0}
+    solver = {"lambda": 0.05, "solver": "fista", "max_iterations": 100, "tolerance": 0.0}
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "top_k": 24, "device": "cpu",
               "trust_remote_code": False, **solver}
     targets = [str(tmp_path / f"t{i}.parquet") for i in range(len(shards))]
@@ -299,7 +299,7 @@ def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer,
     (tmp_path / "targets").mkdir()
     save_dictionary(tmp_path, random_dictionary(32, 24))
     coding = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "lambda": 0.05, "top_k": 4,
-              "max_iterations": 50, "tolerance": 1e-4, "device": "cpu", "trust_remote_code": False}
+              "solver": "fast", "max_iterations": 200, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
     targets = [str(tmp_path / "targets" / "shard-000.parquet"), str(tmp_path / "targets" / "validation.parquet")]
     for corpus_part, out in zip([*shards, validation], targets):
         compute(corpus_part, manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), out, coding)

@@ -183,10 +183,14 @@ def student_params(student):
         extra["teacher_trust_remote_code"] = CONFIG["teachers"][teacher]["trust_remote_code"]
     if options["objective"] in cfg.OBJECTIVES_NEEDING_TARGETS:
         extra["atoms"] = CONFIG["dictionary"]["atoms"]
+    if not online_targets(student):
+        options.pop("online_solver")  # only online students use it: changing it must not rerun the others
     if options["objective"] not in cfg.OBJECTIVES_NEEDING_TARGETS:
         options.pop("targets")  # an option of MLSM students only: changing it must not rerun the others
     if online_targets(student):
-        solver = {k: CONFIG["targets"][k] for k in ("solver", "max_iterations", "tolerance")}
+        solver = cfg.REFERENCE_SOLVER
+        if options["online_solver"] == "targets":
+            solver = {k: CONFIG["targets"][k] for k in cfg.SOLVER_KEYS}
         extra["online"] = {**solver, "lambda": CONFIG["dictionary"]["lambda"], "source": teacher_source(teacher),
                            "layer": CONFIG["teachers"][teacher]["layer"],
                            "trust_remote_code": CONFIG["teachers"][teacher]["trust_remote_code"]}
