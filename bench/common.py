@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from pipeline.common import load_tokenizer
-from pipeline.corpus import shard
+from pipeline.corpus import flat_list, pad_rows, read_shard, shard
 from pipeline.integrity import file_entries, write_record
 from pipeline.lasso import l2_normalise
+from pipeline.teacher import length_batches, load_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -72,3 +73,20 @@ def save_dictionary(directory: Path, dictionary: np.ndarray) -> tuple[str, str]:
     np.save(directory / "dictionary.npy", dictionary)
     write_record(directory / "metrics.json", {"files": file_entries(directory, [directory / "dictionary.npy"])})
     return str(directory / "dictionary.npy"), str(directory / "metrics.json")
+
+
+def teacher_states(source: str, corpus_shard: str, limit: int, device: torch.device, batch: int = 256) -> torch.Tensor:
+    """L2-normalised states [n, d] of the first `limit` tokens of a shard (length-sorted batches)."""
+    encoder = load_encoder(source, -1, device)
+    table = read_shard(corpus_shard)
+    offsets, tokens = flat_list(table, "input_ids")
+    tokens, offsets = tokens[offsets[0]:offsets[-1]], offsets - offsets[0]
+    states, total = [], 0
+    for rows in length_batches(np.diff(offsets), batch):
+        index, ids = pad_rows(offsets, tokens, rows, encoder.pad_id)
+        hidden = encoder.hidden(ids, np.zeros_like(ids), (index >= 0).sum(1))
+        states.append(l2_normalise(hidden[torch.from_numpy(index >= 0).to(device)].float()))
+        total += len(states[-1])
+        if total >= limit:
+            break
+    return torch.cat(states)[:limit]

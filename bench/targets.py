@@ -40,33 +40,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CORPUS, MINILM, SPAMS_DICTIONARY, random_teacher, real_shards, save_dictionary  # noqa: E402
+from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, random_teacher, real_shards, save_dictionary,  # noqa: E402
+                          teacher_states)
 from pipeline.common import pick_device  # noqa: E402
-from pipeline.corpus import flat_list, pad_rows, read_shard  # noqa: E402
-from pipeline.lasso import Lasso, fista, l2_normalise, objective  # noqa: E402
+from pipeline.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.pretrain import Shard  # noqa: E402
 from pipeline.targets import compute, top_k_distribution  # noqa: E402
-from pipeline.teacher import length_batches, load_encoder  # noqa: E402
 
 LAMBDA = 0.05
 REFERENCE = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, "precision": "fp32"}
-
-
-def teacher_states(source: str, corpus_shard: str, limit: int, device: torch.device, batch: int = 256) -> torch.Tensor:
-    """L2-normalised states [n, d] of the first `limit` tokens of a shard (length-sorted batches)."""
-    encoder = load_encoder(source, -1, device)
-    table = read_shard(corpus_shard)
-    offsets, tokens = flat_list(table, "input_ids")
-    tokens, offsets = tokens[offsets[0]:offsets[-1]], offsets - offsets[0]
-    states, total = [], 0
-    for rows in length_batches(np.diff(offsets), batch):
-        index, ids = pad_rows(offsets, tokens, rows, encoder.pad_id)
-        hidden = encoder.hidden(ids, np.zeros_like(ids), (index >= 0).sum(1))
-        states.append(l2_normalise(hidden[torch.from_numpy(index >= 0).to(device)].float()))
-        total += len(states[-1])
-        if total >= limit:
-            break
-    return torch.cat(states)[:limit]
 
 
 def fitted_dictionary(states: torch.Tensor, atoms: int) -> np.ndarray:

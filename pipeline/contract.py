@@ -28,7 +28,7 @@ FORMAT_VERSION = {
     "tokenizer": 1,
     "corpus": 3,
     "activations": 3,
-    "dictionary": 2,
+    "dictionary": 3,
     "targets": 4,
     "pretrain": 3,
     "finetune": 3,
@@ -118,7 +118,8 @@ ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 # metrics.json: heldout_objective (mean 1/2||x - Da||^2 + lambda||a||_1 on held-out L2-normalised
 # states, converged codes), relative_residual, mean_nnz, p99_nnz, zero_code_fraction,
 # atoms_used_fraction, mutual_coherence, lipschitz, atoms, lambda, hidden_size, train_tokens,
-# heldout_tokens, teacher, layer, format_version, files (dictionary.npy, atoms.json), checksum.
+# heldout_tokens, teacher, layer, backend, heldout_curve [[mini-batches, objective]] (torch backend),
+# format_version, files (dictionary.npy, atoms.json), checksum.
 # atoms.json: [{atom, usage, tokens_used, top_tokens: [{token, weight}]}] for the most-used atoms.
 
 # ---- stage 4, precompute_targets: one row per sequence, aligned with the corpus shard -----------

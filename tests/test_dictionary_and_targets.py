@@ -10,11 +10,15 @@ import torch
 
 from pipeline import contract
 from pipeline.common import StageError
-from pipeline.dictionary import evaluate, fit, learn, load_dictionary
+from pipeline.dictionary import evaluate, fit, init_atoms, learn, learn_sklearn, learn_spams, load_dictionary
 from pipeline.integrity import file_entries, read_record, write_record
 from pipeline.lasso import Lasso, fista, l2_normalise, objective, relative_gap
 from pipeline.targets import compute, summarize, top_k_distribution
 from pipeline.teacher import write_store
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a job."""
 
 
 def random_dictionary(d, k, seed=0):
@@ -137,12 +141,81 @@ def test_learning_beats_the_initial_dictionary_and_keeps_unit_columns():
     train, heldout = x[:3500], x[3500:]
     g = torch.Generator().manual_seed(0)
     init = train[torch.randperm(len(train), generator=g)[:32]].T
-    learned = learn(train, 32, 0.05, 256, 5, 50, torch.Generator().manual_seed(0))
+    learned, curve = learn(train, 32, 0.05, 256, 5, 50, torch.Generator().manual_seed(0), heldout=heldout)
     assert torch.allclose(torch.linalg.vector_norm(learned, dim=0), torch.ones(32), atol=1e-5)
     before, _ = evaluate(heldout, init, 0.05)
-    after, _ = evaluate(heldout, learned, 0.05)
+    after, codes = evaluate(heldout, learned, 0.05)
+    assert (codes >= 0).all()
     assert after["heldout_objective"] < 0.9 * before["heldout_objective"]
     assert after["atoms_used_fraction"] > 0.9
+    values = [value for _, value in curve]
+    assert values[-1] < values[0] and len(curve) >= 5 * 4  # at least four checks an epoch
+
+
+def test_learning_stops_when_the_heldout_objective_stalls():
+    x, _ = synthetic_states()
+    _, curve = learn(x[:3500], 32, 0.05, 256, 40, 50, torch.Generator().manual_seed(0), heldout=x[3500:],
+                     convergence_tolerance=1e-2)
+    assert len(curve) < 40 * 4
+    last = [value for _, value in curve[-3:]]
+    assert all(a - b < 1e-2 * a for a, b in zip(last, last[1:]))
+
+
+def test_seeding_spreads_the_atoms():
+    x, _ = synthetic_states()
+    seeded = init_atoms(x, 32, torch.Generator().manual_seed(0))
+    drawn = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:32]].T
+    assert seeded.shape == (24, 32)
+
+    def closest_other(d):
+        similarity = d.T @ d - 2 * torch.eye(d.shape[1])
+        return similarity.max(1).values.mean()
+
+    assert closest_other(seeded) < closest_other(drawn)
+
+
+def test_learned_dictionary_resumes_after_a_kill_as_if_never_stopped(tmp_path, monkeypatch):
+    from pipeline import dictionary as stage
+    from pipeline.resume import Resume
+
+    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
+    x, _ = synthetic_states(n=1500)
+    args = (x[:1200], 32, 0.05, 200, 2, 30)
+    whole, whole_curve = learn(*args, torch.Generator().manual_seed(0), heldout=x[1200:])
+    real, calls = stage._update_atoms, []
+
+    def dies_at_the_fifth(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Killed
+        real(*a)
+
+    monkeypatch.setattr(stage, "_update_atoms", dies_at_the_fifth)
+    with pytest.raises(Killed):
+        learn(*args, torch.Generator().manual_seed(0), Resume(tmp_path, "k"), heldout=x[1200:])
+    monkeypatch.setattr(stage, "_update_atoms", real)
+    resumed, curve = learn(*args, torch.Generator().manual_seed(0), Resume(tmp_path, "k"), heldout=x[1200:])
+    assert torch.allclose(resumed, whole, atol=1e-6)
+    assert np.allclose(curve, whole_curve, rtol=1e-6)
+
+
+def test_more_atoms_than_states_is_a_clear_error():
+    x, _ = synthetic_states(n=100)
+    with pytest.raises(StageError, match="100 training states cannot initialise 128 atoms"):
+        learn(x, 128, 0.05, 50, 1, 10, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "spams"])
+def test_other_backends_give_unit_norm_dictionaries(backend):
+    if backend == "spams":
+        pytest.importorskip("spams")
+    x, _ = synthetic_states(n=1500)
+    params = {"atoms": 32, "lambda": 0.05, "batch_size": 256, "epochs": 2, "seed": 0}
+    dictionary = learn_sklearn(x, params) if backend == "sklearn" else learn_spams(x, params, threads=1)
+    assert dictionary.shape == (24, 32)
+    assert torch.allclose(torch.linalg.vector_norm(dictionary, dim=0), torch.ones(32), atol=1e-5)
+    metrics, _ = evaluate(x[:300], dictionary, 0.05)
+    assert metrics["atoms_used_fraction"] > 0.5
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +227,8 @@ def fitted(tmp_path_factory):
                 states=x.numpy().astype(np.float16), token_ids=np.arange(2000, dtype=np.int32) + 1000,
                 seq_ids=np.zeros(2000, np.int64), positions=np.zeros(2000, np.int16))
     params = {"atoms": 48, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 300,
-              "code_iterations": 30, "seed": 0, "browse_atoms": 5, "device": "cpu"}
+              "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "checks_per_epoch": 2,
+              "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
     fit(str(out / "a.zarr"), str(out / "a.json"), str(out / "D.npy"), str(out / "m.json"), str(out / "atoms.json"), params)
     return out
 
@@ -217,10 +291,6 @@ def test_dictionary_and_teacher_sizes_must_match(tmp_path, sharded_corpus, encod
               "solver": "fista", "max_iterations": 10, "tolerance": 0, "device": "cpu", "trust_remote_code": False}
     with pytest.raises(StageError, match="atoms of size 16 but teacher .* hidden size 32"):
         compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t.parquet"), params)
-
-
-class Killed(Exception):
-    """Stands in for a kill in the middle of a job."""
 
 
 def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharded_corpus, encoder_teacher,
