@@ -10,12 +10,13 @@ Backends behind one interface (`backend`):
   so codes of early, poor dictionaries fade), and each atom is updated by block-coordinate descent and
   renormalised. Atoms the codes stop using are re-drawn from the worst-reconstructed states of the
   batch. A few times per epoch the objective on held-out states is measured; the fit stops when it
-  improves by less than `convergence_tolerance` twice in a row. The state is checkpointed between
-  mini-batches, so a killed fit resumes.
+  improves by less than `convergence_tolerance` twice in a row. Mini-batches stream from the zarr
+  store a group of chunks at a time (StoreBatches), so memory does not grow with the sample. The
+  state is checkpointed between mini-batches, so a killed fit resumes.
 - `sklearn`: scikit-learn's MiniBatchDictionaryLearning (positive codes), always installed.
 - `spams`: SPAMS trainDL with the MLSM reference's settings (posAlpha, mode 2, lambda2 = 0), as many
   iterations of `batch_size` as `epochs` passes need; needs `pip install spams-bin` (extra `spams`).
-The last `heldout_tokens` of the (shuffled) sample never enter training and give the held-out metrics.
+`heldout_tokens` states drawn at random (seeded) never enter training and give the held-out metrics.
 
     python -m pipeline.dictionary --activations a.zarr --activations-manifest manifest.json --dictionary D.npy \
         --metrics m.json --atoms atoms.json [--resume-dir state/] --params '{"atoms": 256, "lambda": 0.05, ...}'
@@ -36,7 +37,7 @@ from .common import StageError, load_tokenizer, log, parser, pick_device, run_st
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
 from .lasso import Lasso, l2_normalise, objective
 from .resume import Resume
-from .teacher import read_store
+from .teacher import open_store
 
 BACKENDS = ("torch", "sklearn", "spams")
 CONVERGED_ITERATIONS, CONVERGED_TOLERANCE = 3000, 1e-4  # held-out codes: relative duality gap 1e-4
@@ -44,10 +45,9 @@ CHECK_TOKENS = 4096  # held-out states scored at each convergence check
 DEAD_USAGE = 1e-4  # an atom whose A_jj is below this fraction of the mean is dead
 
 
-def init_atoms(x: torch.Tensor, atoms: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding on the unit sphere: each next atom is a state drawn with probability
-    proportional to its distance 1 - max cos to the atoms drawn so far. Returns [d, atoms]."""
-    pool = x[torch.randperm(len(x), generator=generator)[: min(len(x), 20 * atoms)].to(x.device)]
+def init_atoms(pool: torch.Tensor, atoms: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on the unit sphere: each next atom is one of the `pool` states, drawn with
+    probability proportional to its distance 1 - max cos to the atoms drawn so far. Returns [d, atoms]."""
     chosen = [int(torch.randint(len(pool), (1,), generator=generator))]
     distance = (1.0 - pool @ pool[chosen[0]]).clamp_min(0)
     for _ in range(atoms - 1):
@@ -59,53 +59,149 @@ def init_atoms(x: torch.Tensor, atoms: int, generator: torch.Generator) -> torch
     return pool[chosen].T.contiguous()
 
 
-def learn(x: torch.Tensor, atoms: int, lam: float, batch_size: int, epochs: int, code_iterations: int,
+class MemoryBatches:
+    """Mini-batches of an in-memory [n, d] tensor: epoch e visits the rows in an order seeded by
+    (seed, e), so batch u is a pure function of u (a resumed fit needs only its unit count)."""
+
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int):
+        self.x, self.batch_size, self.seed = x, min(batch_size, len(x)), seed
+        self.rows, self.dim, self.device = len(x), x.shape[1], x.device
+        self.per_epoch = max(1, len(x) // self.batch_size)
+        self._epoch, self._order = -1, None
+
+    def units(self, epochs: int) -> int:
+        return epochs * self.per_epoch
+
+    def batch(self, unit: int) -> torch.Tensor:
+        epoch, index = divmod(unit, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.rows, generator=generator).to(self.device)
+        return self.x[self._order[index * self.batch_size : (index + 1) * self.batch_size]]
+
+    def pool(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Up to `count` random rows (the candidates of the atoms' seeding)."""
+        return self.x[torch.randperm(self.rows, generator=generator)[:count].to(self.device)]
+
+
+class StoreBatches:
+    """Mini-batches streamed from the activation store's `states` (zarr, CHUNK_ROWS rows a chunk), with
+    at most one group of GROUP_CHUNKS chunks in memory: epoch e reads the chunks in an order seeded by
+    (seed, e), a group at a time, leaves out the held-out rows, shuffles the group's rows (seeded by
+    seed, e and the group) and cuts them into mini-batches (a group's last partial batch is dropped).
+    Batch u is a pure function of u. Rows are L2-normalised; a non-finite one is an error naming it."""
+
+    GROUP_CHUNKS = 4
+
+    def __init__(self, states, train: np.ndarray, batch_size: int, seed: int, device: torch.device, path: str):
+        self.states, self.train, self.seed, self.device, self.path = states, train, seed, device, path
+        self.chunk_rows = states.chunks[0]
+        self.rows, self.dim = int(train.sum()), states.shape[1]
+        self.batch_size = min(batch_size, self.rows)
+        self.chunks = -(-states.shape[0] // self.chunk_rows)
+        self.train_per_chunk = np.add.reduceat(train.astype(np.int64), np.arange(0, len(train), self.chunk_rows))
+        self._plans: dict[int, list] = {}
+        self._group_key, self._group = None, None
+        self.per_epoch = len(self._plan(0))
+
+    def _plan(self, epoch: int) -> list[tuple[int, int]]:
+        """(group, batch within it) for each batch of an epoch."""
+        if epoch not in self._plans:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
+            plan = []
+            for group in range(-(-self.chunks // self.GROUP_CHUNKS)):
+                rows = int(self.train_per_chunk[order[group * self.GROUP_CHUNKS : (group + 1) * self.GROUP_CHUNKS]].sum())
+                plan += [(group, index) for index in range(rows // self.batch_size)]
+            self._plans = {epoch: plan, **{e: p for e, p in self._plans.items() if e > epoch - 2}}
+        return self._plans[epoch]
+
+    def units(self, epochs: int) -> int:
+        return sum(len(self._plan(epoch)) for epoch in range(epochs))
+
+    def batch(self, unit: int) -> torch.Tensor:
+        epoch = 0
+        while unit >= len(self._plan(epoch)):
+            unit -= len(self._plan(epoch))
+            epoch += 1
+        group, index = self._plan(epoch)[unit]
+        if self._group_key != (epoch, group):
+            self._group_key, self._group = (epoch, group), self._read_group(epoch, group)
+        return self._group[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def _read_group(self, epoch: int, group: int) -> torch.Tensor:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
+        parts = []
+        for chunk in sorted(order[group * self.GROUP_CHUNKS : (group + 1) * self.GROUP_CHUNKS]):
+            start = int(chunk) * self.chunk_rows
+            rows = read_rows(self.states, slice(start, start + self.chunk_rows), self.path, start)
+            parts.append(rows[self.train[start : start + len(rows)]])
+        rows = np.concatenate(parts)
+        rows = rows[np.random.default_rng([self.seed, epoch, group]).permutation(len(rows))]
+        return l2_normalise(torch.from_numpy(rows).to(self.device))
+
+    def pool(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Up to `count` rows of the first groups of epoch 0 (the candidates of the atoms' seeding)."""
+        rows, unit = [], 0
+        while sum(len(r) for r in rows) < count and unit < len(self._plan(0)):
+            rows.append(self.batch(unit))
+            unit += 1
+        return torch.cat(rows)[:count]
+
+
+def read_rows(states, selection, path: str, first_row: int = 0) -> np.ndarray:
+    """float32 rows of the store's states; a non-finite state is an error naming its row."""
+    rows = np.asarray(states[selection] if isinstance(selection, slice) else states.oindex[selection, :],
+                      dtype=np.float32)
+    bad = ~np.isfinite(rows).all(1)
+    if bad.any():
+        row = first_row + int(np.flatnonzero(bad)[0]) if isinstance(selection, slice) else int(np.asarray(selection)[bad][0])
+        raise StageError(f"activation store {path}: non-finite state in row {row}")
+    return rows
+
+
+def learn(x, atoms: int, lam: float, batch_size: int, epochs: int, code_iterations: int,
           generator: torch.Generator, resume: Resume | None = None, heldout: torch.Tensor | None = None,
           forgetting: float = 4.0, code_tolerance: float = 5e-2, checks_per_epoch: int = 4,
           convergence_tolerance: float = 0.0) -> tuple[torch.Tensor, list]:
-    """Dictionary [d, K] with unit-norm columns learned from L2-normalised rows of x [n, d], and the
-    held-out curve [[mini-batches, objective], ...] (with `heldout`).
+    """Dictionary [d, K] with unit-norm columns learned from L2-normalised states (a tensor [n, d], or
+    a MemoryBatches / StoreBatches source), and the held-out curve [[mini-batches, objective], ...]
+    (with `heldout`).
 
     One unit of work is one mini-batch; `resume` checkpoints the whole state between units."""
-    n, d = x.shape
-    if n < atoms:
-        raise StageError(f"{n} training states cannot initialise {atoms} atoms; sample more tokens")
-    starts = list(range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size))
-    check_every = max(1, len(starts) // max(1, checks_per_epoch))
+    source = MemoryBatches(x, batch_size, generator.initial_seed()) if isinstance(x, torch.Tensor) else x
+    if source.rows < atoms:
+        raise StageError(f"{source.rows} training states cannot initialise {atoms} atoms; sample more tokens")
+    total = source.units(epochs)
+    check_every = max(1, source.per_epoch // max(1, checks_per_epoch))
     saved = resume.load_state() if resume is not None else None
     if saved is None:
-        dictionary = init_atoms(x, atoms, generator)
-        stat_a = torch.zeros(atoms, atoms, dtype=x.dtype, device=x.device)
-        stat_b = torch.zeros(d, atoms, dtype=x.dtype, device=x.device)
-        unit, seen, order, curve = 0, 0, None, []
+        dictionary = init_atoms(source.pool(20 * atoms, generator), atoms, generator)
+        stat_a = torch.zeros(atoms, atoms, device=source.device)
+        stat_b = torch.zeros(source.dim, atoms, device=source.device)
+        unit, seen, curve = 0, 0, []
     else:
         meta, state = saved
-        dictionary, stat_a, stat_b = (state[k].to(x.device) for k in ("dictionary", "stat_a", "stat_b"))
-        order = state["order"].to(x.device)
-        generator.set_state(state["generator"])
+        dictionary, stat_a, stat_b = (state[k].to(source.device) for k in ("dictionary", "stat_a", "stat_b"))
         unit, seen, curve = meta["unit"], meta["seen"], meta["curve"]
-    while unit < epochs * len(starts) and not _converged(curve, convergence_tolerance):
-        epoch, start = divmod(unit, len(starts))
-        if start == 0:
-            order = torch.randperm(n, generator=generator, device="cpu").to(x.device)
-        batch = x[order[starts[start] : starts[start] + batch_size]]
+    while unit < total and not _converged(curve, convergence_tolerance):
+        batch = source.batch(unit)
         codes = Lasso(dictionary, lam, "fast", code_iterations, code_tolerance)(batch).codes
         seen += len(batch)
         decay = (1.0 - len(batch) / seen) ** forgetting
         stat_a.mul_(decay).add_(codes.T @ codes)
         stat_b.mul_(decay).add_(batch.T @ codes)
         _update_atoms(dictionary, stat_a, stat_b)
-        _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit, generator)
+        _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit)
         unit += 1
-        if heldout is not None and (unit % check_every == 0 or unit == epochs * len(starts)):
+        if heldout is not None and (unit % check_every == 0 or unit == total):
             value = float(objective(heldout, dictionary, Lasso(dictionary, lam, "fast", 500, 1e-2)(heldout).codes,
                                     lam).mean())
             curve.append([unit, value])
-            log.info("dictionary: %d mini-batches (epoch %.2f), held-out objective %.4f", unit, unit / len(starts), value)
+            log.info("dictionary: %d mini-batches (epoch %.2f), held-out objective %.4f", unit,
+                     unit / source.per_epoch, value)
         if resume is not None and resume.due():
             resume.save_state(unit, {"seen": seen, "curve": curve},
-                              {"dictionary": dictionary, "stat_a": stat_a, "stat_b": stat_b, "order": order,
-                               "generator": generator.get_state()})
+                              {"dictionary": dictionary, "stat_a": stat_a, "stat_b": stat_b})
     return dictionary, curve
 
 
@@ -125,7 +221,7 @@ def _update_atoms(dictionary: torch.Tensor, stat_a: torch.Tensor, stat_b: torch.
         dictionary[:, j] = update / torch.linalg.vector_norm(update).clamp_min(1e-12)
 
 
-def _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit, generator) -> None:
+def _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit) -> None:
     """Atoms no code has used lately (A_jj tiny next to the others) restart as the worst-reconstructed
     states of the batch, with their statistics cleared."""
     usage = torch.diagonal(stat_a)
@@ -212,40 +308,38 @@ def fit(activations: str, activations_manifest: str, dictionary_path: str, metri
         params: dict, resume_dir: str | None = None) -> dict:
     set_cpu_threads()
     store_record = read_verified(activations_manifest, [activations])
-    attrs, arrays = read_store(activations)
-    states = arrays["states"].astype(np.float32)
-    if not np.isfinite(states).all():
-        bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
-        raise StageError(f"activation store {activations}: non-finite state in row {bad}")
+    attrs, arrays = open_store(activations)
+    states = arrays["states"]
     device = pick_device(params.get("device", "auto"))
-    generator = torch.Generator().manual_seed(params["seed"])
-    order = torch.randperm(len(states), generator=generator)
-    x = l2_normalise(torch.from_numpy(states)[order].to(device))
-    n_heldout = params["heldout_tokens"]
-    train, heldout = x[:-n_heldout], x[-n_heldout:]
-    if len(train) < params["atoms"]:
-        raise StageError(f"{len(train)} training states (after {n_heldout} held out) cannot initialise "
+    n_heldout = min(params["heldout_tokens"], states.shape[0])
+    heldout_rows = np.sort(np.random.default_rng(params["seed"]).choice(states.shape[0], n_heldout, replace=False))
+    train = np.ones(states.shape[0], dtype=bool)
+    train[heldout_rows] = False
+    if train.sum() < params["atoms"]:
+        raise StageError(f"{train.sum()} training states (after {n_heldout} held out) cannot initialise "
                          f"{params['atoms']} atoms; sample more tokens (activations.sample_tokens) or use fewer atoms")
+    source = StoreBatches(states, train, params["batch_size"], params["seed"], device, activations)
+    heldout = l2_normalise(torch.from_numpy(read_rows(states, heldout_rows, activations)).to(device))
+    generator = torch.Generator().manual_seed(params["seed"])
     resume = Resume(resume_dir, {"params": params, "activations": store_record[CHECKSUM_KEY]})
     started = time.perf_counter()
     curve = []
     if params["backend"] == "torch":
-        dictionary, curve = learn(train, params["atoms"], params["lambda"], params["batch_size"], params["epochs"],
+        dictionary, curve = learn(source, params["atoms"], params["lambda"], params["batch_size"], params["epochs"],
                                   params["code_iterations"], generator, resume, heldout[:CHECK_TOKENS],
                                   params["forgetting"], params["code_tolerance"], params["checks_per_epoch"],
                                   params["convergence_tolerance"])
-    elif params["backend"] == "sklearn":
-        dictionary = learn_sklearn(train, params)
-    else:
-        dictionary = learn_spams(train, params)
+    else:  # the comparison backends take the whole training split in memory
+        x = l2_normalise(torch.from_numpy(read_rows(states, np.flatnonzero(train), activations)))
+        dictionary = (learn_sklearn if params["backend"] == "sklearn" else learn_spams)(x, params).to(device)
     log.info("dictionary: %s backend fitted K=%d in %.1f s", params["backend"], params["atoms"],
              time.perf_counter() - started)
     metrics, codes = evaluate(heldout, dictionary, params["lambda"])
     metrics.update({"format_version": contract.FORMAT_VERSION["dictionary"], "atoms": params["atoms"],
-                    "lambda": params["lambda"], "hidden_size": int(x.shape[1]), "train_tokens": len(train),
+                    "lambda": params["lambda"], "hidden_size": int(states.shape[1]), "train_tokens": source.rows,
                     "heldout_tokens": n_heldout, "teacher": attrs["teacher"], "layer": attrs["layer"],
                     "backend": params["backend"], "heldout_curve": curve})
-    heldout_ids = arrays["token_ids"][order[-n_heldout:].numpy()]
+    heldout_ids = np.asarray(arrays["token_ids"].oindex[heldout_rows])  # for the atom browser
     atom_table = browse_atoms(codes.cpu(), heldout_ids, load_tokenizer(attrs["tokenizer"]), params["browse_atoms"])
     with atomic_output(dictionary_path) as tmp:
         with open(tmp, "wb") as fh:

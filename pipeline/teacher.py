@@ -375,14 +375,22 @@ def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> N
 
 def read_store(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The attributes and arrays of an activation store (verify it against its manifest first)."""
+    attrs, arrays = open_store(path)
+    try:
+        return attrs, {name: array[...] for name, array in arrays.items()}
+    except Exception as err:  # zarr raises several types for missing or corrupt stores
+        raise StageError(f"activation store {path} is unreadable: {err}") from None
+
+
+def open_store(path: str | Path) -> tuple[dict, dict]:
+    """The attributes and the (lazy, zarr) arrays of an activation store."""
     import zarr
 
     try:
         group = zarr.open_group(str(path), mode="r")
-        arrays = {name: group[name][...] for name in contract.ACTIVATION_ARRAYS}
-    except Exception as err:  # zarr raises several types for missing or corrupt stores
+        return dict(group.attrs), {name: group[name] for name in contract.ACTIVATION_ARRAYS}
+    except Exception as err:
         raise StageError(f"activation store {path} is unreadable: {err}") from None
-    return dict(group.attrs), arrays
 
 
 def main(argv=None) -> None:

