@@ -39,7 +39,6 @@ from .lasso import Lasso, l2_normalise, objective
 from .resume import Resume
 from .teacher import open_store
 
-BACKENDS = ("torch", "sklearn", "spams")
 CONVERGED_ITERATIONS, CONVERGED_TOLERANCE = 3000, 1e-4  # held-out codes: relative duality gap 1e-4
 CHECK_TOKENS = 4096  # held-out states scored at each convergence check
 DEAD_USAGE = 1e-4  # an atom whose A_jj is below this fraction of the mean is dead
@@ -181,7 +180,8 @@ def learn(x, atoms: int, lam: float, batch_size: int, epochs: int, code_iteratio
         unit, seen, curve = 0, 0, []
     else:
         meta, state = saved
-        dictionary, stat_a, stat_b = (state[k].to(source.device) for k in ("dictionary", "stat_a", "stat_b"))
+        # Fresh copies: BLAS sums can depend on alignment, and loaded tensors may sit anywhere in a buffer.
+        dictionary, stat_a, stat_b = (state[k].to(source.device).clone() for k in ("dictionary", "stat_a", "stat_b"))
         unit, seen, curve = meta["unit"], meta["seen"], meta["curve"]
     while unit < total and not _converged(curve, convergence_tolerance):
         batch = source.batch(unit)

@@ -82,6 +82,9 @@ def compute(corpus_shard: str, manifest_path: str, dictionary_path: str, metrics
     _, types = flat_list(table, "token_type_ids")
     tokens, types = tokens[offsets[0]:offsets[-1]], types[offsets[0]:offsets[-1]]
     offsets = offsets - offsets[0]
+    if len(tokens) * k >= 2**31:  # the list columns' offsets are int32
+        raise StageError(f"corpus shard {corpus_shard} has {len(tokens):,} tokens: with top_k {k} its target shard "
+                         f"would exceed 2^31 values per column; use more corpus shards (corpus.shards)")
     resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY],
                                  "dictionary": dictionary_record[CHECKSUM_KEY], "shard": corpus_shard})
     done = resume.load_parts()
