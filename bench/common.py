@@ -60,6 +60,12 @@ def random_teacher(directory: Path, shape: str) -> str:
     return str(directory)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (before reading a clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def random_dictionary(d: int, atoms: int, seed: int = 0) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
     return l2_normalise(torch.randn(atoms, d, generator=g)).T.numpy()

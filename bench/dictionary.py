@@ -34,16 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CORPUS, MINILM, real_shards, teacher_states  # noqa: E402
+from bench.common import CORPUS, MINILM, real_shards, sync, teacher_states  # noqa: E402
 from pipeline.common import pick_device  # noqa: E402
 from pipeline.dictionary import evaluate, learn, learn_sklearn  # noqa: E402
 
 LAMBDA = 0.05
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def score(name: str, dictionary: torch.Tensor, heldout: torch.Tensor, seconds: float) -> dict:

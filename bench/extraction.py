@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MINILM as TOKENIZER, SHAPES, random_teacher  # noqa: E402
+from bench.common import MINILM as TOKENIZER, SHAPES, random_teacher, sync  # noqa: E402
 from pipeline import contract  # noqa: E402
 from pipeline.common import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from pipeline.corpus import write_parquet  # noqa: E402
@@ -98,11 +98,6 @@ def bare_forward(teacher: Path, batch_size: int, device: torch.device, seconds: 
                 sync(device)
         sync(device)
     return batches * batch_size * SEQ_LEN / (time.perf_counter() - started)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_stage_in_child(shards: list[str], manifest: str, out: Path, params: dict) -> dict:

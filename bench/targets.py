@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, random_teacher, real_shards, save_dictionary,  # noqa: E402
-                          teacher_states)
+                          sync, teacher_states)
 from pipeline.common import pick_device  # noqa: E402
 from pipeline.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.pretrain import Shard  # noqa: E402
@@ -82,11 +82,6 @@ def solver_speed(name: str, solve, x: torch.Tensor, repeats: int = 3) -> float:
     speed = len(x) / min(times)
     print(f"solver {name:>9}: {speed:>12,.0f} tokens/s")
     return speed
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def quality(x: torch.Tensor, dictionary: torch.Tensor, solvers: dict[str, Lasso]) -> dict:

@@ -35,7 +35,7 @@ import torch
 from . import contract
 from .common import StageError, load_tokenizer, log, parser, pick_device, run_stage, set_cpu_threads
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, write_json, write_record
-from .lasso import Lasso, l2_normalise, objective
+from .lasso import Lasso, l2_normalise, objective, power_lipschitz
 from .resume import Resume
 from .teacher import open_store
 
@@ -177,15 +177,19 @@ def learn(x, atoms: int, lam: float, batch_size: int, epochs: int, code_iteratio
         dictionary = init_atoms(source.pool(20 * atoms, generator), atoms, generator)
         stat_a = torch.zeros(atoms, atoms, device=source.device)
         stat_b = torch.zeros(source.dim, atoms, device=source.device)
+        # A long cold start; later mini-batches change the dictionary little and warm-start from it.
+        _, eigenvector = power_lipschitz(dictionary, torch.full((atoms,), atoms ** -0.5, device=source.device), 100)
         unit, seen, curve = 0, 0, []
     else:
         meta, state = saved
         # Fresh copies: BLAS sums can depend on alignment, and loaded tensors may sit anywhere in a buffer.
-        dictionary, stat_a, stat_b = (state[k].to(source.device).clone() for k in ("dictionary", "stat_a", "stat_b"))
+        dictionary, stat_a, stat_b, eigenvector = (state[k].to(source.device).clone()
+                                                   for k in ("dictionary", "stat_a", "stat_b", "eigenvector"))
         unit, seen, curve = meta["unit"], meta["seen"], meta["curve"]
     while unit < total and not _converged(curve, convergence_tolerance):
         batch = source.batch(unit)
-        codes = Lasso(dictionary, lam, "fast", code_iterations, code_tolerance)(batch).codes
+        lip, eigenvector = power_lipschitz(dictionary, eigenvector)
+        codes = Lasso(dictionary, lam, "fast", code_iterations, code_tolerance, lip=lip)(batch).codes
         seen += len(batch)
         decay = (1.0 - len(batch) / seen) ** forgetting
         stat_a.mul_(decay).add_(codes.T @ codes)
@@ -194,14 +198,15 @@ def learn(x, atoms: int, lam: float, batch_size: int, epochs: int, code_iteratio
         _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit)
         unit += 1
         if heldout is not None and (unit % check_every == 0 or unit == total):
-            value = float(objective(heldout, dictionary, Lasso(dictionary, lam, "fast", 500, 1e-2)(heldout).codes,
-                                    lam).mean())
+            solver = Lasso(dictionary, lam, "fast", 500, 1e-2, lip=power_lipschitz(dictionary, eigenvector)[0])
+            value = float(objective(heldout, dictionary, solver(heldout).codes, lam).mean())
             curve.append([unit, value])
             log.info("dictionary: %d mini-batches (epoch %.2f), held-out objective %.4f", unit,
                      unit / source.per_epoch, value)
         if resume is not None and resume.due():
             resume.save_state(unit, {"seen": seen, "curve": curve},
-                              {"dictionary": dictionary, "stat_a": stat_a, "stat_b": stat_b})
+                              {"dictionary": dictionary, "stat_a": stat_a, "stat_b": stat_b,
+                               "eigenvector": eigenvector})
     return dictionary, curve
 
 

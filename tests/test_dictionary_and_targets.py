@@ -357,3 +357,14 @@ def test_store_batches_stream_training_rows_a_group_of_chunks_at_a_time(tmp_path
     for unit in (source.per_epoch + 3, 2, source.units(3) - 1):  # a pure function of the unit
         assert torch.equal(again.batch(unit), source.batch(unit))
     assert not np.array_equal(indices(source.batch(source.per_epoch)), epoch[:64])  # epochs differ
+
+
+def test_power_iteration_bounds_the_lipschitz_constant_from_above():
+    from pipeline.lasso import lipschitz, power_lipschitz
+
+    for d, k, seed in [(24, 96, 0), (24, 32, 0), (384, 256, 2)]:
+        dictionary = random_dictionary(d, k, seed)
+        exact = lipschitz(dictionary.T @ dictionary)
+        cold, vector = power_lipschitz(dictionary, torch.full((k,), k ** -0.5), 100)
+        warm, _ = power_lipschitz(dictionary, vector)
+        assert exact <= cold <= 1.011 * exact and exact <= warm <= 1.011 * exact
