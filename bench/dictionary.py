@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--convergence", type=float, default=1e-3, help="the learner's convergence_tolerance")
+    p.add_argument("--atom-block", type=int, default=64, help="the learner's atom_block (1: atom by atom)")
+    p.add_argument("--atom-sweeps", type=int, default=4, help="the learner's atom_sweeps")
     p.add_argument("--spams-iter", type=int, default=1000)
     p.add_argument("--spams-dictionary", help="[d, K] .npy fitted by SPAMS earlier, instead of fitting here")
     p.add_argument("--spams-seconds", type=float, help="the wall time of that earlier SPAMS fit")
@@ -90,7 +92,8 @@ def main() -> None:
     sync(device)
     started = time.perf_counter()
     dictionary, curve = learn(train, args.atoms, LAMBDA, args.batch_size, args.epochs, 50,
-                              torch.Generator().manual_seed(0), heldout=heldout[:4096], convergence_tolerance=args.convergence)
+                              torch.Generator().manual_seed(0), heldout=heldout[:4096], convergence_tolerance=args.convergence,
+                              atom_block=args.atom_block, atom_sweeps=args.atom_sweeps)
     sync(device)
     figures["torch"] = score("torch", dictionary, heldout, time.perf_counter() - started)
     figures["torch"]["epochs"] = curve[-1][0] * args.batch_size / len(train) if curve else 0.0

@@ -208,6 +208,7 @@ def test_contiguous_packing_fills_sequences_with_the_token_stream(tmp_path, corp
     every_token = sum(len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"])
     separators = sum(b.count(tokenizer.sep_token_id) for b in bodies)
     assert separators == 39 and sum(map(len, bodies)) == every_token + separators  # no token lost, none cut
+    assert manifest["sequences"] == len(lengths) and manifest["tokens"] == sum(lengths)
 
 
 # ---- bad input: errors or counted skips --------------------------------------------------------------

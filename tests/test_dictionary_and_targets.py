@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import contract
+from pipeline import dictionary as stage
 from pipeline.common import StageError
 from pipeline.dictionary import evaluate, fit, init_atoms, learn, learn_sklearn, learn_spams, load_dictionary
 from pipeline.integrity import file_entries, read_record, write_record
@@ -152,6 +153,42 @@ def test_learning_beats_the_initial_dictionary_and_keeps_unit_columns():
     assert values[-1] < values[0] and len(curve) >= 5 * 4  # at least four checks an epoch
 
 
+def sequential_atom_update(dictionary, stat_a, stat_b):
+    """Mairal et al. (2010), Algorithm 2, written out atom by atom."""
+    for j in range(dictionary.shape[1]):
+        if stat_a[j, j] > 1e-10:
+            u = dictionary[:, j] + (stat_b[:, j] - dictionary @ stat_a[:, j]) / stat_a[j, j]
+            dictionary[:, j] = u / torch.linalg.vector_norm(u)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_block_atom_update_never_raises_the_surrogate_and_one_atom_blocks_are_sequential(block):
+    g = torch.Generator().manual_seed(1)
+    codes = torch.relu(torch.randn(500, 64, generator=g) - 1.0)
+    codes[:, 5] = 0  # an atom no code uses stays where it is
+    x = torch.randn(500, 16, generator=g)
+    stat_a, stat_b = codes.T @ codes, x.T @ codes
+
+    def surrogate(d):
+        return float(0.5 * torch.trace(d.T @ d @ stat_a) - torch.trace(d.T @ stat_b))
+
+    start = random_dictionary(16, 64, seed=2)
+    values, moved = [surrogate(start)], start.clone()
+    for _ in range(3):
+        stage._update_atoms(moved, stat_a, stat_b, block, 1)
+        values.append(surrogate(moved))
+    assert all(after <= before + 1e-4 for before, after in zip(values, values[1:]))
+    assert values[-1] < values[0] - 1.0
+    assert torch.allclose(torch.linalg.vector_norm(moved, dim=0), torch.ones(64), atol=1e-5)
+    assert torch.equal(moved[:, 5], start[:, 5])
+    if block == 1:
+        expected = start.clone()
+        stage._update_atoms(start, stat_a, stat_b, 1, 2)
+        sequential_atom_update(expected, stat_a, stat_b)
+        sequential_atom_update(expected, stat_a, stat_b)
+        assert torch.allclose(start, expected, atol=1e-5)
+
+
 def test_learning_stops_when_the_heldout_objective_stalls():
     x, _ = synthetic_states()
     _, curve = learn(x[:3500], 32, 0.05, 256, 40, 50, torch.Generator().manual_seed(0), heldout=x[3500:],
@@ -175,7 +212,6 @@ def test_seeding_spreads_the_atoms():
 
 
 def test_learned_dictionary_resumes_after_a_kill_as_if_never_stopped(tmp_path, monkeypatch):
-    from pipeline import dictionary as stage
     from pipeline.resume import Resume
 
     monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
@@ -219,7 +255,7 @@ def test_other_backends_give_unit_norm_dictionaries(backend):
 
 
 STAGE_PARAMS = {"atoms": 16, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 10,
-                "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "checks_per_epoch": 2,
+                "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "atom_block": 8, "atom_sweeps": 2, "checks_per_epoch": 2,
                 "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
 
 

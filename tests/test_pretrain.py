@@ -148,8 +148,6 @@ def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded
 
 @pytest.mark.parametrize("objective", ["mlsm", "mlm", "mlsm+mlm", "kd"])
 def test_each_objective_lowers_its_loss_on_a_fixed_batch(sharded_corpus, targets, mlm_teacher, tokenizer, objective):
-    from pipeline.corpus import read_shard
-
     manifest = json.loads(Path(sharded_corpus[1]).read_text())
     params = {**BASE, "objective": objective, "dropout": 0.0}
     torch.manual_seed(0)

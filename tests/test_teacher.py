@@ -87,7 +87,6 @@ def test_real_minilm_teacher_loads_offline():
 
 def test_an_interrupted_extraction_resumes_to_the_same_store(tmp_path, sharded_corpus, encoder_teacher, monkeypatch):
     from pipeline import teacher
-    from pipeline.integrity import sha256_file
 
     shards, manifest = sharded_corpus
     p = params(encoder_teacher, batch_size=2, sample_tokens=800, positions_per_sequence=5)
