@@ -122,6 +122,36 @@ def test_fast_solver_beats_the_reference_fista_objective_on_the_real_dictionary(
     assert distance < (distribution(reference.codes) - distribution(exact)).abs().sum(1).mean()
 
 
+def test_active_set_finish_reaches_the_exact_optimum_in_fewer_iterations(real_problem, monkeypatch):
+    from pipeline import lasso
+
+    x, dictionary = real_problem
+    lam = 0.05
+    finished = Lasso(dictionary, lam, "fast", 5000, 1e-5)(x)
+    assert (finished.gap <= 1e-5).all()
+    assert kkt_violation(x.double(), dictionary.double(), finished.codes.double(), lam) < 1e-4
+    monkeypatch.setattr(lasso, "FINISH_FROM", 0.0)  # FISTA all the way
+    fista_only = Lasso(dictionary, lam, "fast", 5000, 1e-5)(x)
+    assert finished.iterations.float().mean() < 0.5 * fista_only.iterations.float().mean()
+    assert objective(x, dictionary, finished.codes, lam).mean() <= objective(x, dictionary, fista_only.codes, lam).mean()
+
+
+@pytest.mark.parametrize("trouble", ["supports too wide", "singular systems"])
+def test_rows_the_active_set_cannot_certify_go_on_with_fista(trouble, monkeypatch):
+    from pipeline import lasso
+
+    dictionary, lam = random_dictionary(24, 96, seed=3), 0.05
+    if trouble == "supports too wide":
+        monkeypatch.setattr(lasso, "FINISH_WIDTH", 2)
+    else:  # every atom twice: any support holding both copies of one has a singular Gram matrix
+        dictionary = torch.cat([dictionary, dictionary], 1)
+    x = l2_normalise(torch.randn(200, 24, generator=torch.Generator().manual_seed(4)))
+    solution = Lasso(dictionary, lam, "fast", 5000, 1e-5)(x)
+    assert (solution.codes >= 0).all() and (solution.gap <= 1e-5).all()
+    exact_gap = relative_gap(x.double(), dictionary.double(), solution.codes.double(), lam).float()
+    assert torch.allclose(solution.gap, exact_gap, atol=3e-6)
+
+
 def test_unknown_solver_and_precision_are_refused():
     with pytest.raises(ValueError, match="unknown lasso solver 'lars'"):
         Lasso(random_dictionary(4, 8), 0.05, "lars")
