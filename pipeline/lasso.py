@@ -110,7 +110,7 @@ def fista(x: torch.Tensor, dictionary: torch.Tensor, lam: float, max_iterations:
 @dataclass
 class Solution:
     codes: torch.Tensor  # [n, K], float32 (float64 for a float64 dictionary), >= 0
-    iterations: torch.Tensor  # [n] iterations each row ran (all passes together)
+    iterations: torch.Tensor  # [n] iterations each row ran (all passes; an active-set round counts one)
     gap: torch.Tensor | None  # [n] relative duality gap at the end (fast solver only)
 
 
