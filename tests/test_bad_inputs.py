@@ -79,7 +79,8 @@ def teacher_params(source, **over):
 
 
 DICTIONARY = {"atoms": 16, "lambda": 0.05, "batch_size": 64, "epochs": 1, "heldout_tokens": 50, "code_iterations": 20,
-              "code_tolerance": 5e-2, "forgetting": 4, "atom_block": 8, "atom_sweeps": 2, "checks_per_epoch": 2, "convergence_tolerance": 0,
+              "code_tolerance": 5e-2, "forgetting": 4, "atom_block": 8, "atom_sweeps": 2, "checks_per_epoch": 2,
+              "convergence_tolerance": 0,
               "backend": "torch", "seed": 0, "browse_atoms": 3, "device": "cpu"}
 
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import contract
+from pipeline import contract, lasso
 from pipeline import dictionary as stage
 from pipeline.common import StageError
 from pipeline.dictionary import evaluate, fit, init_atoms, learn, learn_sklearn, learn_spams, load_dictionary
@@ -123,8 +123,6 @@ def test_fast_solver_beats_the_reference_fista_objective_on_the_real_dictionary(
 
 
 def test_active_set_finish_reaches_the_exact_optimum_in_fewer_iterations(real_problem, monkeypatch):
-    from pipeline import lasso
-
     x, dictionary = real_problem
     lam = 0.05
     finished = Lasso(dictionary, lam, "fast", 5000, 1e-5)(x)
@@ -138,8 +136,6 @@ def test_active_set_finish_reaches_the_exact_optimum_in_fewer_iterations(real_pr
 
 @pytest.mark.parametrize("trouble", ["supports too wide", "singular systems"])
 def test_rows_the_active_set_cannot_certify_go_on_with_fista(trouble, monkeypatch):
-    from pipeline import lasso
-
     dictionary, lam = random_dictionary(24, 96, seed=3), 0.05
     if trouble == "supports too wide":
         monkeypatch.setattr(lasso, "FINISH_WIDTH", 2)
@@ -285,8 +281,8 @@ def test_other_backends_give_unit_norm_dictionaries(backend):
 
 
 STAGE_PARAMS = {"atoms": 16, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 10,
-                "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "atom_block": 8, "atom_sweeps": 2, "checks_per_epoch": 2,
-                "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
+                "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "atom_block": 8, "atom_sweeps": 2,
+                "checks_per_epoch": 2, "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
