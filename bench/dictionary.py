@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CORPUS, MINILM, real_shards, sync, teacher_states  # noqa: E402
 from pipeline.common import pick_device  # noqa: E402
-from pipeline.dictionary import evaluate, learn, learn_sklearn  # noqa: E402
+from pipeline.dictionary import evaluate, learn, learn_sklearn, train_spams  # noqa: E402
 
 LAMBDA = 0.05
 
@@ -50,14 +50,9 @@ def score(name: str, dictionary: torch.Tensor, heldout: torch.Tensor, seconds: f
 
 
 def spams_fit(train: torch.Tensor, atoms: int, iterations: int) -> tuple[torch.Tensor, float]:
-    import spams
-
-    data = np.asfortranarray(train.cpu().numpy().T.astype(np.float64))
     started = time.perf_counter()
-    dictionary = spams.trainDL(data, K=atoms, lambda1=LAMBDA, posAlpha=True, iter=iterations, batchsize=400,
-                               numThreads=os.cpu_count() or 1, verbose=False)
-    seconds = time.perf_counter() - started
-    return torch.from_numpy(np.asarray(dictionary)).float(), seconds
+    dictionary = train_spams(train.cpu(), atoms, LAMBDA, iterations, 400)
+    return dictionary, time.perf_counter() - started
 
 
 def main() -> None:

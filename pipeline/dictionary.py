@@ -232,14 +232,15 @@ def _update_atoms(dictionary: torch.Tensor, stat_a: torch.Tensor, stat_b: torch.
     MiniLM states: 4 passes of 64-atom blocks reach the held-out objective of one sequential pass
     within 0.1 %)."""
     atoms = dictionary.shape[1]
-    for start in [start for _ in range(sweeps) for start in range(0, atoms, block)]:
-        cols = slice(start, min(start + block, atoms))
-        stat_cols = stat_a[:, cols]
-        bound = stat_cols[cols].abs().sum(0)
-        moved = dictionary[:, cols] + (stat_b[:, cols] - dictionary @ stat_cols) / bound.clamp_min(1e-10)
-        moved = moved / torch.linalg.vector_norm(moved, dim=0).clamp_min(1e-12)
-        used = torch.diagonal(stat_cols[cols]) > 1e-10  # an atom no code uses keeps its place
-        dictionary[:, cols] = torch.where(used, moved, dictionary[:, cols])
+    for _ in range(sweeps):
+        for start in range(0, atoms, block):
+            cols = slice(start, min(start + block, atoms))
+            stat_cols = stat_a[:, cols]
+            bound = stat_cols[cols].abs().sum(0)
+            moved = dictionary[:, cols] + (stat_b[:, cols] - dictionary @ stat_cols) / bound.clamp_min(1e-10)
+            moved = moved / torch.linalg.vector_norm(moved, dim=0).clamp_min(1e-12)
+            used = torch.diagonal(stat_cols[cols]) > 1e-10  # an atom no code uses keeps its place
+            dictionary[:, cols] = torch.where(used, moved, dictionary[:, cols])
 
 
 def _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit) -> None:
@@ -272,15 +273,20 @@ def learn_sklearn(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 def learn_spams(x: torch.Tensor, params: dict, threads: int | None = None) -> torch.Tensor:
+    iterations = math.ceil(params["epochs"] * len(x) / params["batch_size"])
+    return train_spams(x, params["atoms"], params["lambda"], iterations, params["batch_size"], threads)
+
+
+def train_spams(x: torch.Tensor, atoms: int, lam: float, iterations: int, batch_size: int,
+                threads: int | None = None) -> torch.Tensor:
+    """SPAMS trainDL with the MLSM reference's settings on rows of x; the dictionary [d, K], unit columns."""
     try:
         import spams
     except ImportError:
         raise StageError("dictionary backend spams needs SPAMS: pip install spams-bin (or the extra mlsm-pipeline[spams])") from None
-    iterations = math.ceil(params["epochs"] * len(x) / params["batch_size"])
     data = np.asfortranarray(x.cpu().numpy().T.astype(np.float64))
-    dictionary = spams.trainDL(data, K=params["atoms"], lambda1=params["lambda"], mode=2, lambda2=0.0,
-                               posAlpha=True, iter=iterations, batchsize=params["batch_size"],
-                               numThreads=threads or os.cpu_count() or 1, verbose=False)
+    dictionary = spams.trainDL(data, K=atoms, lambda1=lam, mode=2, lambda2=0.0, posAlpha=True, iter=iterations,
+                               batchsize=batch_size, numThreads=threads or os.cpu_count() or 1, verbose=False)
     return l2_normalise(torch.from_numpy(np.asarray(dictionary).T).float()).T.contiguous().to(x.device)
 
 

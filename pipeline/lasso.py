@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -115,7 +116,8 @@ class Solution:
 
 
 class Lasso:
-    """A solver bound to one dictionary (its Gram matrix and L computed once), called on batches of rows.
+    """A solver bound to one dictionary (its Gram matrix and L computed once, when first needed), called
+    on batches of rows.
 
     `tolerance` is the relative change of the codes for fista (0: run all max_iterations, the
     reference) and the relative duality gap for fast. `lip` (default: exact) may be an upper estimate
@@ -131,12 +133,20 @@ class Lasso:
         self.dictionary = dictionary if dictionary.dtype == torch.float64 else dictionary.float()
         self.lam, self.solver, self.max_iterations, self.tolerance = lam, solver, max_iterations, tolerance
         self.precision = precision
-        self.gram = self.dictionary.T @ self.dictionary
         self.lip = lipschitz(self.gram) if lip is None else lip
         d, k = self.dictionary.shape
         self.factored = 2 * d < k  # D^T (D y) costs 4dK, y G costs 2K^2
         self.low = self.dictionary.bfloat16() if precision == "bf16" else None
-        self.low_gram = self.gram.bfloat16() if precision == "bf16" else None
+
+    @cached_property
+    def gram(self) -> torch.Tensor:
+        # Lazy: dictionary learning builds a solver every mini-batch, codes in factored form, passes
+        # `lip` and stops before the active-set finish, so it never needs this K x K product.
+        return self.dictionary.T @ self.dictionary
+
+    @cached_property
+    def low_gram(self) -> torch.Tensor:
+        return self.gram.bfloat16()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Solution:
