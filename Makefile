@@ -29,7 +29,7 @@ test: setup
 	$(IN_VENV) python -m pytest
 
 lint: setup
-	$(IN_VENV) snakemake --lint
+	$(IN_VENV) python -m pytest -q tests/test_lint.py
 
 dry-run: setup
 	$(IN_VENV) snakemake --dry-run

@@ -14,8 +14,8 @@ import argparse
 import gzip
 import json
 import os
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import CORPUS, MINILM as TOKENIZER, text_prefix  # noqa: E402
-from pipeline.common import load_tokenizer  # noqa: E402
-from pipeline.corpus import input_files, shard  # noqa: E402
+from bench.common import CORPUS, text_prefix  # noqa: E402
+from bench.common import MINILM as TOKENIZER  # noqa: E402
+from pipeline.corpus import shard  # noqa: E402
+from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline.text import input_files  # noqa: E402
 
 
 def plain_tokenization(path: Path, batch_lines: int = 4096) -> float:

@@ -96,7 +96,7 @@ def fista(x: torch.Tensor, dictionary: torch.Tensor, lam: float, max_iterations:
     codes = torch.zeros_like(correlation) if init is None else init.clone()
     momentum, t = codes.clone(), 1.0
     shrink = lam / lip
-    for iteration in range(1, max_iterations + 1):
+    for iteration in range(1, max_iterations + 1):  # noqa: B007 (returned: the iterations run)
         gradient = momentum @ gram - correlation
         new = torch.clamp_min(momentum - gradient / lip - shrink, 0.0)
         t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
@@ -311,3 +311,10 @@ class Lasso:
             rows, t, correlation = rows[keep], t[keep], correlation[keep]
             a, a_product, y, y_product = a[keep], a_product[keep], y[keep], y_product[keep]
         return out_codes, out_iterations, out_gap
+
+
+def make_solver(dictionary: torch.Tensor, params: dict) -> Lasso:
+    """The solver a config slice asks for (lambda, solver, max_iterations, tolerance, precision): the
+    targets stage's, and the trainer's online targets'."""
+    return Lasso(dictionary, params["lambda"], params["solver"], params["max_iterations"], params["tolerance"],
+                 params.get("precision", "fp32"))
