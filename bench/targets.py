@@ -16,10 +16,11 @@ Figures, in one run:
 - quality on `--quality-tokens` real states: mean objective of each solver, its excess over a tightly
   converged float64 solution, and the mean L1 distance between its normalised code and that solution's
   (goal: fast <= reference);
-- storage: bytes per token of the written shard at `--top-k`, and the mass the top-k cut loses for
-  several k (from the converged codes);
+- storage: bytes per token of the written shard at `--top-k` (`none`: the whole code) and `--top-mass`, and
+  the mass the top-k cut loses for several k (from the converged codes);
 - read: tokens/s of reading a corpus shard with its target shard back into the trainer's flat arrays
-  (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens/s).
+  (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens/s), and of gathering the targets of
+  15 % of its tokens as the trainer's batches do (pipeline.formats.gather_entries).
 
     python bench/targets.py --teacher base --text-mb 40              # on the device machine
     python bench/targets.py --text-mb 0.2 --quality-tokens 1000 --device cpu      # a CPU smoke run
@@ -54,7 +55,7 @@ from pipeline.common import pick_device  # noqa: E402
 from pipeline.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.pretrain.data import Shard  # noqa: E402
 from pipeline.stages import call  # noqa: E402
-from pipeline.targets import top_k_distribution  # noqa: E402
+from pipeline.targets import sparse_distribution  # noqa: E402
 
 LAMBDA = 0.05
 REFERENCE = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, "precision": "fp32"}
@@ -114,23 +115,28 @@ def quality(x: torch.Tensor, dictionary: torch.Tensor, solvers: dict[str, Lasso]
     figures["mass_lost_to_top_k"] = {}
     for k in (8, 16, 32, 64, 128, 256):
         if k <= exact.shape[1]:
-            lost = float(top_k_distribution(exact.float(), k)[2].mean())
+            lost = float(sparse_distribution(exact.float(), k)[3].mean())
             figures["mass_lost_to_top_k"][k] = lost
     lost = figures["mass_lost_to_top_k"]
     print("  mass lost to top-k: " + ", ".join(f"k={k} {100 * v:.2f} %" for k, v in lost.items()))
     return figures
 
 
-def read_speed(corpus_shard: str, target_shard: str, repeats: int = 5) -> float:
-    """Tokens/s of loading a shard pair into the trainer's flat arrays, on one core."""
+def read_speed(corpus_shard: str, target_shard: str, repeats: int = 5) -> tuple[float, float]:
+    """Tokens/s of loading a shard pair into the trainer's flat arrays, and of gathering the targets of 15 %
+    of its tokens (a batch's masked positions), on one core."""
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    times = []
+    times, gathers = [], []
     for _ in range(repeats):
         started = time.perf_counter()
         shard = Shard(corpus_shard, target_shard)
         times.append(time.perf_counter() - started)
-    return len(shard.tokens) / min(times)
+        masked = np.sort(np.random.default_rng(0).choice(len(shard.tokens), len(shard.tokens) * 15 // 100, False))
+        started = time.perf_counter()
+        shard.targets(masked)
+        gathers.append(time.perf_counter() - started)
+    return len(shard.tokens) / min(times), len(masked) / min(gathers)
 
 
 def main() -> None:
@@ -142,7 +148,8 @@ def main() -> None:
     p.add_argument("--atoms", type=int, default=3000, help="K of a dictionary the benchmark fits")
     p.add_argument("--fit-tokens", type=int, default=200_000)
     p.add_argument("--quality-tokens", type=int, default=50_000)
-    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--top-k", default="32", help="atoms kept per token, or none (the whole code)")
+    p.add_argument("--top-mass", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=256, help="sequences per teacher forward")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="of the fast solver")
     p.add_argument("--tolerance", type=float, default=1e-2, help="relative duality gap of the fast solver")
@@ -170,12 +177,13 @@ def main() -> None:
               f"fast solver: tolerance {args.tolerance}, {args.precision}")
 
         fast = {"solver": "fast", "max_iterations": 500, "tolerance": args.tolerance, "precision": args.precision}
+        top_k = args.top_k if args.top_k == "none" else int(args.top_k)
         base = {"source": source, "layer": -1, "batch_size": args.batch_size, "lambda": LAMBDA,
-                "top_k": args.top_k, "device": device.type, "trust_remote_code": False}
+                "top_k": top_k, "top_mass": args.top_mass, "device": device.type, "trust_remote_code": False}
         out = work / "targets.parquet"
         stage_fast, stats = stage_speed("fast", shard, manifest, dictionary_files, out, {**base, **fast})
         bytes_per_token = out.stat().st_size / stats["tokens"]
-        reads = read_speed(shard, str(out))
+        reads, gathers = read_speed(shard, str(out))
         stage_reference, _ = stage_speed("reference", shard, manifest, dictionary_files, work / "ref.parquet",
                                          {**base, **REFERENCE})
 
@@ -186,14 +194,17 @@ def main() -> None:
         solver_speed("fista bf16", lambda v: fista(v.bfloat16(), low, LAMBDA, 100, gram=low.T @ low,
                                                    lip=solvers["reference"].lip), x)
         figures = quality(x, dictionary, solvers)
-    print(f"storage: {bytes_per_token:.1f} bytes/token at top-{args.top_k} "
-          f"(mass lost {100 * stats['mean_mass_lost_to_top_k']:.2f} %)")
-    print(f"read back on one core: {reads:,.0f} tokens/s (goal >= 2 M)")
+    print(f"storage: {bytes_per_token:.1f} bytes/token at top-{args.top_k}, top-mass {args.top_mass} "
+          f"({stats['mean_kept_atoms']:.1f} atoms kept a token, "
+          f"mass lost {100 * stats['mean_mass_lost_to_top_k']:.2f} %)")
+    print(f"read back on one core: {reads:,.0f} tokens/s (goal >= 2 M); targets of masked tokens gathered at "
+          f"{gathers:,.0f} tokens/s")
     print(f"stage fast / reference: {stage_fast / stage_reference:.2f}; solver fast / reference: "
           f"{solver_fast / solver_reference:.2f}; stage fast: {stage_fast:,.0f} tokens/s (goal >= 500 k on an H100)")
     print(json.dumps({"stage_fast": stage_fast, "stage_reference": stage_reference, "solver_fast": solver_fast,
                       "solver_reference": solver_reference, "bytes_per_token": bytes_per_token,
-                      "read_tokens_per_second": reads, "quality": figures}))
+                      "read_tokens_per_second": reads, "gather_tokens_per_second": gathers,
+                      "kept_atoms_per_token": stats["mean_kept_atoms"], "quality": figures}))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,42 @@ def pack_document(sentences: list[list[int]], max_len: int, cls: int, sep: int):
             i += 1
 
 
+MIN_REFERENCE_CHARS, MIN_REFERENCE_WORDS = 5, 5  # the reference's filters of lines and pairs
+
+
+def pack_reference_pairs(texts: list[str], encoded: list[list[int]], max_len: int, cls: int, sep: int):
+    """Sentence pairs as the reference's pretrainer.py reads them: lines two by two ([CLS] A [SEP] B [SEP]),
+    a line under 5 characters skipped where it would be A, a pair dropped when B is under 5 characters or
+    the two have under 5 words together, a document's odd last line dropped (it pairs with the blank line),
+    and a pair longer than max_len cut longest-first, as its fast tokenizer does."""
+    i = 0
+    while i + 1 < len(texts):
+        if len(texts[i]) < MIN_REFERENCE_CHARS:
+            i += 1
+            continue
+        a, b, words = encoded[i], encoded[i + 1], len(texts[i].split()) + len(texts[i + 1].split())
+        keep = len(texts[i + 1]) >= MIN_REFERENCE_CHARS and words >= MIN_REFERENCE_WORDS
+        i += 2
+        if keep:
+            a, b = truncate_longest_first(a, b, max_len - 3)
+            yield [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+def truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """A pair cut to `budget` tokens as the Hugging Face tokenizers' longest_first strategy cuts it: only the
+    longer one while that suffices, else each to half the budget (the longer one gets the odd token)."""
+    if len(a) + len(b) <= budget:
+        return a, b
+    short, long = sorted((len(a), len(b)))
+    keep_long = short if short > budget else max(short, budget - short)
+    keep_short = short
+    if keep_short + keep_long > budget:
+        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
+    if len(a) > len(b):
+        return a[:keep_long], b[:keep_short]
+    return a[:keep_short], b[:keep_long]
+
+
 def pack_contiguous(documents: list[tuple[int, list[list[int]]]], max_len: int, cls: int, sep: int, out: Packed):
     """The documents as one stream ([SEP] between them) cut into [CLS] window [SEP] sequences."""
     stream, starts, docs = [], [], []
@@ -127,20 +163,29 @@ class ChunkPacker:
                 continue
             split = "validation" if held_out else "train"
             documents[split] += 1
-            pending[split].append((chunk.first_doc + number, ids))
-        max_len = self.params["max_seq_len"]
+            pending[split].append((chunk.first_doc + number, ids, doc, encoded[at - len(doc):at]))
         for split, docs in pending.items():
-            if self.params["packing"] == "contiguous":
-                pack_contiguous(docs, max_len, self.cls, self.sep, splits[split])
-            else:
-                for doc, ids in docs:
-                    for input_ids, types in pack_document(ids, max_len, self.cls, self.sep):
-                        splits[split].add(input_ids, types, doc)
+            self._pack(docs, splits[split])
         tables = {k: v.table() for k, v in splits.items()}
         train_ids = tables["train"]["input_ids"].combine_chunks().values.to_numpy()
         counts = np.bincount(train_ids, minlength=len(self.tokenizer)).astype(np.int64)
         return {"tables": tables, "token_counts": counts,
                 "documents": documents, "empty_documents": empty, "sentences": len(sentences)}
+
+
+    def _pack(self, docs: list[tuple], out: Packed) -> None:
+        """Pack documents given as (doc id, non-empty sentence ids, sentence texts, every sentence's ids)."""
+        max_len, packing = self.params["max_seq_len"], self.params["packing"]
+        if packing == "contiguous":
+            pack_contiguous([(doc, ids) for doc, ids, _, _ in docs], max_len, self.cls, self.sep, out)
+            return
+        for doc, ids, texts, encoded in docs:
+            if packing == "reference_pairs":
+                sequences = pack_reference_pairs(texts, encoded, max_len, self.cls, self.sep)
+            else:
+                sequences = pack_document(ids, max_len, self.cls, self.sep)
+            for input_ids, types in sequences:
+                out.add(input_ids, types, doc)
 
 
 _WORKER_PACKER: ChunkPacker | None = None
