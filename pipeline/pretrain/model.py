@@ -149,7 +149,7 @@ def reference_layout(directory: str | Path):
     from transformers import AutoModelForMaskedLM
 
     head = load_file(str(Path(directory) / MLSM_HEAD_FILE))
-    model = AutoModelForMaskedLM.from_pretrained(directory)
+    model = AutoModelForMaskedLM.from_pretrained(directory, trust_remote_code=False)
     vocab = model.config.vocab_size
     model.resize_token_embeddings(vocab + len(head["decoder.bias"]), mean_resizing=False)
     with torch.no_grad():
@@ -173,7 +173,7 @@ def build_config(params: dict, tokenizer, max_len: int):
     from ..models import resolve_model_source
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_source(source))
+        config = AutoConfig.from_pretrained(resolve_model_source(source), trust_remote_code=False)
     except OSError as err:
         raise StageError(f"architecture {source!r} could not be loaded: {err}") from None
     check_shape(config, source, max_len)
@@ -200,7 +200,7 @@ def load_backbone(params: dict, max_len: int, with_mlm_head: bool, corpus_manife
     source = params["init"]
     path = resolve_model_source(source)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except OSError as err:
         raise StageError(f"init {source!r} could not be loaded: {err}") from None
     check_shape(config, source, max_len)
@@ -208,8 +208,8 @@ def load_backbone(params: dict, max_len: int, with_mlm_head: bool, corpus_manife
     options = {"hidden_dropout_prob": params["dropout"], "attention_probs_dropout_prob": params["dropout"],
                "attn_implementation": "sdpa"}
     if with_mlm_head:
-        return BertForMaskedLM.from_pretrained(path, **options)
-    return BertModel.from_pretrained(path, add_pooling_layer=False, **options)
+        return BertForMaskedLM.from_pretrained(path, trust_remote_code=False, **options)
+    return BertModel.from_pretrained(path, add_pooling_layer=False, trust_remote_code=False, **options)
 
 
 def peak_flops(device: torch.device) -> float | None:
