@@ -35,6 +35,8 @@ def test_the_paper_preset_holds_the_reference_recipe():
                                                     "trust_remote_code": False, "auxiliary": paper["teachers"][
                                                         "bert_base_cased"]["auxiliary"]}
     assert paper["corpus"]["tokenizer"] == "bert-base-cased" and paper["activations"]["subsample"] == "none"
+    assert (paper["corpus"]["packing"], paper["corpus"]["max_seq_len"]) == ("reference_pairs", 128)
+    assert paper["activations"]["sample_tokens"] == 1_000_000
     dictionary = paper["dictionary"]
     assert (dictionary["backend"], dictionary["atoms"], dictionary["lambda"], dictionary["iterations"],
             dictionary["batch_size"]) == ("spams", 3000, 0.05, 1000, 400)
@@ -58,7 +60,7 @@ def test_the_paper_preset_holds_the_reference_recipe():
 
 def test_the_babylm_preset_holds_the_strict_small_recipe():
     babylm = cfg.validate(preset("babylm"))
-    assert babylm["corpus"]["tokenizer"] == "train"
+    assert (babylm["corpus"]["tokenizer"], babylm["corpus"]["packing"]) == ("train", "reference_pairs")
     assert babylm["tokenizer_training"] == {"model": "unigram", "vocab_size": 25000, "lowercase": False,
                                             "normalizer": "reference", "min_frequency": 2, "max_sentences": 0}
     teacher = babylm["teachers"]["aux"]
