@@ -1,0 +1,122 @@
+"""The CPU optimisations of issue #24 keep their results: each test fails if its optimisation breaks what
+it computes (the speed itself is measured by bench/, never here)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import lasso
+from pipeline.lasso import Lasso, dictionary_lipschitz, l2_normalise, lipschitz, relative_gap
+from pipeline.nnls import restricted_codes
+from pipeline.parallel import map_blocks
+
+SPAMS_K3000 = Path(__file__).resolve().parents[2] / "shared/data/dictionaries/minilm-l6-last-spams-k3000-lambda0.05.npy"
+
+
+def random_dictionary(d, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return l2_normalise(torch.randn(k, d, generator=g)).T.contiguous()
+
+
+def sparse_states(dictionary, n, active, seed=0):
+    """Unit states made of sparse non-negative mixtures of about `active` atoms plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    k = dictionary.shape[1]
+    mixtures = torch.rand(n, k, generator=g) * (torch.rand(n, k, generator=g) < active / k)
+    return l2_normalise(mixtures @ dictionary.T + 0.05 * torch.randn(n, dictionary.shape[0], generator=g))
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("solver, d, k", [("fast", 32, 300), ("fast", 16, 400), ("fista", 32, 300)])
+def test_cpu_solutions_do_not_depend_on_the_thread_count(solver, d, k, two_threads):
+    """Row blocks run one per thread; the fast solver with FISTA first (L = 15.5) and from zero (L = 33)."""
+    dictionary = random_dictionary(d, k, seed=1)
+    x = sparse_states(dictionary, 3 * lasso.ROWS_PER_SOLVE_CPU + 17, 12)  # four blocks, of unequal rows
+    settings = (0.05, solver, 500, 1e-4 if solver == "fast" else 0.0)
+    with_two = Lasso(dictionary, *settings)(x)
+    torch.set_num_threads(1)
+    with_one = Lasso(dictionary, *settings)(x)
+    assert torch.equal(with_two.codes, with_one.codes)
+    assert torch.equal(with_two.iterations, with_one.iterations)
+    if solver == "fast":
+        assert torch.equal(with_two.gap, with_one.gap)
+
+
+def test_map_blocks_keeps_order_and_the_callers_threads(two_threads):
+    out = map_blocks(lambda b: (b, torch.get_num_threads()), list(range(7)))
+    assert [b for b, _ in out] == list(range(7))
+    assert {threads for _, threads in out} == {1}  # each block on one intra-op thread
+    assert torch.get_num_threads() == 2
+
+
+def drop_and_resolve_row_by_row(gram, rhs_all, support, counts, drops):
+    """The restricted solve written plainly, one row at a time in float64: solve on the support, drop the
+    atoms that come out non-positive, solve again. Returns {atom: code} per row and the solved flags."""
+    codes, solved = [], []
+    for row in range(len(support)):
+        atoms = support[row, : counts[row]].tolist()
+        ok = True
+        for _ in range(drops):
+            if not atoms:
+                values = np.zeros(0)
+                break
+            system = gram[np.ix_(atoms, atoms)].double().numpy()
+            values = np.linalg.solve(system, rhs_all[row, atoms].double().numpy())
+            if (values > 0).all():
+                break
+            atoms = [a for a, v in zip(atoms, values) if v > 0]
+        else:
+            ok = False
+        codes.append(dict(zip(atoms, values)) if ok else {})
+        solved.append(ok)
+    return codes, solved
+
+
+def test_bucketed_restricted_solves_match_a_row_by_row_solve():
+    dictionary = random_dictionary(40, 160, seed=2)
+    gram = dictionary.T @ dictionary
+    x = sparse_states(dictionary, 150, 10, seed=3)
+    rhs_all = x @ dictionary - 0.05
+    g = torch.Generator().manual_seed(4)
+    support = torch.stack([torch.randperm(160, generator=g)[:30] for _ in range(len(x))])
+    counts = torch.randint(0, 31, (len(x),), generator=g)  # widths 0..30: several buckets of rows
+    atoms, values, solved = restricted_codes(gram, rhs_all, support, counts, lasso.FINISH_DROPS)
+    expected, expected_solved = drop_and_resolve_row_by_row(gram, rhs_all, support, counts, lasso.FINISH_DROPS)
+    assert solved.tolist() == expected_solved
+    for row in range(len(x)):
+        assert set(atoms[row, : counts[row]].tolist()) == set(support[row, : counts[row]].tolist())
+        got = {int(a): float(v) for a, v in zip(atoms[row], values[row]) if v > 0}
+        if solved[row]:
+            assert got.keys() == expected[row].keys()
+            assert np.allclose([got[a] for a in sorted(got)], [expected[row][a] for a in sorted(got)], atol=1e-4)
+
+
+@pytest.mark.skipif(not SPAMS_K3000.exists(), reason="the shared reference dictionary is not beside this checkout")
+def test_the_cpu_finish_certifies_real_dictionary_states_from_zero_codes():
+    """On a CPU the finish starts from zero codes: every row is certified by active-set rounds alone (no
+    FISTA iteration), the float64 gap confirms the solver's, and most codes are the exact optimum (gap at
+    fp32 rounding level)."""
+    dictionary = torch.from_numpy(np.load(SPAMS_K3000).astype(np.float32))
+    dictionary = dictionary / dictionary.norm(dim=0, keepdim=True)
+    x = sparse_states(dictionary, 96, 80)
+    solution = Lasso(dictionary, 0.05, "fast", 500, 1e-4)(x)
+    assert (solution.gap <= 1e-4).all()
+    assert (solution.iterations <= lasso.FINISH_ROUNDS).all()
+    exact_gap = relative_gap(x.double(), dictionary.double(), solution.codes.double(), 0.05)
+    assert float(exact_gap.max()) < 1e-4 + 1e-5
+    assert float(exact_gap.median()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(24, 200), (60, 40)])
+def test_lipschitz_from_the_smaller_product_equals_the_gram_eigenvalue(shape):
+    dictionary = random_dictionary(*shape, seed=5)
+    assert dictionary_lipschitz(dictionary) == pytest.approx(lipschitz(dictionary.T @ dictionary), rel=1e-6)
