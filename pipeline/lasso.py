@@ -50,6 +50,7 @@ FISTA_FIRST_BELOW_L = 25.0  # on a CPU in fp32, FISTA goes before the finish onl
 FIRST_WIDTH = 128  # atoms the first round (from zero codes, no support yet) solves on
 POWER_MARGIN = 1.01  # on a power-iteration estimate of L
 ROWS_PER_SOLVE_CPU, ROWS_PER_SOLVE_CUDA = 256, 16384  # rows solved together ([rows, width^2] in the finish)
+BLOCK_ELEMENTS_CPU = 256 * 3000  # and at least this many codes a block on a CPU
 
 
 def lipschitz(gram: torch.Tensor) -> float:
@@ -181,7 +182,10 @@ class Lasso:
                 return self._solve(x)
             parts = [self._solve(x[i : i + ROWS_PER_SOLVE_CUDA]) for i in range(0, len(x), ROWS_PER_SOLVE_CUDA)]
         else:
-            blocks = -(-len(x) // ROWS_PER_SOLVE_CPU)
+            # Blocks of at least BLOCK_ELEMENTS_CPU codes: on small dictionaries the operations on fewer
+            # rows are so short that threads mostly wait for each other (and for the GIL).
+            rows = max(ROWS_PER_SOLVE_CPU, BLOCK_ELEMENTS_CPU // self.dictionary.shape[1])
+            blocks = -(-len(x) // rows)
             bounds = [i * len(x) // blocks for i in range(blocks + 1)]
             self._build_shared()
             parts = map_blocks(self._solve, [x[a:b].contiguous() for a, b in zip(bounds, bounds[1:])])

@@ -45,6 +45,20 @@ def _single_threaded(function, block):
     return function(block)
 
 
+SMALL_WORK_FLOPS = 5e7  # an operation below this (~2 ms on one core) runs on one thread (small_work)
+
+
+@contextmanager
+def small_work(flops: float):
+    """One intra-op thread for operations of about `flops` each when they are small: their threads would
+    spend more time waiting at each operation's end than computing, and far more when cores are shared."""
+    if flops >= SMALL_WORK_FLOPS:
+        yield
+        return
+    with one_thread():
+        yield
+
+
 @contextmanager
 def one_thread():
     """The calling thread's torch operations on one intra-op thread, restored afterwards."""

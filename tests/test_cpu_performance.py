@@ -162,3 +162,29 @@ def test_array_packing_builds_the_sequences_the_list_packing_built(corpus_text, 
         for split, table in list_packed_tables(packer, chunk).items():
             assert packed["tables"][split].equals(table), (chunk.index, split)
     assert packed["empty_documents"] == 2 and sum(packed["documents"].values()) == 0
+
+
+def test_small_work_runs_on_one_thread_and_restores_the_callers(two_threads):
+    from pipeline.parallel import SMALL_WORK_FLOPS, small_work
+
+    with small_work(SMALL_WORK_FLOPS / 2):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with small_work(SMALL_WORK_FLOPS):
+        assert torch.get_num_threads() == 2
+    with pytest.raises(KeyError), small_work(0):
+        raise KeyError
+    assert torch.get_num_threads() == 2
+
+
+def test_dictionary_learning_does_not_depend_on_the_thread_count(two_threads):
+    """A fit with fewer threads (a shared machine) is the same fit."""
+    from pipeline.dictionary import learn
+
+    truth = random_dictionary(24, 48, seed=6)
+    x = sparse_states(truth, 3000, 5, seed=7)
+    fits = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        fits.append(learn(x[:2600], 48, 0.05, 256, 2, 50, torch.Generator().manual_seed(0), heldout=x[2600:]))
+    assert torch.equal(fits[0][0], fits[1][0]) and fits[0][1] == fits[1][1]
