@@ -38,6 +38,7 @@ from .common import (StageError, load_tokenizer, log, parser, pick_device, resol
                      set_cpu_threads, tokenizer_fingerprint)
 from .corpus import iter_shard, pad_rows, read_token_counts
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
+from .memory import release_free_memory
 from .resume import Resume
 
 READ_BATCHES = 8  # teacher batches read from a shard at a time: the unit of work, which bounds memory
@@ -272,6 +273,7 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
                 if quota <= 0:  # the rest of the shard is not read
                     break
                 processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
+                release_free_memory()  # peak memory flat in the number of units (pipeline.memory)
                 unit += 1
                 if resume.due():
                     store.flush()
