@@ -51,6 +51,7 @@ from .packing import packed_table
 CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
 ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
 BLOCK_BYTES = 1 << 22  # text read and checked at a time
+ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
 MAX_RECORD_BYTES = 1 << 28  # a jsonl line (a whole document) longer than this is a broken file
 COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -360,7 +361,9 @@ class ChunkPacker:
     def __call__(self, chunk: Chunk) -> dict:
         flags = validation_flags(chunk, self.params["validation_fraction"], self.params["seed"])
         sentences = [s for doc in chunk.documents for s in doc]
-        encoded = [e.ids for e in self.encode(sentences, add_special_tokens=False)] if sentences else []
+        # A few thousand sentences a call: the tokenizer's per-sentence cost rises with larger batches.
+        encoded = [e.ids for start in range(0, len(sentences), ENCODE_SENTENCES)
+                   for e in self.encode(sentences[start : start + ENCODE_SENTENCES], add_special_tokens=False)]
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
         starts = np.cumsum(lengths) - lengths
@@ -392,11 +395,21 @@ def _worker_pack(chunk: Chunk) -> dict:
     return _WORKER_PACKER(chunk)
 
 
-def _pool(workers: int, params: dict):
+def _pool(workers: int, params: dict, tokenizer=None):
     # fork starts at once with the modules already imported; the tokenizer's own thread pool is never
     # used in this process (TOKENIZERS_PARALLELISM=false), so forking it is safe.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, _worker_init, (params,))
+    global _WORKER_PACKER
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn").Pool(workers, _worker_init, (params,))
+    if tokenizer is None:
+        return multiprocessing.get_context("fork").Pool(workers, _worker_init, (params,))
+    # Forked workers inherit this process' packer and its loaded tokenizer (loading it again cost each
+    # worker ~0.2 s).
+    _WORKER_PACKER = ChunkPacker(params, tokenizer)
+    try:
+        return multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        _WORKER_PACKER = None
 
 
 def packed_chunks(chunks: Iterator[Chunk], params: dict, pool, workers: int, tokenizer) -> Iterator[dict]:
@@ -467,7 +480,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
             if sum(f.stat().st_size for f in files) < 2 * CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
                 workers = 1  # starting processes would cost more than they save
-            pool = _pool(workers, params) if workers > 1 else None
+            pool = _pool(workers, params, tokenizer) if workers > 1 else None
             try:
                 totals, token_counts = _spill(read_chunks(files, params, skipped), spills, params, pool, workers,
                                               tokenizer)
