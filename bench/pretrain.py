@@ -18,7 +18,8 @@ state (the median of the stage's 10-update windows after the first):
 - mlm: the same student with the MLM objective through the stage.
 
     python bench/pretrain.py                          # on the device machine
-    python bench/pretrain.py --size tiny --batch-size 16 --steps 30 --text-mb 0.3 --atoms 64 --device cpu
+    python bench/pretrain.py --size tiny --batch-size 4 --steps 20 --text-mb 0.1 --shards 2 --atoms 64 --device cpu
+                                              # the CPU smoke run (make bench), ~2 minutes
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, random_dictionary, random_teacher,  # noqa: E402
+from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, emit, random_dictionary, random_teacher,  # noqa: E402
                           real_shards, save_dictionary)
 from pipeline import pretrain  # noqa: E402
 from pipeline.common import load_tokenizer, pick_device  # noqa: E402
@@ -142,6 +143,7 @@ def main() -> None:
                    help="random dictionaries of this size instead of SPAMS's and K=3000 (CPU smoke runs)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = pick_device(args.device)
     os.environ["MLSM_LOG_EVERY"] = str(LOG_EVERY)
@@ -165,7 +167,7 @@ def main() -> None:
     print(f"stage / in-memory: {stage / memory:.3f} (goal >= 0.9)")
     print(f"stage / online reference: {stage / online:.2f} (goal >= 5)")
     print(f"mlm / mlsm: {mlm / stage:.3f}")
-    print(json.dumps({"stage": stage, "in_memory": memory, "online": online, "mlm": mlm}))
+    emit({"stage": stage, "in_memory": memory, "online": online, "mlm": mlm}, args.json)
 
 
 if __name__ == "__main__":
