@@ -9,11 +9,13 @@ to a bare forward pass of the same truncated model, bf16 autocast on a GPU, meas
 
 Memory: the same stage in a fresh process on a corpus and on one `--rss-factor` times larger (same
 number of shards, so each shard is larger too); the peak RSS of the two should be about equal (goal:
-ratio <= 1.05). Each shard of the smaller corpus should hold at least one teacher batch
-(`--batch-size` sequences): otherwise the ratio measures how full the batches are, not growth.
+ratio <= 1.05). The smaller corpus should fill what the stage holds at its largest: each shard at
+least one teacher batch (`--batch-size` sequences) and the store at least one zarr chunk
+(pipeline.teacher.CHUNK_ROWS sampled states), or the ratio measures how full those are, not growth.
 
     python bench/extraction.py                       # on the device machine: --shape base
-    python bench/extraction.py --shape tiny --sequences 4000 --batch-size 64 --device cpu   # CPU, ~1 minute
+    python bench/extraction.py --shape tiny --sequences 4000 --positions 32 --batch-size 64 --device cpu
+                                                      # the CPU smoke run (make bench), ~1 minute
 """
 
 from __future__ import annotations

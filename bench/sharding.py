@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=CORPUS)
     p.add_argument("--megabytes", type=float, default=12.0, help="MB of text taken from the corpus' start")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=5, help="runs of each side (plain, 1 worker, all workers), back to back")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="runs of each side (plain, 1 worker, all workers), back to back")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     load_tokenizer(TOKENIZER)  # imports paid once, before either side is timed

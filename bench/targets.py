@@ -152,8 +152,10 @@ def stages(args, work: Path, shard: str, manifest: str, dictionary_files, base: 
     the fast stage's storage and read-back figures come from)."""
     out = work / "targets.parquet"
     stage_fast, stats = stage_speed("fast", shard, manifest, dictionary_files, out, {**base, **fast})
-    figures = {"stage_fast": stage_fast, "tokens": stats["tokens"], "mean_mass_lost_to_top_k": stats["mean_mass_lost_to_top_k"],
-               "bytes_per_token": out.stat().st_size / stats["tokens"], "read_tokens_per_second": read_speed(shard, str(out))}
+    figures = {"stage_fast": stage_fast, "tokens": stats["tokens"],
+               "mean_mass_lost_to_top_k": stats["mean_mass_lost_to_top_k"],
+               "bytes_per_token": out.stat().st_size / stats["tokens"],
+               "read_tokens_per_second": read_speed(shard, str(out))}
     if args.reference_mb:
         paired = work / "paired"
         paired.mkdir()
@@ -171,11 +173,11 @@ def solvers_alone(args, dictionary: torch.Tensor, x: torch.Tensor, fast: dict) -
     figures = {"solver_fast": solver_speed("fast", solvers["fast"], x, args.repeats),
                "solver_reference": solver_speed("reference", solvers["reference"], x, args.repeats)}
     lip = solvers["reference"].lip
-    figures["solver_reference_factored"] = solver_speed("ref. D^T(Dy)", lambda v: reference_factored(v, dictionary, lip),
-                                                        x, args.repeats)
+    figures["solver_reference_factored"] = solver_speed(
+        "ref. D^T(Dy)", lambda v: reference_factored(v, dictionary, lip), x, args.repeats)
     low = dictionary.bfloat16()
-    figures["solver_fista_bf16"] = solver_speed("fista bf16", lambda v: fista(v.bfloat16(), low, LAMBDA, 100,
-                                                                             gram=low.T @ low, lip=lip), x, args.repeats)
+    figures["solver_fista_bf16"] = solver_speed(
+        "fista bf16", lambda v: fista(v.bfloat16(), low, LAMBDA, 100, gram=low.T @ low, lip=lip), x, args.repeats)
     figures["quality"] = quality(x, dictionary, solvers)
     return figures
 

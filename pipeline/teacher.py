@@ -38,7 +38,7 @@ from .common import (StageError, load_tokenizer, log, parser, pick_device, resol
                      set_cpu_threads, tokenizer_fingerprint)
 from .corpus import iter_shard, pad_rows, read_token_counts
 from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
-from .memory import release_free_memory
+from .memory import release_free_memory, streaming_allocators
 from .resume import Resume
 
 READ_BATCHES = 8  # teacher batches read from a shard at a time: the unit of work, which bounds memory
@@ -238,6 +238,7 @@ def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: 
     """Sample tokens shard by shard (the shards are shuffled, so reading each in order samples at random),
     run the teacher on the sequences holding them, append their states to the store."""
     set_cpu_threads()
+    streaming_allocators()
     manifest = read_verified(manifest_path, [*shard_paths, *([token_counts_path] if token_counts_path else [])])
     device = pick_device(params.get("device", "auto"))
     encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
