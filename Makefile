@@ -38,7 +38,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 lint: setup
-	$(IN_VENV) snakemake --lint
+	$(IN_VENV) python -m pytest -q tests/test_lint.py
 
 dry-run: setup
 	$(IN_VENV) snakemake --dry-run

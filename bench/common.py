@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common import load_tokenizer
-from pipeline.corpus import flat_list, pad_rows, read_shard, shard
+from pipeline.corpus import shard
+from pipeline.formats import flat_list, pad_rows, read_shard
 from pipeline.integrity import file_entries, write_record
 from pipeline.lasso import l2_normalise
-from pipeline.teacher import length_batches, load_encoder
+from pipeline.models import length_batches, load_encoder, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

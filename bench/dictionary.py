@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CORPUS, MINILM, emit, real_shards, sync, teacher_states  # noqa: E402
 from pipeline.common import pick_device  # noqa: E402
-from pipeline.dictionary import evaluate, learn, learn_sklearn, train_spams  # noqa: E402
+from pipeline.dictionary import evaluate, learn_sklearn, train_spams  # noqa: E402
+from pipeline.dictlearn import learn  # noqa: E402
 
 LAMBDA = 0.05
 
@@ -88,7 +89,8 @@ def main() -> None:
     sync(device)
     started = time.perf_counter()
     dictionary, curve = learn(train, args.atoms, LAMBDA, args.batch_size, args.epochs, 50,
-                              torch.Generator().manual_seed(0), heldout=heldout[:4096], convergence_tolerance=args.convergence,
+                              torch.Generator().manual_seed(0), heldout=heldout[:4096],
+                              convergence_tolerance=args.convergence,
                               atom_block=args.atom_block, atom_sweeps=args.atom_sweeps)
     sync(device)
     figures["torch"] = score("torch", dictionary, heldout, time.perf_counter() - started)

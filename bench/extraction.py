@@ -11,7 +11,7 @@ Memory: the same stage in a fresh process on a corpus and on one `--rss-factor` 
 number of shards, so each shard is larger too); the peak RSS of the two should be about equal (goal:
 ratio <= 1.05). The smaller corpus should fill what the stage holds at its largest: each shard at
 least one teacher batch (`--batch-size` sequences) and the store at least one zarr chunk
-(pipeline.teacher.CHUNK_ROWS sampled states), or the ratio measures how full those are, not growth.
+(pipeline.formats.STORE_CHUNK_ROWS sampled states), or the ratio measures how full those are, not growth.
 
     python bench/extraction.py                       # on the device machine: --shape base
     python bench/extraction.py --shape tiny --sequences 4000 --positions 32 --batch-size 64 --device cpu
@@ -36,11 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MINILM as TOKENIZER, SHAPES, emit, random_teacher, sync  # noqa: E402
+from bench.common import MINILM as TOKENIZER  # noqa: E402
+from bench.common import SHAPES, emit, random_teacher, sync
 from pipeline import contract  # noqa: E402
-from pipeline.common import load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from pipeline.corpus import write_parquet  # noqa: E402
+from pipeline.formats import write_parquet  # noqa: E402
 from pipeline.integrity import file_entries, write_record  # noqa: E402
+from pipeline.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 SEQ_LEN = 128
 
@@ -83,7 +84,7 @@ def stage_params(teacher: Path, sequences: int, positions: int, batch_size: int,
 @torch.inference_mode()
 def bare_forward(teacher: Path, batch_size: int, device: torch.device, seconds: float = 10.0) -> float:
     """Tokens/s of the truncated teacher alone on device-resident random ids (no data, no store)."""
-    from pipeline.teacher import load_encoder
+    from pipeline.models import load_encoder
 
     encoder = load_encoder(str(teacher), -2, device)
     ids = torch.randint(1996, 30000, (batch_size, SEQ_LEN), device=device)
@@ -163,7 +164,8 @@ def main() -> None:
                                          "peak_rss_mb": run["peak_rss_mb"]}
         large = figures["large_corpus"]
         figures["ratio_stage_to_bare_forward"] = round(large["stage_tokens_per_s"] / bare, 3)
-        figures["peak_rss_ratio_large_to_small"] = round(large["peak_rss_mb"] / figures["small_corpus"]["peak_rss_mb"], 3)
+        small_rss = figures["small_corpus"]["peak_rss_mb"]
+        figures["peak_rss_ratio_large_to_small"] = round(large["peak_rss_mb"] / small_rss, 3)
     emit(figures, args.json, indent=2)
 
 

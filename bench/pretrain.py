@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -39,11 +38,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, emit, random_dictionary, random_teacher,  # noqa: E402
-                          real_shards, save_dictionary)
-from pipeline import pretrain  # noqa: E402
-from pipeline.common import load_tokenizer, pick_device  # noqa: E402
-from pipeline.targets import compute, summarize  # noqa: E402
+from bench.common import (  # noqa: E402
+    CORPUS,
+    MINILM,
+    SPAMS_DICTIONARY,
+    emit,
+    random_dictionary,
+    random_teacher,
+    real_shards,
+    save_dictionary,
+)
+from pipeline.common import pick_device  # noqa: E402
+from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline.pretrain.data import BatchStream, micro_batch  # noqa: E402
+from pipeline.pretrain.losses import loss_parts, total_loss  # noqa: E402
+from pipeline.pretrain.model import PRESETS, Student, build_config  # noqa: E402
+from pipeline.stages import call  # noqa: E402
+from pipeline.target_summary import summarize  # noqa: E402
+from pipeline.training import autocast  # noqa: E402
 
 LOG_EVERY = 10
 
@@ -59,8 +71,9 @@ def real_inputs(work: Path, args, device: str) -> tuple[list[str], str, list[str
     (work / "targets").mkdir()
     targets = [str(work / "targets" / f"shard-{i:03d}.parquet") for i in range(args.shards)]
     for corpus_shard, out in zip(shards, targets):
-        compute(corpus_shard, manifest, dictionary_path, metrics, out, params)
-    summary = summarize(targets, str(work / "targets" / "manifest.json"), params)  # where the stage looks
+        call("targets", params, corpus_part=corpus_shard, corpus_manifest=manifest, dictionary=dictionary_path,
+             dictionary_metrics=metrics, targets=out)
+    summary = summarize(targets, str(work / "targets" / "manifest.json"), params)
     tokens = summary["tokens"]
     target_bytes = sum(Path(t).stat().st_size for t in targets)
     print(f"inputs: {tokens:,} tokens in {args.shards} shards; targets precomputed at "
@@ -80,8 +93,9 @@ def student_params(args, objective: str, device: str, **extra) -> dict:
 
 def stage_speed(work: Path, name: str, shards, manifest, targets, params, **paths) -> float:
     """Steady tokens/s of the stage itself: the median of its logged windows after the first."""
-    summary = pretrain.train(pretrain.Paths(shards, manifest, str(work / name), str(work / f"{name}.json"),
-                                            targets or [], **paths), params)
+    record = {"target_manifest": str(work / "targets" / "manifest.json")} if targets else {}
+    summary = call("pretrain", params, corpus_shards=shards, corpus_manifest=manifest, model=work / name,
+                   summary=work / f"{name}.json", target_shards=targets or [], log_every=LOG_EVERY, **record, **paths)
     windows = [e["tokens_per_second"] for e in summary["history"][1:] if e["step"] % LOG_EVERY == 0]
     speed = statistics.median(windows) if windows else summary["tokens_per_second"]
     mfu = summary["history"][-1].get("mfu")
@@ -94,21 +108,20 @@ def in_memory_speed(shards, manifest, targets, params, device: torch.device) -> 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(MINILM)
     sizes = [s["sequences"] for s in json.loads(Path(manifest).read_text())["shards"]]
-    stream = pretrain.BatchStream(shards, targets, sizes, params["seed"])
-    batches = [{k: v.to(device) for k, v in pretrain.micro_batch(stream, m, params["batch_size"], tokenizer,
-                                                                 params).items()} for m in range(LOG_EVERY)]
+    stream = BatchStream(shards, targets, sizes, params["seed"])
+    batches = [{k: v.to(device) for k, v in micro_batch(stream, m, params["batch_size"], tokenizer, params).items()}
+               for m in range(LOG_EVERY)]
     tokens = [int(b["lengths"].sum()) for b in batches]
-    model = pretrain.Student(pretrain.build_config(params, tokenizer, 128), "mlsm", params["atoms"]).to(device)
+    model = Student(build_config(params, tokenizer, 128), "mlsm", params["atoms"]).to(device)
     if params["compile"]:
         model.compile_encoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def window() -> float:
         started = time.perf_counter()
         for batch in batches:
-            with autocast:
-                loss = pretrain.total_loss(pretrain.loss_parts(model(batch), batch, params, None), params)
+            with autocast(device):
+                loss = total_loss(loss_parts(model(batch), batch, params, None), params)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -135,7 +148,7 @@ def main() -> None:
     p.add_argument("--text-mb", type=float, default=12.0, help="MB of raw text to shard and target")
     p.add_argument("--dictionary", default=str(SPAMS_DICTIONARY), help="MiniLM-L6 last-layer dictionary [384, K]")
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--size", default="medium", choices=sorted(pretrain.PRESETS))
+    p.add_argument("--size", default="medium", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=60, help="updates per measured run")
     p.add_argument("--top-k", type=int, default=32)
@@ -146,8 +159,6 @@ def main() -> None:
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = pick_device(args.device)
-    os.environ["MLSM_LOG_EVERY"] = str(LOG_EVERY)
-    pretrain.LOG_EVERY = LOG_EVERY
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; student {args.size}, "
           f"batch {args.batch_size} x 128, {args.steps} updates per run, torch.compile {args.compile}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import CORPUS, MINILM as TOKENIZER, emit, text_prefix  # noqa: E402
-from pipeline.common import load_tokenizer  # noqa: E402
-from pipeline.corpus import input_files, shard  # noqa: E402
+from bench.common import CORPUS, emit, text_prefix  # noqa: E402
+from bench.common import MINILM as TOKENIZER  # noqa: E402
+from pipeline.corpus import shard  # noqa: E402
+from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline.text import input_files  # noqa: E402
 
 
 def plain_tokenization(path: Path, batch_lines: int = 4096) -> float:

@@ -23,7 +23,7 @@ Figures, in one run:
 - storage: bytes per token of the written shard at `--top-k`, and the mass the top-k cut loses for
   several k (from the converged codes);
 - read: tokens/s of reading a corpus shard with its target shard back into the trainer's flat arrays
-  (pipeline.pretrain.Shard) on one CPU core (goal >= 2 M tokens/s).
+  (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens/s).
 
     python bench/targets.py --teacher base --text-mb 40              # on the device machine
     python bench/targets.py --text-mb 0.04 --reference-mb 0.01 --quality-tokens 256 --repeats 1 --device cpu
@@ -44,19 +44,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (CORPUS, MINILM, SPAMS_DICTIONARY, emit, random_teacher, real_shards,  # noqa: E402
-                          save_dictionary, sync, teacher_states)
+from bench.common import (  # noqa: E402
+    CORPUS,
+    MINILM,
+    SPAMS_DICTIONARY,
+    emit,
+    random_teacher,
+    real_shards,
+    save_dictionary,
+    sync,
+    teacher_states,
+)
 from pipeline.common import pick_device  # noqa: E402
 from pipeline.lasso import Lasso, fista, objective  # noqa: E402
-from pipeline.pretrain import Shard  # noqa: E402
-from pipeline.targets import compute, top_k_distribution  # noqa: E402
+from pipeline.pretrain.data import Shard  # noqa: E402
+from pipeline.stages import call  # noqa: E402
+from pipeline.targets import top_k_distribution  # noqa: E402
 
 LAMBDA = 0.05
 REFERENCE = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, "precision": "fp32"}
 
 
 def fitted_dictionary(states: torch.Tensor, atoms: int) -> np.ndarray:
-    from pipeline.dictionary import learn
+    from pipeline.dictlearn import learn
 
     started = time.perf_counter()
     dictionary = learn(states, atoms, LAMBDA, 1024, 2, 50, torch.Generator().manual_seed(0))
@@ -67,7 +77,8 @@ def fitted_dictionary(states: torch.Tensor, atoms: int) -> np.ndarray:
 def stage_speed(name: str, corpus_shard: str, manifest: str, dictionary: tuple[str, str], out: Path,
                 params: dict) -> tuple[float, dict]:
     started = time.perf_counter()
-    stats = compute(corpus_shard, manifest, *dictionary, str(out), params)
+    stats = call("targets", params, corpus_part=corpus_shard, corpus_manifest=manifest, dictionary=dictionary[0],
+                 dictionary_metrics=dictionary[1], targets=out)
     speed = stats["tokens"] / (time.perf_counter() - started)
     print(f"stage {name:>10}: {speed:>12,.0f} tokens/s  ({stats['mean_iterations']:.0f} iterations a token, "
           f"p99 {stats['p99_iterations']:.0f})")
@@ -110,7 +121,8 @@ def quality(x: torch.Tensor, dictionary: torch.Tensor, solvers: dict[str, Lasso]
         if k <= exact.shape[1]:
             lost = float(top_k_distribution(exact.float(), k)[2].mean())
             figures["mass_lost_to_top_k"][k] = lost
-    print("  mass lost to top-k: " + ", ".join(f"k={k} {100 * v:.2f} %" for k, v in figures["mass_lost_to_top_k"].items()))
+    lost = figures["mass_lost_to_top_k"]
+    print("  mass lost to top-k: " + ", ".join(f"k={k} {100 * v:.2f} %" for k, v in lost.items()))
     return figures
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .objectives import objective
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
-OBJECTIVES_NEEDING_TARGETS = {"mlsm", "mlsm+mlm"}
-OBJECTIVES_NEEDING_TEACHER = OBJECTIVES_NEEDING_TARGETS | {"kd"}
 TRAINED_TOKENIZER = "train"  # corpus.tokenizer: the train_tokenizer stage's output
 AUXILIARY_TEACHER = "auxiliary"  # teachers.<name>.source: pre-trained by the pipeline (pretrain_teacher)
 
@@ -119,26 +119,29 @@ def validate(config: dict) -> dict:
 def _check_cross_keys(config: dict) -> None:
     problems = []
     for name, student in config["students"].items():
-        objective = student["objective"]
         teacher = student.get("teacher")
-        if objective in OBJECTIVES_NEEDING_TEACHER:
+        if objective(student["objective"]).teacher:
             if teacher is None:
-                problems.append(f"config key 'students.{name}.teacher': objective {objective} needs a teacher")
+                problems.append(f"config key 'students.{name}.teacher': objective {student['objective']} needs a "
+                                "teacher")
             elif teacher not in config["teachers"]:
                 known = ", ".join(config["teachers"]) or "none defined"
-                problems.append(f"config key 'students.{name}.teacher': unknown teacher '{teacher}' (teachers: {known})")
+                problems.append(f"config key 'students.{name}.teacher': unknown teacher '{teacher}' "
+                                f"(teachers: {known})")
     if config["corpus"]["tokenizer"] == TRAINED_TOKENIZER:
-        used = {s.get("teacher") for s in config["students"].values() if s["objective"] in OBJECTIVES_NEEDING_TEACHER}
+        used = {s.get("teacher") for s in config["students"].values() if objective(s["objective"]).teacher}
         for name in sorted(used & set(config["teachers"])):
             if config["teachers"][name]["source"] != AUXILIARY_TEACHER:
                 problems.append(f"config key 'teachers.{name}.source': with corpus.tokenizer '{TRAINED_TOKENIZER}' "
-                                f"a teacher must be '{AUXILIARY_TEACHER}' (a pre-trained teacher has its own vocabulary)")
+                                f"a teacher must be '{AUXILIARY_TEACHER}' (a pre-trained teacher has its own "
+                                "vocabulary)")
     atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
     if top_k > atoms:
         problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")
     sample, heldout = config["activations"]["sample_tokens"], config["dictionary"]["heldout_tokens"]
     if heldout >= sample:
-        problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below activations.sample_tokens ({sample})")
+        problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below "
+                        f"activations.sample_tokens ({sample})")
     for name, task in config["tasks"].items():
         if task["format"] != "glue":
             for key in ("text_columns", "label_column"):
@@ -146,7 +149,8 @@ def _check_cross_keys(config: dict) -> None:
                     problems.append(f"config key 'tasks.{name}.{key}': required for format {task['format']}")
     unknown = [t for t in config["finetune"]["checkpoint_tasks"] if t not in config["tasks"]]
     if unknown:
-        problems.append(f"config key 'finetune.checkpoint_tasks': {unknown} are not tasks (tasks: {sorted(config['tasks'])})")
+        problems.append(f"config key 'finetune.checkpoint_tasks': {unknown} are not tasks "
+                        f"(tasks: {sorted(config['tasks'])})")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -182,7 +186,7 @@ def finetuned_snapshots(config: dict, student: str, task: str) -> list[str]:
 
 def teachers_in_use(config: dict) -> list[str]:
     """Teachers that some student's objective needs (others are not run)."""
-    used = {s["teacher"] for s in config["students"].values() if s["objective"] in OBJECTIVES_NEEDING_TARGETS}
+    used = {s["teacher"] for s in config["students"].values() if objective(s["objective"]).targets}
     return sorted(used)
 
 

@@ -21,8 +21,6 @@ Resumable state (pipeline/resume.py) of the long stages lives under RESUME_DIR, 
 
 from __future__ import annotations
 
-import pyarrow as pa
-
 FORMAT_VERSION = {
     "demo_data": 2,
     "tokenizer": 1,
@@ -52,6 +50,10 @@ DICTIONARY_METRICS = "dictionaries/{teacher}/metrics.json"
 DICTIONARY_ATOMS = "dictionaries/{teacher}/atoms.json"
 TARGET_SHARD = "targets/{teacher}/shard-{shard}.parquet"
 TARGET_VALIDATION = "targets/{teacher}/validation.parquet"  # targets of corpus/validation.parquet
+# A corpus part (a training shard "shard-{shard}" or "validation") and its targets, by the part's name.
+CORPUS_PART = "corpus/{part}.parquet"
+TARGET_PART = "targets/{teacher}/{part}.parquet"
+VALIDATION_PART = "validation"
 TARGET_MANIFEST = "targets/{teacher}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
 STUDENT_CHECKPOINTS = "students/{student}/checkpoints"  # step{N}/ per checkpoint_fractions entry
@@ -73,6 +75,22 @@ def shard_names(count: int) -> list[str]:
     return [f"{i:03d}" for i in range(count)]
 
 
+def part_names(count: int) -> list[str]:
+    """The corpus parts: the training shards by file name (shard-000, ...), then the validation split."""
+    return [f"shard-{name}" for name in shard_names(count)] + [VALIDATION_PART]
+
+
+def __getattr__(name: str):
+    """The parquet schemas below, built on first use: pyarrow stays out of the workflow's parse."""
+    if name in _SCHEMAS:
+        import pyarrow as pa
+
+        value = _SCHEMAS[name](pa)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---- stage 0 (demo only), bbc_news_data ---------------------------------------------------------
 # resources/bbc_news/pretrain.txt.gz: corpus text (one sentence per line, blank line between
 # articles) from task-train articles only; topic/{train,dev}.tsv: header `text<TAB>label`;
@@ -88,12 +106,13 @@ def shard_names(count: int) -> list[str]:
 # token_type_ids are 0 on [CLS] A [SEP] and 1 on B [SEP]. contiguous packing: [CLS] tokens [SEP] with
 # a [SEP] between documents, token_type_ids all 0. No padding is stored. Shards are written in seq_id
 # order, in row groups of ROW_GROUP_ROWS sequences (pipeline/corpus.py), so readers can stream them.
-CORPUS_SCHEMA = pa.schema([
-    ("seq_id", pa.int64()),        # global, dense: 0..N-1 across the shards, then N.. in validation
-    ("doc_id", pa.int64()),        # index of the (first) source document in input order
-    ("input_ids", pa.list_(pa.int32())),
-    ("token_type_ids", pa.list_(pa.int8())),
-])
+def _corpus_schema(pa):  # contract.CORPUS_SCHEMA
+    return pa.schema([
+        ("seq_id", pa.int64()),        # global, dense: 0..N-1 across the shards, then N.. in validation
+        ("doc_id", pa.int64()),        # index of the (first) source document in input order
+        ("input_ids", pa.list_(pa.int32())),
+        ("token_type_ids", pa.list_(pa.int8())),
+    ])
 # validation.parquet: the held-out documents' sequences, same schema (possibly no rows).
 # token_counts.npy: int64 [vocab_size], how often each id occurs in the training shards.
 # corpus/manifest.json: documents (training), sentences, sequences and tokens (training shards),
@@ -128,12 +147,14 @@ ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 # Every position has a row, special tokens included; the student uses those it masks, and leaves the
 # all-zero ones out of the MLSM loss. One row per sequence (not per token) so that a shard reads back as
 # three flat arrays with no per-row work (bench/targets.py measures the read speed).
-TARGET_SCHEMA = pa.schema([
-    ("seq_id", pa.int64()),
-    ("atom_ids", pa.list_(pa.uint16())),
-    ("weights", pa.list_(pa.float16())),
-])
+def _target_schema(pa):  # contract.TARGET_SCHEMA
+    return pa.schema([
+        ("seq_id", pa.int64()),
+        ("atom_ids", pa.list_(pa.uint16())),
+        ("weights", pa.list_(pa.float16())),
+    ])
 # validation.parquet: the same for corpus/validation.parquet (possibly no rows).
+NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz histogram's bins
 # Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON: tokens, mean_nnz,
 # p99_nnz, nnz_histogram, zero_code_fraction, mean/max_mass_lost_to_top_k, mean_entropy_nats,
 # mean/p99_iterations, atom_usage, dictionary = the dictionary record's checksum). manifest.json sums the
@@ -167,3 +188,6 @@ TARGET_SCHEMA = pa.schema([
 # report.html (the same page with the plots embedded), results.csv (one row per student x snapshot x
 # task x seed), scores.png, sample_efficiency.png,
 # manifest.json (files, checksum).
+
+
+_SCHEMAS = {"CORPUS_SCHEMA": _corpus_schema, "TARGET_SCHEMA": _target_schema}

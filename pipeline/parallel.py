@@ -14,9 +14,10 @@ its thread, so results are the same for any thread count.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 

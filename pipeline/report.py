@@ -1,32 +1,32 @@
 """Stage 7, report: compare the students -> report.md (and report.html), results.csv, scores.png and
 sample_efficiency.png.
 
-    python -m pipeline.report --scores finetune/*/*/seed*.json --students students/*/summary.json \
+    python -m pipeline.report --scores finetune/*/*/*/seed*.json --students students/*/summary.json \
         --dictionaries dictionaries/minilm/metrics.json --atoms dictionaries/minilm/atoms.json \
-        --targets targets/minilm/manifest.json --benchmarks benchmarks --out-md report.md --out-csv results.csv \
-        --out-png scores.png --out-curve sample_efficiency.png --out-manifest manifest.json \
+        --targets targets/minilm/manifest.json --benchmarks benchmarks/*/*.tsv --md report.md --html report.html \
+        --csv results.csv --scores-plot scores.png --curve-plot sample_efficiency.png --manifest manifest.json \
         --params '{"device": "cuda", "student_gpus": {"mlsm": 1}}'
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 
 from . import contract
-from .common import parser, run_stage
+from .cli import run
+from .common import StageError
 from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
+from .objectives import objective
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
 BOOTSTRAP_SAMPLES = 10_000
-MLSM_OBJECTIVES = ("mlsm", "mlsm+mlm")
 # Rules whose jobs hold a GPU when the config's device is cuda (pretrain_student: its `gpus`).
-GPU_RULES = ("pretrain_teacher", "extract_activations", "fit_dictionary", "precompute_targets",
-             "precompute_validation_targets", "pretrain_student", "finetune")
+GPU_RULES = ("pretrain_teacher", "extract_activations", "fit_dictionary", "precompute_targets", "pretrain_student",
+             "finetune")
 
 
 def bootstrap_ci(values, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -146,7 +146,7 @@ def paired_differences(rows: list[dict]) -> list[dict]:
     final = select(rows, snapshot="final")
     students = {r["student"]: r["objective"] for r in final}
     out = []
-    for mlsm in sorted(s for s, o in students.items() if o in MLSM_OBJECTIVES):
+    for mlsm in sorted(s for s, o in students.items() if objective(o).targets):
         for mlm in sorted(s for s, o in students.items() if o == "mlm"):
             for task in sorted({r["task"] for r in final}):
                 a = {r["seed"]: r["score"] for r in select(final, student=mlsm, task=task)}
@@ -156,17 +156,19 @@ def paired_differences(rows: list[dict]) -> list[dict]:
                     continue
                 diffs = [a[s] - b[s] for s in seeds]
                 low, high = bootstrap_ci(diffs)
-                out.append({"mlsm": mlsm, "mlm": mlm, "task": task, "seeds": len(seeds), "difference": float(np.mean(diffs)),
-                            "low": low, "high": high, "wins": sum(d > 0 for d in diffs)})
+                out.append({"mlsm": mlsm, "mlm": mlm, "task": task, "seeds": len(seeds),
+                            "difference": float(np.mean(diffs)), "low": low, "high": high,
+                            "wins": sum(d > 0 for d in diffs)})
     return out
 
 
-def stage_costs(benchmark_dir: str, device: str = "cpu", student_gpus: dict | None = None) -> list[dict]:
+def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict | None = None) -> list[dict]:
     """Per rule: jobs, wall time and GPU time (wall time x the GPUs a job holds, with device cuda) summed
-    over its jobs' benchmark files (the last run of each), and the peak RSS of any of them."""
+    over its jobs' benchmark files (benchmarks/<rule>/<job>.tsv, the last run of each), and the peak RSS of
+    any of them."""
     costs = {}
-    for path in sorted(glob.glob(f"{benchmark_dir}/**/*.tsv", recursive=True)):
-        rule, job = Path(path).relative_to(benchmark_dir).parts[0], Path(path).stem
+    for path in sorted(benchmarks):
+        rule, job = Path(path).parent.name, Path(path).stem
         with open(path) as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
         if not rows:
@@ -181,10 +183,21 @@ def stage_costs(benchmark_dir: str, device: str = "cpu", student_gpus: dict | No
     return list(costs.values())
 
 
-LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")  # the entries of a student's history that are losses
+# The entries of a student's history that are losses.
+LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")
 
 
 def render(scores, students, dictionaries, atoms, targets, costs, plot_name, curve_name) -> str:
+    lines = scores_section(scores, plot_name) + pairs_section(scores) + curve_section(scores, curve_name)
+    lines += students_section(students)
+    for teacher, metrics in dictionaries.items():
+        lines += dictionary_section(teacher, metrics, atoms.get(teacher, []), targets.get(teacher))
+    lines += costs_section(costs)
+    lines += ["", f"_Report format version {contract.FORMAT_VERSION['report']}._", ""]
+    return "\n".join(lines)
+
+
+def scores_section(scores: list[dict], plot_name: str) -> list[str]:
     final = select(scores, snapshot="final")
     names = sorted({r["student"] for r in scores})
     tasks = sorted({r["task"] for r in final})
@@ -202,66 +215,86 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name, cur
             values = [r["score"] for r in select(final, student=name, task=task)]
             cells.append(summary_cell(values) if values else "–")
             averages.append(np.mean(values) if values else np.nan)
-        objective = next(r["objective"] for r in scores if r["student"] == name)
-        lines.append(f"| {name} | {objective} | " + " | ".join(cells) + f" | {np.nanmean(averages):.3f} |")
-    lines += ["", f"![scores]({plot_name})"]
+        objective_name = next(r["objective"] for r in scores if r["student"] == name)
+        lines.append(f"| {name} | {objective_name} | " + " | ".join(cells) + f" | {np.nanmean(averages):.3f} |")
+    return lines + ["", f"![scores]({plot_name})"]
+
+
+def pairs_section(scores: list[dict]) -> list[str]:
     pairs = paired_differences(scores)
-    if pairs:
-        lines += ["", "## MLSM against MLM, paired by seed", "",
-                  "Mean over seeds of (MLSM student's score − MLM student's score) on the final models, its 95 % "
-                  "bootstrap CI, and on how many seeds MLSM scored higher.", "",
-                  "| MLSM student | MLM student | task | difference | 95 % CI | MLSM higher |", "|---|---|---|---:|---|---:|"]
-        for p in pairs:
-            ci = "–" if np.isnan(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
-            lines.append(f"| {p['mlsm']} | {p['mlm']} | {p['task']} | {p['difference']:+.3f} | {ci} | "
-                         f"{p['wins']}/{p['seeds']} |")
-    if curve_tasks(scores):
-        lines += ["", "## Sample efficiency", "",
-                  "Scores of the students' checkpoints by pre-training updates (finetune.checkpoint_tasks).", "",
-                  "| student | task | " + " | ".join(f"updates {s}" for s in sorted({r["pretrain_steps"] for r in scores
-                                                                                     if r["task"] in curve_tasks(scores)})) + " |"]
-        steps = sorted({r["pretrain_steps"] for r in scores if r["task"] in curve_tasks(scores)})
-        lines.append("|---|---|" + "---:|" * len(steps))
-        for name in names:
-            for task in curve_tasks(scores):
-                cells = [summary_cell(v) if (v := [r["score"] for r in select(scores, student=name, task=task,
-                                                                               pretrain_steps=s)]) else "–" for s in steps]
-                lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
-        lines += ["", f"![sample efficiency]({curve_name})"]
-    lines += ["", "## Students", "",
-              "| student | objective | teacher | size | updates | final losses | parameters | tokens/s |",
-              "|---|---|---|---|---:|---|---:|---:|"]
+    if not pairs:
+        return []
+    lines = ["", "## MLSM against MLM, paired by seed", "",
+             "Mean over seeds of (MLSM student's score − MLM student's score) on the final models, its 95 % "
+             "bootstrap CI, and on how many seeds MLSM scored higher.", "",
+             "| MLSM student | MLM student | task | difference | 95 % CI | MLSM higher |",
+             "|---|---|---|---:|---|---:|"]
+    for p in pairs:
+        ci = "–" if np.isnan(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
+        lines.append(f"| {p['mlsm']} | {p['mlm']} | {p['task']} | {p['difference']:+.3f} | {ci} | "
+                     f"{p['wins']}/{p['seeds']} |")
+    return lines
+
+
+def curve_section(scores: list[dict], curve_name: str) -> list[str]:
+    tasks = curve_tasks(scores)
+    if not tasks:
+        return []
+    steps = sorted({r["pretrain_steps"] for r in scores if r["task"] in tasks})
+    lines = ["", "## Sample efficiency", "",
+             "Scores of the students' checkpoints by pre-training updates (finetune.checkpoint_tasks).", "",
+             "| student | task | " + " | ".join(f"updates {s}" for s in steps) + " |",
+             "|---|---|" + "---:|" * len(steps)]
+    for name in sorted({r["student"] for r in scores}):
+        for task in tasks:
+            cells = [summary_cell(v) if (v := [r["score"] for r in select(scores, student=name, task=task,
+                                                                           pretrain_steps=s)]) else "–" for s in steps]
+            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    return lines + ["", f"![sample efficiency]({curve_name})"]
+
+
+def students_section(students: list[dict]) -> list[str]:
+    lines = ["", "## Students", "",
+             "| student | objective | teacher | size | updates | final losses | parameters | tokens/s |",
+             "|---|---|---|---|---:|---|---:|---:|"]
     for summary in students:
         p = summary["params"]
         losses = ", ".join(f"{k} {v:.3f}" for k, v in summary["final"].items() if k in LOSSES)
         lines.append(f"| {p['student']} | {p['objective']} | {p.get('teacher', '–') or '–'} | {p['size']} | "
-                     f"{summary['steps']} | {losses} | {summary['parameters']:,} | {summary['tokens_per_second']:,.0f} |")
-    for teacher, metrics in dictionaries.items():
-        lines += ["", f"## Dictionary of teacher `{teacher}`", "",
-                  f"K = {metrics['atoms']}, λ = {metrics['lambda']}, layer {metrics['layer']}, "
-                  f"fitted on {metrics['train_tokens']:,} tokens.", "",
-                  "| held-out objective | relative residual | mean nnz | p99 nnz | atoms used | mutual coherence |",
-                  "|---:|---:|---:|---:|---:|---:|",
-                  f"| {metrics['heldout_objective']:.4f} | {metrics['relative_residual']:.3f} | {metrics['mean_nnz']:.1f} "
-                  f"| {metrics['p99_nnz']:.0f} | {metrics['atoms_used_fraction']:.1%} | {metrics['mutual_coherence']:.3f} |"]
-        if teacher in targets:
-            t = targets[teacher]
-            lines += ["", f"Targets: {t['tokens']:,} tokens; mean nnz "
-                      f"{t['mean_nnz']:.1f}; top-{t['params']['top_k']} keeps {1 - t['mean_mass_lost_to_top_k']:.2%} "
-                      f"of the mass; mean entropy {t['mean_entropy_nats']:.2f} nats; "
-                      f"{t['zero_code_fraction']:.2%} of positions without a target."]
-        lines += ["", "Atom browser (most-used atoms on held-out tokens; the tokens loading on each most):", "",
-                  "| atom | usage | tokens |", "|---:|---:|---|"]
-        for atom in atoms.get(teacher, [])[:ATOMS_SHOWN]:
-            tokens = ", ".join(f"`{t['token']}` {t['weight']:.2f}" for t in atom["top_tokens"][:TOKENS_SHOWN])
-            lines.append(f"| {atom['atom']} | {atom['usage']:.1f} | {tokens} |")
-    if costs:
-        lines += ["", "## Cost of each stage", "",
-                  "| rule | jobs | wall time (s, all jobs) | GPU time (s) | peak RSS (MB) |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {c['rule']} | {c['jobs']} | {c['seconds']:.1f} | {c['gpu_seconds']:.1f} | {c['max_rss_mb']:.0f} |"
-                  for c in costs]
-    lines += ["", f"_Report format version {contract.FORMAT_VERSION['report']}._", ""]
-    return "\n".join(lines)
+                     f"{summary['steps']} | {losses} | {summary['parameters']:,} | "
+                     f"{summary['tokens_per_second']:,.0f} |")
+    return lines
+
+
+def dictionary_section(teacher: str, metrics: dict, atoms: list[dict], targets: dict | None) -> list[str]:
+    lines = ["", f"## Dictionary of teacher `{teacher}`", "",
+             f"K = {metrics['atoms']}, λ = {metrics['lambda']}, layer {metrics['layer']}, "
+             f"fitted on {metrics['train_tokens']:,} tokens.", "",
+             "| held-out objective | relative residual | mean nnz | p99 nnz | atoms used | mutual coherence |",
+             "|---:|---:|---:|---:|---:|---:|",
+             f"| {metrics['heldout_objective']:.4f} | {metrics['relative_residual']:.3f} | {metrics['mean_nnz']:.1f} "
+             f"| {metrics['p99_nnz']:.0f} | {metrics['atoms_used_fraction']:.1%} | {metrics['mutual_coherence']:.3f} |"]
+    if targets is not None:
+        lines += ["", f"Targets: {targets['tokens']:,} tokens; mean nnz "
+                  f"{targets['mean_nnz']:.1f}; top-{targets['params']['top_k']} keeps "
+                  f"{1 - targets['mean_mass_lost_to_top_k']:.2%} of the mass; mean entropy "
+                  f"{targets['mean_entropy_nats']:.2f} nats; {targets['zero_code_fraction']:.2%} of positions "
+                  "without a target."]
+    lines += ["", "Atom browser (most-used atoms on held-out tokens; the tokens loading on each most):", "",
+              "| atom | usage | tokens |", "|---:|---:|---|"]
+    for atom in atoms[:ATOMS_SHOWN]:
+        tokens = ", ".join(f"`{t['token']}` {t['weight']:.2f}" for t in atom["top_tokens"][:TOKENS_SHOWN])
+        lines.append(f"| {atom['atom']} | {atom['usage']:.1f} | {tokens} |")
+    return lines
+
+
+def costs_section(costs: list[dict]) -> list[str]:
+    if not costs:
+        return []
+    return ["", "## Cost of each stage", "",
+            "| rule | jobs | wall time (s, all jobs) | GPU time (s) | peak RSS (MB) |", "|---|---:|---:|---:|---:|",
+            *(f"| {c['rule']} | {c['jobs']} | {c['seconds']:.1f} | {c['gpu_seconds']:.1f} | {c['max_rss_mb']:.0f} |"
+              for c in costs)]
 
 
 def to_html(markdown: str, images: dict[str, str]) -> str:
@@ -279,7 +312,8 @@ def to_html(markdown: str, images: dict[str, str]) -> str:
     def flush_table() -> None:
         if not table:
             return
-        rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table if not re.match(r"^\|[-:|]+\|$", row.strip())]
+        rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table
+                if not re.match(r"^\|[-:|]+\|$", row.strip())]
         out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
                    + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
                    + "</tbody></table>")
@@ -301,58 +335,41 @@ def to_html(markdown: str, images: dict[str, str]) -> str:
             out.append(f"<p>{inline(line)}</p>")
     flush_table()
     style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}"
              "img{max-width:100%}")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>MLSM pipeline report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
-def report(score_paths, student_paths, dictionary_paths, atom_paths, target_paths, benchmark_dir, out_md, out_csv,
-           out_png, out_curve, out_manifest, params: dict | None = None, out_html: str | None = None):
-    params = params or {}
-    scores = collect_scores(score_paths)
-    students = sorted((read_record(p) for p in student_paths), key=lambda s: s["params"]["student"])
-    dictionaries = {Path(p).parent.name: read_record(p) for p in dictionary_paths}
+def report(paths, params: dict) -> None:
+    scores = collect_scores(paths.scores)
+    students = sorted((read_record(p) for p in paths.students), key=lambda s: s["params"]["student"])
+    dictionaries = {Path(p).parent.name: read_record(p) for p in paths.dictionaries}
+    records = {Path(p).parent: p for p in paths.dictionaries}
     atoms = {}
-    for path in atom_paths:  # listed, with its checksum, in the metrics record beside it
-        read_verified(Path(path).parent / Path(contract.DICTIONARY_METRICS).name, [path])
+    for path in paths.atoms:  # listed, with its checksum, in its dictionary's metrics record
+        if Path(path).parent not in records:
+            raise StageError(f"{path}: no dictionary record (--dictionaries) lies beside it")
+        read_verified(records[Path(path).parent], [path])
         atoms[Path(path).parent.name] = json.loads(Path(path).read_text())
-    targets = {Path(p).parent.name: read_record(p) for p in target_paths}
+    targets = {Path(p).parent.name: read_record(p) for p in paths.targets}
     names = sorted({r["student"] for r in scores})
-    write_csv(out_csv, scores)
-    plot_scores(out_png, scores, names, sorted({r["task"] for r in scores}))
-    plot_sample_efficiency(out_curve, scores, names)
-    costs = stage_costs(benchmark_dir, params.get("device", "cpu"), params.get("student_gpus")) if benchmark_dir else []
-    text = render(scores, students, dictionaries, atoms, targets, costs, Path(out_png).name, Path(out_curve).name)
-    with atomic_output(out_md) as tmp:
+    write_csv(paths.csv, scores)
+    plot_scores(paths.scores_plot, scores, names, sorted({r["task"] for r in scores}))
+    plot_sample_efficiency(paths.curve_plot, scores, names)
+    costs = stage_costs(paths.benchmarks, params.get("device", "cpu"), params.get("student_gpus"))
+    text = render(scores, students, dictionaries, atoms, targets, costs, Path(paths.scores_plot).name,
+                  Path(paths.curve_plot).name)
+    with atomic_output(paths.md) as tmp:
         tmp.write_text(text)
-    outputs = [out_md, out_csv, out_png, out_curve]
-    if out_html:
-        with atomic_output(out_html) as tmp:
-            tmp.write_text(to_html(text, {Path(out_png).name: out_png, Path(out_curve).name: out_curve}))
-        outputs.append(out_html)
-    write_record(out_manifest, {"format_version": contract.FORMAT_VERSION["report"],
-                                "files": file_entries(Path(out_manifest).parent, outputs)})
-
-
-def main(argv=None) -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--scores", nargs="+", required=True)
-    p.add_argument("--students", nargs="+", required=True)
-    p.add_argument("--dictionaries", nargs="*", default=[])
-    p.add_argument("--atoms", nargs="*", default=[])
-    p.add_argument("--targets", nargs="*", default=[])
-    p.add_argument("--benchmarks", default=None)
-    p.add_argument("--out-md", required=True)
-    p.add_argument("--out-csv", required=True)
-    p.add_argument("--out-png", required=True, help="the final models' scores (bars)")
-    p.add_argument("--out-curve", required=True, help="the sample-efficiency plot")
-    p.add_argument("--out-html", help="the report as one self-contained HTML page")
-    p.add_argument("--out-manifest", required=True, help="checksums of the files above")
-    args = p.parse_args(argv)
-    report(args.scores, args.students, args.dictionaries, args.atoms, args.targets, args.benchmarks,
-           args.out_md, args.out_csv, args.out_png, args.out_curve, args.out_manifest, args.params, args.out_html)
+    with atomic_output(paths.html) as tmp:
+        tmp.write_text(to_html(text, {Path(paths.scores_plot).name: paths.scores_plot,
+                                      Path(paths.curve_plot).name: paths.curve_plot}))
+    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html]
+    write_record(paths.manifest, {"format_version": contract.FORMAT_VERSION["report"],
+                                  "files": file_entries(Path(paths.manifest).parent, outputs)})
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run("report", report)

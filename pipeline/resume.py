@@ -2,9 +2,10 @@
 
 Snakemake deletes the outputs of a failed or killed job, but not this directory (contract.RESUME_DIR,
 passed as --resume-dir). A long stage works in units (a batch of sequences, a mini-batch, an update)
-and saves a checkpoint at a unit boundary at most every MLSM_CHECKPOINT_SECONDS (the workflow sets it
-from the config's `checkpoint_seconds`; 0 saves after every unit); restarted, it continues from the
-last checkpoint and its output equals that of an uninterrupted run. Two kinds of state:
+and saves a checkpoint at a unit boundary at most every `interval` seconds (the stage's setting
+--checkpoint-seconds, which the workflow takes from the config's `checkpoint_seconds`; 0 saves after every
+unit); restarted, it continues from the last checkpoint and its output equals that of an uninterrupted
+run. Three kinds of state:
 
 - parts (targets): each unit's results, appended in part files; a rerun skips those units.
 - state (dictionary, pre-training, fine-tuning): the whole training state, replaced at each checkpoint.
@@ -24,31 +25,29 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .common import fingerprint, log
 from .integrity import atomic_output, fsync_tree
 
-INTERVAL_VARIABLE, DEFAULT_INTERVAL_SECONDS = "MLSM_CHECKPOINT_SECONDS", 300.0
-
-
-def checkpoint_interval() -> float:
-    return float(os.environ.get(INTERVAL_VARIABLE, DEFAULT_INTERVAL_SECONDS))
+DEFAULT_INTERVAL_SECONDS = 300.0
 
 
 class Resume:
-    """Checkpoints of one job in `directory`; with directory None, a no-op (nothing saved or resumed).
+    """Checkpoints of one job in `directory`, at most every `interval` seconds; with directory None, a
+    no-op (nothing saved or resumed).
 
     Under torchrun only rank 0 is the writer; the other ranks read the state it saved."""
 
-    def __init__(self, directory: str | Path | None, key: object, writer: bool = True):
+    def __init__(self, directory: str | Path | None, key: object, writer: bool = True,
+                 interval: float = DEFAULT_INTERVAL_SECONDS):
         self.directory = Path(directory) if directory else None
         self.writer = writer
         self.key = fingerprint(key)
-        self.interval = checkpoint_interval()
+        self.interval = interval
         self.last_save = time.monotonic()
         self.pending: dict[int, dict[str, np.ndarray]] = {}
         self.parts_written = 0
@@ -214,6 +213,24 @@ class Resume:
             if item.name == "journal.jsonl":
                 continue
             shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def save_training(resume: Resume, unit: int, model, optimizer, scheduler, meta: dict, tensors: dict) -> None:
+    """Checkpoint a training run: the model, the optimizer, the schedule, and the caller's meta and tensors."""
+    state, groups = model_and_optimizer_tensors(model, optimizer)
+    resume.save_state(unit, {"optimizer_groups": groups, "scheduler": scheduler.state_dict(), **meta},
+                      {**state, **tensors})
+
+
+def load_training(resume: Resume, model, optimizer, scheduler) -> tuple[dict, dict] | None:
+    """Restore the model, optimizer and schedule of the last checkpoint; (meta, tensors), or None."""
+    saved = resume.load_state()
+    if saved is None:
+        return None
+    meta, tensors = saved
+    load_model_and_optimizer(model, optimizer, tensors, meta["optimizer_groups"])
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta, tensors
 
 
 def model_and_optimizer_tensors(model, optimizer) -> tuple[dict, list]:

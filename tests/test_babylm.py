@@ -10,9 +10,10 @@ import yaml
 from transformers import AutoTokenizer
 
 from pipeline import contract
-from pipeline.common import tokenizer_fingerprint
+from pipeline.formats import read_store
 from pipeline.integrity import read_record
-from pipeline.teacher import read_store
+from pipeline.models import tokenizer_fingerprint
+
 from test_workflow import planned_jobs, snakemake
 
 CONFIG = {

@@ -1,7 +1,7 @@
 """Bad-input matrix: each bad input fails its stage with exit status 1 and one message naming the culprit
 (file, key, line or byte offset), and leaves every previously valid output as it was.
 
-Stages run in-process through run_stage, the entry point of `python -m pipeline.<stage>`, on copies of
+Stages run in-process through pipeline.cli.run, the entry point of `python -m pipeline.<stage>`, on copies of
 valid outputs that the failing run would overwrite; config cases run through real Snakemake against the
 tiny DAG's finished results.
 """
@@ -20,10 +20,13 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import MINILM, save_tiny_teacher
-from pipeline import contract, corpus, dictionary, finetune, targets, teacher
-from pipeline.common import run_stage
+from pipeline import contract
+from pipeline.cli import run
+from pipeline.formats import read_shard, write_store
 from pipeline.integrity import file_entries, write_record
+from pipeline.stages import call
+
+from conftest import MINILM, save_tiny_teacher
 
 FINETUNE = {"seed": 1, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.01,
             "warmup_fraction": 0.1, "max_seq_len": 32, "max_train_examples": 0, "device": "cpu"}
@@ -34,11 +37,20 @@ def snapshot(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def fails(module, args: list, caplog) -> str:
+def run_stage(stage: str, args: list) -> None:
+    """A stage as its command line runs it."""
+    import importlib
+
+    from pipeline.stages import STAGES
+
+    run(stage, getattr(importlib.import_module(f"pipeline.{stage}"), STAGES[stage].entry), args)
+
+
+def fails(stage: str, args: list, caplog) -> str:
     """Run a stage as its command line does; assert exit status 1; return the error it logged."""
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="pipeline"), pytest.raises(SystemExit) as exit_info:
-        run_stage(module.main, [str(a) for a in args])
+        run_stage(stage, args)
     assert exit_info.value.code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors
@@ -61,12 +73,12 @@ def valid(tmp_path_factory, sharded_corpus, encoder_teacher) -> Path:
     root = tmp_path_factory.mktemp("valid")
     shards, manifest = sharded_corpus
     shutil.copytree(Path(manifest).parent, root / "corpus")
-    teacher.extract([root / "corpus" / Path(s).name for s in shards], root / "corpus" / "manifest.json",
-                    str(root / "teacher" / "activations.zarr"), str(root / "teacher" / "manifest.json"),
-                    teacher_params(encoder_teacher))
-    dictionary.fit(str(root / "teacher" / "activations.zarr"), str(root / "teacher" / "manifest.json"),
-                   str(root / "dictionary" / "D.npy"), str(root / "dictionary" / "metrics.json"),
-                   str(root / "dictionary" / "atoms.json"), DICTIONARY)
+    call("teacher", teacher_params(encoder_teacher), corpus_shards=[root / "corpus" / Path(s).name for s in shards],
+         corpus_manifest=root / "corpus" / "manifest.json", store=root / "teacher" / "activations.zarr",
+         manifest=root / "teacher" / "manifest.json")
+    call("dictionary", DICTIONARY, activations=root / "teacher" / "activations.zarr",
+         activations_manifest=root / "teacher" / "manifest.json", dictionary=root / "dictionary" / "D.npy",
+         metrics=root / "dictionary" / "metrics.json", atoms=root / "dictionary" / "atoms.json")
     save_tiny_teacher(root / "model", with_mlm_head=False)
     write_glue_wnli(root / "glue" / "WNLI")
     return root
@@ -91,7 +103,7 @@ def work(tmp_path, valid) -> Path:
 
 
 def corpus_args(work: Path, inputs) -> list:
-    return ["--inputs", *inputs, "--shards", work / "corpus/shard-000.parquet", work / "corpus/shard-001.parquet",
+    return ["--text", *inputs, "--shards", work / "corpus/shard-000.parquet", work / "corpus/shard-001.parquet",
             "--validation", work / "corpus/validation.parquet", "--token-counts", work / "corpus/token_counts.npy",
             "--manifest", work / "corpus/manifest.json", "--params",
             json.dumps({"tokenizer": MINILM, "max_seq_len": 64, "seed": 0})]
@@ -101,10 +113,14 @@ def corpus_args(work: Path, inputs) -> list:
 
 TEXT_CASES = {
     "empty corpus": (b"\n\n   \n", r"empty\.txt'\] holds no text"),
-    "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, r"bad\.txt, line 1 \(byte 0\): not UTF-8 at byte 0 \(a binary file"),
-    "binary file with NUL bytes": (b"\x00\x01\x02" * 100, r"bad\.txt, line 1 \(byte 0\): NUL byte at byte 0; this is a binary file"),
-    "non-UTF-8 bytes in a line": (b"A fine sentence.\nA caf\xe9 sentence.\n", r"bad\.txt, line 2 \(byte 17\): not UTF-8 at byte 22"),
-    "one 10 MB line": (b"Ok.\n" + b"word " * 2_000_000 + b"\n", r"bad\.txt, line 2 \(byte 4\): longer than 1048576 bytes"),
+    "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4,
+                    r"bad\.txt, line 1 \(byte 0\): not UTF-8 at byte 0 \(a binary file"),
+    "binary file with NUL bytes": (b"\x00\x01\x02" * 100,
+                                   r"bad\.txt, line 1 \(byte 0\): NUL byte at byte 0; this is a binary file"),
+    "non-UTF-8 bytes in a line": (b"A fine sentence.\nA caf\xe9 sentence.\n",
+                                  r"bad\.txt, line 2 \(byte 17\): not UTF-8 at byte 22"),
+    "one 10 MB line": (b"Ok.\n" + b"word " * 2_000_000 + b"\n",
+                       r"bad\.txt, line 2 \(byte 4\): longer than 1048576 bytes"),
 }
 
 
@@ -114,7 +130,7 @@ def test_bad_corpus_text(case, work, caplog):
     path = work / ("empty.txt" if case == "empty corpus" else "bad.txt")
     path.write_bytes(content)
     before = snapshot(work / "corpus")
-    message = fails(corpus, corpus_args(work, [path]), caplog)
+    message = fails("corpus", corpus_args(work, [path]), caplog)
     assert re.search(expected, message), message
     assert snapshot(work / "corpus") == before
 
@@ -123,13 +139,13 @@ def test_bad_corpus_text(case, work, caplog):
 
 def extract_args(work: Path, params: dict) -> list:
     return ["--corpus-manifest", work / "corpus/manifest.json", "--corpus-shards", work / "corpus/shard-000.parquet",
-            work / "corpus/shard-001.parquet", "--out", work / "teacher/activations.zarr",
-            "--out-manifest", work / "teacher/manifest.json", "--params", json.dumps(params)]
+            work / "corpus/shard-001.parquet", "--store", work / "teacher/activations.zarr",
+            "--manifest", work / "teacher/manifest.json", "--params", json.dumps(params)]
 
 
 def test_teacher_path_that_does_not_exist(work, caplog):
     before = snapshot(work / "teacher")
-    message = fails(teacher, extract_args(work, teacher_params(work / "no_such_teacher")), caplog)
+    message = fails("teacher", extract_args(work, teacher_params(work / "no_such_teacher")), caplog)
     assert "no_such_teacher" in message and "no such directory" in message
     assert snapshot(work / "teacher") == before
 
@@ -144,7 +160,7 @@ def test_nan_in_the_teacher_states(work, caplog, tmp_path):
         model.encoder.layer[-1].output.dense.bias[3] = float("nan")
     model.save_pretrained(broken)
     before = snapshot(work / "teacher")
-    message = fails(teacher, extract_args(work, teacher_params(broken)), caplog)
+    message = fails("teacher", extract_args(work, teacher_params(broken)), caplog)
     assert "nan_teacher" in message and "non-finite hidden states (sequence 0 of" in message
     assert snapshot(work / "teacher") == before
 
@@ -153,7 +169,7 @@ def test_truncated_parquet_shard(work, caplog, encoder_teacher):
     shard = work / "corpus/shard-001.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])
     before = snapshot(work / "teacher")
-    message = fails(teacher, extract_args(work, teacher_params(encoder_teacher)), caplog)
+    message = fails("teacher", extract_args(work, teacher_params(encoder_teacher)), caplog)
     assert f"{shard} is truncated or altered" in message
     assert snapshot(work / "teacher") == before
 
@@ -161,16 +177,18 @@ def test_truncated_parquet_shard(work, caplog, encoder_teacher):
 # ---- stages 3 and 4: activations and dictionaries ---------------------------------------------------
 
 def dictionary_args(work: Path) -> list:
-    return ["--activations", work / "teacher/activations.zarr", "--activations-manifest", work / "teacher/manifest.json",
+    return ["--activations", work / "teacher/activations.zarr",
+            "--activations-manifest", work / "teacher/manifest.json",
             "--dictionary", work / "dictionary/D.npy", "--metrics", work / "dictionary/metrics.json",
             "--atoms", work / "dictionary/atoms.json", "--params", json.dumps(DICTIONARY)]
 
 
 def test_zarr_store_missing_a_chunk(work, caplog):
-    chunk = next(p for p in sorted((work / "teacher/activations.zarr/states").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk = next(p for p in sorted((work / "teacher/activations.zarr/states").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
     chunk.unlink()
     before = snapshot(work / "dictionary")
-    message = fails(dictionary, dictionary_args(work), caplog)
+    message = fails("dictionary", dictionary_args(work), caplog)
     assert f"{chunk} is missing" in message
     assert snapshot(work / "dictionary") == before
 
@@ -179,11 +197,11 @@ def test_nan_in_the_stored_states(work, caplog):
     states = np.ones((400, 8), np.float16)
     states[42, 3] = np.nan
     shutil.rmtree(work / "teacher/activations.zarr")
-    teacher.write_store(str(work / "teacher/activations.zarr"), str(work / "teacher/manifest.json"),
-                        {"teacher": "t", "layer": -1, "tokenizer": MINILM}, states=states,
-                        token_ids=np.zeros(400, np.int32), seq_ids=np.zeros(400, np.int64), positions=np.zeros(400, np.int16))
+    write_store(str(work / "teacher/activations.zarr"), str(work / "teacher/manifest.json"),
+                {"teacher": "t", "layer": -1, "tokenizer": MINILM}, states=states,
+                token_ids=np.zeros(400, np.int32), seq_ids=np.zeros(400, np.int64), positions=np.zeros(400, np.int16))
     before = snapshot(work / "dictionary")
-    message = fails(dictionary, dictionary_args(work), caplog)
+    message = fails("dictionary", dictionary_args(work), caplog)
     assert "activations.zarr: non-finite state in row 42" in message
     assert snapshot(work / "dictionary") == before
 
@@ -193,11 +211,12 @@ def test_teacher_hidden_size_differs_from_the_dictionary(work, caplog, tmp_path)
     out = work / "targets/shard-000.parquet"
     out.parent.mkdir()
     out.write_bytes(b"a valid shard from an earlier run")
-    params = {**teacher_params(other), "lambda": 0.05, "top_k": 4, "solver": "fista", "max_iterations": 10, "tolerance": 0}
-    message = fails(targets, ["--corpus-shard", work / "corpus/shard-000.parquet", "--corpus-manifest",
-                              work / "corpus/manifest.json", "--dictionary", work / "dictionary/D.npy",
-                              "--dictionary-metrics", work / "dictionary/metrics.json", "--out", out,
-                              "--params", json.dumps(params)], caplog)
+    params = {**teacher_params(other), "lambda": 0.05, "top_k": 4, "solver": "fista", "max_iterations": 10,
+              "tolerance": 0}
+    message = fails("targets", ["--corpus-part", work / "corpus/shard-000.parquet", "--corpus-manifest",
+                                work / "corpus/manifest.json", "--dictionary", work / "dictionary/D.npy",
+                                "--dictionary-metrics", work / "dictionary/metrics.json", "--targets", out,
+                                "--params", json.dumps(params)], caplog)
     assert "D.npy has atoms of size 32 but teacher" in message and "hidden size 48" in message
     assert out.read_bytes() == b"a valid shard from an earlier run"
 
@@ -206,14 +225,15 @@ def test_teacher_hidden_size_differs_from_the_dictionary(work, caplog, tmp_path)
 
 def finetune_args(work: Path, task_dir: Path) -> list:
     params = {**FINETUNE, "task": {"format": "glue", "path": str(task_dir)}}
-    return ["--model", work / "model", "--out", work / "scores.json", "--params", json.dumps(params)]
+    return ["--train", task_dir / "train.tsv", "--dev", task_dir / "dev.tsv", "--model", work / "model",
+            "--scores", work / "scores.json", "--params", json.dumps(params)]
 
 
 def test_glue_directory_missing_dev_tsv(work, caplog):
     task = write_glue_wnli(work / "glue_nodev" / "WNLI", with_dev=False)
     write_record(work / "scores.json", {"score": 0.5})
     before = snapshot(work)
-    message = fails(finetune, finetune_args(work, task), caplog)
+    message = fails("finetune", finetune_args(work, task), caplog)
     assert f"{task / 'dev.tsv'} does not exist" in message
     assert snapshot(work) == before
 
@@ -221,7 +241,7 @@ def test_glue_directory_missing_dev_tsv(work, caplog):
 def test_label_outside_the_task_label_set(work, caplog):
     task = write_glue_wnli(work / "glue_bad" / "WNLI", train_labels=("0", "1", "1", "2", "0"))
     before = snapshot(work)
-    message = fails(finetune, finetune_args(work, task), caplog)
+    message = fails("finetune", finetune_args(work, task), caplog)
     assert f"{task / 'train.tsv'}, line 5: label '2' is not one of the task's labels ['0', '1']" in message
     assert snapshot(work) == before
 
@@ -251,19 +271,19 @@ def test_full_disk_fails_cleanly_and_a_rerun_after_freeing_space_completes(work,
             def full(*a, **k):
                 raise OSError(28, "No space left on device")
             monkeypatch.setattr(pq, "write_table", full)
-        message = fails(corpus, args, caplog)
+        message = fails("corpus", args, caplog)
         assert "no space left on the device while writing" in message and str(disk) in message
         # No temporary and no manifest: a shard written before the disk filled is whole but unlisted,
         # so nothing trusts it (under Snakemake, the failed job's outputs are removed too).
         assert not [p for p in disk.iterdir() if p.name.startswith(".")] and not (disk / "manifest.json").exists()
         for shard in disk.glob("*.parquet"):
-            corpus.read_shard(shard)
+            read_shard(shard)
         if mounted:  # free space: grow the file system
             # Room for the shards and their spill (lz4-compressed arrow, read once before the shards are written).
             subprocess.run(["mount", "-o", f"remount,size={needed_kb * 8 + 256}k", str(disk)], check=True)
         else:
             monkeypatch.setattr(pq, "write_table", real)
-        run_stage(corpus.main, [str(a) for a in args])
+        run_stage("corpus", args)
         assert snapshot(disk) and (disk / "manifest.json").exists()
     finally:
         if mounted:

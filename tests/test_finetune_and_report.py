@@ -6,11 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED, save_tiny_teacher
 from pipeline.common import StageError
-from pipeline.finetune import GLUE, compute_metrics, finetune, read_split, task_spec
+from pipeline.finetune import compute_metrics
 from pipeline.integrity import read_record, write_record
-from pipeline.report import bootstrap_ci, report
+from pipeline.report import bootstrap_ci
+from pipeline.stages import call
+from pipeline.tasks import GLUE, read_split, task_spec
+
+from conftest import SHARED, save_tiny_teacher
 
 GLUE_DIR = SHARED / "glue"
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason="../shared/data/glue is not beside this checkout")
@@ -52,7 +55,8 @@ def test_csv_and_jsonl_tasks_read_the_same_examples(tmp_path):
         writer = csv.writer(fh)
         writer.writerow(["label", "text"])
         writer.writerows([(label, text) for text, label in rows])
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": l, "extra": 1}) + "\n" for t, l in rows))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": text, "label": label, "extra": 1}) + "\n"
+                                                  for text, label in rows))
     for fmt in ("csv", "jsonl"):
         spec = task_spec({"format": fmt, "path": str(tmp_path), "text_columns": ["text"], "label_column": "label"})
         assert spec.train_file == f"train.{fmt}" and spec.dev_file == f"dev.{fmt}"
@@ -76,6 +80,12 @@ def write_task(directory: Path, train_rows, dev_rows):
 TSV_TASK = {"format": "tsv", "text_columns": ["text"], "label_column": "label", "metric": "accuracy"}
 PARAMS = {"seed": 1, "epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.01,
           "warmup_fraction": 0.1, "max_seq_len": 32, "max_train_examples": 0, "device": "cpu"}
+
+
+def finetune(model, summary, task, out, params):
+    """The fine-tuning stage on a tsv task (train.tsv and dev.tsv in task's path)."""
+    return call("finetune", {**params, "task": task}, train=f"{task['path']}/train.tsv", dev=f"{task['path']}/dev.tsv",
+                model=model, model_summary=summary, scores=out)
 
 
 def test_finetune_learns_a_separable_task(tmp_path):
@@ -132,13 +142,14 @@ def test_report_has_every_table_and_its_plots_render(tmp_path):
                             "parameters": 10, "tokens_per_second": 5.0})
         students.append(str(path))
     bench = tmp_path / "benchmarks"
-    for rule, job, seconds in (("pretrain_student", "a", 10.0), ("pretrain_student", "b", 30.0), ("report", "report", 1.0)):
+    for rule, job, seconds in (("pretrain_student", "a", 10.0), ("pretrain_student", "b", 30.0),
+                               ("report", "report", 1.0)):
         (bench / rule).mkdir(parents=True, exist_ok=True)
         (bench / rule / f"{job}.tsv").write_text(f"s\tmax_rss\n{seconds}\t100\n")
     out = tmp_path / "report"
-    report(scores, students, [], [], [], str(bench), str(out / "r.md"), str(out / "r.csv"), str(out / "r.png"),
-           str(out / "curve.png"), str(out / "manifest.json"), {"device": "cuda", "student_gpus": {"a": 1, "b": 2}},
-           str(out / "r.html"))
+    call("report", {"device": "cuda", "student_gpus": {"a": 1, "b": 2}}, scores=scores, students=students,
+         benchmarks=sorted(bench.rglob("*.tsv")), md=out / "r.md", csv=out / "r.csv", scores_plot=out / "r.png",
+         curve_plot=out / "curve.png", manifest=out / "manifest.json", html=out / "r.html")
     assert set(read_record(out / "manifest.json")["files"]) == {"r.md", "r.csv", "r.png", "curve.png", "r.html"}
     page = (out / "r.html").read_text()
     assert page.count("<table>") == (out / "r.md").read_text().count("\n|---") == 5

@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import time
@@ -25,12 +24,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import venv_env
 from pipeline import contract
+from pipeline.compare import comparable, outputs
+
+from conftest import venv_env
 from test_workflow import snakemake, snakemake_command
 
 SEED = 20261123
-VOLATILE_KEYS = {"seconds", "tokens_per_second", "checksum"}  # timings, and the checksums over them
 
 
 @dataclass
@@ -46,8 +46,8 @@ STAGES = [
     Stage("shard_corpus", "-m pipeline.corpus"),
     Stage("extract_activations", "-m pipeline.teacher", resumable=True),
     Stage("fit_dictionary", "-m pipeline.dictionary", resumable=True),
-    Stage("precompute_targets", "-m pipeline.targets --corpus-shard", "shard-001", resumable=True),
-    Stage("summarize_targets", "-m pipeline.targets --summarize"),
+    Stage("precompute_targets", "-m pipeline.targets", "shard-001", resumable=True),
+    Stage("summarize_targets", "-m pipeline.target_summary"),
     Stage("pretrain_student", "-m pipeline.pretrain", "students/mlsm/", resumable=True),
     Stage("finetune", "-m pipeline.finetune", "students/mlsm/", resumable=True),
     Stage("report", "-m pipeline.report"),
@@ -95,7 +95,8 @@ def kill_one(workdir: Path, stage: Stage, reference: Path, rng: random.Random, l
     try:
         deadline = time.monotonic() + 600
         while not (victims := job_processes(workdir, stage)):
-            assert runner.poll() is None, f"Snakemake ended before {stage.rule} started:\n{runner.stdout.read()[-3000:]}"
+            assert runner.poll() is None, \
+                f"Snakemake ended before {stage.rule} started:\n{runner.stdout.read()[-3000:]}"
             assert time.monotonic() < deadline, f"{stage.rule} never started"
             time.sleep(0.02)
         pid, argv = victims[0]
@@ -127,44 +128,13 @@ def kill_one(workdir: Path, stage: Stage, reference: Path, rng: random.Random, l
     return case
 
 
-def comparable(path: Path, root: Path):
-    """A file's content as compared across runs: timings (and checksums over them) left out."""
-    rel = path.relative_to(root).as_posix()
-    if path.suffix == ".json":
-        obj = _without(json.loads(path.read_text()))
-        if rel == contract.REPORT_MANIFEST:
-            obj["files"].pop(Path(contract.REPORT_MD).name)
-            obj["files"].pop(Path(contract.REPORT_HTML).name)
-        return obj
-    if rel == contract.REPORT_MD:
-        text = path.read_text().split("## Cost of each stage")[0]
-        return re.sub(r"\| [\d,]+ \|$", "| tokens/s |", text, flags=re.M)  # the students' throughput column
-    if rel == contract.REPORT_HTML:  # the same page
-        text = path.read_text().split("Cost of each stage")[0]
-        return re.sub(r"<td>[\d,]+</td></tr>", "<td>tokens/s</td></tr>", text)
-    return path.read_bytes()
-
-
-def _without(obj):
-    if isinstance(obj, dict):
-        return {k: _without(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
-    if isinstance(obj, list):
-        return [_without(v) for v in obj]
-    return obj
-
-
-def outputs(results: Path) -> dict[str, Path]:
-    skip = (contract.LOGS, contract.BENCHMARKS, "resume")
-    return {p.relative_to(results).as_posix(): p for p in sorted(results.rglob("*"))
-            if p.is_file() and not p.relative_to(results).parts[0] in skip}
-
-
 @pytest.mark.e2e
 def test_kill_every_stage_and_rerun(tmp_path, workflow_run):
     reference_dir, _, config = workflow_run
     workdir = tmp_path / "killed"
     workdir.mkdir()
-    (workdir / "kill.yaml").write_text(yaml.safe_dump({**config, "checkpoint_seconds": 0}))
+    # No retries: each kill ends its run, and the next run is the rerun (retries have their own test below).
+    (workdir / "kill.yaml").write_text(yaml.safe_dump({**config, "checkpoint_seconds": 0, "retries": 0}))
     rng, cases = random.Random(SEED), []
     started = time.monotonic()
     for stage in STAGES:
@@ -192,3 +162,43 @@ def test_kill_every_stage_and_rerun(tmp_path, workflow_run):
     print(f"\nkill matrix: {len(cases)} kills, {wall:.0f} s")
     for case in cases:
         print({k: v for k, v in case.items() if k != "journal"})
+
+
+@pytest.mark.e2e
+def test_a_killed_job_is_retried_in_the_same_run_and_resumes(tmp_path, workflow_run):
+    """retries: a job killed mid-way (as at a SLURM time limit) is run again by the same Snakemake run and
+    continues from its checkpoint, so the run completes with no manual rerun."""
+    import shutil
+
+    reference_dir, _, config = workflow_run
+    workdir = tmp_path / "retried"
+    # With Snakemake's records (.snakemake/metadata), so that it sees what the edit below changes.
+    shutil.copytree(reference_dir, workdir, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    changed = json.loads(json.dumps(config))
+    changed["students"]["mlm"]["max_steps"] = 6  # only this student (and its fine-tuning, the report) reruns
+    (workdir / "kill.yaml").write_text(yaml.safe_dump({**changed, "checkpoint_seconds": 0, "retries": 1}))
+    runner = subprocess.Popen(snakemake_command(workdir, workdir / "kill.yaml"), env=venv_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stage = Stage("pretrain_student", "-m pipeline.pretrain", "students/mlm/", resumable=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (victims := job_processes(workdir, stage)):
+            assert runner.poll() is None and time.monotonic() < deadline, "the student's job never started"
+            time.sleep(0.02)
+        pid, argv = victims[0]
+        journal = Path(workdir, argv[argv.index("--resume-dir") + 1], "journal.jsonl")
+        while checkpoints_since_start(journal) < 2:
+            assert time.monotonic() < deadline and Path(f"/proc/{pid}").exists(), "no checkpoint before the end"
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+        output, _ = runner.communicate(timeout=600)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, output[-3000:]
+    events = [json.loads(line) for line in journal.read_text().splitlines()]
+    resumed = [e for e in events if e["event"] == "resume"]
+    assert resumed and resumed[-1]["completed"] >= 2 and events[-1]["event"] == "done", events
+    from pipeline.integrity import read_record
+
+    assert read_record(workdir / "results" / contract.STUDENT_SUMMARY.format(student="mlm"))["steps"] == 6

@@ -10,17 +10,22 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import StageError
-from pipeline import pretrain
-from pipeline.pretrain import BatchStream, Shard, kd_loss, make_batch, mlsm_loss
 from pipeline.integrity import read_record
-from pipeline.targets import compute, summarize
+from pipeline.pretrain import trainer
+from pipeline.pretrain.data import BatchStream, Shard, make_batch
+from pipeline.pretrain.losses import kd_loss, loss_parts, mlsm_loss, total_loss
+from pipeline.pretrain.model import Student, build_config
+from pipeline.pretrain.teachers import KdTeacher
+from pipeline.stages import call
 
-from test_dictionary_and_targets import random_dictionary, save_dictionary
+from test_dictionary_and_targets import code_targets, random_dictionary, save_dictionary, summarize
 
 
-def train(shards, targets, manifest, out_model, summary, params, resume_dir=None, **paths):
-    return pretrain.train(pretrain.Paths(shards, manifest, out_model, summary, targets or [], resume_dir, **paths),
-                          params)
+def train(shards, targets, manifest, model, summary, params, resume_dir=None, **more):
+    """Pre-train through the stage's function; the target shards' record lies beside them."""
+    record = {"target_manifest": str(Path(targets[0]).parent / "manifest.json")} if targets else {}
+    return call("pretrain", params, corpus_shards=shards, corpus_manifest=manifest, model=model, summary=summary,
+                target_shards=targets or [], resume_dir=resume_dir, **record, **more)
 
 TIMINGS = ("tokens_per_second", "mfu", "seconds")
 
@@ -31,7 +36,8 @@ def learning_curve(summary: dict) -> list[dict]:
 
 BASE = {"size": "tiny", "max_steps": 3, "batch_size": 4, "grad_accumulation": 2, "learning_rate": 1e-3,
         "weight_decay": 0.01, "warmup_fraction": 0.1, "max_grad_norm": 1.0, "mask_fraction": 0.15,
-        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 2.0, "targets": "precomputed", "dropout": 0.1, "compile": False,
+        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 2.0, "targets": "precomputed", "dropout": 0.1,
+        "compile": False,
         "checkpoint_fractions": [], "seed": 0, "device": "cpu", "teacher_trust_remote_code": False}
 
 
@@ -45,9 +51,9 @@ def targets(tmp_path_factory, sharded_corpus, encoder_teacher):
     paths = []
     for i, shard in enumerate(shards):
         paths.append(str(out / f"t{i}.parquet"))
-        compute(shard, manifest, str(out / "D.npy"), str(out / "m.json"), paths[-1], params)
+        code_targets(shard, manifest, out, paths[-1], params)
     validation = str(Path(manifest).parent / "validation.parquet")  # no rows: validation_fraction is 0
-    compute(validation, manifest, str(out / "D.npy"), str(out / "m.json"), str(out / "validation.parquet"), params)
+    code_targets(validation, manifest, out, str(out / "validation.parquet"), params)
     record = summarize(paths, str(out / "manifest.json"), params, str(out / "validation.parquet"))
     assert record["validation"]["tokens"] == 0
     return paths
@@ -96,7 +102,7 @@ def test_masking_touches_only_ordinary_tokens(sharded_corpus, tokenizer, strateg
 
 
 def test_batch_targets_are_those_of_the_masked_positions(sharded_corpus, targets, tokenizer):
-    from pipeline.targets import read_targets
+    from pipeline.formats import read_targets
 
     shard = Shard(sharded_corpus[0][1], targets[1])
     rows = np.array([5, 0, 3])
@@ -126,7 +132,8 @@ def test_the_stream_visits_every_sequence_once_per_epoch_in_a_seeded_order(shard
 
 
 @pytest.mark.parametrize("objective", ["mlsm", "mlm", "mlsm+mlm", "kd"])
-def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded_corpus, targets, mlm_teacher, objective):
+def test_each_objective_trains_and_saves_a_loadable_checkpoint(tmp_path, sharded_corpus, targets, mlm_teacher,
+                                                               objective):
     from transformers import AutoModel, AutoModelForMaskedLM
 
     shards, manifest = sharded_corpus
@@ -151,14 +158,14 @@ def test_each_objective_lowers_its_loss_on_a_fixed_batch(sharded_corpus, targets
     manifest = json.loads(Path(sharded_corpus[1]).read_text())
     params = {**BASE, "objective": objective, "dropout": 0.0}
     torch.manual_seed(0)
-    model = pretrain.Student(pretrain.build_config(params, tokenizer, 64), objective, 24)
-    teacher = pretrain.KdTeacher(str(mlm_teacher), torch.device("cpu"), manifest) if objective == "kd" else None
+    model = Student(build_config(params, tokenizer, 64), objective, 24)
+    teacher = KdTeacher(str(mlm_teacher), torch.device("cpu"), manifest) if objective == "kd" else None
     shard = Shard(sharded_corpus[0][0], targets[0] if "mlsm" in objective else None)
     batch = make_batch([(shard, np.arange(8))], tokenizer, {**params, "mask_fraction": 0.3}, (0, 0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(10):
-        loss = pretrain.total_loss(pretrain.loss_parts(model(batch), batch, params, teacher), params)
+        loss = total_loss(loss_parts(model(batch), batch, params, teacher), params)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -175,18 +182,14 @@ def test_online_targets_match_the_precomputed_ones(tmp_path, sharded_corpus, enc
               "trust_remote_code": False, **solver}
     targets = [str(tmp_path / f"t{i}.parquet") for i in range(len(shards))]
     for shard, out in zip(shards, targets):
-        compute(shard, manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), out, params)
+        code_targets(shard, manifest, tmp_path, out, params)
     summarize(targets, str(tmp_path / "manifest.json"), params)
     student = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 2}
-    pretrain.LOG_EVERY = 1
-    try:
-        precomputed = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), student)
-        online = train(shards, None, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"),
-                       {**student, "targets": "online", "online": {**solver, "source": str(encoder_teacher),
-                                                                   "layer": -1, "trust_remote_code": False}},
-                       dictionary=str(tmp_path / "D.npy"), dictionary_metrics=str(tmp_path / "m.json"))
-    finally:
-        pretrain.LOG_EVERY = 10
+    precomputed = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), student, log_every=1)
+    online = train(shards, None, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"),
+                   {**student, "targets": "online", "online": {**solver, "source": str(encoder_teacher),
+                                                               "layer": -1, "trust_remote_code": False}},
+                   dictionary=str(tmp_path / "D.npy"), dictionary_metrics=str(tmp_path / "m.json"), log_every=1)
     for a, b in zip(learning_curve(precomputed), learning_curve(online), strict=True):
         assert a["mlsm"] == pytest.approx(b["mlsm"], rel=2e-3)  # float16 weights in the shards
 
@@ -220,18 +223,20 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_c
 
     from transformers import AutoModel
 
-    from conftest import venv_env
     from pipeline.launch import torchrun_command
+
+    from conftest import venv_env
 
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm", "student": "ddp", "atoms": 24, "dropout": 0.0, "max_steps": 4,
               "batch_size": 3}
+    # Checkpoints after every update: the collective save (every rank's random states) runs too.
     command = shlex.split(torchrun_command(2)) + [
         "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,
-        "--corpus-manifest", manifest, "--out-model", str(tmp_path / "model"), "--summary", str(tmp_path / "s.json"),
-        "--resume-dir", str(tmp_path / "state"), "--params", json.dumps(params)]
-    # Checkpoints after every update: the collective save (every rank's random states) runs too.
-    env = venv_env(OMP_NUM_THREADS="1", MLSM_CHECKPOINT_SECONDS="0", MLSM_LOG_EVERY="1")
+        "--target-manifest", str(Path(targets[0]).parent / "manifest.json"), "--corpus-manifest", manifest,
+        "--model", str(tmp_path / "model"), "--summary", str(tmp_path / "s.json"), "--resume-dir",
+        str(tmp_path / "state"), "--checkpoint-seconds", "0", "--log-every", "1", "--params", json.dumps(params)]
+    env = venv_env(OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = read_record(tmp_path / "s.json")
@@ -241,12 +246,8 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_c
     journal = [json.loads(line)["event"] for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]
     assert journal == ["start", "checkpoint", "checkpoint", "checkpoint", "done"]  # saved after updates 1-3
 
-    pretrain.LOG_EVERY = 1
-    try:
-        single = train(shards, targets, manifest, str(tmp_path / "one"), str(tmp_path / "one.json"),
-                       {**params, "batch_size": 6})
-    finally:
-        pretrain.LOG_EVERY = 10
+    single = train(shards, targets, manifest, str(tmp_path / "one"), str(tmp_path / "one.json"),
+                   {**params, "batch_size": 6}, log_every=1)
     assert single["tokens_seen"] == summary["tokens_seen"]  # the same sequences, split over the ranks
     for one, two in zip(learning_curve(single), learning_curve(summary), strict=True):
         assert one["masked_tokens"] == two["masked_tokens"]
@@ -259,10 +260,9 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, t
 
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4}
-    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
     straight = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), params)
 
-    original_log, calls = pretrain.Trainer._log, []
+    original_log, calls = trainer.Trainer._log, []
 
     def killed_after_two_updates(self, *args):
         original_log(self, *args)
@@ -270,13 +270,14 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, t
         if calls == [1, 2]:  # killed while logging update 2, before its checkpoint
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(pretrain, "LOG_EVERY", 1)
-    monkeypatch.setattr(pretrain.Trainer, "_log", killed_after_two_updates)
+    monkeypatch.setattr(trainer.Trainer, "_log", killed_after_two_updates)
     state = str(tmp_path / "state")
     with pytest.raises(KeyboardInterrupt):
-        train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state)
+        train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state,
+              checkpoint_seconds=0, log_every=1)
     assert not (tmp_path / "b").exists()
-    resumed = train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state)
+    resumed = train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state,
+                    checkpoint_seconds=0, log_every=1)
     assert calls == [1, 2, 2, 3, 4]  # resumed from the checkpoint after update 1
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -287,8 +288,9 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, t
 def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer, encoder_teacher):
     from transformers import AutoModelForMaskedLM
 
-    from conftest import MINILM
     from pipeline.corpus import shard
+
+    from conftest import MINILM
 
     shards = [str(tmp_path / "shard-000.parquet")]
     manifest, validation = str(tmp_path / "manifest.json"), str(tmp_path / "validation.parquet")
@@ -300,14 +302,14 @@ def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer,
               "solver": "fast", "max_iterations": 200, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
     targets = [str(tmp_path / "targets" / "shard-000.parquet"), str(tmp_path / "targets" / "validation.parquet")]
     for corpus_part, out in zip([*shards, validation], targets):
-        compute(corpus_part, manifest, str(tmp_path / "D.npy"), str(tmp_path / "m.json"), out, coding)
+        code_targets(corpus_part, manifest, tmp_path, out, coding)
     record = summarize(targets[:1], str(tmp_path / "targets" / "manifest.json"), coding, validation=targets[1])
     assert record["validation"]["tokens"] > 0 and record["tokens"] > 2 * record["validation"]["tokens"]
 
     params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4,
               "checkpoint_fractions": [0.25, 0.5, 1.0]}
     summary = train(shards, targets[:1], manifest, str(tmp_path / "model"), str(tmp_path / "summary.json"), params,
-                    str(tmp_path / "state"), out_checkpoints=str(tmp_path / "checkpoints"),
+                    str(tmp_path / "state"), checkpoints=str(tmp_path / "checkpoints"),
                     metrics_csv=str(tmp_path / "log.csv"), validation=validation, validation_targets=targets[1])
     assert summary["checkpoints"] == ["step1", "step2"]
     for step in (1, 2):
@@ -334,7 +336,7 @@ def test_tensorboard_events_are_written_when_it_is_installed(tmp_path, sharded_c
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlm", "student": "s", "max_steps": 2}
     train(shards, None, manifest, str(tmp_path / "m"), str(tmp_path / "s.json"), params,
-          tensorboard_dir=str(tmp_path / "tb"))
+          tensorboard=str(tmp_path / "tb"))
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert {"pretrain/mlm", "pretrain/grad_norm", "pretrain/lr"} <= set(events.Tags()["scalars"])
@@ -342,8 +344,8 @@ def test_tensorboard_events_are_written_when_it_is_installed(tmp_path, sharded_c
 
 def test_a_compiled_encoder_saves_under_the_same_names(tokenizer):
     params = {**BASE, "objective": "mlsm+mlm"}
-    plain = pretrain.Student(pretrain.build_config(params, tokenizer, 64), "mlsm+mlm", 24)
-    compiled = pretrain.Student(pretrain.build_config(params, tokenizer, 64), "mlsm+mlm", 24)
+    plain = Student(build_config(params, tokenizer, 64), "mlsm+mlm", 24)
+    compiled = Student(build_config(params, tokenizer, 64), "mlsm+mlm", 24)
     compiled.compile_encoder()  # compiles lazily, at the first call: nothing runs here
     assert compiled.state_dict().keys() == plain.state_dict().keys()
 
@@ -360,11 +362,12 @@ def test_sigterm_saves_the_state_and_stops(tmp_path, sharded_corpus, targets):
     params = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 100_000}
     state = tmp_path / "state"
     command = [sys.executable, "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,
-               "--corpus-manifest", manifest, "--out-model", str(tmp_path / "model"),
-               "--summary", str(tmp_path / "s.json"), "--metrics-csv", str(tmp_path / "log.csv"),
-               "--resume-dir", str(state), "--params", json.dumps(params)]
+               "--target-manifest", str(Path(targets[0]).parent / "manifest.json"), "--corpus-manifest", manifest,
+               "--model", str(tmp_path / "model"), "--summary", str(tmp_path / "s.json"),
+               "--metrics-csv", str(tmp_path / "log.csv"), "--resume-dir", str(state), "--checkpoint-seconds", "3600",
+               "--params", json.dumps(params)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=venv_env(OMP_NUM_THREADS="1", MLSM_CHECKPOINT_SECONDS="3600"))
+                               env=venv_env(OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 120
     while not (tmp_path / "log.csv").exists() and time.monotonic() < deadline:  # 10 updates are done
         time.sleep(0.2)
@@ -380,7 +383,7 @@ def test_sigterm_saves_the_state_and_stops(tmp_path, sharded_corpus, targets):
 def test_a_non_finite_loss_stops_the_run_with_the_state_saved(tmp_path, sharded_corpus, targets, monkeypatch):
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm", "student": "s", "atoms": 24, "max_steps": 4}
-    original, calls = pretrain.loss_parts, []
+    original, calls = trainer.loss_parts, []
 
     def nan_on_the_second_update(out, batch, params, teacher):
         parts = original(out, batch, params, teacher)
@@ -389,7 +392,7 @@ def test_a_non_finite_loss_stops_the_run_with_the_state_saved(tmp_path, sharded_
             parts["mlsm"] = parts["mlsm"] * float("nan")
         return parts
 
-    monkeypatch.setattr(pretrain, "loss_parts", nan_on_the_second_update)
+    monkeypatch.setattr(trainer, "loss_parts", nan_on_the_second_update)
     with pytest.raises(StageError, match=r"non-finite at update 2 \(mlsm=nan"):
         train(shards, targets, manifest, str(tmp_path / "m"), str(tmp_path / "s.json"), params, str(tmp_path / "state"))
     journal = [json.loads(line) for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]

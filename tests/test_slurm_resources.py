@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_slurm import job_blocks, slurm_config, submissions
+
 from test_workflow import snakemake
 
-GPU_RULES = {"extract_activations", "fit_dictionary", "precompute_targets", "precompute_validation_targets",
-             "pretrain_student", "finetune"}
+GPU_RULES = {"extract_activations", "fit_dictionary", "precompute_targets", "pretrain_student", "finetune"}
 
 
 class Resources(dict):
@@ -100,8 +99,8 @@ def test_gpu_model_and_cpus_per_gpu_from_set_resources(workdir):
 def test_a_two_gpu_student_asks_for_two_gpus_and_runs_torchrun(workdir):
     jobs = planned_jobs(workdir, "cuda", gpus=2)
     pretrain = [job for job in jobs if job.name == "pretrain_student"]
-    two = next(job for job in pretrain if "--out-model results/students/mlsm/model" in job.shell)
-    one = next(job for job in pretrain if "--out-model results/students/mlm/model" in job.shell)
+    two = next(job for job in pretrain if "--model results/students/mlsm/model" in job.shell)
+    one = next(job for job in pretrain if "--model results/students/mlm/model" in job.shell)
     assert "--gpus=2" in sbatch_arguments(two) and "--cpus-per-task=2" in sbatch_arguments(two)
     assert two.shell.startswith("torchrun --standalone --nproc-per-node=2 -m pipeline.pretrain ")
     assert "--gpus=1" in sbatch_arguments(one) and one.shell.startswith("python -m pipeline.pretrain ")

@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from pipeline.common import StageError
+from pipeline.formats import read_store
 from pipeline.integrity import read_verified
-from pipeline.teacher import extract, load_encoder, read_store
+from pipeline.models import load_encoder
+from pipeline.stages import call
 
 from conftest import MINILM, save_tiny_teacher
+
+
+def extract(shards, manifest, out, record, params, resume_dir=None, token_counts_path=None, **settings):
+    return call("teacher", params, corpus_shards=shards, corpus_manifest=manifest, store=out, manifest=record,
+                resume_dir=resume_dir, token_counts=token_counts_path, **settings)
 
 
 def params(source, **over):
@@ -35,7 +42,8 @@ def test_store_holds_the_chosen_layer_of_sampled_tokens(tmp_path, sharded_corpus
     from transformers import AutoModel
 
     rows = {s: (ids, types) for t in map(pq.read_table, shards)
-            for s, ids, types in zip(t["seq_id"].to_pylist(), t["input_ids"].to_pylist(), t["token_type_ids"].to_pylist())}
+            for s, ids, types in zip(t["seq_id"].to_pylist(), t["input_ids"].to_pylist(),
+                                     t["token_type_ids"].to_pylist())}
     full = AutoModel.from_pretrained(encoder_teacher).eval()
     for row in (0, 123, 499):
         seq, pos = int(arrays["seq_ids"][row]), int(arrays["positions"][row])
@@ -44,7 +52,8 @@ def test_store_holds_the_chosen_layer_of_sampled_tokens(tmp_path, sharded_corpus
         with torch.no_grad():
             hidden = full(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types]),
                           output_hidden_states=True).hidden_states
-        np.testing.assert_allclose(arrays["states"][row].astype(np.float32), hidden[2][0, pos].numpy(), atol=2e-2, rtol=1e-2)
+        np.testing.assert_allclose(arrays["states"][row].astype(np.float32), hidden[2][0, pos].numpy(), atol=2e-2,
+                                   rtol=1e-2)
     assert not np.isin(arrays["token_ids"], [0, 100, 101, 102, 103]).any()  # no special tokens sampled
     assert np.all(np.diff(arrays["seq_ids"]) >= 0)  # stored in corpus order
 
@@ -92,7 +101,6 @@ def test_an_interrupted_extraction_resumes_to_the_same_store(tmp_path, sharded_c
     p = params(encoder_teacher, batch_size=2, sample_tokens=800, positions_per_sequence=5)
     extract(shards, manifest, str(tmp_path / "ref.zarr"), str(tmp_path / "ref.json"), p)
 
-    monkeypatch.setenv("MLSM_CHECKPOINT_SECONDS", "0")
     real, calls = teacher.extract_batch, []
 
     def dies_on_the_fourth_unit(*args):
@@ -103,10 +111,10 @@ def test_an_interrupted_extraction_resumes_to_the_same_store(tmp_path, sharded_c
     monkeypatch.setattr(teacher, "extract_batch", dies_on_the_fourth_unit)
     out, state = tmp_path / "a.zarr", tmp_path / "state"
     with pytest.raises(KeyboardInterrupt):
-        extract(shards, manifest, str(out), str(tmp_path / "a.json"), p, str(state))
+        extract(shards, manifest, str(out), str(tmp_path / "a.json"), p, str(state), checkpoint_seconds=0)
     assert not out.exists() and (state / "work" / "activations.zarr").is_dir()
     monkeypatch.setattr(teacher, "extract_batch", real)
-    extract(shards, manifest, str(out), str(tmp_path / "a.json"), p, str(state))
+    extract(shards, manifest, str(out), str(tmp_path / "a.json"), p, str(state), checkpoint_seconds=0)
 
     events = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
     assert [e.get("completed") for e in events if e["event"] == "resume"] == [3]  # not from the start
@@ -131,25 +139,29 @@ def test_frequency_subsampling_and_the_per_sequence_cap(tmp_path, sharded_corpus
     share = {rule: (frequency[ids] > 1e-3).mean() for rule, ids in stores.items()}
     assert share["drop"] == 0 and 0 < share["w2v"] < share["none"]  # frequent subwords sampled less
     capped = tmp_path / "capped.zarr"
-    extract(shards, manifest, str(capped), str(tmp_path / "capped.json"), params(encoder_teacher, positions_per_sequence=3))
+    extract(shards, manifest, str(capped), str(tmp_path / "capped.json"),
+            params(encoder_teacher, positions_per_sequence=3))
     attrs, arrays = read_store(capped)
     _, per_sequence = np.unique(arrays["seq_ids"], return_counts=True)
     assert per_sequence.max() <= 3 and len(per_sequence) >= 500 / 3
     assert attrs["sampling"]["positions_per_sequence"] == 3 and attrs["model_fingerprint"]
     with pytest.raises(StageError, match="needs the corpus token counts"):
-        extract(shards, manifest, str(tmp_path / "x.zarr"), str(tmp_path / "x.json"), params(encoder_teacher, subsample="w2v"))
+        extract(shards, manifest, str(tmp_path / "x.zarr"), str(tmp_path / "x.json"),
+                params(encoder_teacher, subsample="w2v"))
 
 
 def test_an_altered_auxiliary_teacher_is_refused(tmp_path):
     """The pipeline's own teacher (teachers/<t>/auxiliary/model) is verified against its record."""
-    from conftest import save_tiny_teacher
-    from pipeline.common import resolve_model_source
     from pipeline.integrity import file_entries, write_record
+    from pipeline.models import verify_model
+
+    from conftest import save_tiny_teacher
 
     model = save_tiny_teacher(tmp_path / "auxiliary" / "model", with_mlm_head=True)
-    write_record(tmp_path / "auxiliary" / "summary.json", {"files": file_entries(tmp_path / "auxiliary", [model])})
-    assert resolve_model_source(str(model)) == str(model)
+    record = tmp_path / "auxiliary" / "summary.json"
+    write_record(record, {"files": file_entries(tmp_path / "auxiliary", [model])})
+    verify_model(str(model), str(record))
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     with pytest.raises(StageError, match="model.safetensors"):
-        resolve_model_source(str(model))
+        verify_model(str(model), str(record))

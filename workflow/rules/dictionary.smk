@@ -3,27 +3,21 @@
 
 rule fit_dictionary:
     input:
-        store=path(contract.ACTIVATIONS),
-        store_manifest=path(contract.ACTIVATIONS_MANIFEST),
+        unpack(rule_inputs("fit_dictionary")),
     output:
-        dictionary=path(contract.DICTIONARY),
-        metrics=path(contract.DICTIONARY_METRICS),
-        atoms=path(contract.DICTIONARY_ATOMS),
-    params:
-        stage=stage_params("dictionary", CONFIG["dictionary"], device=CONFIG["device"]),
-        resume=lambda w: resume_dir("fit_dictionary", w.teacher),
+        **rule_outputs("fit_dictionary"),
     log:
-        log_path("fit_dictionary", "{teacher}"),
+        **rule_logs("fit_dictionary"),
     benchmark:
-        bench_path("fit_dictionary", "{teacher}")
+        rule_benchmark("fit_dictionary")
+    retries: RETRIES
     threads: 2
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=attempt_runtime(120),
         gpu=GPU,
-    conda:
-        "../envs/pipeline.yaml"
+        checkpoint_seconds=CHECKPOINT_SECONDS,
+    params:
+        **rule_params("fit_dictionary"),
     shell:
-        "python -m pipeline.dictionary --activations {input.store:q} --activations-manifest {input.store_manifest:q}"
-        " --dictionary {output.dictionary:q} --metrics {output.metrics:q} --atoms {output.atoms:q}"
-        " --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"
+        command("fit_dictionary")

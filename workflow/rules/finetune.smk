@@ -4,25 +4,21 @@
 
 rule finetune:
     input:
-        unpack(task_files),
-        unpack(finetune_model),
+        unpack(rule_inputs("finetune")),
     output:
-        scores=path(contract.FINETUNE_SCORES),
-    params:
-        stage=lambda w: finetune_params(w.student, w.task, w.seed, w.snapshot),
-        model=finetune_model_dir,
-        resume=lambda w: resume_dir("finetune", w.student, w.snapshot, w.task, f"seed{w.seed}"),
+        **rule_outputs("finetune"),
     log:
-        log_path("finetune", "{student}", "{snapshot}", "{task}", "seed{seed}"),
+        **rule_logs("finetune"),
     benchmark:
-        bench_path("finetune", "{student}", "{snapshot}", "{task}", "seed{seed}")
+        rule_benchmark("finetune")
+    retries: RETRIES
     threads: 1
     resources:
         mem_mb=6000,
-        runtime=240,
+        runtime=attempt_runtime(240),
         gpu=GPU,
-    conda:
-        "../envs/pipeline.yaml"
+        checkpoint_seconds=CHECKPOINT_SECONDS,
+    params:
+        **rule_params("finetune"),
     shell:
-        "python -m pipeline.finetune --model {params.model:q} --student-summary {input.summary:q}"
-        " --out {output.scores:q} --resume-dir {params.resume:q} --params {params.stage:q} > {log:q} 2>&1"
+        command("finetune")

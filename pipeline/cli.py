@@ -1,0 +1,70 @@
+"""The command line of every stage, derived from its declaration in pipeline/stages.py.
+
+    python -m pipeline.<stage> --<port> PATH [PATH ...] ... [--<setting> VALUE] --params JSON|@file.json
+
+The Snakemake rules run exactly this command (pipeline/workflow.py builds it from the same declaration).
+An optional port may be given without a value, which reads as absent (a rule passes the flag for every job
+and a value only where the job has that input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .common import StageError, log
+from .stages import SETTINGS, STAGES, Stage, paths
+
+
+def parser(stage: Stage) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m pipeline.{stage.name}", description=stage.summary)
+    for port in stage.ports:
+        options: dict[str, Any] = {"dest": port.name, "help": port.help or None}
+        if port.many:
+            options["nargs"] = "*" if port.optional else "+"
+        elif port.optional:
+            options["nargs"] = "?"
+        p.add_argument(port.flag, required=not port.optional, **options)
+    for name in stage.settings:
+        kind, default, text = SETTINGS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+    p.add_argument("--params", required=True, type=_json_arg, help="the stage's config slice as JSON, or @file.json")
+    return p
+
+
+def _json_arg(text: str) -> Any:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from None
+
+
+def parse(stage_name: str, argv=None) -> tuple[SimpleNamespace, dict]:
+    """(paths and settings, params) of a stage's command line."""
+    stage = STAGES[stage_name]
+    args = vars(parser(stage).parse_args(None if argv is None else [str(a) for a in argv]))
+    params = args.pop("params")
+    ports = {port.name for port in stage.ports}
+    given = {k: (v if k not in ports else [x for x in v if x] if isinstance(v, list) else v or None)
+             for k, v in args.items()}
+    return paths(stage_name, **given), params
+
+
+def run(stage_name: str, function: Callable[[SimpleNamespace, dict], Any], argv=None) -> None:
+    """Parse the command line and run the stage with logging; a StageError becomes one clear line and
+    exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        function(*parse(stage_name, argv))
+    except StageError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None

@@ -1,0 +1,181 @@
+"""Models the stages load: model sources, tokenizers and their vocabulary, and a teacher cut after its layer.
+
+A model source is a local directory, a Hugging Face hub id (offline unless HF_HUB_OFFLINE=0), or
+`package:<module>` for a model shipped inside an installed Python package. A teacher the pipeline
+pre-trained itself (an auxiliary teacher) is a local directory whose record the stage is given and
+verifies (`verify_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import StageError, fingerprint
+from .integrity import read_verified, sha256_file
+from .training import autocast
+
+
+def resolve_model_source(source: str) -> str:
+    """Map a config model source to what from_pretrained takes.
+
+    `package:<module>`: a model shipped in an installed Python package (its get_model_path(), or
+    its `model/` folder); an existing path: a local directory; anything else: a hub id, which
+    transformers resolves from its cache (offline when HF_HUB_OFFLINE=1)."""
+    if source.startswith("package:"):
+        module_name = source.removeprefix("package:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise StageError(f"model source {source!r}: Python package {module_name!r} is not installed "
+                             f"(pip install the project's demo extra)") from None
+        getter = getattr(module, "get_model_path", None)
+        path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+        if not (path / "config.json").exists():
+            raise StageError(f"model source {source!r}: no config.json under {path}")
+        return str(path)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not any((path / name).exists() for name in ("config.json", "tokenizer_config.json")):
+            raise StageError(f"model source {source!r}: directory has no config.json (nor tokenizer_config.json)")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise StageError(f"model source {source!r}: no such directory")
+    return source
+
+
+def verify_model(model_dir: str | None, record: str | None) -> None:
+    """A model the pipeline wrote (an auxiliary teacher) is checked against the record that lists its files."""
+    if model_dir and record:
+        read_verified(record, [model_dir])
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_source(source), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise StageError(f"tokenizer {source!r} could not be loaded: {err}") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    return fingerprint(sorted(vocab.items(), key=lambda kv: kv[1]))
+
+
+def check_vocabulary(source: str, path: str, config, corpus_manifest: dict, trust_remote_code: bool = False) -> None:
+    """A teacher must use the corpus tokenizer's vocabulary (and have an embedding for every id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = None
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != corpus_manifest["tokenizer_fingerprint"]:
+        raise StageError(f"teacher {source!r} uses a different vocabulary than the corpus tokenizer "
+                         f"{corpus_manifest['tokenizer']!r}; tokenize the corpus with the teacher's tokenizer")
+    if config.vocab_size < corpus_manifest["vocab_size"]:
+        raise StageError(f"teacher {source!r} has {config.vocab_size} embeddings but the corpus "
+                         f"tokenizer has {corpus_manifest['vocab_size']} tokens")
+
+
+def model_identity(source: str, revision: str | None) -> dict:
+    """A model's hub revision (if any) and a fingerprint of its weight files."""
+    path = Path(resolve_model_source(source))
+    files = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin") or p.name == "config.json") \
+        if path.is_dir() else []
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + sha256_file(file).encode())
+    return {"revision": revision, "model_fingerprint": digest.hexdigest()[:16] if files else revision}
+
+
+@dataclass
+class TeacherEncoder:
+    """A teacher cut after its chosen layer."""
+
+    model: torch.nn.Module
+    device: torch.device
+    hidden_size: int
+    layer_index: int  # index into hidden_states: 1 = first transformer layer
+    pad_id: int
+
+    def autocast(self):
+        return autocast(self.device)
+
+    @torch.inference_mode()
+    def hidden(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """The chosen layer's states [batch, width, d] (on the device) of right-padded id arrays."""
+        mask = np.arange(ids.shape[1]) < np.asarray(lengths)[:, None]
+        with self.autocast():
+            return self.model(input_ids=self._to_device(ids), token_type_ids=self._to_device(types),
+                              attention_mask=self._to_device(mask)).last_hidden_state
+
+    @torch.inference_mode()
+    def gather(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+               positions: np.ndarray) -> np.ndarray:
+        """States float16 [n, d] at (rows, positions) of a padded batch; only those leave the device."""
+        out = self.hidden(ids, types, lengths)
+        picked = out[self._to_device(rows), self._to_device(positions)]
+        return picked.to(torch.float16).cpu().numpy()
+
+    def states(self, sequences: list[np.ndarray], type_ids: list[np.ndarray]) -> list[np.ndarray]:
+        """Hidden states [len, d] float32 for each sequence of one batch."""
+        lengths = [len(s) for s in sequences]
+        ids = np.full((len(sequences), max(lengths)), self.pad_id, dtype=np.int64)
+        types = np.zeros_like(ids)
+        for row, (seq, typ) in enumerate(zip(sequences, type_ids)):
+            ids[row, : len(seq)], types[row, : len(seq)] = seq, typ
+        out = self.hidden(ids, types, np.array(lengths)).float().cpu().numpy()
+        return [out[row, :n] for row, n in enumerate(lengths)]
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+
+def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None,
+                 trust_remote_code: bool = False) -> TeacherEncoder:
+    """The teacher's layers up to `layer` (counted from the last, as in the MLSM reference: -1 is the
+    last), in eval mode with SDPA attention; checked against the corpus vocabulary when given its manifest."""
+    from transformers import AutoConfig, AutoModel
+
+    path = resolve_model_source(source)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise StageError(f"teacher {source!r} could not be loaded: {err}") from None
+    n_layers = config.num_hidden_layers
+    if not -n_layers <= layer <= -1:
+        raise StageError(f"teacher {source!r} has {n_layers} layers; layer {layer} is out of range "
+                         f"(-{n_layers}..-1, counted from the last)")
+    keep = n_layers + 1 + layer
+    if corpus_manifest is not None:
+        check_vocabulary(source, path, config, corpus_manifest, trust_remote_code)
+    config.num_hidden_layers = keep  # layers above the chosen one are never built nor run
+    model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", add_pooling_layer=False,
+                                      trust_remote_code=trust_remote_code)
+    model.eval().to(device)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    return TeacherEncoder(model, device, config.hidden_size, keep, pad_id)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices grouped by similar length, so little compute goes to padding."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def saved_json(model_dir: str | Path, name: str) -> dict | None:
+    """A JSON file a model directory holds (e.g. the pipeline's pretraining.json), or None."""
+    path = Path(model_dir) / name
+    return json.loads(path.read_text()) if path.exists() else None

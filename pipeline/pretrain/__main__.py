@@ -1,0 +1,4 @@
+from ..cli import run
+from .trainer import train
+
+run("pretrain", train)

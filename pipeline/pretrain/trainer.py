@@ -1,0 +1,276 @@
+"""The training loop of one pre-training run, read top to bottom in `Trainer.run`; its state, saved and
+resumed; and the run's outputs.
+
+Losses are means over each global micro-batch (batch_size x processes sequences); an update averages
+grad_accumulation of them. A non-finite loss stops the run with the state before that update saved.
+SIGTERM (a SLURM preemption or time limit) saves the state at the end of the update in progress and stops;
+a rerun resumes from it. Models saved after checkpoint_fractions of the updates wait in the resume
+directory (so that a killed run keeps them) until the final model is written.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import contract
+from ..common import StageError, log, seed_everything, set_cpu_threads
+from ..config import checkpoint_steps
+from ..integrity import atomic_output, file_entries, write_record
+from ..objectives import objective
+from ..resume import load_training, save_training
+from ..training import autocast, rng_states, set_rng_states
+from .data import Prefetcher, Shard, micro_batch, rank_share
+from .distributed import all_ranks_sum, check_ranks_agree, init_distributed
+from .history import TrainingLog, Window, validation_sums
+from .losses import loss_parts, total_loss
+from .model import flops_per_token, peak_flops
+from .setup import Setup, build
+
+
+def train(paths, params: dict) -> dict:
+    """Pre-train one model; under torchrun, data-parallel (each rank takes its rows of every batch)."""
+    set_cpu_threads()
+    seed_everything(params["seed"])
+    rank, world, device = init_distributed(params.get("device", "auto"))
+    try:
+        return Trainer(build(rank, world, device, paths, params)).run()
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, setup: Setup):
+        self.s, self.params = setup, setup.params
+        self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
+        self.stop_requested = False
+        self.validation: Shard | None = None
+        paths = setup.paths
+        self.saved_models = Path(paths.resume_dir or f"{paths.model}.checkpoints.tmp") / "models"
+        self.flops_per_token = flops_per_token(setup.model, self.params, setup.manifest["params"]["max_seq_len"])
+        self.peak_flops = peak_flops(setup.device)
+
+    def run(self) -> dict:
+        s, params = self.s, self.params
+        self.load_state()
+        total, accumulation, saves = params["max_steps"], params["grad_accumulation"], checkpoint_steps(params)
+
+        def build(index: int) -> dict:
+            batch = micro_batch(s.stream, index, params["batch_size"] * s.world, s.tokenizer, params)
+            return rank_share(batch, s.rank, s.world)
+
+        prefetch = Prefetcher(build, self.step * accumulation, pin=s.device.type == "cuda")
+        logger = TrainingLog(s.paths, total, s.rank == 0)
+        started, window = time.perf_counter() - self.seconds, Window(self.step, self.tokens_seen)
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if in_main_thread else None
+        s.model.train()
+        try:
+            while self.step < total:
+                before = rng_states(), self.tokens_seen
+                values, masked = self._update(prefetch, accumulation)
+                if not all(math.isfinite(v) for v in values.values()):
+                    self._stop_on_non_finite(values, *before)
+                self.step, self.seconds = self.step + 1, time.perf_counter() - started
+                if self.step % s.paths.log_every == 0 or self.step == total or self.step in saves:
+                    self._log(logger, window, values, masked)
+                if self.step in saves:
+                    self._save_model(self.saved_models / f"step{self.step}")
+                save, stop = self._checkpoint_due() if self.step < total else (False, False)
+                if save:
+                    self.save_state()
+                if stop:
+                    raise StageError(f"stopped by SIGTERM after update {self.step} of {total}; the state is "
+                                     f"saved in {s.paths.resume_dir}, and a rerun resumes from it")
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
+            prefetch.close()
+            logger.close()
+        return self._finish()
+
+    def _update(self, prefetch: Prefetcher, accumulation: int) -> tuple[dict[str, float], int]:
+        """One optimizer update over `accumulation` micro-batches; its global mean losses and grad norm."""
+        s, sums, masked = self.s, {}, 0
+        for micro in range(accumulation):
+            cpu = prefetch.next()
+            self.tokens_seen += int(cpu["lengths"].sum())
+            masked += int(cpu["masked_count"])  # a global count: the same on every rank
+            batch = {k: v.to(s.device, non_blocking=True) for k, v in cpu.items()}
+            if s.online is not None:
+                s.online.add_to(batch, s.world)
+            # Gradients are averaged across ranks once per update, on its last micro-batch.
+            sync = s.world == 1 or micro == accumulation - 1
+            with (nullcontext() if sync else s.forward.no_sync()), autocast(s.device):
+                parts = loss_parts(s.forward(batch), batch, self.params, s.teacher)
+            # DDP averages gradients over ranks; the shares are already parts of the global mean.
+            (total_loss(parts, self.params) * (s.world / accumulation)).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() / accumulation
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), self.params["max_grad_norm"])
+        global_means = all_ranks_sum(torch.stack([*sums.values()]).float(), s.world)
+        values = dict(zip(sums, global_means.tolist()))
+        values["grad_norm"] = float(grad_norm)
+        if all(math.isfinite(v) for v in values.values()):
+            s.optimizer.step()
+            s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        return values, masked
+
+    # ---- state ----
+
+    def save_state(self, rngs: dict[str, torch.Tensor] | None = None) -> None:
+        """Collective under torchrun: every rank sends its random states, rank 0 writes."""
+        s = self.s
+        mine = {"rngs": rngs or rng_states(), "tokens_seen": self.tokens_seen}
+        everyone = [mine]
+        if s.world > 1:
+            everyone = [None] * s.world
+            dist.all_gather_object(everyone, mine)
+        if s.rank != 0:
+            return
+        rngs = {f"rng.{r}.{k}": v for r, theirs in enumerate(everyone) for k, v in theirs["rngs"].items()}
+        meta = {"seconds": self.seconds, "history": self.history,
+                "tokens_seen": [theirs["tokens_seen"] for theirs in everyone]}
+        save_training(s.resume, self.step, s.model, s.optimizer, s.scheduler, meta, rngs)
+
+    def load_state(self) -> None:
+        s = self.s
+        if s.world > 1:
+            dist.barrier()  # rank 0 has discarded stale state before anyone reads it
+        saved = load_training(s.resume, s.model, s.optimizer, s.scheduler)
+        if saved is None:
+            return
+        meta, tensors = saved
+        set_rng_states({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{s.rank}.")})
+        self.step, self.seconds, self.history = meta["unit"], meta["seconds"], meta["history"]
+        self.tokens_seen = meta["tokens_seen"][s.rank]
+        if s.rank == 0:
+            log.info("resuming at update %d of %d", self.step, self.params["max_steps"])
+
+    def _checkpoint_due(self) -> tuple[bool, bool]:
+        """(save now, stop after saving): rank 0's clock and stop request decide, so that every rank joins
+        the collective save and stops with it."""
+        decision = torch.tensor([self.s.resume.due() or self.stop_requested, self.stop_requested], dtype=torch.uint8)
+        if self.s.world > 1:
+            dist.broadcast(decision, src=0)
+        return bool(decision[0]), bool(decision[1])
+
+    def _request_stop(self, signum, frame) -> None:
+        """SIGTERM (SLURM's preemption or time limit, a kill): save at the end of this update, then stop."""
+        if self.s.paths.resume_dir is None:
+            raise StageError(f"stopped by signal {signum}; no resume directory was given, so no state was saved")
+        self.stop_requested = True
+
+    def _stop_on_non_finite(self, values: dict[str, float], rngs: dict[str, torch.Tensor], tokens_seen: int) -> None:
+        """Save the state as it was before this update (the update was not applied), then stop."""
+        where = self.s.paths.resume_dir
+        if where:
+            self.tokens_seen = tokens_seen
+            self.save_state(rngs)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise StageError(f"the loss became non-finite at update {self.step + 1} ({shown}); training stopped. "
+                         + (f"The state before this update is saved in {where}: a rerun with the same params "
+                            "repeats it, other params (e.g. a lower learning_rate or more warm-up) start over."
+                            if where else "No resume directory was given, so no state was saved."))
+
+    # ---- log ----
+
+    def _log(self, logger: TrainingLog, window: Window, values: dict[str, float], masked: int) -> None:
+        s = self.s
+        seconds, tokens = window.advance(self.step, self.tokens_seen)
+        tokens_all = float(all_ranks_sum(torch.tensor([float(tokens)], dtype=torch.float64), s.world))
+        speed = tokens_all / max(seconds, 1e-9)
+        entry = {"step": self.step, **values, "lr": s.scheduler.get_last_lr()[0],
+                 "masked_tokens": masked, "tokens_per_second": speed,
+                 "mfu": speed * self.flops_per_token / (self.peak_flops * s.world) if self.peak_flops else None,
+                 "seconds": round(self.seconds, 3)}
+        if self.step in checkpoint_steps(self.params) or self.step == self.params["max_steps"]:
+            entry.update(self._validation_losses())
+        self.history.append(entry)
+        logger.write(self.history, self.seconds)
+
+    def _validation_losses(self) -> dict[str, float]:
+        """Rank 0's mean losses on the held-out sequences (fixed masks): MLM for students with an MLM head,
+        MLSM where the held-out sequences have precomputed targets."""
+        s = self.s
+        with_mlm = objective(self.params["objective"]).mlm_head
+        targets = s.paths.validation_targets if s.uses_targets else None
+        if not s.paths.validation or not (with_mlm or targets):
+            return {}
+        sums = np.zeros(4)
+        if s.rank == 0 and self.validation is None:  # read once, at the first save
+            self.validation = Shard(s.paths.validation, targets)
+        if s.rank == 0 and len(self.validation):
+            sums = validation_sums(s.model, self.validation, s.tokenizer, self.params, s.device, autocast(s.device),
+                                   with_mlm, bool(targets))
+        sums = all_ranks_sum(torch.from_numpy(sums), s.world).tolist()
+        losses = {}
+        if sums[1]:
+            losses["validation_mlm"] = sums[0] / sums[1]
+        if sums[3]:
+            losses["validation_mlsm"] = sums[2] / sums[3]
+        return losses
+
+    # ---- outputs ----
+
+    def metadata(self) -> dict:
+        atoms = self.params.get("atoms") if objective(self.params["objective"]).mlsm_head else None
+        return {"format_version": contract.FORMAT_VERSION["pretrain"], "params": self.params,
+                "steps": self.params["max_steps"], "objective": self.params["objective"], "atoms": atoms,
+                "world_size": self.s.world}
+
+    def _save_model(self, directory: Path) -> None:
+        if self.s.rank != 0:
+            return
+        with atomic_output(directory) as tmp:
+            tmp.mkdir(parents=True)
+            self.s.model.save(tmp, self.s.tokenizer, {**self.metadata(), "steps": self.step})
+
+    def _finish(self) -> dict:
+        s = self.s
+        tokens_seen = int(all_ranks_sum(torch.tensor([float(self.tokens_seen)], dtype=torch.float64), s.world))
+        if s.world > 1:
+            check_ranks_agree(s.model, s.world)
+        summary = {**self.metadata(), "tokens_seen": tokens_seen, "seconds": self.seconds,
+                   "tokens_per_second": tokens_seen / max(self.seconds, 1e-9),
+                   "parameters": sum(p.numel() for p in s.model.parameters()),
+                   "checkpoints": [f"step{step}" for step in checkpoint_steps(self.params)],
+                   "final": self.history[-1], "history": self.history}
+        if s.rank == 0:
+            self._publish(summary)
+        if s.world > 1:
+            dist.barrier()  # no rank exits (and lets torchrun end the job) before rank 0 has saved
+        return summary
+
+    def _publish(self, summary: dict) -> None:
+        """Write the final model and the saved checkpoints into the outputs, then the record."""
+        s, paths = self.s, self.s.paths
+        with atomic_output(paths.model) as tmp:
+            tmp.mkdir()
+            s.model.save(tmp, s.tokenizer, {**self.metadata(), "tokens_seen": summary["tokens_seen"]})
+        outputs = [paths.model]
+        if paths.checkpoints:
+            with atomic_output(paths.checkpoints) as tmp:
+                tmp.mkdir()
+                for name in summary["checkpoints"]:
+                    saved = self.saved_models / name
+                    if not saved.is_dir():
+                        raise StageError(f"the model saved at {name} is missing from {self.saved_models}")
+                    shutil.copytree(saved, tmp / name)
+            outputs.append(paths.checkpoints)
+        summary["files"] = file_entries(Path(paths.summary).parent, outputs)
+        write_record(paths.summary, summary)
+        s.resume.finish()
+        if not paths.resume_dir:
+            shutil.rmtree(self.saved_models.parent, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""Downstream tasks: which columns, labels and metrics a task has, and how its files are read.
+
+A task is a GLUE task directory (official layout, train.tsv and dev.tsv; the task's name fixes its columns
+and official metric; MNLI-mm scores MNLI on its mismatched dev set) or train/dev files with configured
+text and label columns: train.tsv/dev.tsv (header row), train.csv/dev.csv (header row, quoted fields) or
+train.jsonl/dev.jsonl (one object per line). No heavy imports: the workflow reads the file names at parse.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import StageError
+
+csv.field_size_limit(sys.maxsize)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    text_columns: tuple  # one column, or two for sentence pairs
+    label_column: str
+    metrics: tuple       # official metrics, the first two averaged into the score when there are two
+    header: bool = True
+    dev_file: str = "dev.tsv"
+    labels: tuple | None = None  # the task's label set, where it is fixed (GLUE classification tasks)
+    train_file: str = "train.tsv"
+
+    @property
+    def regression(self) -> bool:
+        return self.metrics[0] == "pearson"
+
+
+BINARY, ENTAILMENT = ("0", "1"), ("entailment", "not_entailment")
+GLUE = {
+    # CoLA's files have no header: source, label, original label, sentence.
+    "CoLA": TaskSpec((3,), 1, ("mcc",), header=False, labels=BINARY),
+    "SST-2": TaskSpec(("sentence",), "label", ("accuracy",), labels=BINARY),
+    "MRPC": TaskSpec(("#1 String", "#2 String"), "Quality", ("f1", "accuracy"), labels=BINARY),
+    "QQP": TaskSpec(("question1", "question2"), "is_duplicate", ("f1", "accuracy"), labels=BINARY),
+    "STS-B": TaskSpec(("sentence1", "sentence2"), "score", ("pearson", "spearman")),
+    "MNLI": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_matched.tsv",
+                     labels=("contradiction", "entailment", "neutral")),
+    # The same training set, scored on the mismatched-genre dev set (a separate entry in GLUE's table).
+    "MNLI-mm": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_mismatched.tsv",
+                        labels=("contradiction", "entailment", "neutral")),
+    "QNLI": TaskSpec(("question", "sentence"), "label", ("accuracy",), labels=ENTAILMENT),
+    "RTE": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",), labels=ENTAILMENT),
+    "WNLI": TaskSpec(("sentence1", "sentence2"), "label", ("accuracy",), labels=BINARY),
+}
+METRICS_OF = {"accuracy": ("accuracy",), "f1": ("f1", "accuracy"), "mcc": ("mcc",), "pearson": ("pearson", "spearman")}
+
+
+def task_spec(task: dict) -> TaskSpec:
+    if task["format"] == "glue":
+        name = task.get("glue_task") or Path(task["path"]).name
+        if name not in GLUE:
+            raise StageError(f"GLUE task directory {task['path']!r}: unknown task {name!r} "
+                             f"(set glue_task to one of {', '.join(GLUE)})")
+        return GLUE[name]
+    suffix = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}[task["format"]]
+    return TaskSpec(tuple(task["text_columns"]), task["label_column"], METRICS_OF[task.get("metric", "accuracy")],
+                    train_file=f"train.{suffix}", dev_file=f"dev.{suffix}")
+
+
+def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[str]]:
+    """Texts and labels of one split; StageError naming the file and line of a malformed row or label."""
+    if not path.is_file():
+        raise StageError(f"task file {path} does not exist")
+    texts, labels = [], []
+    try:
+        rows = _json_rows(path, spec) if path.suffix == ".jsonl" else _delimited_rows(path, spec)
+        for where, text, label in rows:
+            label = label.strip()
+            _check_label(label, spec, where)
+            texts.append(text)
+            labels.append(label)
+    except UnicodeDecodeError as err:
+        raise StageError(f"{path}: not UTF-8 at byte {err.start} of a read block ({err.reason})") from None
+    if not texts:
+        raise StageError(f"task file {path} has no examples")
+    return texts, labels
+
+
+def _delimited_rows(path: Path, spec: TaskSpec):
+    """(where, texts, label) of a TSV (GLUE's: no quoting) or CSV (quoted fields) file."""
+    csv_file = path.suffix == ".csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh) if csv_file else csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if spec.header:
+            header = next(rows, None) or []
+            missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
+            if missing:
+                raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
+            columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
+        else:
+            columns = list(spec.text_columns), spec.label_column
+        width = max(columns[0] + [columns[1]])
+        for row in rows:
+            where = f"{path}, line {rows.line_num}"
+            if len(row) <= width:
+                raise StageError(f"{where}: {len(row)} columns, expected more than {width}")
+            yield where, tuple(row[c] for c in columns[0]), row[columns[1]]
+
+
+def _json_rows(path: Path, spec: TaskSpec):
+    """(where, texts, label) of a JSON-lines file: one object per line with the named fields."""
+    with open(path, encoding="utf-8") as fh:
+        for line_number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StageError(f"{where}: not JSON ({err.msg})") from None
+            missing = [c for c in (*spec.text_columns, spec.label_column)
+                       if not isinstance(example, dict) or c not in example]
+            if missing:
+                raise StageError(f"{where}: lacks field(s) {missing}")
+            yield where, tuple(str(example[c]) for c in spec.text_columns), str(example[spec.label_column])
+
+
+def _check_label(label: str, spec: TaskSpec, where: str) -> None:
+    if spec.regression:
+        try:
+            if not math.isfinite(float(label)):
+                raise ValueError
+        except ValueError:
+            raise StageError(f"{where}: label {label!r} is not a finite number (regression task)") from None
+    elif spec.labels is not None and label not in spec.labels:
+        raise StageError(f"{where}: label {label!r} is not one of the task's labels {list(spec.labels)}")
+
+
+
+def task_files(task: dict) -> tuple[str, str]:
+    """The paths of a task's training and dev files."""
+    spec = task_spec(task)
+    return f"{task['path']}/{spec.train_file}", f"{task['path']}/{spec.dev_file}"

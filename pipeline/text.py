@@ -1,0 +1,271 @@
+"""Corpus text as documents: which files an input names, how each format is read, what bad input is.
+
+Inputs are files, directories (read recursively) or globs; compression comes from the suffix (.gz, .zst,
+.bz2). Formats:
+- text (the default, the MLSM reference format): one sentence per line, a blank line between documents;
+- jsonl: one JSON object per line, a document in its `text_field`;
+- parquet: one document per row of the `text_field` column.
+In jsonl and parquet, a document's sentences are the lines of its text. Text that is not UTF-8, binary,
+or a line longer than `max_line_bytes` is an error naming the file, line and byte, or with
+`bad_input: skip` a counted skip.
+
+Documents are grouped in input order into chunks of about CHUNK_BYTES of text, the unit of parallel work
+of shard_corpus, and a document goes to the validation split with a probability drawn per chunk: the
+tokenizer stage and the corpus stage read the same documents and split them the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .common import StageError
+from .config import section_defaults
+
+CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
+BLOCK_BYTES = 1 << 22  # text read and checked at a time
+MAX_RECORD_BYTES = 1 << 28  # a jsonl line (a whole document) longer than this is a broken file
+COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+# What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
+DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
+                                       "max_line_bytes"))
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def input_files(patterns: list[str], strict: bool = True) -> list[Path]:
+    """The files named by `patterns` (files, globs, directories searched recursively), in a stable order."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        for match in map(Path, matches):
+            if match.is_dir():
+                files += sorted(p for p in match.rglob("*") if p.is_file() and is_corpus_file(p))
+            elif match.is_file() or not strict:
+                files.append(match)
+            else:
+                raise StageError(f"corpus input {pattern!r}: no such file or directory")
+    if strict and not files:
+        raise StageError(f"corpus inputs {patterns}: no file matched")
+    return files
+
+
+def is_corpus_file(path: Path) -> bool:
+    """Files a directory input contributes: known text formats (hidden files are skipped)."""
+    if path.name.startswith("."):
+        return False
+    stem = path.name.removesuffix(path.suffix) if path.suffix in COMPRESSION else path.name
+    return Path(stem).suffix in FORMATS
+
+
+def file_format(path: Path, configured: str = "auto") -> str:
+    if configured != "auto":
+        return configured
+    name = path.name.removesuffix(path.suffix) if path.suffix in COMPRESSION else path.name
+    return FORMATS.get(Path(name).suffix, "text")
+
+
+@dataclass
+class Skipped:
+    """What the `skip` policy dropped, by reason (reported in the manifest)."""
+
+    policy: str = "error"
+    counts: Counter = field(default_factory=Counter)
+
+    def bad(self, reason: str, message: str) -> None:
+        if self.policy != "skip":
+            raise StageError(f"{message} (set corpus.bad_input: skip to skip and count such input)")
+        self.counts[reason] += 1
+
+
+def iter_lines(path: Path, limit: int, skipped: Skipped) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset, line) for each line of a file, decoded; what is not text is an error
+    or a counted skip. Clean blocks are split and decoded whole; a block with anything wrong is
+    checked line by line, so the error names the line and byte."""
+    import pyarrow as pa
+
+    number, offset, carry, skipping = 1, 0, b"", False
+    try:
+        with pa.input_stream(str(path), compression=COMPRESSION.get(path.suffix)) as stream:
+            while True:
+                block = stream.read(BLOCK_BYTES)
+                data = carry + block
+                cut = data.rfind(b"\n") + 1 if block else len(data)
+                data, carry = data[:cut], data[cut:]
+                if skipping and data:  # the rest of a line too long to keep
+                    newline = data.find(b"\n")
+                    if newline < 0:  # the file ends inside it
+                        offset, data = offset + len(data), b""
+                    else:
+                        offset, data, number, skipping = offset + newline + 1, data[newline + 1 :], number + 1, False
+                yield from _block_lines(path, data, number, offset, limit, skipped)
+                number += data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
+                offset += len(data)
+                if len(carry) > limit:  # no newline within `limit` bytes: the line is never held whole
+                    if not skipping:
+                        skipped.bad("line_too_long", f"{_where(path, number, offset)}: longer than {limit} bytes; "
+                                                     f"expected one sentence per line (corpus.max_line_bytes)")
+                    skipping, offset, carry = True, offset + len(carry), b""
+                if not block:
+                    break
+    except (OSError, EOFError, pa.ArrowException) as err:  # a corrupt or truncated compressed file
+        raise StageError(f"{path}: unreadable after byte {offset} of text: {err}") from None
+
+
+def _block_lines(path: Path, data: bytes, number: int, offset: int, limit: int, skipped: Skipped):
+    lines = data.split(b"\n")
+    if data.endswith(b"\n") or not data:
+        lines.pop()
+    if b"\0" not in data and max(map(len, lines), default=0) <= limit:
+        try:
+            text = data.decode("utf-8").split("\n")
+            starts = itertools.accumulate((len(line) + 1 for line in lines[:-1]), initial=offset)
+            yield from zip(itertools.count(number), starts, text[: len(lines)])
+            return
+        except UnicodeDecodeError:
+            pass
+    for raw in lines:  # something is wrong in this block: find it line by line
+        where = _where(path, number, offset)
+        if len(raw) > limit:
+            skipped.bad("line_too_long", f"{where}: longer than {limit} bytes; expected one sentence per line "
+                                         f"(corpus.max_line_bytes)")
+        else:
+            line = _decode(raw, where, offset, skipped)
+            if line is not None:
+                yield number, offset, line
+        number, offset = number + 1, offset + len(raw) + 1
+
+
+def _where(path: Path, number: int, offset: int) -> str:
+    return f"{path}, line {number} (byte {offset})"
+
+
+def _decode(raw: bytes, where: str, offset: int, skipped: Skipped) -> str | None:
+    if b"\0" in raw:
+        skipped.bad("binary_line", f"{where}: NUL byte at byte {offset + raw.index(0)}; this is a binary "
+                                   f"file, not text")
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        skipped.bad("not_utf8_line", f"{where}: not UTF-8 at byte {offset + err.start} (a binary file, or "
+                                     f"text in another encoding?)")
+        return None
+
+
+def read_documents(path: Path, options: dict | None = None, skipped: Skipped | None = None) -> Iterator[list[str]]:
+    """Documents (lists of sentences) of one input file, in file order."""
+    options = {**DEFAULTS, **(options or {})}
+    skipped = skipped if skipped is not None else Skipped(options["bad_input"])
+    fmt = file_format(path, options["format"])
+    if fmt == "text":
+        yield from _text_documents(path, options["max_line_bytes"], skipped)
+    elif fmt == "jsonl":
+        yield from _jsonl_documents(path, options, skipped)
+    else:
+        yield from _parquet_documents(path, options, skipped)
+
+
+def _text_documents(path: Path, limit: int, skipped: Skipped) -> Iterator[list[str]]:
+    sentences: list[str] = []
+    for _, _, line in iter_lines(path, limit, skipped):
+        line = line.strip()
+        if line:
+            sentences.append(line)
+        elif sentences:
+            yield sentences
+            sentences = []
+    if sentences:
+        yield sentences
+
+
+def _jsonl_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
+    key = options["text_field"]
+    for number, offset, line in iter_lines(path, MAX_RECORD_BYTES, skipped):
+        if not line.strip():
+            continue
+        where = _where(path, number, offset)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            skipped.bad("bad_json_record", f"{where}: not a JSON object ({err.msg} at column {err.colno})")
+            continue
+        text = record.get(key) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            skipped.bad("record_without_text", f"{where}: no string field {key!r} (corpus.text_field)")
+            continue
+        yield split_sentences(text, where, options["max_line_bytes"], skipped)
+
+
+def _parquet_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = options["text_field"]
+    try:
+        reader = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise StageError(f"{path} is not a readable parquet file: {err}") from None
+    field_type = reader.schema_arrow.field(key).type if key in reader.schema_arrow.names else None
+    if field_type is None or not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
+        raise StageError(f"{path}: no string column {key!r} (corpus.text_field; columns: "
+                         f"{', '.join(reader.schema_arrow.names)})")
+    row = 0
+    for batch in reader.iter_batches(columns=[key], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            where = f"{path}, row {row}"
+            row += 1
+            if text is None:
+                skipped.bad("record_without_text", f"{where}: {key!r} is null")
+                continue
+            yield split_sentences(text, where, options["max_line_bytes"], skipped)
+
+
+def split_sentences(text: str, where: str, limit: int, skipped: Skipped) -> list[str]:
+    sentences = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if len(line) > limit // 4 and len(line.encode("utf-8")) > limit:
+            skipped.bad("line_too_long", f"{where}: a line longer than {limit} bytes (corpus.max_line_bytes)")
+        elif line:
+            sentences.append(line)
+    return sentences
+
+
+# ---- chunks: the unit of parallel work ---------------------------------------------------------
+
+@dataclass
+class Chunk:
+    index: int
+    first_doc: int  # global index of its first document, in input order
+    documents: list[list[str]]
+
+
+def read_chunks(files: list[Path], options: dict, skipped: Skipped) -> Iterator[Chunk]:
+    """All documents of all files in order, grouped into chunks of about CHUNK_BYTES of text."""
+    index, first_doc, docs, size = 0, 0, [], 0
+    for path in files:
+        for doc in read_documents(path, options, skipped):
+            docs.append(doc)
+            size += sum(map(len, doc))
+            if size >= CHUNK_BYTES:
+                yield Chunk(index, first_doc, docs)
+                index, first_doc, docs, size = index + 1, first_doc + len(docs), [], 0
+    if docs:
+        yield Chunk(index, first_doc, docs)
+
+
+def validation_flags(chunk: Chunk, fraction: float, seed: int) -> np.ndarray:
+    """Which of a chunk's documents are held out; drawn per chunk so it needs no global pass."""
+    if fraction <= 0:
+        return np.zeros(len(chunk.documents), dtype=bool)
+    return np.random.default_rng([seed, chunk.index]).random(len(chunk.documents)) < fraction
+

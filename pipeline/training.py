@@ -1,0 +1,51 @@
+"""What pre-training and fine-tuning share: the optimizer, the learning-rate schedule, mixed precision, and
+the random states a checkpoint must restore."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, exempt_biases_and_norms: bool,
+          fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay; with `exempt_biases_and_norms`, biases and norm weights (the
+    1-D parameters) are not decayed, as BERT's pre-training does."""
+    if not exempt_biases_and_norms:
+        return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=fused)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, fused=fused)
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor of update `step`: linear warm-up over `warmup` updates, then linear decay to
+    0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float):
+    warmup = max(1, int(warmup_fraction * total))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_schedule(step, total, warmup))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU; full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,233 @@
+"""The workflow's wiring in Python (pipeline/workflow.py, pipeline/stages.py), without running Snakemake:
+which jobs a config makes, and which of them an edit of each config key reruns."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from pipeline import config as cfg
+from pipeline.objectives import OBJECTIVES
+from pipeline.rules import RULES, command, fill
+from pipeline.stages import INPUT, OUTPUT, STAGES
+from pipeline.workflow import Workflow
+
+from conftest import REPO, venv_env
+from test_workflow import planned_jobs, snakemake, tiny_config
+
+
+def dag(config: dict) -> dict:
+    """Every job of a config: (rule, wildcards) -> {params, inputs, outputs} with paths filled in."""
+    workflow = Workflow(cfg.validate(config))
+    jobs = {}
+    for rule, wildcards in workflow.jobs():
+        w = SimpleNamespace(**wildcards)
+        outputs = workflow.outputs(rule)
+        jobs[rule, json.dumps(wildcards, sort_keys=True)] = {
+            "params": workflow.params(rule, w), "inputs": workflow.inputs(rule, w),
+            "outputs": [fill(p, **wildcards) for value in outputs.values()
+                        for p in (value if isinstance(value, list) else [value])]}
+    return jobs
+
+
+def flat(value) -> list[str]:
+    return [v for item in value.values() for v in (item if isinstance(item, list) else [item])]
+
+
+def reruns(before: dict, after: dict) -> set[tuple[str, str]]:
+    """Rules with a job that an edit reruns: its params or inputs changed, or an input is rewritten by a job
+    that reruns. Jobs the edit adds or removes do not count."""
+    changed = {job for job in before.keys() & after.keys()
+               if before[job]["params"] != after[job]["params"] or before[job]["inputs"] != after[job]["inputs"]}
+    producer = {path: job for job, facts in after.items() for path in facts["outputs"]}
+    growing = True
+    while growing:
+        downstream = {job for job in before.keys() & after.keys()
+                      if any(producer.get(path) in changed for path in flat(after[job]["inputs"]))}
+        growing = not downstream <= changed
+        changed |= downstream
+    return changed
+
+
+def rules_of(jobs: set[tuple[str, str]]) -> set[str]:
+    return {rule for rule, _ in jobs}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_config(tmp_path_factory.mktemp("teacher"))
+
+
+def edited(config: dict, key: str, value) -> dict:
+    changed = copy.deepcopy(config)
+    node, *path = [changed] + key.split(".")
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return changed
+
+
+EVERYTHING = {"shard_corpus", "extract_activations", "fit_dictionary", "precompute_targets", "summarize_targets",
+              "pretrain_student", "finetune", "report"}
+MLSM = {"fit_dictionary", "precompute_targets", "summarize_targets", "pretrain_student", "finetune", "report"}
+STUDENTS = {"pretrain_student", "finetune", "report"}
+# key, new value, the rules whose jobs rerun (None: check the students too, below).
+EDITS = [
+    ("checkpoint_seconds", 7, set()),
+    ("retries", 0, set()),
+    ("corpus.threads", 1, set()),
+    ("corpus.max_seq_len", 48, EVERYTHING),
+    ("corpus.validation_fraction", 0.1, EVERYTHING),
+    ("demo_data.bbc_news.seed", 5, {"bbc_news_data"} | EVERYTHING),
+    ("device", "auto", EVERYTHING - {"shard_corpus"}),  # the corpus stage runs no model
+    ("teachers.minilm.batch_size", 2, {"extract_activations", "precompute_targets"} | MLSM),
+    ("teachers.tiny_mlm.layer", -2, set()),  # the KD teacher gives logits: its layer is not used
+    ("activations.subsample", "w2v", {"extract_activations"} | MLSM),
+    ("dictionary.lambda", 0.1, MLSM),
+    ("dictionary.atoms", 20, MLSM),
+    ("targets.top_k", 4, {"precompute_targets", "summarize_targets"} | STUDENTS),
+    ("targets.solver", "fista", {"precompute_targets", "summarize_targets"} | STUDENTS),
+    ("pretrain.max_steps", 5, STUDENTS),
+    ("pretrain.online_solver", "targets", set()),  # no student makes its targets online
+    ("pretrain.targets", "online", STUDENTS),  # the MLSM students (checked below)
+    ("pretrain.kd_temperature", 3.0, STUDENTS),
+    ("students.mlm.max_steps", 9, STUDENTS),
+    ("finetune.learning_rate", 1e-4, {"finetune", "report"}),
+    ("finetune.seeds", [1, 2, 3], {"report"}),
+    ("finetune.checkpoint_tasks", [], {"report"}),
+    ("tasks.bbc_topic.metric", "f1", {"finetune", "report"}),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", EDITS, ids=[e[0] for e in EDITS])
+def test_an_edit_reruns_exactly_the_jobs_whose_slice_holds_it(tiny, key, value, expected):
+    before, after = dag(tiny), dag(edited(tiny, key, value))
+    assert rules_of(reruns(before, after)) == expected
+
+
+@pytest.mark.parametrize("key,value,students", [
+    ("students.mlm.max_steps", 9, {"mlm"}),
+    ("pretrain.targets", "online", {"mlsm", "both"}),
+    ("pretrain.kd_temperature", 3.0, {"mlm", "mlsm", "both", "kd"}),
+    ("dictionary.lambda", 0.1, {"mlsm", "both"}),
+    ("targets.top_k", 4, {"mlsm", "both"}),
+])
+def test_an_edit_reruns_only_the_students_it_concerns(tiny, key, value, students):
+    jobs = reruns(dag(tiny), dag(edited(tiny, key, value)))
+    assert {json.loads(wildcards)["student"] for rule, wildcards in jobs if rule == "pretrain_student"} == students
+
+
+def test_the_kd_temperature_is_in_every_students_slice_but_only_kd_uses_it(tiny):
+    """Pre-training options are inherited by every student (their slices are the whole pretrain section),
+    so that a student's params say fully how it was trained."""
+    params = {job[1]: json.loads(facts["params"]) for job, facts in dag(tiny).items() if job[0] == "pretrain_student"}
+    assert all("kd_temperature" in p for p in params.values())
+    assert not any("online_solver" in p for p in params.values())  # only online students carry it
+
+
+def test_every_rule_is_wired_to_its_stage(tiny):
+    workflow = Workflow(cfg.validate(tiny))
+    for name, rule in RULES.items():
+        stage = STAGES[rule.stage]
+        ports = {p.name: p for p in stage.ports}
+        assert set(rule.outputs) <= {n for n, p in ports.items() if p.role == OUTPUT}, name
+        assert {n for n, p in ports.items() if p.role == OUTPUT and not p.optional} <= set(rule.outputs), name
+        assert set(rule.inputs) <= {n for n, p in ports.items() if p.role == INPUT}, name
+        assert {n for n, p in ports.items() if p.role == INPUT and not p.optional} <= set(rule.inputs), name
+        for job_rule, wildcards in workflow.jobs():
+            if job_rule == name:
+                given = workflow.inputs(name, SimpleNamespace(**wildcards))
+                assert set(given) <= set(rule.inputs), (name, set(given) - set(rule.inputs))
+        assert f"-m pipeline.{stage.name} " in command(name)
+
+
+def test_the_schema_names_the_objectives_of_the_table():
+    schema = cfg.load_schema()
+    student = schema["properties"]["students"]["additionalProperties"]
+    assert set(student["properties"]["objective"]["enum"]) == set(OBJECTIVES)
+
+
+@pytest.mark.e2e
+def test_the_jobs_are_those_snakemake_plans(tmp_path, tiny):
+    configfile = tmp_path / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump(tiny))
+    result = snakemake(tmp_path, configfile, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {}
+    for rule, _ in Workflow(cfg.validate(tiny)).jobs():
+        expected[rule] = expected.get(rule, 0) + 1
+    assert planned_jobs(result) == {**expected, "all": 1}
+
+
+def test_parsing_the_workflow_imports_no_torch(tmp_path):
+    """Every cluster job parses the Snakefile again: that must stay light (Snakemake itself imports pyarrow)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: open(os.environ['IMPORT_PROBE'], 'w').write("
+        "' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'zarr', 'sklearn'}))))\n")
+    report = tmp_path / "imported.txt"
+    env = venv_env(PYTHONPATH=f"{probe}:{REPO}", IMPORT_PROBE=str(report))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--dry-run", "--cores", "1", "--snakefile",
+                             str(REPO / "workflow" / "Snakefile"), "--directory", str(tmp_path),
+                             "--configfile", str(REPO / "config" / "config.yaml")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report.read_text() == "", f"the parse imported {report.read_text()}"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """pipeline module -> the pipeline modules it imports (relative imports resolved)."""
+    graph = {}
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                imported |= {f"{base}.{a.name}" for a in node.names} | {base}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        graph[name] = {m for m in imported if m.startswith("pipeline")}
+    return graph
+
+
+def test_no_stage_imports_another_stage():
+    stages = {f"pipeline.{name}" for name in STAGES}
+    for module, imported in module_graph().items():
+        own = next((s for s in stages if module == s or module.startswith(s + ".")), None)
+        others = {s for s in stages if s != own and any(m == s or m.startswith(s + ".") for m in imported)}
+        assert not others, f"{module} imports the stage(s) {sorted(others)}"
+
+
+def test_modules_and_functions_stay_small():
+    long_modules, long_functions = [], []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        source = path.read_text()
+        if source.count("\n") > 400:
+            long_modules.append(f"{path.name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno > 60:
+                long_functions.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno} lines")
+    assert not long_modules and not long_functions, long_modules + long_functions
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_every_config_in_the_repository_is_wired(name):
+    """Each shipped config validates, and every job it makes has its inputs, outputs and params."""
+    config = cfg.load_yaml(REPO / "config" / name)
+    jobs = dag(config)
+    assert ("report", "{}") in jobs and ("shard_corpus", "{}") in jobs
+    assert all(json.loads(facts["params"])["format_version"] for facts in jobs.values())
