@@ -107,7 +107,7 @@ def bare_forward(teacher: Path, batch_size: int, device: torch.device, seconds: 
 def run_stage_in_child(shards: list[str], manifest: str, out: Path, params: dict) -> dict:
     """The stage's command line in a fresh process: wall seconds and its own peak RSS (MB)."""
     command = [sys.executable, "-m", "pipeline.teacher", "--corpus-manifest", manifest, "--corpus-shards", *shards,
-               "--out", str(out), "--out-manifest", str(out.with_suffix(".json")), "--params", json.dumps(params)]
+               "--store", str(out), "--manifest", str(out.with_suffix(".json")), "--params", json.dumps(params)]
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True,
