@@ -4,7 +4,8 @@ Each benchmark runs as its own process with the CPU command its docstring gives 
 writes its figures with --json; this script reads them back, computes each goal's figure (ratios come
 from both sides measured in the same benchmark run), and writes them all to one file with the load
 average before and after every benchmark and its CPU seconds: on shared cores absolute speeds and wall
-times move by several times, so the load is part of every figure. A benchmark that fails is reported with its error and the rest run.
+times move by several times, so the load is part of every figure. A benchmark that fails is reported
+with its error and the rest run.
 
     python bench/run_all.py [--out results/bench/cpu.json] [--only targets dictionary]
 
