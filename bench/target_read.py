@@ -6,7 +6,7 @@ coded over the real SPAMS K=3000 dictionary (lambda 0.05) by the converged solve
 tokens of one corpus shard (`--text-mb` of the corpus), each token taking a random one of them with its
 atom ids cyclically shifted and its weights jittered by up to 10 % (a few thousand codes repeated would
 compress unrealistically well; random atom ids compress worse than real ones). Each checkout writes them
-with its own pipeline.formats.write_targets and reads them back with its own bench/targets.py read_speed
+with its own pipeline.formats.write_targets and reads them back with its own pipeline.pretrain.data.Shard
 (one CPU core, best of 5, in `--rounds` rounds that take the shards in turn): the baseline at `--top-k`,
 this checkout at `--top-k`, with the whole code (top_k none) and with top_mass 0.999. Printed: tokens/s of
 the read, bytes per token, and the ratios to the baseline.
@@ -22,9 +22,11 @@ import inspect
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -77,12 +79,34 @@ def write(formats, targets_module, path: Path, table, codes: torch.Tensor, top_k
     formats.write_targets(path, table["seq_id"], offsets, counts, ids, weights, {})
 
 
+def reader(shard_class):
+    """Tokens/s of loading a shard pair into a checkout's trainer arrays (shard_class: its
+    pipeline.pretrain.data.Shard), best of 5, and of gathering the targets of 15 % of its tokens (a batch's
+    masked positions) where that checkout's Shard has targets(); pyarrow on one thread."""
+    def read_speed(corpus_shard: str, target_shard: str, repeats: int = 5) -> tuple[float, float | None]:
+        reads, gathers = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            shard = shard_class(corpus_shard, target_shard)
+            reads.append(time.perf_counter() - started)
+            if hasattr(shard, "targets"):
+                masked = np.sort(np.random.default_rng(0).choice(len(shard.tokens), len(shard.tokens) * 15 // 100,
+                                                                 False))
+                started = time.perf_counter()
+                shard.targets(masked)
+                gathers.append(time.perf_counter() - started)
+        tokens = len(shard.tokens)
+        return tokens / min(reads), (tokens * 15 // 100) / min(gathers) if gathers else None
+
+    return read_speed
+
+
 def prepare(root: Path, work: Path, shard: str, codes: torch.Tensor, cuts: list[tuple]) -> list[tuple]:
     """Write the shards of each cut with `root`'s writer: (name, path, `root`'s read_speed) for each."""
     use_checkout(root)
     formats = importlib.import_module("pipeline.formats")
     targets_module = importlib.import_module("pipeline.targets")
-    read_speed = importlib.import_module("bench.targets").read_speed  # keeps its checkout's modules alive
+    read_speed = reader(importlib.import_module("pipeline.pretrain.data").Shard)  # keeps its checkout's alive
     table = pq.read_table(shard)
     prepared = []
     for top_k, top_mass in cuts:
@@ -99,8 +123,7 @@ def measure(prepared: list[tuple], shard: str, tokens: int, rounds: int) -> list
              "bytes_per_token": path.stat().st_size / tokens} for _, path, _ in prepared]
     for _ in range(rounds):
         for figures, (_, path, read_speed) in zip(best, prepared):
-            speed = read_speed(shard, str(path))
-            reads, gathers = speed if isinstance(speed, tuple) else (speed, None)
+            reads, gathers = read_speed(shard, str(path))
             figures["read_tokens_per_second"] = max(figures["read_tokens_per_second"], reads)
             if gathers is not None:
                 figures["gather_tokens_per_second"] = max(figures["gather_tokens_per_second"] or 0.0, gathers)
@@ -116,6 +139,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds over all shards (each read best of 5)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
+    pa.set_cpu_count(1)  # every read on one core
+    pa.set_io_thread_count(1)
     from bench.common import CORPUS, MINILM, SPAMS_DICTIONARY, real_shards, teacher_states
     from pipeline.lasso import Lasso
 

@@ -6,7 +6,8 @@ split with probability `validation_fraction` (drawn per chunk from the seed). Pa
 - sentence_pairs (as the MLSM reference feeds BERT): consecutive sentences of a document as
   [CLS] A [SEP] B [SEP] while the pair fits max_seq_len, else [CLS] A [SEP] (A cut to fit);
 - contiguous: the chunk's documents as one token stream ([SEP] between documents) cut into
-  [CLS] ... [SEP] windows of max_seq_len.
+  [CLS] ... [SEP] windows of max_seq_len;
+- reference_pairs: a document's lines two by two, with the reference's filters (pack_reference_pairs).
 Training sequence g goes to shard g mod N; each shard is shuffled with the seed. Chunking depends only
 on the input, never on the number of workers, so the shards are byte-identical for the same input,
 tokenizer and params, however many processes wrote them. Memory holds a few chunks and one shard
@@ -38,7 +39,10 @@ from .common import StageError, log
 from .formats import write_parquet, write_token_counts
 from .integrity import disk_full_error, file_entries, read_verified, write_record
 from .models import load_tokenizer, tokenizer_fingerprint
+from .packing import packed_table
 from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, validation_flags
+
+ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
 
 # ---- tokenizing and packing --------------------------------------------------------------------
 
@@ -151,41 +155,43 @@ class ChunkPacker:
     def __call__(self, chunk: Chunk) -> dict:
         flags = validation_flags(chunk, self.params["validation_fraction"], self.params["seed"])
         sentences = [s for doc in chunk.documents for s in doc]
-        encoded = [e.ids for e in self.encode(sentences, add_special_tokens=False)] if sentences else []
-        splits = {"train": Packed(), "validation": Packed()}
-        pending = {"train": [], "validation": []}
-        documents, empty, at = Counter(), 0, 0
-        for number, (doc, held_out) in enumerate(zip(chunk.documents, flags)):
-            ids = [s for s in encoded[at : at + len(doc)] if s]
-            at += len(doc)
-            if not ids:  # nothing but whitespace or characters the tokenizer drops
-                empty += 1
-                continue
-            split = "validation" if held_out else "train"
-            documents[split] += 1
-            pending[split].append((chunk.first_doc + number, ids, doc, encoded[at - len(doc):at]))
-        for split, docs in pending.items():
-            self._pack(docs, splits[split])
-        tables = {k: v.table() for k, v in splits.items()}
+        # A few thousand sentences a call: the tokenizer's per-sentence cost rises with larger batches.
+        encoded = [e.ids for start in range(0, len(sentences), ENCODE_SENTENCES)
+                   for e in self.encode(sentences[start : start + ENCODE_SENTENCES], add_special_tokens=False)]
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
+        starts = np.cumsum(lengths) - lengths
+        sentence_doc = np.repeat(np.arange(len(chunk.documents)), [len(doc) for doc in chunk.documents])
+        kept = lengths > 0  # sentences of nothing but whitespace or characters the tokenizer drops go
+        empty = np.bincount(sentence_doc[kept], minlength=len(chunk.documents)) == 0
+        held_out = flags[sentence_doc]
+        tables, documents = {}, Counter()
+        for split, held in (("train", False), ("validation", True)):
+            pick = kept & (held_out == held)
+            chosen = ~empty & (flags == held)
+            if self.params["packing"] == "reference_pairs":
+                tables[split] = self._reference_pairs_table(chunk, encoded, chosen)
+            else:
+                tables[split] = packed_table(flat, starts[pick], lengths[pick], chunk.first_doc + sentence_doc[pick],
+                                             self.params["packing"], self.params["max_seq_len"], self.cls, self.sep)
+            documents[split] = int(chosen.sum())
         train_ids = tables["train"]["input_ids"].combine_chunks().values.to_numpy()
         counts = np.bincount(train_ids, minlength=len(self.tokenizer)).astype(np.int64)
         return {"tables": tables, "token_counts": counts,
-                "documents": documents, "empty_documents": empty, "sentences": len(sentences)}
+                "documents": documents, "empty_documents": int(empty.sum()), "sentences": len(sentences)}
 
-
-    def _pack(self, docs: list[tuple], out: Packed) -> None:
-        """Pack documents given as (doc id, non-empty sentence ids, sentence texts, every sentence's ids)."""
-        max_len, packing = self.params["max_seq_len"], self.params["packing"]
-        if packing == "contiguous":
-            pack_contiguous([(doc, ids) for doc, ids, _, _ in docs], max_len, self.cls, self.sep, out)
-            return
-        for doc, ids, texts, encoded in docs:
-            if packing == "reference_pairs":
-                sequences = pack_reference_pairs(texts, encoded, max_len, self.cls, self.sep)
-            else:
-                sequences = pack_document(ids, max_len, self.cls, self.sep)
-            for input_ids, types in sequences:
-                out.add(input_ids, types, doc)
+    def _reference_pairs_table(self, chunk: Chunk, encoded: list[list[int]], chosen: np.ndarray) -> pa.Table:
+        """The reference's line pairs (pack_reference_pairs) of the chosen documents: its filters read every
+        line's text, also of lines that encode to nothing."""
+        out, at = Packed(), 0
+        for number, doc in enumerate(chunk.documents):
+            lines = encoded[at : at + len(doc)]
+            at += len(doc)
+            if chosen[number]:
+                for input_ids, types in pack_reference_pairs(doc, lines, self.params["max_seq_len"], self.cls,
+                                                             self.sep):
+                    out.add(input_ids, types, chunk.first_doc + number)
+        return out.table()
 
 
 _WORKER_PACKER: ChunkPacker | None = None
@@ -200,11 +206,21 @@ def _worker_pack(chunk: Chunk) -> dict:
     return _WORKER_PACKER(chunk)
 
 
-def _pool(workers: int, params: dict):
+def _pool(workers: int, params: dict, tokenizer=None):
     # fork starts at once with the modules already imported; the tokenizer's own thread pool is never
     # used in this process (TOKENIZERS_PARALLELISM=false), so forking it is safe.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, _worker_init, (params,))
+    global _WORKER_PACKER
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn").Pool(workers, _worker_init, (params,))
+    if tokenizer is None:
+        return multiprocessing.get_context("fork").Pool(workers, _worker_init, (params,))
+    # Forked workers inherit this process' packer and its loaded tokenizer (loading it again cost each
+    # worker ~0.2 s).
+    _WORKER_PACKER = ChunkPacker(params, tokenizer)
+    try:
+        return multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        _WORKER_PACKER = None
 
 
 def packed_chunks(chunks: Iterator[Chunk], params: dict, pool, workers: int, tokenizer) -> Iterator[dict]:
@@ -275,7 +291,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
             if sum(f.stat().st_size for f in files) < 2 * text.CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
                 workers = 1  # starting processes would cost more than they save
-            pool = _pool(workers, params) if workers > 1 else None
+            pool = _pool(workers, params, tokenizer) if workers > 1 else None
             try:
                 totals, token_counts = _spill(read_chunks(files, params, skipped), spills, params, pool, workers,
                                               tokenizer)

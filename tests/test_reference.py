@@ -444,3 +444,29 @@ def test_reference_pairs_are_the_reference_tokenizers_pairs(tokenizer):
         want = [tokenizer(texts[a], texts[b], truncation=True, max_length=max_len)["input_ids"]
                 for a, b in sorted(expected_pairs)]
         assert got == want, max_len
+
+
+def test_the_shard_stage_packs_reference_pairs_document_by_document(corpus_text, monkeypatch):
+    """corpus.packing reference_pairs in the sharding stage: each kept document's lines (also those that
+    encode to nothing) paired by pack_reference_pairs, held-out documents in the validation split."""
+    from pipeline import corpus, text
+    from pipeline.corpus import pack_reference_pairs
+
+    monkeypatch.setattr(text, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
+    params = {"tokenizer": MINILM, "max_seq_len": 24, "seed": 0, "validation_fraction": 0.3,
+              "packing": "reference_pairs"}
+    packer = corpus.ChunkPacker(params)
+    chunks = list(corpus.read_chunks([corpus_text], {**corpus.DEFAULTS, **params}, corpus.Skipped()))
+    held_out_sequences = 0
+    for chunk in chunks:
+        flags = text.validation_flags(chunk, 0.3, 0)
+        expected = {"train": [], "validation": []}
+        for number, (doc, held) in enumerate(zip(chunk.documents, flags)):
+            lines = [e.ids for e in packer.encode(doc, add_special_tokens=False)]
+            for ids, _ in pack_reference_pairs(doc, lines, 24, packer.cls, packer.sep):
+                expected["validation" if held else "train"].append((chunk.first_doc + number, ids))
+        for split, table in packer(chunk)["tables"].items():
+            got = list(zip(table["doc_id"].to_pylist(), table["input_ids"].to_pylist()))
+            assert got == expected[split], (chunk.index, split)
+        held_out_sequences += len(expected["validation"])
+    assert held_out_sequences > 0
