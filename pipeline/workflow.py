@@ -81,8 +81,10 @@ class Workflow:
         return [self.path(contract.TARGET_SHARD, teacher=teacher, shard=s) for s in self.shards]
 
     def corpus_inputs(self) -> list[str]:
-        # Missing files stay in the list, so that Snakemake names them as missing input.
-        return [str(f) for f in input_files(self.config["corpus"]["inputs"], strict=False)]
+        # Missing files stay in the list, so that Snakemake names them as missing input (preflight.check_inputs
+        # has stopped the run before, unless a rule writes them).
+        corpus = self.config["corpus"]
+        return [str(f) for f in input_files(corpus["inputs"], strict=False, unknown_files=corpus["unknown_files"])]
 
     def is_auxiliary(self, teacher: str) -> bool:
         return self.config["teachers"][teacher]["source"] == cfg.AUXILIARY_TEACHER
