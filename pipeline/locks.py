@@ -143,9 +143,9 @@ def _enough_descriptors(needed: int) -> None:
 def live_writer(path: str | Path) -> dict | None:
     """The holder of `path`'s lock if a live process holds it (its pid, host, start and command), else None."""
     file = lock_path(path)
-    try:
-        fd = os.open(file, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):
+    try:  # for writing: over NFS an exclusive lock needs it
+        fd = os.open(file, os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
     try:
         if _try_lock(fd):
