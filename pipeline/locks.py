@@ -56,9 +56,8 @@ class WriterLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 locked = _try_lock(fd)
             except OSError as err:
@@ -76,8 +75,19 @@ class WriterLock:
                 self.fd = fd
                 break
             os.close(fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, json.dumps(_me()).encode())
+        with contextlib.suppress(OSError):  # who holds it is for the message of a second writer: best effort
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, json.dumps(_me()).encode())
+
+    def _open(self) -> int:
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StageError(f"no space left on the device while writing {self.path}; nothing was written "
+                                 f"under that name (free space and rerun)") from None
+            raise
 
     def release(self) -> None:
         if self.fd is None:
