@@ -100,6 +100,11 @@ def _delimited_rows(path: Path, spec: TaskSpec):
             missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
             if missing:
                 raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
+            # header.index would silently take the first of two same-named columns.
+            twice = sorted({c for c in (*spec.text_columns, spec.label_column) if header.count(c) > 1})
+            if twice:
+                raise StageError(f"{path}: header names column(s) {twice} more than once (has {header}); "
+                                 f"rename the columns so that each configured name is one column")
             columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
             width = len(header)
         else:
@@ -162,11 +167,12 @@ def _json_rows(path: Path, spec: TaskSpec):
                        if not isinstance(example, dict) or c not in example]
             if missing:
                 raise StageError(f"{where}: lacks field(s) {missing}")
-            label = example[spec.label_column]
-            if label is None or isinstance(label, (list, dict)):
-                raise StageError(f"{where}: field {spec.label_column!r} is {json.dumps(label)}; a label is a string "
-                                 f"or a number (fix or remove the example)")
-            yield where, tuple(str(example[c]) for c in spec.text_columns), str(label)
+            # str() would make a null text the text 'None' and a null label the class 'None'.
+            for column, kind in ((spec.label_column, "label"), *((c, "text") for c in spec.text_columns)):
+                if example[column] is None or isinstance(example[column], (list, dict)):
+                    raise StageError(f"{where}: field {column!r} is {json.dumps(example[column])}; a {kind} is a "
+                                     f"string or a number (fix or remove the example)")
+            yield where, tuple(str(example[c]) for c in spec.text_columns), str(example[spec.label_column])
 
 
 def _check_label(label: str, spec: TaskSpec, where: str) -> None:

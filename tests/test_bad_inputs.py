@@ -266,6 +266,12 @@ TASK_CASES = {
     # Beyond the issue: a null label became the class 'None'.
     "null label in a JSONL task": ("jsonl", '{"text": "Good.", "label": "pos"}\n{"text": "Bad.", "label": null}\n',
                                    r"train\.jsonl, line 2: field 'label' is null"),
+    # Beyond the issue: a null text became the text 'None'.
+    "null text in a JSONL task": ("jsonl", '{"text": "Good.", "label": "pos"}\n{"text": null, "label": "neg"}\n',
+                                  r"train\.jsonl, line 2: field 'text' is null; a text is a string"),
+    # Beyond the issue: of two columns with the label column's name, the first was read without a word.
+    "label column named twice in the header": ("csv", "text,label,label\nGood.,pos,x\nBad.,neg,y\n",
+                                               r"train\.csv: header names column\(s\) \['label'\] more than once"),
     # Beyond the issue: one class made a one-output model, which transformers trains as a regression.
     "a single label in the training file": ("tsv", "text\tlabel\nGood.\tpos\nFine.\tpos\n",
                                             r"train\.tsv: every training example has the label 'pos'"),
