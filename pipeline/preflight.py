@@ -7,8 +7,10 @@ Nothing here imports more than the workflow's parse already does.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from . import config as cfg
 from .common import StageError
@@ -27,9 +29,23 @@ def check_inputs(workflow: Workflow) -> None:
     if workflow.config["demo_data"]["bbc_news"]["enabled"]:
         produced = {os.path.normpath(f"{BBC_DIR}/{path}") for path in RULES["bbc_news_data"].outputs.values()}
     try:
+        _results_outside_inputs(corpus["inputs"], workflow.config["results"])
         input_files(corpus["inputs"], unknown_files=corpus["unknown_files"], produced=frozenset(produced))
     except StageError as err:
         raise cfg.ConfigError(f"invalid configuration:\n  config key 'corpus.inputs': {err}") from None
+
+
+def _results_outside_inputs(patterns: list[str], results: str) -> None:
+    """No directory input holds `results`: from the second run on, the corpus would read the run's own
+    outputs (its shards are parquet, a corpus format), or stop on their other files."""
+    inside = Path(os.path.realpath(results))
+    for pattern in patterns:
+        for match in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
+            directory = Path(os.path.realpath(match))
+            if os.path.isdir(match) and (inside == directory or directory in inside.parents):
+                raise StageError(f"corpus input {pattern!r}: directory {match} holds the results directory "
+                                 f"{results}, so later runs would read their own outputs as corpus; set results "
+                                 f"outside it, or move the corpus files into a directory of their own")
 
 
 def written_paths(workflow: Workflow) -> Iterator[str]:

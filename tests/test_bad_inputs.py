@@ -383,6 +383,14 @@ def test_a_corpus_file_named_twice_stops_the_config(corpus_dir):
     assert "corpus file data/a.txt is named twice in corpus.inputs (by 'data/*.txt' and 'data/')" in message
 
 
+def test_a_corpus_directory_holding_the_results_stops_the_config(corpus_dir):
+    """Beyond the issue: with results inside a corpus directory, the second run read the first run's
+    outputs (parquet shards are a corpus format) or stopped on their other files."""
+    config = {**corpus_config(["data/"], unknown_files="skip"), "results": "data/part/results"}
+    message = corpus_input_problem(config)
+    assert "corpus input 'data/': directory data/ holds the results directory data/part/results" in message
+
+
 # ---- results: never the root, a system directory, or outside the working directory --------------------
 
 RESULTS_CASES = {
