@@ -50,8 +50,8 @@ RULES = {rule.name: rule for rule in (
                   "atoms": contract.DICTIONARY_ATOMS}, resumable=True),
     Rule("precompute_targets", "targets", "{teacher}_{part}",
          inputs=("corpus_part", "corpus_manifest", "dictionary", "dictionary_metrics", *TEACHER_MODEL),
-         outputs={"targets": contract.TARGET_PART}, resumable=True),
-    Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation"),
+         outputs={"targets": contract.TARGET_PART, "record": contract.TARGET_PART_RECORD}, resumable=True),
+    Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation", "records"),
          outputs={"manifest": contract.TARGET_MANIFEST}),
     Rule("pretrain_student", "pretrain", "{student}", inputs=(
         "corpus_shards", "corpus_manifest", "validation", "target_shards", "target_manifest", "validation_targets",
