@@ -67,16 +67,17 @@ def write(formats, targets_module, path: Path, table, codes: torch.Tensor, top_k
     offsets = np.asarray(table["input_ids"].combine_chunks().offsets, np.int64)
     offsets = offsets - offsets[0]
     tokens, atoms = int(offsets[-1]), codes.shape[1]
-    if len(inspect.signature(formats.write_targets).parameters) == 6:  # the fixed-width top-k format
+    if "counts" not in inspect.signature(formats.write_targets).parameters:  # the fixed-width top-k format
         ids, weights, _ = targets_module.top_k_distribution(codes, top_k)
         rows, shift, rng = varied(tokens, len(codes), atoms)
         ids = (ids.numpy()[rows] + shift[:, None]) % atoms
         weights = weights.numpy()[rows] * rng.uniform(0.9, 1.1, size=(tokens, top_k))
-        formats.write_targets(path, table["seq_id"], offsets, ids.astype(np.uint16), weights.astype(np.float16), {})
+        formats.write_targets(path, table["seq_id"], offsets, ids.astype(np.uint16), weights.astype(np.float16),
+                              {"tokens": tokens})
         return
     counts, ids, weights, _ = targets_module.sparse_distribution(codes, None if top_k == "none" else top_k, top_mass)
     counts, ids, weights = repeated(counts.numpy(), ids.numpy(), weights.numpy(), tokens, atoms)
-    formats.write_targets(path, table["seq_id"], offsets, counts, ids, weights, {})
+    formats.write_targets(path, table["seq_id"], offsets, counts, ids, weights, {"tokens": tokens})
 
 
 def reader(shard_class):

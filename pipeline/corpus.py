@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import multiprocessing
-import shutil
 import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -38,9 +37,10 @@ from .cli import run
 from .common import StageError, log
 from .formats import write_parquet, write_token_counts
 from .integrity import disk_full_error, file_entries, read_verified, write_record
+from .locks import locked_directory, remove_stale
 from .models import load_tokenizer, tokenizer_fingerprint
 from .packing import packed_table
-from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, validation_flags
+from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, unread_files, validation_flags
 
 ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
 
@@ -275,18 +275,18 @@ def _finish_shard(job: tuple[str, str, int, int, int]) -> dict:
 
 
 def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params: dict,
-          validation_path: str | None = None, token_counts_path: str | None = None, workers: int = 1) -> dict:
+          validation_path: str | None = None, token_counts_path: str | None = None, workers: int = 1,
+          unread: dict | None = None) -> dict:
     params = {**DEFAULTS, **params}
     out_dir = Path(manifest_path).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     validation_path = validation_path or str(out_dir / Path(contract.CORPUS_VALIDATION).name)
     token_counts_path = token_counts_path or str(out_dir / Path(contract.CORPUS_TOKEN_COUNTS).name)
-    for stale in out_dir.glob(".spill.*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(out_dir.glob(".spill.*"))  # left by a killed run (never a live one's: it holds its lock)
     skipped = Skipped(params["bad_input"])
     tokenizer = load_tokenizer(params["tokenizer"])
     try:
-        with tempfile.TemporaryDirectory(prefix=".spill.", dir=out_dir) as spill_dir:
+        with locked_directory(lambda: tempfile.mkdtemp(prefix=".spill.", dir=out_dir)) as spill_dir:
             spills = [Spill(Path(spill_dir) / f"{i}.arrow") for i in range(len(shard_paths))]
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
             if sum(f.stat().st_size for f in files) < 2 * text.CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
@@ -315,7 +315,8 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         "documents": totals["train"], "sentences": totals["sentences"],
         "sequences": sum(s["sequences"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
         "validation": {"documents": totals["validation"], **validation},
-        "skipped": {"empty_documents": totals["empty_documents"], **dict(sorted(skipped.counts.items()))},
+        "skipped": {"empty_documents": totals["empty_documents"], **dict(sorted(skipped.counts.items())),
+                    **({"unread_files": unread} if unread else {})},
         "inputs": [str(f) for f in files],
         "tokenizer": params["tokenizer"], "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer), "params": params, "shards": shards,
@@ -362,8 +363,14 @@ def _check_counts(files: list[Path], spills: list[Spill]) -> None:
 def main(paths, params: dict) -> dict:
     if paths.tokenizer_manifest:
         read_verified(paths.tokenizer_manifest, [params["tokenizer"]])
-    return shard(input_files(paths.text), paths.shards, paths.manifest, params, paths.validation, paths.token_counts,
-                 max(1, paths.workers))
+    files = input_files(paths.text, unknown_files=params.get("unknown_files", "error"))
+    # Under the workflow --text lists files; the configured directories say what was left unread.
+    unread = unread_files(params.get("inputs") or paths.text)
+    if unread:
+        log.warning("corpus: left out %d files of the input directories that are no corpus format, by suffix: %s "
+                    "(corpus.unknown_files: skip)", sum(unread.values()), unread)
+    return shard(files, paths.shards, paths.manifest, params, paths.validation, paths.token_counts,
+                 max(1, paths.workers), unread)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,10 @@ RULES = {rule.name: rule for rule in (
                   "atoms": contract.DICTIONARY_ATOMS}, resumable=True),
     Rule("precompute_targets", "targets", "{teacher}_{part}",
          inputs=("corpus_part", "corpus_manifest", "dictionary", "dictionary_metrics", *TEACHER_MODEL),
-         outputs={"targets": contract.TARGET_PART}, resumable=True),
-    Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation"),
+         outputs={"targets": contract.TARGET_PART, "record": contract.TARGET_PART_RECORD}, resumable=True),
+    Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation", "records"),
          outputs={"manifest": contract.TARGET_MANIFEST}),
-    Rule("summarize_phase_targets", "target_summary", "{teacher}_len{length}", inputs=("shards",),
+    Rule("summarize_phase_targets", "target_summary", "{teacher}_len{length}", inputs=("shards", "records"),
          outputs={"manifest": contract.TARGET_PHASE_MANIFEST}),
     Rule("pretrain_student", "pretrain", "{student}", inputs=(
         "corpus_shards", "corpus_manifest", "validation", "target_shards", "target_manifest", "validation_targets",

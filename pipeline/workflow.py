@@ -81,8 +81,10 @@ class Workflow:
         return [self.path(contract.TARGET_SHARD, teacher=teacher, shard=s) for s in self.shards]
 
     def corpus_inputs(self) -> list[str]:
-        # Missing files stay in the list, so that Snakemake names them as missing input.
-        return [str(f) for f in input_files(self.config["corpus"]["inputs"], strict=False)]
+        # Missing files stay in the list, so that Snakemake names them as missing input (preflight.check_inputs
+        # has stopped the run before, unless a rule writes them).
+        corpus = self.config["corpus"]
+        return [str(f) for f in input_files(corpus["inputs"], strict=False, unknown_files=corpus["unknown_files"])]
 
     def is_auxiliary(self, teacher: str) -> bool:
         return self.config["teachers"][teacher]["source"] == cfg.AUXILIARY_TEACHER
@@ -163,11 +165,15 @@ class Workflow:
                 **self.teacher_model(w.teacher)}
 
     def _summarize_targets_inputs(self, w) -> dict:
+        # Each shard's record, in the order of the shards and the validation targets (the parts).
+        records = [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in self.parts]
         return {"shards": self.target_shards(w.teacher),
-                "validation": self.path(contract.TARGET_VALIDATION, teacher=w.teacher)}
+                "validation": self.path(contract.TARGET_VALIDATION, teacher=w.teacher), "records": records}
 
     def _summarize_phase_targets_inputs(self, w) -> dict:
-        return {"shards": self.phase_target_shards(w.teacher, int(w.length))}
+        parts = contract.phase_part_names(len(self.shards), int(w.length))
+        return {"shards": self.phase_target_shards(w.teacher, int(w.length)),
+                "records": [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in parts]}
 
     def phase_target_shards(self, teacher: str, length: int) -> list[str]:
         return [self.path(contract.TARGET_PHASE_SHARD, teacher=teacher, length=length, shard=s) for s in self.shards]
@@ -249,8 +255,9 @@ class Workflow:
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 
     def _shard_corpus_params(self, w) -> dict:
-        # threads changes speed, never the shards: not a param, so changing it reruns nothing.
-        options = {k: v for k, v in self.config["corpus"].items() if k != "threads"}
+        # threads changes speed, never the shards; unknown_files lets a run through or stops it before any
+        # job (what it skips is counted from the inputs): not params, so changing them reruns nothing.
+        options = {k: v for k, v in self.config["corpus"].items() if k not in ("threads", "unknown_files")}
         return self._slice("shard_corpus", options, tokenizer=self.tokenizer)
 
     def _shard_corpus_phase_params(self, w) -> dict:
