@@ -20,11 +20,12 @@ Figures, in one run:
 - quality on `--quality-tokens` real states: mean objective of each solver, its excess over a tightly
   converged float64 solution, and the mean L1 distance between its normalised code and that solution's
   (goal: fast <= reference);
-- storage: bytes per token of the written shard at `--top-k`, and the mass the top-k cut loses for
-  several k (from the converged codes);
+- storage: bytes per token of the written shard at `--top-k` (`none`: the whole code) and `--top-mass`, and
+  the mass the top-k cut loses for several k (from the converged codes);
 - read: tokens/s of reading a corpus shard with its target shard back into the trainer's flat arrays
   (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens per CPU second), on a pair of
-  `--read-mb` MB of text whose targets are the fast stage's rows repeated (see read_speed).
+  `--read-mb` MB of text whose targets are the fast stage's rows repeated (see read_speed), and of gathering
+  the targets of 15 % of its tokens as the trainer's batches do (pipeline.formats.gather_entries).
 
     python bench/targets.py --teacher base --text-mb 40              # on the device machine
     python bench/targets.py --text-mb 0.01 --quality-tokens 256 --repeats 1 --device cpu
@@ -57,11 +58,11 @@ from bench.common import (  # noqa: E402
     teacher_states,
 )
 from pipeline.common import pick_device  # noqa: E402
-from pipeline.formats import flat_list, read_targets, shard_tokens, target_stats, write_targets  # noqa: E402
+from pipeline.formats import read_targets, shard_tokens, target_entries, target_stats, write_targets  # noqa: E402
 from pipeline.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.pretrain.data import Shard  # noqa: E402
 from pipeline.stages import call  # noqa: E402
-from pipeline.targets import top_k_distribution  # noqa: E402
+from pipeline.targets import sparse_distribution  # noqa: E402
 
 LAMBDA = 0.05
 REFERENCE = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, "precision": "fp32"}
@@ -121,7 +122,7 @@ def quality(x: torch.Tensor, dictionary: torch.Tensor, solvers: dict[str, Lasso]
     figures["mass_lost_to_top_k"] = {}
     for k in (8, 16, 32, 64, 128, 256):
         if k <= exact.shape[1]:
-            lost = float(top_k_distribution(exact.float(), k)[2].mean())
+            lost = float(sparse_distribution(exact.float(), k)[3].mean())
             figures["mass_lost_to_top_k"][k] = lost
     lost = figures["mass_lost_to_top_k"]
     print("  mass lost to top-k: " + ", ".join(f"k={k} {100 * v:.2f} %" for k, v in lost.items()))
@@ -137,25 +138,31 @@ def read_speed(args, work: Path, target_shard: str, repeats: int = 5) -> dict:
     (work / "read").mkdir()
     (corpus_shard,), _ = real_shards(work / "read", Path(args.corpus), args.read_mb, 1)
     offsets, _, _, table = shard_tokens(corpus_shard)
-    solved = read_targets(target_shard)
-    row_offsets, atoms = flat_list(solved, "atom_ids")
-    _, weights = flat_list(solved, "weights")
-    k, tokens = args.top_k, int(offsets[-1])
-    rows = slice(row_offsets[0], row_offsets[-1])
+    token_offsets, atoms, weights = target_entries(read_targets(target_shard))
+    tokens = int(offsets[-1])
+    # Token t of the pair takes the solved token t mod n: its entries, in the stage's own format.
+    source = np.arange(tokens) % (len(token_offsets) - 1)
+    counts = token_offsets[source + 1] - token_offsets[source]
+    first = np.cumsum(counts) - counts
+    entries = np.repeat(token_offsets[source] - first, counts) + np.arange(int(counts.sum()))
     target_path = work / "read" / "targets.parquet"
-    write_targets(target_path, table["seq_id"], offsets, np.resize(atoms[rows].reshape(-1, k), (tokens, k)),
-                  np.resize(weights[rows].reshape(-1, k), (tokens, k)), target_stats(target_shard))
+    write_targets(target_path, table["seq_id"], offsets, counts.astype(np.uint16), atoms[entries], weights[entries],
+                  target_stats(target_shard))
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    wall, cpu = [], []
+    wall, cpu, gathers = [], [], []
+    masked = np.sort(np.random.default_rng(0).choice(tokens, tokens * 15 // 100, False))
     for _ in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
         shard = Shard(corpus_shard, str(target_path))
         wall.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
+        started = time.perf_counter()
+        shard.targets(masked)
+        gathers.append(time.perf_counter() - started)
     assert len(shard.tokens) == tokens
     return {"read_tokens": tokens, "read_tokens_per_second": tokens / min(wall),
-            "read_tokens_per_cpu_second": tokens / min(cpu)}
+            "read_tokens_per_cpu_second": tokens / min(cpu), "gather_tokens_per_second": len(masked) / min(gathers)}
 
 
 def reference_factored(x: torch.Tensor, dictionary: torch.Tensor, lip: float) -> torch.Tensor:
@@ -186,6 +193,7 @@ def stages(args, work: Path, shard: str, manifest: str, dictionary_files, base: 
     stage_fast, stats = stage_speed("fast", shard, manifest, dictionary_files, out, {**base, **fast})
     figures = {"stage_fast": stage_fast, "tokens": stats["tokens"],
                "mean_mass_lost_to_top_k": stats["mean_mass_lost_to_top_k"],
+               "kept_atoms_per_token": stats["mean_kept_atoms"],
                "bytes_per_token": out.stat().st_size / stats["tokens"],
                **read_speed(args, work, str(out))}
     if args.reference_mb:
@@ -227,7 +235,8 @@ def main() -> None:
     p.add_argument("--quality-tokens", type=int, default=50_000)
     p.add_argument("--read-mb", type=float, default=1.0, help="MB of text in the shard pair read back")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each solver alone (the fastest counts)")
-    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--top-k", default="32", help="atoms kept per token, or none (the whole code)")
+    p.add_argument("--top-mass", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=256, help="sequences per teacher forward")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="of the fast solver")
     p.add_argument("--tolerance", type=float, default=1e-2, help="relative duality gap of the fast solver")
@@ -249,14 +258,17 @@ def main() -> None:
         print(f"d={dictionary.shape[0]}, K={dictionary.shape[1]}, lambda {LAMBDA}, top-{args.top_k}, "
               f"fast solver: tolerance {args.tolerance}, {args.precision}")
         fast = {"solver": "fast", "max_iterations": 500, "tolerance": args.tolerance, "precision": args.precision}
+        top_k = args.top_k if args.top_k == "none" else int(args.top_k)
         base = {"source": source, "layer": -1, "batch_size": args.batch_size, "lambda": LAMBDA,
-                "top_k": args.top_k, "device": device.type, "trust_remote_code": False}
+                "top_k": top_k, "top_mass": args.top_mass, "device": device.type, "trust_remote_code": False}
         figures = stages(args, work, shard, manifest, dictionary_files, base, fast)
         figures.update(solvers_alone(args, dictionary, x, fast))
-    print(f"storage: {figures['bytes_per_token']:.1f} bytes/token at top-{args.top_k} "
-          f"(mass lost {100 * figures['mean_mass_lost_to_top_k']:.2f} %)")
+    print(f"storage: {figures['bytes_per_token']:.1f} bytes/token at top-{args.top_k}, top-mass {args.top_mass} "
+          f"({figures['kept_atoms_per_token']:.1f} atoms kept a token, "
+          f"mass lost {100 * figures['mean_mass_lost_to_top_k']:.2f} %)")
     print(f"read back on one core: {figures['read_tokens_per_cpu_second']:,.0f} tokens per CPU second (goal >= 2 M), "
-          f"{figures['read_tokens_per_second']:,.0f} tokens/s of wall clock ({figures['read_tokens']:,} tokens)")
+          f"{figures['read_tokens_per_second']:,.0f} tokens/s of wall clock ({figures['read_tokens']:,} tokens); "
+          f"targets of masked tokens gathered at {figures['gather_tokens_per_second']:,.0f} tokens/s")
     print(f"stage fast / reference: {figures['ratio_stage_fast_to_reference']:.2f} (goal >= 5); solver fast / "
           f"reference: {figures['solver_fast'] / figures['solver_reference']:.2f} (/ reference in D^T(Dy) form: "
           f"{figures['solver_fast'] / figures['solver_reference_factored']:.2f}); stage fast: "

@@ -77,6 +77,13 @@ def section_defaults(section: str, keys: tuple[str, ...]) -> dict:
     return {key: properties[key]["default"] for key in keys}
 
 
+def option_defaults(definition: str) -> dict:
+    """The schema's defaults of a $defs entry (pretrain_options): what a stage called outside the workflow
+    takes for the keys its params leave out."""
+    properties = _schema()["$defs"][definition]["properties"]
+    return {key: copy.deepcopy(prop["default"]) for key, prop in properties.items() if "default" in prop}
+
+
 def _resolve(ref: str) -> dict:
     node: Any = _schema()
     for part in ref.removeprefix("#/").split("/"):
@@ -171,8 +178,12 @@ def _check_cross_keys(config: dict) -> None:
                                 f"a teacher must be '{AUXILIARY_TEACHER}' (a pre-trained teacher has its own "
                                 "vocabulary)")
     atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
-    if top_k > atoms:
+    if top_k != "none" and top_k > atoms:
         problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")
+    if config["dictionary"]["iterations"] is not None and config["dictionary"]["backend"] != "spams":
+        problems.append("config key 'dictionary.iterations': applies to backend spams only (the torch and sklearn "
+                        "backends run `epochs` passes); remove it or set dictionary.backend: spams")
+    problems += _check_students(config)
     sample, heldout = config["activations"]["sample_tokens"], config["dictionary"]["heldout_tokens"]
     if heldout >= sample:
         problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below "
@@ -190,6 +201,23 @@ def _check_cross_keys(config: dict) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def _check_students(config: dict) -> list[str]:
+    """The pre-training options of every student and auxiliary teacher that the schema cannot check."""
+    problems = []
+    trainees = {f"students.{name}": student_options(config, name) for name in config["students"]}
+    trainees.update({f"teachers.{name}.auxiliary": teacher["auxiliary"]
+                     for name, teacher in config["teachers"].items() if teacher["source"] == AUXILIARY_TEACHER})
+    for where, options in trainees.items():
+        if options.get("architecture") and options.get("init"):
+            problems.append(f"config key '{where}.init': a student continued from a checkpoint takes its "
+                            "architecture from it; give init or architecture, not both")
+        schedule = options.get("seq_len_schedule") or []
+        if schedule and abs(sum(phase["fraction"] for phase in schedule) - 1) > 1e-9:
+            problems.append(f"config key '{where}.seq_len_schedule': the phases' fractions add up to "
+                            f"{sum(p['fraction'] for p in schedule):g}, not 1")
+    return problems
+
+
 # ---- slices: what each stage sees --------------------------------------------------------------
 
 # The targets section's solver settings, and the MLSM reference's (what online_solver: reference uses).
@@ -202,6 +230,30 @@ def student_options(config: dict, name: str) -> dict:
     merged = dict(config["pretrain"])
     merged.update(config["students"][name])
     return merged
+
+
+def phase_lengths(options: dict, main_length: int) -> list[int]:
+    """The lengths of a trainee's seq_len_schedule other than the corpus's own (main_length), in order of first
+    use: the order in which the workflow passes their corpus and targets to the pre-training stage."""
+    return list(dict.fromkeys(p["max_seq_len"] for p in options.get("seq_len_schedule") or []
+                              if p["max_seq_len"] != main_length))
+
+
+def phase_plan(options: dict, main_length: int) -> list[tuple[int, int, int]]:
+    """(first update, end update, max_seq_len) of each phase of a trainee's seq_len_schedule: phase i ends at
+    round(cumulative fraction * max_steps), the last at max_steps; phases that round to no update are left
+    out. No schedule: one phase at the corpus's own length."""
+    total, schedule = options["max_steps"], options.get("seq_len_schedule") or []
+    if not schedule:
+        return [(0, total, main_length)]
+    plan, start, cumulative = [], 0, 0.0
+    for number, phase in enumerate(schedule):
+        cumulative += phase["fraction"]
+        end = total if number == len(schedule) - 1 else min(total, round(cumulative * total))
+        if end > start:
+            plan.append((start, end, phase["max_seq_len"]))
+        start = max(start, end)
+    return plan
 
 
 def checkpoint_steps(options: dict) -> list[int]:

@@ -26,9 +26,9 @@ FORMAT_VERSION = {
     "tokenizer": 1,
     "corpus": 3,
     "activations": 3,
-    "dictionary": 4,
-    "targets": 6,
-    "pretrain": 3,
+    "dictionary": 5,
+    "targets": 7,
+    "pretrain": 4,
     "finetune": 3,
     "report": 3,
 }
@@ -39,6 +39,11 @@ CORPUS_SHARD = "corpus/shard-{shard}.parquet"  # shard: a 3-digit index, see sha
 CORPUS_MANIFEST = "corpus/manifest.json"
 CORPUS_VALIDATION = "corpus/validation.parquet"
 CORPUS_TOKEN_COUNTS = "corpus/token_counts.npy"
+# The corpus packed at another length, for a phase of a student's seq_len_schedule (shard_corpus_phase).
+CORPUS_PHASE_SHARD = "corpus/len{length}/shard-{shard}.parquet"
+CORPUS_PHASE_VALIDATION = "corpus/len{length}/validation.parquet"
+CORPUS_PHASE_TOKEN_COUNTS = "corpus/len{length}/token_counts.npy"
+CORPUS_PHASE_MANIFEST = "corpus/len{length}/manifest.json"
 TOKENIZER = "tokenizer/model"  # written by the optional train_tokenizer stage
 TOKENIZER_MANIFEST = "tokenizer/manifest.json"
 AUXILIARY_TEACHER = "teachers/{teacher}/auxiliary/model"  # an auxiliary teacher pre-trained by the pipeline
@@ -56,6 +61,9 @@ TARGET_PART = "targets/{teacher}/{part}.parquet"
 TARGET_PART_RECORD = "targets/{teacher}/{part}.json"  # its bytes and sha256, written with it
 VALIDATION_PART = "validation"
 TARGET_MANIFEST = "targets/{teacher}/manifest.json"
+# Targets of the corpus packed at another length (its parts are "len{length}/shard-{shard}"), and their record.
+TARGET_PHASE_SHARD = "targets/{teacher}/len{length}/shard-{shard}.parquet"
+TARGET_PHASE_MANIFEST = "targets/{teacher}/len{length}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
 STUDENT_CHECKPOINTS = "students/{student}/checkpoints"  # step{N}/ per checkpoint_fractions entry
 STUDENT_SUMMARY = "students/{student}/summary.json"
@@ -79,6 +87,16 @@ def shard_names(count: int) -> list[str]:
 def part_names(count: int) -> list[str]:
     """The corpus parts: the training shards by file name (shard-000, ...), then the validation split."""
     return [f"shard-{name}" for name in shard_names(count)] + [VALIDATION_PART]
+
+
+def phase_part_names(count: int, length: int) -> list[str]:
+    """The training shards of the corpus packed at another length, as corpus parts (len512/shard-000, ...)."""
+    return [f"len{length}/shard-{name}" for name in shard_names(count)]
+
+
+def phase_length(part: str) -> int | None:
+    """The packing length of a phase part (len512/shard-000 -> 512); None for a part of the main corpus."""
+    return int(part.split("/", 1)[0].removeprefix("len")) if part.startswith("len") else None
 
 
 def __getattr__(name: str):
@@ -115,6 +133,9 @@ def _corpus_schema(pa):  # contract.CORPUS_SCHEMA
         ("token_type_ids", pa.list_(pa.int8())),
     ])
 # validation.parquet: the held-out documents' sequences, same schema (possibly no rows).
+# corpus/len{length}/ (shard_corpus_phase, for a seq_len_schedule phase at another length): the same files,
+# the same documents packed at max_seq_len = length (the same seed, validation split and shard assignment
+# rule); its targets lie in targets/{teacher}/len{length}/ with their own manifest.json.
 # token_counts.npy: int64 [vocab_size], how often each id occurs in the training shards.
 # corpus/manifest.json: documents (training), sentences, sequences and tokens (training shards),
 # validation {documents, sequences, tokens, path}, skipped {empty_documents, and per reason what
@@ -143,14 +164,18 @@ ACTIVATION_ARRAYS = ("states", "token_ids", "seq_ids", "positions")
 # atoms.json: [{atom, usage, tokens_used, top_tokens: [{token, weight}]}] for the most-used atoms.
 
 # ---- stage 4, precompute_targets: one row per sequence, aligned with the corpus shard -----------
-# atom_ids/weights are flattened [length * top_k]: position p's atoms are [p*k:(p+1)*k]. Weights of a
-# position sum to 1 over its kept atoms, or are all 0 where the lasso code is 0 (no target there).
-# Every position has a row, special tokens included; the student uses those it masks, and leaves the
-# all-zero ones out of the MLSM loss. One row per sequence (not per token) so that a shard reads back as
-# three flat arrays with no per-row work (bench/targets.py measures the read speed).
+# Each position keeps a variable number of (atom, weight) entries: the non-zeros of its lasso code, by
+# decreasing weight, cut to top_k (`none`: no cut, the reference's full code) and to the first atoms that
+# hold top_mass of the code's mass. atom_counts [length] says how many entries each position has (0: its
+# code is all zero, it carries no target); atom_ids/weights hold the positions' entries one after another
+# (position p's are the atom_counts[p] entries after those of positions 0..p-1). A position's weights sum to
+# 1. Every position has a row, special tokens included; the student uses those it masks. One row per
+# sequence (not per token) so that a shard reads back as four flat arrays with no per-row work
+# (bench/targets.py measures the read speed).
 def _target_schema(pa):  # contract.TARGET_SCHEMA
     return pa.schema([
         ("seq_id", pa.int64()),
+        ("atom_counts", pa.list_(pa.uint16())),
         ("atom_ids", pa.list_(pa.uint16())),
         ("weights", pa.list_(pa.float16())),
     ])
@@ -160,17 +185,22 @@ def _target_schema(pa):  # contract.TARGET_SCHEMA
 # every shard against it before listing it in the manifest.
 NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz histogram's bins
 # Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON: tokens, mean_nnz,
-# p99_nnz, nnz_histogram, zero_code_fraction, mean/max_mass_lost_to_top_k, mean_entropy_nats,
+# p99_nnz, nnz_histogram, zero_code_fraction, mean/max_mass_lost_to_top_k (the mass the top_k and top_mass
+# cuts lose), mean_kept_atoms, mean_entropy_nats,
 # mean/p99_iterations, atom_usage, dictionary = the dictionary record's checksum). manifest.json sums the
 # training shards': tokens, mean_nnz, zero_code_fraction, zero_code_tokens, mean/max_mass_lost_to_top_k,
 # mean_entropy_nats, mean_iterations, nnz_histogram {bins, tokens}, atoms_used_fraction,
-# atom_usage_histogram, dictionary, params (solver, lambda, top_k, ...), shards [{path, tokens}],
+# mean_kept_atoms, atom_usage_histogram, dictionary, params (solver, lambda, top_k, top_mass, ...),
+# shards [{path, tokens}],
 # validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
 # model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
-# tokenizer (loads with AutoModel / AutoModelForSequenceClassification); mlsm_head.safetensors for
-# MLSM objectives; pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
+# tokenizer (loads with AutoModel / AutoModelForSequenceClassification); BertForMaskedLM also for an MLSM
+# student with mlsm_head tied; mlsm_head.safetensors for MLSM objectives (metadata atoms and head: separate,
+# a transform, LayerNorm and decoder; tied, decoder.weight [K, d] and decoder.bias [K], the K rows the MLM
+# decoder and its bias gain in the reference's layout, behind the MLM head's transform);
+# pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
 # checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
 # summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the

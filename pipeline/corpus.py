@@ -6,7 +6,8 @@ split with probability `validation_fraction` (drawn per chunk from the seed). Pa
 - sentence_pairs (as the MLSM reference feeds BERT): consecutive sentences of a document as
   [CLS] A [SEP] B [SEP] while the pair fits max_seq_len, else [CLS] A [SEP] (A cut to fit);
 - contiguous: the chunk's documents as one token stream ([SEP] between documents) cut into
-  [CLS] ... [SEP] windows of max_seq_len.
+  [CLS] ... [SEP] windows of max_seq_len;
+- reference_pairs: a document's lines two by two, with the reference's filters (pack_reference_pairs).
 Training sequence g goes to shard g mod N; each shard is shuffled with the seed. Chunking depends only
 on the input, never on the number of workers, so the shards are byte-identical for the same input,
 tokenizer and params, however many processes wrote them. Memory holds a few chunks and one shard
@@ -85,6 +86,42 @@ def pack_document(sentences: list[list[int]], max_len: int, cls: int, sep: int):
             i += 1
 
 
+MIN_REFERENCE_CHARS, MIN_REFERENCE_WORDS = 5, 5  # the reference's filters of lines and pairs
+
+
+def pack_reference_pairs(texts: list[str], encoded: list[list[int]], max_len: int, cls: int, sep: int):
+    """Sentence pairs as the reference's pretrainer.py reads them: lines two by two ([CLS] A [SEP] B [SEP]),
+    a line under 5 characters skipped where it would be A, a pair dropped when B is under 5 characters or
+    the two have under 5 words together, a document's odd last line dropped (it pairs with the blank line),
+    and a pair longer than max_len cut longest-first, as its fast tokenizer does."""
+    i = 0
+    while i + 1 < len(texts):
+        if len(texts[i]) < MIN_REFERENCE_CHARS:
+            i += 1
+            continue
+        a, b, words = encoded[i], encoded[i + 1], len(texts[i].split()) + len(texts[i + 1].split())
+        keep = len(texts[i + 1]) >= MIN_REFERENCE_CHARS and words >= MIN_REFERENCE_WORDS
+        i += 2
+        if keep:
+            a, b = truncate_longest_first(a, b, max_len - 3)
+            yield [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+def truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """A pair cut to `budget` tokens as the Hugging Face tokenizers' longest_first strategy cuts it: only the
+    longer one while that suffices, else each to half the budget (the longer one gets the odd token)."""
+    if len(a) + len(b) <= budget:
+        return a, b
+    short, long = sorted((len(a), len(b)))
+    keep_long = short if short > budget else max(short, budget - short)
+    keep_short = short
+    if keep_short + keep_long > budget:
+        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
+    if len(a) > len(b):
+        return a[:keep_long], b[:keep_short]
+    return a[:keep_short], b[:keep_long]
+
+
 def pack_contiguous(documents: list[tuple[int, list[list[int]]]], max_len: int, cls: int, sep: int, out: Packed):
     """The documents as one stream ([SEP] between them) cut into [CLS] window [SEP] sequences."""
     stream, starts, docs = [], [], []
@@ -131,13 +168,30 @@ class ChunkPacker:
         tables, documents = {}, Counter()
         for split, held in (("train", False), ("validation", True)):
             pick = kept & (held_out == held)
-            tables[split] = packed_table(flat, starts[pick], lengths[pick], chunk.first_doc + sentence_doc[pick],
-                                         self.params["packing"], self.params["max_seq_len"], self.cls, self.sep)
-            documents[split] = int((~empty & (flags == held)).sum())
+            chosen = ~empty & (flags == held)
+            if self.params["packing"] == "reference_pairs":
+                tables[split] = self._reference_pairs_table(chunk, encoded, chosen)
+            else:
+                tables[split] = packed_table(flat, starts[pick], lengths[pick], chunk.first_doc + sentence_doc[pick],
+                                             self.params["packing"], self.params["max_seq_len"], self.cls, self.sep)
+            documents[split] = int(chosen.sum())
         train_ids = tables["train"]["input_ids"].combine_chunks().values.to_numpy()
         counts = np.bincount(train_ids, minlength=len(self.tokenizer)).astype(np.int64)
         return {"tables": tables, "token_counts": counts,
                 "documents": documents, "empty_documents": int(empty.sum()), "sentences": len(sentences)}
+
+    def _reference_pairs_table(self, chunk: Chunk, encoded: list[list[int]], chosen: np.ndarray) -> pa.Table:
+        """The reference's line pairs (pack_reference_pairs) of the chosen documents: its filters read every
+        line's text, also of lines that encode to nothing."""
+        out, at = Packed(), 0
+        for number, doc in enumerate(chunk.documents):
+            lines = encoded[at : at + len(doc)]
+            at += len(doc)
+            if chosen[number]:
+                for input_ids, types in pack_reference_pairs(doc, lines, self.params["max_seq_len"], self.cls,
+                                                             self.sep):
+                    out.add(input_ids, types, chunk.first_doc + number)
+        return out.table()
 
 
 _WORKER_PACKER: ChunkPacker | None = None

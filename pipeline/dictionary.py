@@ -6,8 +6,9 @@ Backends behind one interface (`backend`):
 - `torch` (default, CPU or GPU): online dictionary learning, pipeline/dictlearn.py (streams mini-batches
   from the store, block atom updates, resumable, stops on the held-out objective).
 - `sklearn`: scikit-learn's MiniBatchDictionaryLearning (positive codes), always installed.
-- `spams`: SPAMS trainDL with the MLSM reference's settings (posAlpha, mode 2, lambda2 = 0), as many
-  iterations of `batch_size` as `epochs` passes need; needs `pip install spams-bin` (extra `spams`).
+- `spams`: SPAMS trainDL with the MLSM reference's settings (posAlpha, SPAMS's mode 2 and lambda2 1e-9): `iterations`
+  mini-batches of `batch_size` (the reference: 1000 of 400), or as many as `epochs` passes need; needs
+  `pip install spams-bin` (extra `spams`).
 `heldout_tokens` states drawn at random (seeded) never enter training and give the held-out metrics:
 objective with converged codes, residual, nnz, atoms used, coherence, and the atom browser (the tokens
 loading most on the most-used atoms).
@@ -51,22 +52,31 @@ def learn_sklearn(x: torch.Tensor, params: dict) -> torch.Tensor:
     return l2_normalise(torch.from_numpy(model.components_).float()).T.contiguous().to(x.device)
 
 
+def spams_iterations(params: dict, states: int) -> int:
+    """SPAMS trainDL's iter: the configured count (the reference's semantics), else epochs passes of batch_size."""
+    if params.get("iterations"):
+        return int(params["iterations"])
+    return math.ceil(params["epochs"] * states / params["batch_size"])
+
+
 def learn_spams(x: torch.Tensor, params: dict, threads: int | None = None) -> torch.Tensor:
-    iterations = math.ceil(params["epochs"] * len(x) / params["batch_size"])
+    iterations = spams_iterations(params, len(x))
     return train_spams(x, params["atoms"], params["lambda"], iterations, params["batch_size"], threads)
 
 
 def train_spams(x: torch.Tensor, atoms: int, lam: float, iterations: int, batch_size: int,
                 threads: int | None = None) -> torch.Tensor:
-    """SPAMS trainDL with the MLSM reference's settings on rows of x; the dictionary [d, K], unit columns."""
+    """SPAMS trainDL called as the MLSM reference's train_dict.py calls it (K, lambda1, iter, batchsize,
+    posAlpha; SPAMS's defaults for the rest: mode 2, lambda2 1e-9) on rows of x; the dictionary [d, K],
+    unit columns."""
     try:
         import spams
     except ImportError:
         raise StageError("dictionary backend spams needs SPAMS: pip install spams-bin "
                          "(or the extra mlsm-pipeline[spams])") from None
     data = np.asfortranarray(x.cpu().numpy().T.astype(np.float64))
-    dictionary = spams.trainDL(data, K=atoms, lambda1=lam, mode=2, lambda2=0.0, posAlpha=True, iter=iterations,
-                               batchsize=batch_size, numThreads=threads or os.cpu_count() or 1, verbose=False)
+    dictionary = spams.trainDL(data, K=atoms, lambda1=lam, posAlpha=True, iter=iterations, batchsize=batch_size,
+                               numThreads=threads or os.cpu_count() or 1, verbose=False)
     return l2_normalise(torch.from_numpy(np.asarray(dictionary).T).float()).T.contiguous().to(x.device)
 
 

@@ -22,11 +22,15 @@ import torch
 from . import contract
 from .cli import run
 from .common import StageError, log, pick_device, seed_everything, set_cpu_threads
+from .config import section_defaults
 from .integrity import CHECKSUM_KEY, read_verified, write_record
 from .models import saved_json
 from .resume import Resume, load_training, save_training
 from .tasks import TaskSpec, check_label_count, read_split, task_spec
 from .training import adamw, autocast, warmup_then_decay
+
+# Keys added after the first release: callers that predate them get the schema's defaults.
+NEW_KEYS = ("lr_schedule", "max_grad_norm", "classifier_init", "shuffle_seed", "precision")
 
 
 def encode_labels(train: list[str], dev: list[str], spec: TaskSpec, dev_path: str):
@@ -84,9 +88,30 @@ def read_task(paths, params: dict, spec: TaskSpec) -> dict:
     return {"train": train_texts, "dev": dev_texts, "y_train": y_train, "y_dev": y_dev, "labels": label_names}
 
 
+HEAD_STD = 0.02  # BERT's initializer_range, which the reference's copied head was drawn with
+
+
+def shared_head(model, seed: int, missing: list[str]) -> None:
+    """Initialise the classification head from the seed, the hidden size and the number of labels only (and
+    the pooler, when the checkpoint has none), so that every student gets the same head for a seed."""
+    classifier = model.classifier
+    hidden, labels = classifier.in_features, classifier.out_features
+    state = np.random.SeedSequence([seed, hidden, labels]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(state))
+    layers = [classifier]
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is not None and any(".pooler." in key or key.startswith("pooler.") for key in missing):
+        layers.append(pooler.dense)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * HEAD_STD)
+            layer.bias.zero_()
+
+
 def finetune(paths, params: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    params = {**section_defaults("finetune", NEW_KEYS), **params}  # for callers outside the workflow
     set_cpu_threads()
     seed_everything(params["seed"])
     device = pick_device(params.get("device", "auto"))
@@ -95,15 +120,18 @@ def finetune(paths, params: dict) -> dict:
     spec = task_spec(params["task"])
     task = read_task(paths, params, spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=1 if spec.regression else len(task["labels"]),
         problem_type="regression" if spec.regression else "single_label_classification",
-        attn_implementation="sdpa", trust_remote_code=False).to(device)
+        attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True)
+    if params["classifier_init"] == "per_seed":
+        shared_head(model, params["seed"], loading["missing_keys"])
+    model.to(device)
     encoded = {split: tokenizer(*list(zip(*task[split])), truncation=True, max_length=params["max_seq_len"])
                for split in ("train", "dev")}
     steps = params["epochs"] * -(-len(task["train"]) // params["batch_size"])
     optimizer = adamw(model, params["learning_rate"], params["weight_decay"], exempt_biases_and_norms=False)
-    scheduler = warmup_then_decay(optimizer, steps, params["warmup_fraction"])
+    scheduler = warmup_then_decay(optimizer, steps, params["warmup_fraction"], params["lr_schedule"])
     resume = Resume(paths.resume_dir, {"params": params, "student": student.get(CHECKSUM_KEY)},
                     interval=paths.checkpoint_seconds)
     started = time.perf_counter()
@@ -130,7 +158,8 @@ class Epochs:
     def __init__(self, model, tokenizer, optimizer, scheduler, resume: Resume, device, params: dict):
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
         self.resume, self.device, self.params = resume, device, params
-        self.rng = np.random.default_rng(params["seed"])
+        shuffle_seed = params["shuffle_seed"]
+        self.rng = np.random.default_rng(params["seed"] if shuffle_seed is None else shuffle_seed)
         self.progress = {"epoch": 0, "batch": 0, "epochs": [], "loss": None}
 
     def collate(self, encoding, rows, labels=None) -> dict:
@@ -148,10 +177,11 @@ class Epochs:
             order = batches(len(task["train"]), params["batch_size"], self.rng)
             self.model.train()
             for index in range(progress["batch"] if epoch == progress["epoch"] else 0, len(order)):
-                with autocast(self.device):
+                with autocast(self.device, self.params["precision"]):
                     loss = self.model(**self.collate(encoded["train"], order[index], task["y_train"])).loss
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                if params["max_grad_norm"] > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), params["max_grad_norm"])
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -167,7 +197,7 @@ class Epochs:
     def predict(self, encoding, spec: TaskSpec) -> np.ndarray:
         self.model.eval()
         predictions = []
-        with torch.inference_mode(), autocast(self.device):
+        with torch.inference_mode(), autocast(self.device, self.params["precision"]):
             for rows in batches(len(encoding["input_ids"]), self.params["batch_size"] * 2, None):
                 logits = self.model(**self.collate(encoding, rows)).logits.float()
                 predictions.append(logits.squeeze(-1) if spec.regression else logits.argmax(-1))

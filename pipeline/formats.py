@@ -28,7 +28,8 @@ TARGET_STATS_KEY = b"mlsm_target_stats"
 # Plain byte-stream-split values with fast zstd: reads back ~3x faster than dictionary encoding on one
 # core (the list decoding dominates) and is smaller too (bench/targets.py).
 TARGET_ENCODING = {"use_dictionary": False, "compression_level": 1,
-                   "column_encoding": {"atom_ids.list.element": "BYTE_STREAM_SPLIT",
+                   "column_encoding": {"atom_counts.list.element": "BYTE_STREAM_SPLIT",
+                                       "atom_ids.list.element": "BYTE_STREAM_SPLIT",
                                        "weights.list.element": "BYTE_STREAM_SPLIT"}}
 
 
@@ -107,16 +108,20 @@ def read_token_counts(path: str | Path) -> np.ndarray:
 
 # ---- target shards (stage 4) -------------------------------------------------------------------
 
-def write_targets(path: str | Path, seq_ids: pa.Array, offsets: np.ndarray, atoms: np.ndarray, weights: np.ndarray,
-                  stats: dict, record: str | Path | None = None) -> None:
-    """A target shard: per sequence (seq_ids, position offsets from 0) the [tokens, k] atom ids and
-    weights, flattened row by row; the shard's statistics in its metadata."""
-    k = atoms.shape[1]
-    list_offsets = pa.array(offsets * k, pa.int32())
+def write_targets(path: str | Path, seq_ids: pa.Array, offsets: np.ndarray, counts: np.ndarray, atoms: np.ndarray,
+                  weights: np.ndarray, stats: dict, record: str | Path | None = None) -> None:
+    """A target shard: per sequence (seq_ids, position offsets from 0) the entry count of each position and
+    the positions' (atom id, weight) entries one after another; the shard's statistics in its metadata."""
+    if len(atoms) >= 2**31:  # the list columns' offsets are int32
+        raise StageError(f"target shard {path} would hold {len(atoms):,} (atom, weight) entries, more than a "
+                         "column can (2^31); use more corpus shards (corpus.shards) or a top_k cut")
+    entry_offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[offsets]
+    list_offsets, entry_offsets = pa.array(offsets, pa.int32()), pa.array(entry_offsets, pa.int32())
     table = pa.table({
         "seq_id": seq_ids,
-        "atom_ids": pa.ListArray.from_arrays(list_offsets, pa.array(atoms.ravel(), pa.uint16())),
-        "weights": pa.ListArray.from_arrays(list_offsets, pa.array(weights.ravel(), pa.float16())),
+        "atom_counts": pa.ListArray.from_arrays(list_offsets, pa.array(counts, pa.uint16())),
+        "atom_ids": pa.ListArray.from_arrays(entry_offsets, pa.array(atoms, pa.uint16())),
+        "weights": pa.ListArray.from_arrays(entry_offsets, pa.array(weights, pa.float16())),
     }, schema=contract.TARGET_SCHEMA.with_metadata({TARGET_STATS_KEY: json.dumps(stats).encode()}))
     write_parquet(path, table, **TARGET_ENCODING)
     # The shard's own record, written by the job that wrote it: any reader can verify the shard's bytes.
@@ -139,6 +144,33 @@ def verified_target_shards(shards: list[str], base: str | Path, records: list[st
         record = read_verified(record_path, [shard])
         entries[shard.relative_to(base).as_posix()] = record["files"][shard.name]
     return entries
+
+
+def target_entries(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A target shard's entries as flat arrays: (entry offsets per token [tokens + 1] from 0, atom ids,
+    weights); token t's entries are atoms[offsets[t]:offsets[t+1]]."""
+    count_offsets, counts = flat_list(table, "atom_counts")
+    entry_offsets, atoms = flat_list(table, "atom_ids")
+    _, weights = flat_list(table, "weights")
+    counts = counts[count_offsets[0]:count_offsets[-1]]
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1] != entry_offsets[-1] - entry_offsets[0]:
+        raise StageError("target shard: its atom counts do not add up to its entries")
+    return offsets, atoms[entry_offsets[0]:entry_offsets[-1]], weights[entry_offsets[0]:entry_offsets[-1]]
+
+
+def gather_entries(offsets: np.ndarray, atoms: np.ndarray, weights: np.ndarray,
+                   tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of some tokens as [len(tokens), widest] arrays (atom 0 and weight 0 in padding)."""
+    starts, counts = offsets[tokens], offsets[tokens + 1] - offsets[tokens]
+    width = max(1, int(counts.max())) if len(tokens) else 1
+    columns = np.arange(width)
+    index = starts[:, None] + columns
+    valid = columns < counts[:, None]
+    index = np.where(valid, index, 0)
+    return (np.where(valid, atoms[index] if len(atoms) else 0, 0).astype(np.uint16),
+            np.where(valid, weights[index] if len(weights) else 0, 0).astype(np.float16))
 
 
 def read_targets(path: str | Path) -> pa.Table:

@@ -70,8 +70,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return fingerprint(sorted(vocab.items(), key=lambda kv: kv[1]))
 
 
-def check_vocabulary(source: str, path: str, config, corpus_manifest: dict, trust_remote_code: bool = False) -> None:
-    """A teacher must use the corpus tokenizer's vocabulary (and have an embedding for every id)."""
+def check_vocabulary(source: str, path: str, config, corpus_manifest: dict, trust_remote_code: bool = False,
+                     role: str = "teacher") -> None:
+    """A teacher (or a checkpoint a student continues) must use the corpus tokenizer's vocabulary (and have an
+    embedding for every id)."""
     from transformers import AutoTokenizer
 
     try:
@@ -79,10 +81,10 @@ def check_vocabulary(source: str, path: str, config, corpus_manifest: dict, trus
     except (OSError, ValueError):
         tokenizer = None
     if tokenizer is not None and tokenizer_fingerprint(tokenizer) != corpus_manifest["tokenizer_fingerprint"]:
-        raise StageError(f"teacher {source!r} uses a different vocabulary than the corpus tokenizer "
+        raise StageError(f"{role} {source!r} uses a different vocabulary than the corpus tokenizer "
                          f"{corpus_manifest['tokenizer']!r}; tokenize the corpus with the teacher's tokenizer")
     if config.vocab_size < corpus_manifest["vocab_size"]:
-        raise StageError(f"teacher {source!r} has {config.vocab_size} embeddings but the corpus "
+        raise StageError(f"{role} {source!r} has {config.vocab_size} embeddings but the corpus "
                          f"tokenizer has {corpus_manifest['vocab_size']} tokens")
 
 

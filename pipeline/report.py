@@ -260,10 +260,18 @@ def students_section(students: list[dict]) -> list[str]:
     for summary in students:
         p = summary["params"]
         losses = ", ".join(f"{k} {v:.3f}" for k, v in summary["final"].items() if k in LOSSES)
-        lines.append(f"| {p['student']} | {p['objective']} | {p.get('teacher', '–') or '–'} | {p['size']} | "
+        size = f"init {p['init']}" if p.get("init") else p.get("architecture") or p["size"]
+        lines.append(f"| {p['student']} | {p['objective']} | {p.get('teacher', '–') or '–'} | {size} | "
                      f"{summary['steps']} | {losses} | {summary['parameters']:,} | "
                      f"{summary['tokens_per_second']:,.0f} |")
     return lines
+
+
+def target_cut(params: dict) -> str:
+    """How the targets were cut: the whole code, top-k, and a mass threshold."""
+    cut = "the whole code" if params["top_k"] == "none" else f"top-{params['top_k']}"
+    mass = params.get("top_mass", 1.0)
+    return cut if mass >= 1 else f"{cut} up to {mass:g} of the mass"
 
 
 def dictionary_section(teacher: str, metrics: dict, atoms: list[dict], targets: dict | None) -> list[str]:
@@ -276,7 +284,7 @@ def dictionary_section(teacher: str, metrics: dict, atoms: list[dict], targets: 
              f"| {metrics['p99_nnz']:.0f} | {metrics['atoms_used_fraction']:.1%} | {metrics['mutual_coherence']:.3f} |"]
     if targets is not None:
         lines += ["", f"Targets: {targets['tokens']:,} tokens; mean nnz "
-                  f"{targets['mean_nnz']:.1f}; top-{targets['params']['top_k']} keeps "
+                  f"{targets['mean_nnz']:.1f}; {target_cut(targets['params'])} keeps "
                   f"{1 - targets['mean_mass_lost_to_top_k']:.2%} of the mass; mean entropy "
                   f"{targets['mean_entropy_nats']:.2f} nats; {targets['zero_code_fraction']:.2%} of positions "
                   "without a target."]

@@ -29,6 +29,8 @@ class Rule:
 PRETRAIN_LOGS = {"metrics_csv": f"{contract.LOGS}/pretrain_student/{{student}}.csv",
                  "tensorboard": f"{contract.LOGS}/pretrain_student/{{student}}.tensorboard"}
 TEACHER_MODEL = ("teacher_model", "teacher_summary")
+PHASES = ("phase_shards", "phase_manifests")  # a seq_len_schedule's corpus at its other lengths
+PHASE_TARGETS = ("phase_target_shards", "phase_target_manifests")
 
 RULES = {rule.name: rule for rule in (
     Rule("bbc_news_data", "demo_data", outputs={
@@ -39,7 +41,10 @@ RULES = {rule.name: rule for rule in (
     Rule("shard_corpus", "corpus", inputs=("text", "tokenizer_manifest"), outputs={
         "shards": contract.CORPUS_SHARD, "validation": contract.CORPUS_VALIDATION,
         "token_counts": contract.CORPUS_TOKEN_COUNTS, "manifest": contract.CORPUS_MANIFEST}),
-    Rule("pretrain_teacher", "pretrain", "{teacher}", inputs=("corpus_shards", "corpus_manifest"),
+    Rule("shard_corpus_phase", "corpus", "len{length}", inputs=("text", "tokenizer_manifest"), outputs={
+        "shards": contract.CORPUS_PHASE_SHARD, "validation": contract.CORPUS_PHASE_VALIDATION,
+        "token_counts": contract.CORPUS_PHASE_TOKEN_COUNTS, "manifest": contract.CORPUS_PHASE_MANIFEST}),
+    Rule("pretrain_teacher", "pretrain", "{teacher}", inputs=("corpus_shards", "corpus_manifest", *PHASES),
          outputs={"model": contract.AUXILIARY_TEACHER, "summary": contract.AUXILIARY_SUMMARY}, resumable=True,
          gpus_key="teacher"),
     Rule("extract_activations", "teacher", "{teacher}",
@@ -53,9 +58,11 @@ RULES = {rule.name: rule for rule in (
          outputs={"targets": contract.TARGET_PART, "record": contract.TARGET_PART_RECORD}, resumable=True),
     Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation", "records"),
          outputs={"manifest": contract.TARGET_MANIFEST}),
+    Rule("summarize_phase_targets", "target_summary", "{teacher}_len{length}", inputs=("shards", "records"),
+         outputs={"manifest": contract.TARGET_PHASE_MANIFEST}),
     Rule("pretrain_student", "pretrain", "{student}", inputs=(
         "corpus_shards", "corpus_manifest", "validation", "target_shards", "target_manifest", "validation_targets",
-        "dictionary", "dictionary_metrics", *TEACHER_MODEL),
+        "dictionary", "dictionary_metrics", *PHASES, *PHASE_TARGETS, *TEACHER_MODEL),
         outputs={"model": contract.STUDENT_MODEL, "checkpoints": contract.STUDENT_CHECKPOINTS,
                  "summary": contract.STUDENT_SUMMARY}, logs=PRETRAIN_LOGS, resumable=True, gpus_key="student"),
     Rule("finetune", "finetune", "{student}_{snapshot}_{task}_seed{seed}",

@@ -95,16 +95,21 @@ STAGES = {stage.name: stage for stage in (
         _out("record", optional=True, help="the shard's record: its bytes and sha256 (default: beside it, .json)"),
         RESUME), settings=("checkpoint_seconds",), entry="compute"),
     Stage("target_summary", "the target shards' statistics summed into the targets' record", (
-        _in("shards", many=True), _in("validation"),
+        _in("shards", many=True), _in("validation", optional=True),
         _in("records", many=True, optional=True, help="each shard's record, in the order of the shards and the "
                                                       "validation targets (default: beside each, .json)"),
         _out("manifest")), version="targets"),
-    Stage("pretrain", "a BERT-style model pre-trained from scratch with its objective", (
+    Stage("pretrain", "a BERT-style model pre-trained with its objective (from scratch, or from a checkpoint)", (
         _in("corpus_shards", many=True), _in("corpus_manifest"),
         _in("validation", optional=True, help="held-out sequences for validation losses"),
         _in("target_shards", many=True, optional=True), _in("target_manifest", optional=True),
         _in("validation_targets", optional=True),
         _in("dictionary", optional=True, help="with targets online"), _in("dictionary_metrics", optional=True),
+        _in("phase_shards", many=True, optional=True,
+            help="seq_len_schedule: the corpus shards packed at each other length, length after length"),
+        _in("phase_manifests", many=True, optional=True, help="their records, one per length"),
+        _in("phase_target_shards", many=True, optional=True, help="their target shards, length after length"),
+        _in("phase_target_manifests", many=True, optional=True, help="their records, one per length"),
         *AUXILIARY,
         _out("model", directory=True), _out("checkpoints", directory=True, optional=True), _out("summary"),
         Port("metrics_csv", LOG, optional=True, help="the training log as CSV"),

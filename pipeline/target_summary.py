@@ -38,7 +38,7 @@ def summarize(shards: list[str], manifest: str, params: dict, validation: str | 
         "format_version": contract.FORMAT_VERSION["targets"], "params": params, "dictionary": dictionaries.pop(),
         "tokens": int(tokens.sum()),
         **{key: mean(key) for key in ("mean_nnz", "zero_code_fraction", "mean_mass_lost_to_top_k",
-                                      "mean_entropy_nats", "mean_iterations")},
+                                      "mean_kept_atoms", "mean_entropy_nats", "mean_iterations")},
         "zero_code_tokens": int(round(sum(s["zero_code_fraction"] * s["tokens"] for s in per_shard))),
         "max_mass_lost_to_top_k": max(s["max_mass_lost_to_top_k"] for s in per_shard),
         "nnz_histogram": {"bins": list(contract.NNZ_BINS),

@@ -3,9 +3,11 @@ the validation split), as one parquet shard.
 
 For every position of every sequence: the teacher's state of the configured layer, L2-normalised,
 coded with the non-negative lasso over the dictionary (pipeline.lasso: the reference `fista` or the
-converged `fast` solver), normalised to sum 1, cut to its top-k atoms and renormalised. A position
-whose code is all zero (its state correlates with no atom above lambda) gets all-zero weights: it
-carries no target, the trainer leaves it out of the MLSM loss, and the statistics count it.
+converged `fast` solver), normalised to sum 1, cut to its top_k atoms (`none`: the whole code, as the
+reference) and to the first of them that hold top_mass of the mass, and renormalised. Only the kept
+non-zero (atom, weight) entries are stored, a variable number per position. A position whose code is all
+zero (its state correlates with no atom above lambda) has no entries: it carries no target, the trainer
+leaves it out of the MLSM loss (or counts it, zero_code_positions: count) and the statistics count it.
 
 The states are computed on the fly by the teacher rather than read from a full activation store: a
 BERT-base-shaped forward runs at ~1.7 M tokens/s on an H100, while a store of every token's state
@@ -14,7 +16,7 @@ tokens. Everything up to the top-k cut stays on the device; only ids and weights
 
     python -m pipeline.targets --corpus-part shard-000.parquet --corpus-manifest m.json --dictionary D.npy \
         --dictionary-metrics metrics.json --targets t0.parquet [--resume-dir state/] \
-        --params '{"source": ..., "layer": -1, "lambda": 0.05, "top_k": 32, ...}'
+        --params '{"source": ..., "layer": -1, "lambda": 0.05, "top_k": 32, "top_mass": 1.0, ...}'
 """
 
 from __future__ import annotations
@@ -34,14 +36,34 @@ from .models import length_batches, load_encoder, verify_model
 from .resume import Resume
 
 
-def top_k_distribution(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(atom ids [n, k], weights [n, k] summing to 1 or all 0, mass lost to truncation [n])."""
+def sparse_distribution(codes: torch.Tensor, top_k: int | None, top_mass: float = 1.0):
+    """The kept entries of each code as a distribution: (entries per row [n], their atom ids [m] and weights
+    [m] row after row, each row's by decreasing weight and summing to 1, mass lost to the cuts [n]).
+
+    A row keeps its non-zeros, at most top_k of them (None: all), and only the first that reach top_mass of
+    its mass (the atom that crosses it included). An all-zero row keeps nothing and loses nothing."""
+    nonzero = (codes > 0).sum(1)
+    width = max(1, int(nonzero.max())) if len(codes) else 1
+    width = min(width, top_k) if top_k is not None else width
+    values, ids = torch.topk(codes, width, dim=1)
     total = codes.sum(1, keepdim=True)
-    weights, ids = torch.topk(codes, k, dim=1)
-    kept = weights.sum(1, keepdim=True)
-    lost = torch.where(total > 0, 1.0 - kept / total.clamp_min(1e-30), torch.zeros_like(total)).squeeze(1)
-    weights = torch.where(kept > 0, weights / kept.clamp_min(1e-30), torch.zeros_like(weights))
-    return ids, weights, lost
+    keep = values > 0
+    if top_mass < 1:
+        before = (values.cumsum(1) - values) / total.clamp_min(1e-30)
+        keep &= before < top_mass
+    kept = (values * keep).sum(1, keepdim=True)
+    counts = keep.sum(1)
+    # An uncut code loses nothing (its sums in two orders could differ by an ulp).
+    cut_some = (counts < nonzero).unsqueeze(1)
+    lost = torch.where(cut_some, (1.0 - kept / total.clamp_min(1e-30)).clamp_min(0), torch.zeros_like(total))
+    weights = values / kept.clamp_min(1e-30)
+    return counts, ids[keep], weights[keep], lost.squeeze(1)
+
+
+def cut(params: dict) -> tuple[int | None, float]:
+    """(top_k or None for no cut, top_mass) of the targets params."""
+    top_k = params["top_k"]
+    return (None if top_k == "none" else int(top_k)), float(params.get("top_mass", 1.0))
 
 
 def compute(paths, params: dict) -> dict:
@@ -55,62 +77,80 @@ def compute(paths, params: dict) -> dict:
     if dictionary.shape[0] != encoder.hidden_size:
         raise StageError(f"dictionary {paths.dictionary} has atoms of size {dictionary.shape[0]} but teacher "
                          f"{params['source']!r} has hidden size {encoder.hidden_size}")
-    k = params["top_k"]
-    if k > dictionary.shape[1]:
-        raise StageError(f"top_k {k} exceeds the dictionary's {dictionary.shape[1]} atoms")
+    top_k, _ = cut(params)
+    if top_k is not None and top_k > dictionary.shape[1]:
+        raise StageError(f"top_k {top_k} exceeds the dictionary's {dictionary.shape[1]} atoms")
     solver = make_solver(dictionary, params)
     offsets, tokens, types, table = shard_tokens(paths.corpus_part)
-    if len(tokens) * k >= 2**31:  # the list columns' offsets are int32
-        raise StageError(f"corpus shard {paths.corpus_part} has {len(tokens):,} tokens: with top_k {k} its target "
-                         f"shard would exceed 2^31 values per column; use more corpus shards (corpus.shards)")
+    if top_k is not None and len(tokens) * top_k >= 2**31:  # the list columns' offsets are int32
+        raise StageError(f"corpus shard {paths.corpus_part} has {len(tokens):,} tokens: with top_k {top_k} its "
+                         f"target shard could exceed 2^31 values per column; use more corpus shards (corpus.shards)")
     resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY],
                                        "dictionary": dictionary_record[CHECKSUM_KEY], "shard": paths.corpus_part},
                     interval=paths.checkpoint_seconds)
     done = resume.load_parts()
-    atoms = np.zeros((len(tokens), k), np.uint16)
-    weights = np.zeros((len(tokens), k), np.float16)
-    results = []
+    placed, results = [], []
     started, computed = time.perf_counter(), 0
     for unit, rows in enumerate(length_batches(np.diff(offsets), params["batch_size"])):
         index, ids = pad_rows(offsets, tokens, rows, encoder.pad_id)
         if unit not in done:
-            done[unit] = _code_batch(ids, pad_rows(offsets, types, rows, 0)[1], index >= 0, encoder, solver, k,
+            done[unit] = _code_batch(ids, pad_rows(offsets, types, rows, 0)[1], index >= 0, encoder, solver,
                                      params, paths.corpus_part)
             resume.add_part(unit, done[unit])
             computed += int((index >= 0).sum())
-        flat = index[index >= 0]  # row-major, as the batch's states were gathered
-        atoms[flat], weights[flat] = done[unit]["atoms"], done[unit]["weights"]
+        placed.append(index[index >= 0])  # row-major, as the batch's states were gathered
         results.append(done[unit])
     seconds = time.perf_counter() - started
     stats = statistics(results, dictionary.shape[1])
     stats["dictionary"] = dictionary_record[CHECKSUM_KEY]
-    write_targets(paths.targets, table["seq_id"], offsets, atoms, weights, stats, paths.record)
+    write_targets(paths.targets, table["seq_id"], offsets, *in_token_order(len(tokens), placed, results), stats,
+                  paths.record)
     resume.finish()
     # Timing stays in the log: the shard's bytes depend only on its inputs and params.
     log.info("targets %s: %d tokens (%d computed) at %.0f tokens/s, mean nnz %.1f, %.1f solver iterations, "
-             "top-%d loses %.2f%% of the mass", paths.targets, stats["tokens"], computed,
-             computed / max(seconds, 1e-9), stats["mean_nnz"], stats["mean_iterations"], k,
+             "%.1f atoms kept a token, the cuts lose %.2f%% of the mass", paths.targets, stats["tokens"], computed,
+             computed / max(seconds, 1e-9), stats["mean_nnz"], stats["mean_iterations"], stats["mean_kept_atoms"],
              100 * stats["mean_mass_lost_to_top_k"])
     return stats
 
 
-def _code_batch(ids, types, valid, encoder, solver: Lasso, k: int, params, corpus_shard) -> dict[str, np.ndarray]:
-    """Top-k target distributions of one padded batch's real positions (row-major), with their statistics."""
+def in_token_order(tokens: int, placed: list[np.ndarray], results: list[dict]):
+    """(entry counts [tokens], atom ids, weights) in the shard's token order, from the batches' results
+    (batch b's tokens are the shard's tokens placed[b], its entries token after token)."""
+    counts = np.zeros(tokens, np.int64)
+    for where, result in zip(placed, results):
+        counts[where] = result["counts"]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    atoms, weights = np.zeros(starts[-1], np.uint16), np.zeros(starts[-1], np.float16)
+    for where, result in zip(placed, results):
+        batch_counts = result["counts"].astype(np.int64)
+        first_in_batch = np.cumsum(batch_counts) - batch_counts
+        # Entry j of the batch belongs to its token r: it goes to that token's start plus j's rank within r.
+        owner = np.repeat(np.arange(len(where)), batch_counts)
+        destination = starts[where][owner] + np.arange(len(owner)) - first_in_batch[owner]
+        atoms[destination], weights[destination] = result["atoms"], result["weights"]
+    return counts, atoms, weights
+
+
+def _code_batch(ids, types, valid, encoder, solver: Lasso, params, corpus_shard) -> dict[str, np.ndarray]:
+    """Target distributions of one padded batch's real positions (row-major), with their statistics."""
     hidden = encoder.hidden(ids, types, valid.sum(1))
     x = l2_normalise(hidden[torch.from_numpy(valid).to(hidden.device)].float())
     if not torch.isfinite(x).all():
         raise StageError(f"teacher {params['source']!r} produced non-finite states on shard {corpus_shard}")
     solution = solver(x)
     codes = solution.codes
-    ids_k, weights_k, lost = top_k_distribution(codes, k)
+    counts, atoms, weights, lost = sparse_distribution(codes, *cut(params))
     usage = torch.zeros(codes.shape[1], dtype=torch.float64, device=codes.device).index_add_(
-        0, ids_k.flatten(), weights_k.flatten().double())
-    entropy = -(weights_k * weights_k.clamp_min(1e-30).log()).sum(1)
+        0, atoms, weights.double())
+    owner = torch.repeat_interleave(torch.arange(len(codes), device=codes.device), counts)
+    entropy = torch.zeros(len(codes), device=codes.device).index_add_(
+        0, owner, -(weights * weights.clamp_min(1e-30).log()))
     return {
-        "atoms": ids_k.int().cpu().numpy().astype(np.uint16), "weights": weights_k.half().cpu().numpy(),
-        "nnz": (codes > 0).sum(1).int().cpu().numpy(), "lost": lost.cpu().numpy(),
-        "entropy": entropy.cpu().numpy(), "iterations": solution.iterations.cpu().numpy(),
-        "usage": usage.cpu().numpy(),
+        "counts": counts.cpu().numpy().astype(np.uint16), "atoms": atoms.int().cpu().numpy().astype(np.uint16),
+        "weights": weights.half().cpu().numpy(), "nnz": (codes > 0).sum(1).int().cpu().numpy(),
+        "lost": lost.cpu().numpy(), "entropy": entropy.cpu().numpy(),
+        "iterations": solution.iterations.cpu().numpy(), "usage": usage.cpu().numpy(),
     }
 
 
@@ -120,9 +160,10 @@ def statistics(results: list[dict], atoms: int) -> dict:
     if not results:
         return {"tokens": 0, "mean_nnz": 0.0, "p99_nnz": 0.0, "nnz_histogram": [0] * len(contract.NNZ_BINS),
                 "zero_code_fraction": 0.0, "mean_mass_lost_to_top_k": 0.0, "max_mass_lost_to_top_k": 0.0,
-                "mean_entropy_nats": 0.0, "mean_iterations": 0.0, "p99_iterations": 0.0, "atom_usage": [0.0] * atoms}
-    nnz, lost, entropy, iterations = (np.concatenate([r[key] for r in results])
-                                      for key in ("nnz", "lost", "entropy", "iterations"))
+                "mean_kept_atoms": 0.0, "mean_entropy_nats": 0.0, "mean_iterations": 0.0, "p99_iterations": 0.0,
+                "atom_usage": [0.0] * atoms}
+    nnz, lost, entropy, iterations, counts = (np.concatenate([r[key] for r in results])
+                                              for key in ("nnz", "lost", "entropy", "iterations", "counts"))
     usage = np.sum([r["usage"] for r in results], axis=0)
     return {
         "tokens": int(len(nnz)),
@@ -131,6 +172,7 @@ def statistics(results: list[dict], atoms: int) -> dict:
                                       )[0].tolist(),
         "zero_code_fraction": float((nnz == 0).mean()),
         "mean_mass_lost_to_top_k": float(lost.mean()), "max_mass_lost_to_top_k": float(lost.max()),
+        "mean_kept_atoms": float(counts.mean()),
         "mean_entropy_nats": float(entropy.mean()),
         "mean_iterations": float(iterations.mean()), "p99_iterations": float(np.quantile(iterations, 0.99)),
         "atom_usage": usage.tolist(),

@@ -1,6 +1,7 @@
 """Optional stage train_tokenizer: a WordPiece or Unigram vocabulary trained on the corpus (Hugging Face tokenizers).
 
-A BERT-style tokenizer: BertNormalizer (uncased lowercases and strips accents, cased does neither), then
+A BERT-style tokenizer: BertNormalizer (uncased lowercases and strips accents, cased does neither; or with
+normalizer `reference`, as the reference's train_tokenizer.py: `` and '' become ", lowercased if uncased), then
 BertPreTokenizer and WordPiece ("##" continues a word), or Metaspace and Unigram (SentencePiece style);
 [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4 and pairs become [CLS] A [SEP] B [SEP], B with token type 1.
 It is saved with save_pretrained for AutoTokenizer, and trained on the sentences of the documents that
@@ -48,10 +49,11 @@ def train(sentences: Iterable[str], out_dir: str | Path, params: dict) -> dict:
     texts = [text for text in sentences if text and not text.isspace()]
     if not texts:
         raise StageError("the corpus has no text to train a tokenizer on")
+    normalizer = _normalizer(lowercase, params.get("normalizer", "bert"))
     if kind == "wordpiece":
-        tokenizer = _train_wordpiece(texts, vocab_size, lowercase, int(params.get("min_frequency", 2)))
+        tokenizer = _train_wordpiece(texts, vocab_size, normalizer, int(params.get("min_frequency", 2)))
     else:
-        tokenizer = _train_unigram(texts, vocab_size, lowercase)
+        tokenizer = _train_unigram(texts, vocab_size, normalizer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
         special_tokens=[(CLS, SPECIAL_TOKENS.index(CLS)), (SEP, SPECIAL_TOKENS.index(SEP))])
@@ -80,16 +82,21 @@ def _fit(tokenizer: Tokenizer, texts: list[str], trainer: trainers.Trainer) -> N
         raise StageError(f"training the tokenizer failed: {err} (vocab_size {trainer.vocab_size})") from None
 
 
-def _normalizer(lowercase: bool) -> normalizers.Normalizer:
+def _normalizer(lowercase: bool, kind: str = "bert") -> normalizers.Normalizer:
+    if kind == "reference":  # the reference's train_tokenizer.py: LaTeX-style quotes become ", nothing else
+        steps = [normalizers.Replace("``", '"'), normalizers.Replace("''", '"')]
+        return normalizers.Sequence(steps + ([normalizers.Lowercase()] if lowercase else []))
+    if kind != "bert":
+        raise StageError(f"train_tokenizer: normalizer must be 'bert' or 'reference', not {kind!r}")
     return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=lowercase,
                                       lowercase=lowercase)
 
 
 # ---- WordPiece ---------------------------------------------------------------------------------
 
-def _train_wordpiece(texts: list[str], vocab_size: int, lowercase: bool, min_frequency: int) -> Tokenizer:
+def _train_wordpiece(texts: list[str], vocab_size: int, normalizer, min_frequency: int) -> Tokenizer:
     tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix=CONTINUING_PREFIX))
-    tokenizer.normalizer = _normalizer(lowercase)
+    tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix=CONTINUING_PREFIX)
     # The trainer creates "##x" tokens lazily while walking its word counts in hash order, and their ids
@@ -131,9 +138,9 @@ def _drop_added_tokens(tokenizer: Tokenizer, contents: set[str]) -> Tokenizer:
 
 # ---- Unigram -----------------------------------------------------------------------------------
 
-def _train_unigram(texts: list[str], vocab_size: int, lowercase: bool) -> Tokenizer:
+def _train_unigram(texts: list[str], vocab_size: int, normalizer) -> Tokenizer:
     tokenizer = Tokenizer(models.Unigram())
-    tokenizer.normalizer = _normalizer(lowercase)
+    tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK,

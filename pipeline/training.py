@@ -21,21 +21,38 @@ def adamw(model: torch.nn.Module, learning_rate: float, weight_decay: float, exe
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
-    """The learning-rate factor of update `step`: linear warm-up over `warmup` updates, then linear decay to
-    0 at `total`."""
+    """The learning-rate factor of update `step`: linear warm-up over `warmup` updates (the first update at
+    1/warmup of the peak), then linear decay to 0 at `total`."""
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float):
-    warmup = max(1, int(warmup_fraction * total))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_schedule(step, total, warmup))
+def hf_linear_schedule(step: int, total: int, warmup: int) -> float:
+    """transformers' get_scheduler("linear"), which the reference uses: the warm-up starts at 0 (the first
+    update has learning rate 0), then linear decay to 0 at `total`; no warm-up when `warmup` is 0."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU; full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+SCHEDULES = {"linear": linear_schedule, "hf_linear": hf_linear_schedule}
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float, schedule: str = "linear"):
+    """Warm-up over int(warmup_fraction * total) updates (the reference's `updates // 100` for 0.01), then
+    decay; `linear` warms up for at least one update, `hf_linear` as transformers does."""
+    warmup = int(warmup_fraction * total)
+    factor = SCHEDULES[schedule]
+    if schedule == "linear":
+        warmup = max(1, warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, total, warmup))
+
+
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on a GPU (precision bf16); full precision on the CPU, or with precision fp32."""
+    use = device.type == "cuda" and precision == "bf16"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
 
 
 def rng_states() -> dict[str, torch.Tensor]:

@@ -133,8 +133,12 @@ class Workflow:
         tokenizer = {"tokenizer_manifest": self.path(contract.TOKENIZER_MANIFEST)} if self.trained_tokenizer else {}
         return {"text": self.corpus_inputs(), **tokenizer}
 
+    def _shard_corpus_phase_inputs(self, w) -> dict:
+        return self._shard_corpus_inputs(w)
+
     def _pretrain_teacher_inputs(self, w) -> dict:
-        return {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST)}
+        return {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
+                **self.phase_inputs(self.config["teachers"][w.teacher]["auxiliary"], None)}
 
     def teacher_model(self, teacher: str | None) -> dict:
         """The auxiliary teacher's model and record, which a job using the teacher reads."""
@@ -152,8 +156,10 @@ class Workflow:
                 "activations_manifest": self.path(contract.ACTIVATIONS_MANIFEST, teacher=w.teacher)}
 
     def _precompute_targets_inputs(self, w) -> dict:
+        length = contract.phase_length(w.part)
+        manifest = contract.CORPUS_MANIFEST if length is None else contract.CORPUS_PHASE_MANIFEST
         return {"corpus_part": self.path(contract.CORPUS_PART, part=w.part),
-                "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
+                "corpus_manifest": self.path(manifest, length=length),
                 "dictionary": self.path(contract.DICTIONARY, teacher=w.teacher),
                 "dictionary_metrics": self.path(contract.DICTIONARY_METRICS, teacher=w.teacher),
                 **self.teacher_model(w.teacher)}
@@ -163,6 +169,29 @@ class Workflow:
         records = [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in self.parts]
         return {"shards": self.target_shards(w.teacher),
                 "validation": self.path(contract.TARGET_VALIDATION, teacher=w.teacher), "records": records}
+
+    def _summarize_phase_targets_inputs(self, w) -> dict:
+        parts = contract.phase_part_names(len(self.shards), int(w.length))
+        return {"shards": self.phase_target_shards(w.teacher, int(w.length)),
+                "records": [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in parts]}
+
+    def phase_target_shards(self, teacher: str, length: int) -> list[str]:
+        return [self.path(contract.TARGET_PHASE_SHARD, teacher=teacher, length=length, shard=s) for s in self.shards]
+
+    def phase_inputs(self, options: dict, teacher: str | None) -> dict:
+        """The corpus (and, given the teacher, the targets) at the other lengths of a seq_len_schedule, length
+        after length in the order of phase_lengths."""
+        lengths = self.phase_lengths(options)
+        if not lengths:
+            return {}
+        inputs = {"phase_shards": [self.path(contract.CORPUS_PHASE_SHARD, length=n, shard=s)
+                                   for n in lengths for s in self.shards],
+                  "phase_manifests": [self.path(contract.CORPUS_PHASE_MANIFEST, length=n) for n in lengths]}
+        if teacher is not None:
+            inputs["phase_target_shards"] = [p for n in lengths for p in self.phase_target_shards(teacher, n)]
+            inputs["phase_target_manifests"] = [self.path(contract.TARGET_PHASE_MANIFEST, teacher=teacher, length=n)
+                                                for n in lengths]
+        return inputs
 
     def _pretrain_student_inputs(self, w) -> dict:
         """Corpus and validation split; for MLSM objectives the targets of both and their record, or with
@@ -177,6 +206,8 @@ class Workflow:
             inputs["target_shards"] = self.target_shards(teacher)
             inputs["target_manifest"] = self.path(contract.TARGET_MANIFEST, teacher=teacher)
             inputs["validation_targets"] = self.path(contract.TARGET_VALIDATION, teacher=teacher)
+        inputs.update(self.phase_inputs(self.student_options(w.student),
+                                        teacher if self.precomputed_targets(w.student) else None))
         return {**inputs, **self.teacher_model(teacher)}
 
     def _finetune_inputs(self, w) -> dict:
@@ -229,6 +260,10 @@ class Workflow:
         options = {k: v for k, v in self.config["corpus"].items() if k not in ("threads", "unknown_files")}
         return self._slice("shard_corpus", options, tokenizer=self.tokenizer)
 
+    def _shard_corpus_phase_params(self, w) -> dict:
+        options = {**self._shard_corpus_params(w), "max_seq_len": int(w.length)}
+        return self._slice("shard_corpus_phase", options)
+
     def _pretrain_teacher_params(self, w) -> dict:
         options = {**self.config["teachers"][w.teacher]["auxiliary"], "objective": "mlm"}
         return self._slice("pretrain_teacher", options, student=f"auxiliary teacher {w.teacher}", device=self.device)
@@ -256,6 +291,9 @@ class Workflow:
 
     def _summarize_targets_params(self, w) -> dict:
         return self._slice("summarize_targets", self.target_slice())
+
+    def _summarize_phase_targets_params(self, w) -> dict:
+        return self._slice("summarize_phase_targets", self.target_slice())
 
     def _pretrain_student_params(self, w) -> dict:
         student = w.student
@@ -305,11 +343,16 @@ class Workflow:
         jobs = [("bbc_news_data", {})] if self.uses_demo_data() else []
         jobs += [("train_tokenizer", {})] if self.trained_tokenizer else []
         jobs.append(("shard_corpus", {}))
+        jobs += [("shard_corpus_phase", {"length": str(n)}) for n in self.extra_lengths()]
         jobs += [("pretrain_teacher", {"teacher": t}) for t in self.auxiliary_teachers()]
         for teacher in self.teachers:
             jobs += [("extract_activations", {"teacher": teacher}), ("fit_dictionary", {"teacher": teacher})]
             jobs += [("precompute_targets", {"teacher": teacher, "part": part}) for part in self.parts]
             jobs.append(("summarize_targets", {"teacher": teacher}))
+            for n in self.target_lengths(teacher):
+                jobs += [("precompute_targets", {"teacher": teacher, "part": part})
+                         for part in contract.phase_part_names(len(self.shards), n)]
+                jobs.append(("summarize_phase_targets", {"teacher": teacher, "length": str(n)}))
         jobs += [("pretrain_student", {"student": s}) for s in self.students]
         jobs += [("finetune", {"student": s, "snapshot": c, "task": t, "seed": str(seed)})
                  for s in self.students for t in self.tasks for c in self.finetuned_snapshots(s, t)
@@ -323,6 +366,24 @@ class Workflow:
         made = {f"{BBC_DIR}/{p}" for p in RULES["bbc_news_data"].outputs.values()}
         read = set(self.corpus_inputs()) | {f for t in self.config["tasks"].values() for f in task_files(t)}
         return bool(made & read)
+
+    def phase_lengths(self, options: dict) -> list[int]:
+        """The lengths of a trainee's seq_len_schedule other than corpus.max_seq_len, in order of first use."""
+        return cfg.phase_lengths(options, self.config["corpus"]["max_seq_len"])
+
+    def precomputed_targets(self, student: str) -> bool:
+        return objective(self.config["students"][student]["objective"]).targets and not self.online_targets(student)
+
+    def extra_lengths(self) -> list[int]:
+        """The lengths the corpus is also packed at (shard_corpus_phase): those some trainee's schedule uses."""
+        trainees = [self.student_options(s) for s in self.students]
+        trainees += [self.config["teachers"][t]["auxiliary"] for t in self.auxiliary_teachers()]
+        return sorted({n for options in trainees for n in self.phase_lengths(options)})
+
+    def target_lengths(self, teacher: str) -> list[int]:
+        """The other lengths at which a teacher's targets are computed: those of its MLSM students' schedules."""
+        return sorted({n for s in self.students if self.student_teacher(s) == teacher and self.precomputed_targets(s)
+                       for n in self.phase_lengths(self.student_options(s))})
 
     def auxiliary_teachers(self) -> list[str]:
         """Auxiliary teachers some job reads: an MLSM student's (its activations) or a KD student's."""

@@ -73,6 +73,14 @@ def set_key(config, dotted, value):
     ("students.mlsm.teacher", "bert", "students.mlsm.teacher"),  # unknown teacher
     ("pretrain.mask_fraction", 1.5, "pretrain.mask_fraction"),
     ("tasks.bbc_topic.format", "xml", "tasks.bbc_topic.format"),
+    ("targets.top_k", "all", "targets.top_k"),                   # neither a number nor none
+    ("targets.top_mass", 0, "targets.top_mass"),
+    ("dictionary.iterations", 1000, "dictionary.iterations"),    # SPAMS's count for the torch backend
+    ("students.mlsm.seq_len_schedule", [{"fraction": 0.9, "max_seq_len": 128}], "students.mlsm.seq_len_schedule"),
+    ("students.mlsm.seq_len_schedule", [{"fraction": 1, "max_seq_len": 4}],
+     "students.mlsm.seq_len_schedule.0.max_seq_len"),
+    ("pretrain.mlsm_head", "shared", "pretrain.mlsm_head"),
+    ("finetune.classifier_init", "zeros", "finetune.classifier_init"),
 ])
 def test_bad_value_names_its_key(default, key, value, expected):
     set_key(default, key, value)
@@ -87,6 +95,12 @@ def test_unknown_key_is_named(default, where):
     with pytest.raises(cfg.ConfigError) as err:
         cfg.validate(default)
     assert f"'{where}atomz'" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_a_student_from_a_checkpoint_takes_no_architecture(default):
+    default["students"]["mlm"].update({"init": "results/students/x/model", "architecture": "bert-base-cased"})
+    with pytest.raises(cfg.ConfigError, match=r"'students.mlm.init': .* give init or architecture, not both"):
+        cfg.validate(default)
 
 
 def test_mlsm_student_without_teacher_is_rejected(default):
@@ -115,4 +129,4 @@ def test_a_trained_tokenizer_needs_auxiliary_teachers(default):
     validated = cfg.validate(config)
     assert validated["teachers"]["minilm"]["auxiliary"]["max_steps"] == 300  # the pretrain options' defaults
     assert validated["tokenizer_training"] == {"model": "wordpiece", "vocab_size": 16000, "lowercase": True,
-                                               "min_frequency": 2, "max_sentences": 0}
+                                               "min_frequency": 2, "max_sentences": 0, "normalizer": "bert"}

@@ -17,7 +17,7 @@ from pipeline.integrity import file_entries, read_record, write_record
 from pipeline.lasso import Lasso, fista, l2_normalise, objective, relative_gap
 from pipeline.stages import call
 from pipeline.target_summary import summarize
-from pipeline.targets import top_k_distribution
+from pipeline.targets import sparse_distribution
 
 
 class Killed(Exception):
@@ -340,12 +340,64 @@ def test_nan_states_are_refused(tmp_path):
 
 
 def test_top_k_distribution_sums_to_one_and_reports_lost_mass():
-    codes = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    ids, weights, lost = top_k_distribution(codes, 2)
-    assert ids[0].tolist() == [0, 1]
-    assert torch.allclose(weights[0], torch.tensor([0.625, 0.375]))
-    assert weights[1].sum() == 0 and lost[1] == 0
-    assert torch.isclose(lost[0], torch.tensor(0.2))
+    codes = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    counts, ids, weights, lost = sparse_distribution(codes, 2)
+    assert counts.tolist() == [2, 0, 1]  # only non-zero entries are kept
+    assert ids.tolist() == [0, 1, 3]
+    assert torch.allclose(weights, torch.tensor([0.625, 0.375, 1.0]))
+    assert torch.allclose(lost, torch.tensor([0.2, 0.0, 0.0]))
+
+
+def test_full_codes_and_the_mass_cut():
+    codes = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    counts, ids, weights, lost = sparse_distribution(codes, None)  # top_k none: every non-zero, by weight
+    assert counts.tolist() == [3, 0] and ids.tolist() == [2, 3, 0]
+    assert torch.allclose(weights, torch.tensor([0.6, 0.3, 0.1])) and lost.tolist() == [0.0, 0.0]
+    counts, ids, weights, lost = sparse_distribution(codes, None, top_mass=0.85)  # 0.6 + 0.3 crosses 0.85
+    assert counts.tolist() == [2, 0] and ids.tolist() == [2, 3]
+    assert torch.allclose(weights, torch.tensor([2 / 3, 1 / 3])) and torch.isclose(lost[0], torch.tensor(0.1))
+    counts, _, _, _ = sparse_distribution(codes, 1, top_mass=0.85)  # the cap wins
+    assert counts.tolist() == [1, 0]
+    counts, _, _, _ = sparse_distribution(codes, None, top_mass=0.6)  # exactly the first atom's mass
+    assert counts.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("cut", [{"top_k": "none"}, {"top_k": 6, "top_mass": 0.9}])
+def test_full_code_targets_round_trip(tmp_path, sharded_corpus, encoder_teacher, monkeypatch, cut):
+    """Every kept entry of every position (with top_k none, every non-zero of its code) is stored as
+    variable-length lists and reads back into the trainer's arrays exactly, in token order."""
+    from pipeline import targets
+    from pipeline.formats import pad_rows, shard_tokens
+    from pipeline.models import length_batches
+    from pipeline.pretrain.data import Shard
+
+    shards, manifest = sharded_corpus
+    save_dictionary(tmp_path, random_dictionary(32, 40))
+    params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "solver": "fista",
+              "max_iterations": 100, "tolerance": 0, "device": "cpu", "trust_remote_code": False, **cut}
+    batches, real = [], targets._code_batch
+    monkeypatch.setattr(targets, "_code_batch", lambda *a: batches.append(real(*a)) or batches[-1])
+    stats = code_targets(shards[0], manifest, tmp_path, tmp_path / "t.parquet", params)
+    shard = Shard(shards[0], str(tmp_path / "t.parquet"))
+    offsets, tokens, _, _ = shard_tokens(shards[0])
+    for result, rows in zip(batches, length_batches(np.diff(offsets), 8), strict=True):
+        index = pad_rows(offsets, tokens, rows, 0)[0]
+        atoms, weights = shard.targets(index[index >= 0])  # the batch's tokens, row-major
+        kept = weights > 0
+        assert np.array_equal(kept.sum(1), result["counts"])
+        assert np.array_equal(atoms[kept], result["atoms"]) and np.array_equal(weights[kept], result["weights"])
+        if cut["top_k"] == "none":
+            assert np.array_equal(result["counts"], result["nnz"])  # the whole code, nothing cut
+        else:
+            assert (result["counts"] <= np.minimum(result["nnz"], 6)).all()
+    sums = shard.weights.astype(np.float64)
+    sums = np.add.reduceat(sums, shard.target_offsets[:-1][np.diff(shard.target_offsets) > 0])
+    assert np.allclose(sums, 1, atol=5e-3)
+    if cut["top_k"] == "none":
+        assert stats["mean_kept_atoms"] == pytest.approx(stats["mean_nnz"]) and stats["mean_nnz"] > 6
+        assert stats["mean_mass_lost_to_top_k"] == 0
+    else:
+        assert stats["mean_mass_lost_to_top_k"] > 0
 
 
 def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_teacher):
@@ -357,11 +409,11 @@ def test_target_shards_align_with_the_corpus(tmp_path, sharded_corpus, encoder_t
     corpus, targets = pq.read_table(shards[0]), pq.read_table(tmp_path / "t0.parquet")
     assert targets.schema.remove_metadata().equals(contract.TARGET_SCHEMA)
     assert targets["seq_id"].to_pylist() == corpus["seq_id"].to_pylist()
-    for ids, atoms, weights in zip(corpus["input_ids"].to_pylist(), targets["atom_ids"].to_pylist(),
-                                   targets["weights"].to_pylist()):
-        assert len(atoms) == len(weights) == 6 * len(ids)
-        sums = np.asarray(weights, np.float32).reshape(-1, 6).sum(1)
-        assert np.all((np.abs(sums - 1) < 5e-3) | (sums == 0))
+    for ids, counts, atoms, weights in zip(corpus["input_ids"].to_pylist(), targets["atom_counts"].to_pylist(),
+                                           targets["atom_ids"].to_pylist(), targets["weights"].to_pylist()):
+        assert len(counts) == len(ids) and max(counts) <= 6 and len(atoms) == len(weights) == sum(counts)
+        sums = np.add.reduceat(np.asarray(weights, np.float32), np.cumsum([0, *counts[:-1]]))[np.array(counts) > 0]
+        assert np.all(np.abs(sums - 1) < 5e-3)
         assert max(atoms) < 40
     summary = summarize([str(tmp_path / "t0.parquet")], str(tmp_path / "manifest.json"), params)
     assert summary["tokens"] == sum(len(i) for i in corpus["input_ids"].to_pylist())

@@ -108,11 +108,19 @@ def test_batch_targets_are_those_of_the_masked_positions(sharded_corpus, targets
     rows = np.array([5, 0, 3])
     batch = make_batch([(shard, rows)], tokenizer, {"mask_fraction": 0.3, "mask_strategy": "all_mask"}, (1, 2))
     table = read_targets(targets[1])
-    expected = []
+    expected_atoms, expected_weights = [], []
     for b, r in enumerate(rows):
-        atoms = np.asarray(table["atom_ids"][int(r)].as_py()).reshape(-1, 4)
-        expected.append(atoms[torch.nonzero(batch["masked"][b]).flatten().numpy()])
-    assert np.array_equal(batch["target_atoms"].numpy(), np.concatenate(expected))
+        counts = table["atom_counts"][int(r)].as_py()
+        atoms, weights = table["atom_ids"][int(r)].as_py(), table["weights"][int(r)].as_py()
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for position in torch.nonzero(batch["masked"][b]).flatten().tolist():
+            expected_atoms.append(atoms[starts[position]:starts[position + 1]])
+            expected_weights.append(weights[starts[position]:starts[position + 1]])
+    assert batch["target_atoms"].shape[1] == max(len(a) for a in expected_atoms)
+    for got_atoms, got_weights, atoms, weights in zip(batch["target_atoms"], batch["target_weights"],
+                                                      expected_atoms, expected_weights, strict=True):
+        assert got_atoms[:len(atoms)].tolist() == atoms and not got_weights[len(atoms):].any()
+        assert got_weights[:len(weights)].tolist() == pytest.approx(weights)
     assert batch["with_target"] == int((batch["target_weights"].sum(1) > 0).sum())
 
 

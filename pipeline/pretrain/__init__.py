@@ -1,11 +1,14 @@
-"""Stage 5, pretrain_student (and pretrain_teacher): a BERT-style model from scratch with its objective.
+"""Stage 5, pretrain_student (and pretrain_teacher): a BERT-style model from scratch (a size preset or any
+BERT config) or continued from a checkpoint (`init`), with its objective.
 
 The objectives (pipeline/objectives.py; losses in losses.py):
-- mlsm: K extra output units; KL(target || softmax(units)) on the masked positions that have a target;
+- mlsm: K extra output units (a separate head, or K rows of the tied MLM decoder); KL(target ||
+  softmax(units)) on the masked positions that have a target (or over all of them, zero_code_positions);
 - mlm: cross-entropy over the vocabulary on the masked positions;
-- kd: KL to the teacher's MLM distribution on the masked positions (the teacher sees the same masked
-  input and must have an MLM head);
+- kd: KL to the teacher's MLM distribution on the masked positions (the teacher sees the masked input, or
+  the original one with kd_teacher_input original, and must have an MLM head);
 - mlsm+mlm: mlsm + mlm_weight * mlm.
+A seq_len_schedule trains its phases on the corpus (and targets) packed at each phase's length.
 MLSM targets come from the precomputed target shards (targets: precomputed) or, to reproduce and time
 the reference recipe, are made in the step (targets: online: teacher forward + lasso, teachers.py).
 

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 
 from ..common import StageError
-from ..formats import flat_list, pad_rows, read_targets, shard_tokens
+from ..formats import gather_entries, pad_rows, read_targets, shard_tokens, target_entries
 
 
 class Shard:
     """One corpus shard (and its aligned target shard) as flat arrays: sequence i is
-    tokens[offsets[i]:offsets[i+1]], and token t's target is atoms[t], weights[t] ([k] each)."""
+    tokens[offsets[i]:offsets[i+1]], and token t's target is atoms[e], weights[e] for e in
+    target_offsets[t]:target_offsets[t+1] (no entries: no target)."""
 
     def __init__(self, corpus_path: str, target_path: str | None = None):
         self.offsets, self.tokens, self.types, table = shard_tokens(corpus_path)
-        self.atoms = self.weights = None
+        self.target_offsets = self.atoms = self.weights = None
         if target_path is not None:
             self._add_targets(target_path, table["seq_id"].to_numpy(), corpus_path)
 
@@ -36,17 +37,17 @@ class Shard:
         if not np.array_equal(seq_ids, targets["seq_id"].to_numpy()):
             raise StageError(f"target shard {target_path} is not aligned with corpus shard {corpus_path} "
                              "(seq_id mismatch)")
-        offsets, atoms = flat_list(targets, "atom_ids")
-        _, weights = flat_list(targets, "weights")
-        if len(self.tokens) == 0:  # an empty validation split
-            self.atoms, self.weights = np.zeros((0, 1), atoms.dtype), np.zeros((0, 1), weights.dtype)
-            return
-        k = (offsets[-1] - offsets[0]) // len(self.tokens)
-        if k < 1 or not np.array_equal(offsets - offsets[0], self.offsets * k):
-            raise StageError(f"target shard {target_path} does not hold top-k targets for every position "
-                             f"of corpus shard {corpus_path}")
-        self.atoms = atoms[offsets[0]:offsets[-1]].reshape(-1, k)
-        self.weights = weights[offsets[0]:offsets[-1]].reshape(-1, k)
+        try:
+            self.target_offsets, self.atoms, self.weights = target_entries(targets)
+        except StageError as err:
+            raise StageError(f"{err} ({target_path})") from None
+        if len(self.target_offsets) != len(self.tokens) + 1:
+            raise StageError(f"target shard {target_path} does not hold a target for every position of corpus "
+                             f"shard {corpus_path}")
+
+    def targets(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The targets of some tokens (flat indices) as [n, widest] atom ids and weights, zero-padded."""
+        return gather_entries(self.target_offsets, self.atoms, self.weights, tokens)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -67,11 +68,13 @@ class BatchStream:
     own rows of it), whatever their number. Three shards at most are in memory: two in use, and the
     next one, read in the background."""
 
-    def __init__(self, corpus_shards: list[str], target_shards: list[str] | None, sizes: list[int], seed: int):
+    def __init__(self, corpus_shards: list[str], target_shards: list[str] | None, sizes: list[int],
+                 seed: int | tuple[int, ...]):
         if target_shards and len(target_shards) != len(corpus_shards):
             raise StageError(f"{len(target_shards)} target shards for {len(corpus_shards)} corpus shards")
         self.corpus_shards, self.target_shards = corpus_shards, target_shards or None
-        self.sizes, self.seed, self.total = np.asarray(sizes), seed, int(np.sum(sizes))
+        self.seed = tuple(seed) if isinstance(seed, tuple) else (seed,)
+        self.sizes, self.total = np.asarray(sizes), int(np.sum(sizes))
         self._cache: dict[int, Shard] = {}
         self._loading: dict[int, Future] = {}
         self._reader = ThreadPoolExecutor(1)  # reads the next shard while batches come from this one
@@ -103,7 +106,7 @@ class BatchStream:
             if len(self._orders) > 64:
                 self._orders.clear()
             n = len(self.sizes) if len(key) == 1 else self.sizes[key[1]]
-            self._orders[key] = np.random.default_rng([self.seed, *key]).permutation(n)
+            self._orders[key] = np.random.default_rng([*self.seed, *key]).permutation(n)
         return self._orders[key]
 
     def _locate(self, start: int) -> tuple[int, int, int]:
@@ -114,6 +117,11 @@ class BatchStream:
         slot = int(np.searchsorted(ends, offset, side="right"))
         shard = int(shard_order[slot])
         return shard, int(offset - (ends[slot] - self.sizes[shard])), epoch
+
+    def release(self) -> None:
+        """Drop the shards in memory (a phase of the schedule is over; a later one reads them again)."""
+        self._cache.clear()
+        self._loading.clear()
 
     def rows(self, start: int, count: int) -> list[tuple[int, np.ndarray]]:
         """Rows start .. start+count-1 of the stream, as (shard index, row indices) pieces."""
@@ -147,10 +155,43 @@ def mask_tokens(ids: torch.Tensor, special: torch.Tensor, params: dict, vocab_si
     return masked, chosen
 
 
-def micro_batch(stream: BatchStream, index: int, global_rows: int, tokenizer, params: dict) -> dict:
-    """Global micro-batch `index` of the stream (its masks drawn from (seed, index))."""
+def micro_batch(stream: BatchStream, index: int, global_rows: int, tokenizer, params: dict,
+                mask_index: int | None = None) -> dict:
+    """Global micro-batch `index` of the stream (its masks drawn from (seed, mask_index), by default index)."""
     pieces = [(stream.shard(s), rows) for s, rows in stream.rows(index * global_rows, global_rows)]
-    return make_batch(pieces, tokenizer, params, mask_seed=(params["seed"], index))
+    mask_index = index if mask_index is None else mask_index
+    return make_batch(pieces, tokenizer, params, mask_seed=(params["seed"], mask_index))
+
+
+class PhasedStream:
+    """The run's micro-batches under a seq_len_schedule: the updates of each phase draw from the stream of the
+    corpus packed at its length, continuing where that length's earlier phases stopped. Micro-batch m is
+    still a pure function of m (its masks drawn from (seed, m)), so a run resumes across a phase boundary as
+    anywhere else. Without a schedule: one phase, one stream, exactly the BatchStream's micro-batches."""
+
+    def __init__(self, streams: dict[int, BatchStream], plan: list[tuple[int, int, int]], accumulation: int):
+        self.streams, self.accumulation = streams, accumulation
+        self.phases, used = [], {}  # (first micro-batch, end micro-batch, length, its stream's first micro-batch)
+        for start, end, length in plan:
+            first, last = start * accumulation, end * accumulation
+            self.phases.append((first, last, length, used.get(length, 0)))
+            used[length] = used.get(length, 0) + last - first
+        self._current: int | None = None
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(length, micro-batch of that length's stream) of the run's micro-batch `index`."""
+        for first, last, length, offset in self.phases:
+            if index < last:
+                return length, offset + max(0, index - first)
+        first, last, length, offset = self.phases[-1]  # prefetching past the end: the last phase goes on
+        return length, offset + index - first
+
+    def micro_batch(self, index: int, global_rows: int, tokenizer, params: dict) -> dict:
+        length, local = self.locate(index)
+        if self._current is not None and self._current != length:
+            self.streams[self._current].release()
+        self._current = length
+        return micro_batch(self.streams[length], local, global_rows, tokenizer, params, mask_index=index)
 
 
 def make_batch(pieces: list[tuple[Shard, np.ndarray]], tokenizer, params: dict, mask_seed: tuple) -> dict:
@@ -173,14 +214,20 @@ def make_batch(pieces: list[tuple[Shard, np.ndarray]], tokenizer, params: dict, 
     if pieces[0][0].atoms is not None:
         atoms, weights, row = [], [], 0
         for (shard, rows), (piece_index, _, _) in zip(pieces, padded):
-            where = piece_index[chosen[row:row + len(rows)].numpy()]
-            atoms.append(shard.atoms[where])
-            weights.append(shard.weights[where])
+            piece_atoms, piece_weights = shard.targets(piece_index[chosen[row:row + len(rows)].numpy()])
+            atoms.append(piece_atoms)
+            weights.append(piece_weights)
             row += len(rows)
-        batch["target_atoms"] = torch.from_numpy(np.concatenate(atoms).astype(np.int64))
-        batch["target_weights"] = torch.from_numpy(np.concatenate(weights).astype(np.float32))
+        width = max(a.shape[1] for a in atoms)
+        batch["target_atoms"] = torch.from_numpy(np.concatenate([_widen(a, width) for a in atoms]).astype(np.int64))
+        batch["target_weights"] = torch.from_numpy(
+            np.concatenate([_widen(w, width) for w in weights]).astype(np.float32))
         batch["with_target"] = (batch["target_weights"].sum(1) > 0).sum()
     return batch
+
+
+def _widen(array: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])))
 
 
 def rank_share(batch: dict, rank: int, world: int) -> dict:

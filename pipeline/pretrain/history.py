@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..common import log
 from ..integrity import atomic_output
 from .data import Shard, make_batch
-from .losses import mlsm_loss
+from .losses import mlsm_count, mlsm_loss
 
 VALIDATION_MASKS = 1  # the held-out sequences' masks come from (seed, VALIDATION_MASKS, row)
 
@@ -93,8 +93,8 @@ def _duration(seconds: float) -> str:
 
 def validation_sums(model, shard: Shard, tokenizer, params: dict, device, autocast, with_mlm: bool,
                     with_targets: bool) -> np.ndarray:
-    """[MLM loss sum, masked tokens, MLSM loss sum, masked tokens with a target] over the held-out
-    sequences, with masks fixed by the seed."""
+    """[MLM loss sum, masked tokens, MLSM loss sum, its denominator (masked tokens with a target, or all
+    masked tokens with zero_code_positions: count)] over the held-out sequences, with masks fixed by the seed."""
     sums = np.zeros(4)
     model.eval()
     size = params["batch_size"]
@@ -103,14 +103,13 @@ def validation_sums(model, shard: Shard, tokenizer, params: dict, device, autoca
             rows = np.arange(start, min(len(shard), start + size))
             batch = make_batch([(shard, rows)], tokenizer, params, mask_seed=(params["seed"], VALIDATION_MASKS, start))
             batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = model.hidden(batch)
+            out = model.heads(model.hidden(batch))
             if with_mlm:
-                logits = model.backbone.cls(hidden).float()
-                sums[0] += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+                sums[0] += float(F.cross_entropy(out["mlm_logits"].float(), batch["labels"], reduction="sum"))
                 sums[1] += float(batch["masked_count"])
             if with_targets:
-                count = batch["with_target"]
-                sums[2] += float(mlsm_loss(model.mlsm_head(hidden), batch["target_atoms"], batch["target_weights"],
+                count = mlsm_count(batch, params)
+                sums[2] += float(mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"],
                                            count) * count)
                 sums[3] += float(count)
     model.train()

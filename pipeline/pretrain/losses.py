@@ -3,10 +3,12 @@
 Each loss returns its sum over this process's masked positions divided by a count over the global batch,
 so that the processes' shares add up to the mean over the whole global micro-batch.
 
-- mlsm: KL(target || softmax(K units)) on the masked positions that have a target (the reference's
-  batchmean over them);
+- mlsm: KL(target || softmax(K units)) summed over the masked positions that have a target, divided by
+  their number (zero_code_positions: exclude) or by the number of masked positions (count: the reference's
+  batchmean, where an all-zero target adds 0 to the sum but 1 to the denominator);
 - mlm: cross-entropy over the vocabulary on the masked positions;
-- kd: KL(softmax(teacher MLM logits / T) || softmax(student logits / T)) * T^2 on the masked positions;
+- kd: KL(softmax(teacher MLM logits / T) || softmax(student logits / T)) * T^2 on the masked positions, the
+  teacher given the masked input (kd_teacher_input: masked) or the original one (original: the reference);
 - mlsm+mlm: mlsm + mlm_weight * mlm.
 """
 
@@ -37,6 +39,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return total / (len(student_logits) if count is None else count.clamp_min(1))
 
 
+def mlsm_count(batch: dict, params: dict) -> torch.Tensor:
+    """What the MLSM loss sum is divided by: the masked positions with a target, or all masked positions."""
+    return batch["masked_count"] if params.get("zero_code_positions") == "count" else batch["with_target"]
+
 
 def loss_parts(out: dict, batch: dict, params: dict, teacher) -> dict[str, torch.Tensor]:
     """This process's share of each loss the objective uses."""
@@ -44,12 +50,13 @@ def loss_parts(out: dict, batch: dict, params: dict, teacher) -> dict[str, torch
     for part in objective(params["objective"]).losses:
         if part == "mlsm":
             parts["mlsm"] = mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"],
-                                      batch["with_target"])
+                                      mlsm_count(batch, params))
         elif part == "mlm":
             parts["mlm"] = F.cross_entropy(out["mlm_logits"].float(), batch["labels"], reduction="sum") \
                 / batch["masked_count"].clamp_min(1)
         else:
-            parts["kd"] = kd_loss(out["mlm_logits"], teacher.logits(batch), params["kd_temperature"],
+            original = params.get("kd_teacher_input") == "original"
+            parts["kd"] = kd_loss(out["mlm_logits"], teacher.logits(batch, original), params["kd_temperature"],
                                   batch["masked_count"])
     return parts
 

@@ -1,9 +1,13 @@
-"""The student: a BERT encoder from a size preset, with BERT's MLM head and/or the MLSM head (K output
-units), as its objective asks; and what its training costs in FLOPs.
+"""The student: a BERT encoder (from a size preset, any BERT config, or a checkpoint to continue from), with
+BERT's MLM head and/or the MLSM head (K output units), as its objective asks; and what its training costs
+in FLOPs.
 
-Heads compute logits only for the masked positions. The model saves with save_pretrained (AutoModel
-loads it; AutoModelForMaskedLM too when it has an MLM head), the MLSM head beside it as
-mlsm_head.safetensors.
+The MLSM head is `separate` (its own transform, LayerNorm and K output units) or `tied`, as the reference
+builds it: K extra rows (and bias entries) of the MLM decoder, behind the MLM head's own transform and
+LayerNorm, so a student with a tied head always has the MLM head. Heads compute logits only for the masked
+positions. The model saves with save_pretrained (AutoModel loads it; AutoModelForMaskedLM too when it has
+an MLM head), the MLSM head beside it as mlsm_head.safetensors (for a tied head: the K extra decoder rows
+and bias entries; reference_layout() rebuilds the reference's model with V + K decoder rows from them).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..common import StageError
 from ..integrity import write_json
 from ..objectives import objective as objective_named
 
+MLSM_HEAD_FILE = "mlsm_head.safetensors"
 PRESETS = {
     "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
@@ -41,20 +47,40 @@ class MlsmHead(torch.nn.Module):
         return self.decoder(self.norm(F.gelu(self.dense(hidden))))
 
 
+class TiedMlsmHead(torch.nn.Module):
+    """K extra rows of the MLM decoder and their bias entries; the transform is the MLM head's."""
+
+    def __init__(self, hidden: int, atoms: int, std: float):
+        super().__init__()
+        self.decoder = torch.nn.Linear(hidden, atoms)
+        # As the reference's resize_token_embeddings gave its K added rows (transformers 4.34): N(0, std), bias 0.
+        torch.nn.init.normal_(self.decoder.weight, std=std)
+        torch.nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, transformed: torch.Tensor) -> torch.Tensor:
+        return self.decoder(transformed)
+
+
 class Student(torch.nn.Module):
-    def __init__(self, config, objective: str, atoms: int | None):
+    def __init__(self, config, objective: str, atoms: int | None, mlsm_head: str = "separate", backbone=None):
         from transformers import BertForMaskedLM, BertModel
 
         super().__init__()
         self.objective = objective_named(objective)
-        self.backbone = (BertForMaskedLM(config) if self.objective.mlm_head
-                         else BertModel(config, add_pooling_layer=False))
-        self.mlsm_head = (MlsmHead(config.hidden_size, atoms, config.layer_norm_eps) if self.objective.mlsm_head
-                          else None)
+        self.tied = self.objective.mlsm_head and mlsm_head == "tied"
+        self.has_mlm_head = self.objective.mlm_head or self.tied
+        if backbone is None:
+            backbone = BertForMaskedLM(config) if self.has_mlm_head else BertModel(config, add_pooling_layer=False)
+        self.backbone = backbone
+        self.mlsm_head = None
+        if self.tied:
+            self.mlsm_head = TiedMlsmHead(config.hidden_size, atoms, config.initializer_range)
+        elif self.objective.mlsm_head:
+            self.mlsm_head = MlsmHead(config.hidden_size, atoms, config.layer_norm_eps)
 
     @property
     def encoder(self):
-        return self.backbone.bert if hasattr(self.backbone, "bert") else self.backbone
+        return self.backbone.base_model
 
     def compile_encoder(self) -> None:
         """torch.compile the encoder only: the heads see a varying number of masked positions."""
@@ -68,14 +94,24 @@ class Student(torch.nn.Module):
                         attention_mask=batch["attention_mask"]).last_hidden_state
         return hidden[batch["masked"]]
 
-    def forward(self, batch: dict) -> dict:
-        hidden = self.hidden(batch)
+    def heads(self, hidden: torch.Tensor) -> dict:
+        """The logits the objective needs at these states: mlm_logits (the vocabulary), mlsm_logits (K)."""
         out = {}
+        if self.tied:
+            predictions = self.backbone.cls.predictions
+            transformed = predictions.transform(hidden)
+            out["mlsm_logits"] = self.mlsm_head(transformed)
+            if self.objective.mlm_head:
+                out["mlm_logits"] = predictions.decoder(transformed)
+            return out
         if self.objective.mlm_head:
             out["mlm_logits"] = self.backbone.cls(hidden)
         if self.mlsm_head is not None:
             out["mlsm_logits"] = self.mlsm_head(hidden)
         return out
+
+    def forward(self, batch: dict) -> dict:
+        return self.heads(self.hidden(batch))
 
     def save(self, directory: Path, tokenizer, metadata: dict) -> None:
         from safetensors.torch import save_file
@@ -84,18 +120,96 @@ class Student(torch.nn.Module):
         tokenizer.save_pretrained(directory)
         if self.mlsm_head is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.mlsm_head.state_dict().items()}
-            save_file(state, str(directory / "mlsm_head.safetensors"),
-                      metadata={"atoms": str(state["decoder.bias"].numel())})
+            kind = "tied" if self.tied else "separate"
+            save_file(state, str(directory / MLSM_HEAD_FILE),
+                      metadata={"atoms": str(state["decoder.bias"].numel()), "head": kind})
         write_json(directory / "pretraining.json", metadata)
+
+    def load_mlsm_head(self, directory: str | Path) -> bool:
+        """Take the MLSM head saved beside a model (continued pre-training), if it is of this kind and size."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(directory) / MLSM_HEAD_FILE
+        if self.mlsm_head is None or not path.exists():
+            return False
+        with safe_open(str(path), "pt") as saved:
+            meta = saved.metadata() or {}
+        kind = "tied" if self.tied else "separate"
+        if meta.get("head", "separate") != kind or int(meta.get("atoms", -1)) != self.mlsm_head.decoder.out_features:
+            return False
+        self.mlsm_head.load_state_dict(load_file(str(path)))
+        return True
+
+
+def reference_layout(directory: str | Path):
+    """A saved student with a tied MLSM head as the reference's model: AutoModelForMaskedLM whose decoder (and
+    input embeddings) have the K MLSM rows after the V vocabulary rows, its bias the K entries after V."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    head = load_file(str(Path(directory) / MLSM_HEAD_FILE))
+    model = AutoModelForMaskedLM.from_pretrained(directory, trust_remote_code=False)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + len(head["decoder.bias"]), mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[vocab:] = head["decoder.weight"]
+        model.cls.predictions.bias[vocab:] = head["decoder.bias"]
+        model.cls.predictions.decoder.bias = model.cls.predictions.bias
+    return model
 
 
 def build_config(params: dict, tokenizer, max_len: int):
-    from transformers import BertConfig
+    """A fresh student's config: a size preset, or the config of the model source `architecture` (its shape,
+    not its weights, as the reference's --reinit), with the corpus vocabulary and the student's dropout."""
+    from transformers import AutoConfig, BertConfig
 
-    return BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, max_len),
-                      pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
-                      hidden_dropout_prob=params["dropout"], attention_probs_dropout_prob=params["dropout"],
-                      **PRESETS[params["size"]])
+    dropout = {"hidden_dropout_prob": params["dropout"], "attention_probs_dropout_prob": params["dropout"]}
+    source = params.get("architecture")
+    if not source:
+        return BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, max_len),
+                          pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", **dropout,
+                          **PRESETS[params["size"]])
+    from ..models import resolve_model_source
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_source(source), trust_remote_code=False)
+    except OSError as err:
+        raise StageError(f"architecture {source!r} could not be loaded: {err}") from None
+    check_shape(config, source, max_len)
+    config.update({"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **dropout})
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def check_shape(config, source: str, max_len: int) -> None:
+    if config.model_type != "bert":
+        raise StageError(f"model source {source!r} is a {config.model_type!r} model; students are BERT models "
+                         "(model_type bert): give a BERT config or checkpoint")
+    if config.max_position_embeddings < max_len:
+        raise StageError(f"model source {source!r} has {config.max_position_embeddings} positions, fewer than the "
+                         f"longest sequences ({max_len} tokens)")
+
+
+def load_backbone(params: dict, max_len: int, with_mlm_head: bool, corpus_manifest: dict):
+    """The backbone of a student that continues pre-training the checkpoint `init` (weights and config)."""
+    from transformers import AutoConfig, BertForMaskedLM, BertModel
+
+    from ..models import check_vocabulary, resolve_model_source
+
+    source = params["init"]
+    path = resolve_model_source(source)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except OSError as err:
+        raise StageError(f"init {source!r} could not be loaded: {err}") from None
+    check_shape(config, source, max_len)
+    check_vocabulary(source, path, config, corpus_manifest, role="init")
+    options = {"hidden_dropout_prob": params["dropout"], "attention_probs_dropout_prob": params["dropout"],
+               "attn_implementation": "sdpa"}
+    if with_mlm_head:
+        return BertForMaskedLM.from_pretrained(path, trust_remote_code=False, **options)
+    return BertModel.from_pretrained(path, add_pooling_layer=False, trust_remote_code=False, **options)
 
 
 def peak_flops(device: torch.device) -> float | None:

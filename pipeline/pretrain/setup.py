@@ -10,15 +10,18 @@ from types import SimpleNamespace
 
 import torch
 
-from ..common import StageError
+from ..common import StageError, log
+from ..config import option_defaults, phase_lengths, phase_plan
 from ..integrity import CHECKSUM_KEY, read_verified
-from ..models import load_tokenizer, verify_model
+from ..models import load_tokenizer, resolve_model_source, verify_model
 from ..objectives import objective
 from ..resume import Resume
 from ..training import adamw, warmup_then_decay
-from .data import BatchStream
-from .model import Student, build_config
+from .data import BatchStream, PhasedStream
+from .model import Student, build_config, load_backbone
 from .teachers import KdTeacher, OnlineTargets
+
+PHASE_STREAM = 2**31 - 1  # marks the seeds of a schedule's other lengths apart from the (seed, epoch) keys
 
 
 @dataclass
@@ -32,7 +35,7 @@ class Setup:
     tokenizer: object
     online: OnlineTargets | None
     target_record: dict | None
-    stream: BatchStream
+    stream: PhasedStream
     model: Student
     forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     teacher: KdTeacher | None
@@ -47,19 +50,23 @@ class Setup:
 
 
 def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, params: dict) -> Setup:
+    params = {**option_defaults("pretrain_options"), **params}  # for keys a caller outside the workflow left out
     manifest = read_verified(paths.corpus_manifest, [*paths.corpus_shards, *filter(None, [paths.validation])])
     verify_model(paths.teacher_model, paths.teacher_summary)
     tokenizer = load_tokenizer(manifest["tokenizer"])
     online = build_online_targets(paths, params, device, manifest)
     target_record = read_target_record(paths, params) if online is None else None
-    stream = build_stream(paths, params, manifest, world, target_record is not None)
+    phases = read_phase_records(paths, params, manifest, target_record is not None)
+    stream = build_stream(paths, params, manifest, world, target_record is not None, phases)
     model, forward = build_model(params, tokenizer, manifest, device, world)
     teacher = build_kd_teacher(params, device, manifest)
-    optimizer = adamw(model, params["learning_rate"], params["weight_decay"], exempt_biases_and_norms=True,
-                      fused=device.type == "cuda")
-    scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"])
+    optimizer = adamw(model, params["learning_rate"], params["weight_decay"],
+                      exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
+    scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
     resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
                                        "targets": target_record[CHECKSUM_KEY] if target_record else None,
+                                       "phases": [[p[1][CHECKSUM_KEY], p[3] and p[3][CHECKSUM_KEY]]
+                                                  for p in phases.values()],
                                        "dictionary": online.record[CHECKSUM_KEY] if online else None},
                     writer=rank == 0, interval=paths.checkpoint_seconds)
     return Setup(rank, world, device, paths, params, manifest, tokenizer, online, target_record, stream, model,
@@ -84,21 +91,64 @@ def read_target_record(paths, params: dict) -> dict | None:
     return read_verified(paths.target_manifest, [*paths.target_shards, *filter(None, [paths.validation_targets])])
 
 
-def build_stream(paths, params: dict, manifest: dict, world: int, with_targets: bool) -> BatchStream:
-    sizes = {Path(s["path"]).name: s["sequences"] for s in manifest["shards"]}
-    stream = BatchStream(paths.corpus_shards, paths.target_shards if with_targets else None,
-                         [sizes[Path(p).name] for p in paths.corpus_shards], params["seed"])
-    if stream.total < params["batch_size"] * world:
-        raise StageError(f"the corpus has {stream.total} sequences, fewer than one batch of "
-                         f"{params['batch_size']} x {world} processes; lower batch_size")
-    return stream
+def read_phase_records(paths, params: dict, manifest: dict, with_targets: bool) -> dict[int, tuple]:
+    """For each other length of the seq_len_schedule: (its corpus shards, its corpus record, its target shards,
+    their record), verified. The workflow passes them length after length in the order of phase_lengths."""
+    lengths = phase_lengths(params, manifest["params"]["max_seq_len"])
+    shards, manifests = paths.phase_shards or [], paths.phase_manifests or []
+    targets, target_manifests = paths.phase_target_shards or [], paths.phase_target_manifests or []
+    per_length = len(paths.corpus_shards)
+    if len(manifests) != len(lengths) or len(shards) != per_length * len(lengths) or (
+            with_targets and (len(target_manifests) != len(lengths) or len(targets) != len(shards))):
+        raise StageError(f"seq_len_schedule lengths {lengths} need the corpus shards (--phase-shards, "
+                         f"--phase-manifests){' and their targets' if with_targets else ''} at each length: got "
+                         f"{len(shards)} shards, {len(manifests)} records")
+    phases = {}
+    for number, length in enumerate(lengths):
+        group = slice(number * per_length, (number + 1) * per_length)
+        record = read_verified(manifests[number], shards[group])
+        if record["params"]["max_seq_len"] != length or record["tokenizer_fingerprint"] != \
+                manifest["tokenizer_fingerprint"]:
+            raise StageError(f"{manifests[number]} is not the corpus packed at length {length} with the corpus "
+                             f"tokenizer (it has max_seq_len {record['params']['max_seq_len']})")
+        target_record = read_verified(target_manifests[number], targets[group]) if with_targets else None
+        phases[length] = (shards[group], record, targets[group] if with_targets else None, target_record)
+    return phases
+
+
+def build_stream(paths, params: dict, manifest: dict, world: int, with_targets: bool,
+                 phases: dict[int, tuple]) -> PhasedStream:
+    main = manifest["params"]["max_seq_len"]
+    corpora = {main: (paths.corpus_shards, manifest, paths.target_shards if with_targets else None), **{
+        length: (shards, record, targets) for length, (shards, record, targets, _) in phases.items()}}
+    streams = {}
+    for length, (shards, record, targets) in corpora.items():
+        sizes = {Path(s["path"]).name: s["sequences"] for s in record["shards"]}
+        # The corpus's own length keeps the plain seed: a run without a schedule draws what it always drew.
+        seed = params["seed"] if length == main else (params["seed"], PHASE_STREAM, length)
+        stream = BatchStream(shards, targets, [sizes[Path(p).name] for p in shards], seed)
+        if stream.total < params["batch_size"] * world:
+            raise StageError(f"the corpus at length {length} has {stream.total} sequences, fewer than one batch of "
+                             f"{params['batch_size']} x {world} processes; lower batch_size")
+        streams[length] = stream
+    return PhasedStream(streams, phase_plan(params, main), params["grad_accumulation"])
 
 
 def build_model(params: dict, tokenizer, manifest: dict, device, world: int) -> tuple[Student, torch.nn.Module]:
-    """The student (the same seed on every rank gives the same weights) and what runs its forward pass."""
+    """The student (the same seed on every rank gives the same weights) and what runs its forward pass: fresh
+    weights of a preset or a model source's config, or (`init`) a checkpoint's, to continue pre-training it."""
     atoms = params.get("atoms") if objective(params["objective"]).mlsm_head else None
-    model = Student(build_config(params, tokenizer, manifest["params"]["max_seq_len"]), params["objective"],
-                    atoms).to(device)
+    max_len = max(length for _, _, length in phase_plan(params, manifest["params"]["max_seq_len"]))
+    if params["init"]:
+        tied = objective(params["objective"]).mlsm_head and params["mlsm_head"] == "tied"
+        backbone = load_backbone(params, max_len, objective(params["objective"]).mlm_head or tied, manifest)
+        model = Student(backbone.config, params["objective"], atoms, params["mlsm_head"], backbone)
+        if model.mlsm_head is not None and not model.load_mlsm_head(resolve_model_source(params["init"])):
+            log.info("init %s has no %s MLSM head of %s atoms: the student's starts fresh", params["init"],
+                     params["mlsm_head"], atoms)
+    else:
+        model = Student(build_config(params, tokenizer, max_len), params["objective"], atoms, params["mlsm_head"])
+    model.to(device)
     if params["compile"]:
         model.compile_encoder()
     if world == 1:

@@ -29,8 +29,14 @@ class KdTeacher:
         self.model = model.eval().to(device)
 
     @torch.inference_mode()
-    def logits(self, batch: dict) -> torch.Tensor:
-        hidden = self.model.bert(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+    def logits(self, batch: dict, original: bool = False) -> torch.Tensor:
+        """The teacher's MLM logits at the masked positions, given the student's masked input or (`original`,
+        as the reference, whose teacher runs before the masking) the input before masking."""
+        ids = batch["input_ids"]
+        if original:
+            ids = ids.clone()
+            ids[batch["masked"]] = batch["labels"]
+        hidden = self.model.bert(input_ids=ids, token_type_ids=batch["token_type_ids"],
                                  attention_mask=batch["attention_mask"]).last_hidden_state
         return self.model.cls(hidden[batch["masked"]])
 

@@ -29,7 +29,7 @@ from ..integrity import atomic_output, file_entries, write_record
 from ..objectives import objective
 from ..resume import load_training, save_training
 from ..training import autocast, rng_states, set_rng_states
-from .data import Prefetcher, Shard, micro_batch, rank_share
+from .data import Prefetcher, Shard, rank_share
 from .distributed import all_ranks_sum, check_ranks_agree, init_distributed
 from .history import TrainingLog, Window, validation_sums
 from .losses import loss_parts, total_loss
@@ -57,7 +57,8 @@ class Trainer:
         self.validation: Shard | None = None
         paths = setup.paths
         self.saved_models = Path(paths.resume_dir or f"{paths.model}.checkpoints.tmp") / "models"
-        self.flops_per_token = flops_per_token(setup.model, self.params, setup.manifest["params"]["max_seq_len"])
+        longest = max(length for _, _, length, _ in setup.stream.phases)
+        self.flops_per_token = flops_per_token(setup.model, self.params, longest)
         self.peak_flops = peak_flops(setup.device)
 
     def run(self) -> dict:
@@ -66,7 +67,7 @@ class Trainer:
         total, accumulation, saves = params["max_steps"], params["grad_accumulation"], checkpoint_steps(params)
 
         def build(index: int) -> dict:
-            batch = micro_batch(s.stream, index, params["batch_size"] * s.world, s.tokenizer, params)
+            batch = s.stream.micro_batch(index, params["batch_size"] * s.world, s.tokenizer, params)
             return rank_share(batch, s.rank, s.world)
 
         prefetch = Prefetcher(build, self.step * accumulation, pin=s.device.type == "cuda")

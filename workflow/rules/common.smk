@@ -28,7 +28,8 @@ def _names(names):
 
 wildcard_constraints:
     shard=r"\d{3}",
-    part=r"shard-\d{3}|validation",
+    part=r"shard-\d{3}|validation|len\d+/shard-\d{3}",
+    length=r"\d+",
     teacher=_names(CONFIG["teachers"]),
     student=_names(W.students),
     task=_names(W.tasks),

@@ -38,3 +38,23 @@ rule shard_corpus:
         **rule_params("shard_corpus"),
     shell:
         command("shard_corpus")
+
+
+# The same text packed at another length, for a phase of a seq_len_schedule (pipeline/corpus.py).
+rule shard_corpus_phase:
+    input:
+        unpack(rule_inputs("shard_corpus_phase")),
+    output:
+        **rule_outputs("shard_corpus_phase"),
+    log:
+        **rule_logs("shard_corpus_phase"),
+    benchmark:
+        rule_benchmark("shard_corpus_phase")
+    threads: CONFIG["corpus"]["threads"]
+    resources:
+        mem_mb=lambda w, threads: 2000 + 2000 * threads,
+        runtime=240,
+    params:
+        **rule_params("shard_corpus_phase"),
+    shell:
+        command("shard_corpus_phase")

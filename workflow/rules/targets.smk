@@ -45,3 +45,27 @@ rule summarize_targets:
         **rule_params("summarize_targets"),
     shell:
         command("summarize_targets")
+
+
+localrules:
+    summarize_phase_targets,
+
+
+# The record of the targets of the corpus packed at another length (a seq_len_schedule phase).
+rule summarize_phase_targets:
+    input:
+        unpack(rule_inputs("summarize_phase_targets")),
+    output:
+        **rule_outputs("summarize_phase_targets"),
+    log:
+        **rule_logs("summarize_phase_targets"),
+    benchmark:
+        rule_benchmark("summarize_phase_targets")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        **rule_params("summarize_phase_targets"),
+    shell:
+        command("summarize_phase_targets")

@@ -1,0 +1,169 @@
+"""The reference recipes as presets: config/paper.yaml (the MLSM paper) and config/babylm.yaml (BabyLM
+strict-small) hold the reference's settings, plan their whole DAG with `snakemake --dry-run`, also with a
+local model of the same architecture in place of the hub's bert-base-cased, and the paper's recipe runs end
+to end when scaled down."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from pipeline import config as cfg
+from pipeline import contract
+from pipeline.integrity import read_record
+
+from conftest import REPO
+from test_workflow import planned_jobs, snakemake
+
+GLUE_ROWS = {"CoLA": "gj04\t1\t\tA sentence .\n", "SST-2": "sentence\tlabel\na fine film\t1\n",
+             "MRPC": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b .\tA b .\n",
+             "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                      "0\tg\tf\t2012\t0\ts\ts\tA b .\tA c .\t3.0\n",
+             "RTE": "index\tsentence1\tsentence2\tlabel\n0\tA b .\tA .\tentailment\n"}
+
+
+def preset(name: str) -> dict:
+    return cfg.load_yaml(REPO / "config" / f"{name}.yaml")
+
+
+def test_the_paper_preset_holds_the_reference_recipe():
+    paper = cfg.validate(preset("paper"))
+    assert paper["teachers"]["bert_base_cased"] == {"source": "bert-base-cased", "layer": -1, "batch_size": 512,
+                                                    "trust_remote_code": False, "auxiliary": paper["teachers"][
+                                                        "bert_base_cased"]["auxiliary"]}
+    assert paper["corpus"]["tokenizer"] == "bert-base-cased" and paper["activations"]["subsample"] == "none"
+    assert (paper["corpus"]["packing"], paper["corpus"]["max_seq_len"]) == ("reference_pairs", 128)
+    assert paper["activations"]["sample_tokens"] == 1_000_000
+    dictionary = paper["dictionary"]
+    assert (dictionary["backend"], dictionary["atoms"], dictionary["lambda"], dictionary["iterations"],
+            dictionary["batch_size"]) == ("spams", 3000, 0.05, 1000, 400)
+    assert paper["targets"]["top_k"] == "none" and paper["targets"]["top_mass"] == 1
+    assert {k: paper["targets"][k] for k in cfg.SOLVER_KEYS} == cfg.REFERENCE_SOLVER
+    options = cfg.student_options(paper, "mlsm")
+    assert options["max_steps"] == 300000 and options["batch_size"] * options["grad_accumulation"] == 1024
+    assert cfg.phase_plan(options, 128) == [(0, 270000, 128), (270000, 300000, 512)]
+    assert int(options["warmup_fraction"] * options["max_steps"]) == 300000 // 100  # updates // 100
+    assert (options["lr_schedule"], options["decay_biases_and_norms"], options["weight_decay"],
+            options["learning_rate"], options["max_grad_norm"]) == ("hf_linear", True, 0.01, 1e-4, 1.0)
+    assert (options["mlsm_head"], options["zero_code_positions"], options["kd_teacher_input"],
+            options["kd_temperature"], options["mask_strategy"]) == ("tied", "count", "original", 1.0, "all_mask")
+    assert cfg.student_options(paper, "mlsm_mlm")["mlm_weight"] == 0.2
+    finetune = paper["finetune"]
+    assert (finetune["learning_rate"], finetune["weight_decay"], finetune["warmup_fraction"], finetune["epochs"],
+            finetune["batch_size"], finetune["seeds"], finetune["max_seq_len"], finetune["max_grad_norm"],
+            finetune["classifier_init"], finetune["lr_schedule"]) == (2e-5, 0.01, 0.0, 3, 32, [0, 1, 2], 512, 0,
+                                                                     "per_seed", "hf_linear")
+
+
+def test_the_babylm_preset_holds_the_strict_small_recipe():
+    babylm = cfg.validate(preset("babylm"))
+    assert (babylm["corpus"]["tokenizer"], babylm["corpus"]["packing"]) == ("train", "reference_pairs")
+    assert babylm["tokenizer_training"] == {"model": "unigram", "vocab_size": 25000, "lowercase": False,
+                                            "normalizer": "reference", "min_frequency": 2, "max_sentences": 0}
+    teacher = babylm["teachers"]["aux"]
+    assert teacher["source"] == "auxiliary" and teacher["auxiliary"]["size"] == "base"
+    auxiliary = teacher["auxiliary"]
+    assert auxiliary["max_steps"] == 100000 and auxiliary["batch_size"] * auxiliary["grad_accumulation"] == 1024
+    both = cfg.student_options(babylm, "mlsm_mlm")
+    assert (both["objective"], both["mlm_weight"], both["size"], both["max_steps"]) == ("mlsm+mlm", 1.0, "base",
+                                                                                      100000)
+    assert both["batch_size"] * both["grad_accumulation"] == 1024 and both["mlsm_head"] == "tied"
+
+
+def workdir_for(tmp_path, config: dict):
+    """A working directory holding the preset's inputs (a corpus file, GLUE tasks with a row each)."""
+    for path in config["corpus"]["inputs"]:
+        (tmp_path / path).mkdir(parents=True, exist_ok=True)
+        (tmp_path / path / "corpus.txt").write_text("A first sentence here .\nA second one .\n\nAnother text .\n")
+    for task in config["tasks"].values():
+        directory = tmp_path / task["path"]
+        directory.mkdir(parents=True, exist_ok=True)
+        name = directory.name
+        for split in ("train.tsv", "dev.tsv"):
+            (directory / split).write_text(GLUE_ROWS[name])
+    configfile = tmp_path / "preset.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    return configfile
+
+
+@pytest.mark.parametrize("name", ["paper", "babylm"])
+def test_the_presets_dry_run(tmp_path, name):
+    config = preset(name)
+    result = snakemake(tmp_path, workdir_for(tmp_path, config), "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = planned_jobs(result)
+    shards = config["corpus"]["shards"]
+    if name == "paper":  # the 512-token phase: its corpus, targets and their record
+        assert jobs["shard_corpus_phase"] == 1 and jobs["summarize_phase_targets"] == 1
+        assert jobs["precompute_targets"] == 2 * shards + 1
+        assert jobs["pretrain_student"] == 4 and "pretrain_teacher" not in jobs
+    else:
+        assert jobs["train_tokenizer"] == 1 and jobs["pretrain_teacher"] == 1 and "shard_corpus_phase" not in jobs
+        assert jobs["precompute_targets"] == shards + 1 and jobs["pretrain_student"] == 3
+
+
+def substituted(config: dict, model) -> dict:
+    """The preset with a local model of bert-base-cased's architecture in place of the hub's."""
+    config = copy.deepcopy(config)
+    config["corpus"]["tokenizer"] = str(model)
+    config["teachers"]["bert_base_cased"]["source"] = str(model)
+    return config
+
+
+def test_the_paper_preset_dry_runs_with_a_local_teacher(tmp_path, mlm_teacher):
+    """mlm_teacher: a BertForMaskedLM (bert-base-cased's class, a tiny shape) with its own vocabulary."""
+    config = substituted(preset("paper"), mlm_teacher)
+    result = snakemake(tmp_path, workdir_for(tmp_path, config), "--dry-run", "--printshellcmds")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert str(mlm_teacher) in result.stdout and "bert-base-cased" not in result.stdout
+
+
+def scaled_down(config: dict, model) -> dict:
+    """The paper's recipe, every reference option kept, at a size a CPU runs in minutes on the demo data."""
+    config = substituted(config, model)
+    config.update({"results": "results", "device": "cpu"})
+    config["demo_data"] = {"bbc_news": {"enabled": True, "dev_fraction": 0.1, "pretrain_articles": 30, "seed": 13}}
+    config["corpus"].update({"inputs": ["resources/bbc_news/pretrain.txt.gz"], "max_seq_len": 32, "shards": 2,
+                             "threads": 2})
+    config["teachers"]["bert_base_cased"]["batch_size"] = 8
+    config["activations"]["sample_tokens"] = 1500
+    config["dictionary"].update({"atoms": 24, "iterations": 20, "batch_size": 64, "heldout_tokens": 300,
+                                 "browse_atoms": 3})
+    config["targets"]["batch_size"] = 16
+    config["pretrain"].update({"size": "tiny", "max_steps": 4, "batch_size": 8, "grad_accumulation": 1,
+                               "compile": False, "warmup_fraction": 0.25, "checkpoint_fractions": [],
+                               "seq_len_schedule": [{"fraction": 0.5, "max_seq_len": 32},
+                                                    {"fraction": 0.5, "max_seq_len": 64}]})
+    config["finetune"].update({"seeds": [0], "epochs": 1, "batch_size": 16, "max_seq_len": 64,
+                               "max_train_examples": 32})
+    config["tasks"] = {"bbc_topic": {"format": "tsv", "path": "resources/bbc_news/topic", "text_columns": ["text"],
+                                     "label_column": "label", "metric": "accuracy"}}
+    return config
+
+
+@pytest.mark.e2e
+def test_the_paper_recipe_runs_end_to_end_scaled_down(tmp_path, mlm_teacher):
+    pytest.importorskip("spams")
+    config = scaled_down(preset("paper"), mlm_teacher)
+    configfile = tmp_path / "paper-small.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    run = snakemake(tmp_path, configfile)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    results = tmp_path / "results"
+    assert read_record(results / contract.DICTIONARY_METRICS.format(teacher="bert_base_cased"))["backend"] == "spams"
+    for manifest in (contract.TARGET_MANIFEST, contract.TARGET_PHASE_MANIFEST):
+        record = read_record(results / manifest.format(teacher="bert_base_cased", length=64))
+        assert record["mean_mass_lost_to_top_k"] == 0 and record["mean_kept_atoms"] == pytest.approx(
+            record["mean_nnz"])  # the whole codes
+    for student in config["students"]:
+        summary = read_record(results / contract.STUDENT_SUMMARY.format(student=student))
+        assert summary["steps"] == 4 and summary["params"]["seq_len_schedule"][1]["max_seq_len"] == 64
+    assert (results / "students" / "mlsm" / "model" / "mlsm_head.safetensors").exists()
+    scores = json.loads((results / contract.FINETUNE_SCORES.format(student="mlsm", snapshot="final",
+                                                                   task="bbc_topic", seed=0)).read_text())
+    assert scores["params"]["classifier_init"] == "per_seed"
+    again = snakemake(tmp_path, configfile, "--dry-run")
+    assert planned_jobs(again) == {}, again.stdout[-2000:]  # nothing left to do

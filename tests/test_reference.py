@@ -1,0 +1,472 @@
+"""The reference implementation's behaviour (github szegedai/MLSM), each behind an option, on small inputs:
+the KD teacher's input, the tied MLSM head, zero-code positions in the loss, SPAMS's iteration count, the
+optimizer and schedules, the shared classifier initialisation, the sequence-length schedule, students from
+a model config or a checkpoint, and the tokenizer's normalizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import phase_plan
+from pipeline.pretrain.data import Shard, make_batch
+from pipeline.pretrain.losses import loss_parts, mlsm_loss
+from pipeline.pretrain.model import Student, build_config, reference_layout
+from pipeline.pretrain.teachers import KdTeacher
+from pipeline.stages import call
+from pipeline.training import adamw, warmup_then_decay
+
+from conftest import MINILM
+from test_dictionary_and_targets import code_targets, random_dictionary, save_dictionary, summarize
+
+BASE = {"size": "tiny", "max_steps": 4, "batch_size": 4, "grad_accumulation": 1, "learning_rate": 1e-3,
+        "weight_decay": 0.01, "warmup_fraction": 0.25, "max_grad_norm": 1.0, "mask_fraction": 0.15,
+        "mask_strategy": "all_mask", "mlm_weight": 0.5, "kd_temperature": 1.0, "targets": "precomputed",
+        "dropout": 0.0, "compile": False, "checkpoint_fractions": [], "seed": 0, "device": "cpu",
+        "teacher_trust_remote_code": False, "atoms": 24}
+
+
+def pretrain(out: Path, shards, manifest, params: dict, targets=None, **more) -> dict:
+    record = {"target_manifest": str(Path(targets[0]).parent / "manifest.json")} if targets else {}
+    return call("pretrain", {**BASE, "student": out.name, **params}, corpus_shards=shards, corpus_manifest=manifest,
+                model=out / "model", summary=out / "summary.json", target_shards=targets or [], log_every=1,
+                **record, **more)
+
+
+def batch_of(shard: Shard, tokenizer, rows=8, seed=(0, 0)) -> dict:
+    return make_batch([(shard, np.arange(rows))], tokenizer, {"mask_fraction": 0.3, "mask_strategy": "all_mask"},
+                      seed)
+
+
+# ---- knowledge distillation: the teacher's input ---------------------------------------------------------
+
+def test_the_kd_teacher_sees_the_original_sentence_as_in_the_reference(sharded_corpus, mlm_teacher, tokenizer):
+    """kd_teacher_input original: the teacher's logits at the masked positions are those of its forward on the
+    unmasked sentence (the reference runs the teacher before masking); masked: on the student's input."""
+    manifest = json.loads(Path(sharded_corpus[1]).read_text())
+    teacher = KdTeacher(str(mlm_teacher), torch.device("cpu"), manifest)
+    shard = Shard(sharded_corpus[0][0])
+    batch = batch_of(shard, tokenizer)
+    unmasked = batch["input_ids"].clone()
+    unmasked[batch["masked"]] = batch["labels"]
+    with torch.no_grad():
+        whole = teacher.model(input_ids=unmasked, token_type_ids=batch["token_type_ids"],
+                              attention_mask=batch["attention_mask"]).logits[batch["masked"]]
+    original, masked = teacher.logits(batch, original=True), teacher.logits(batch)
+    assert torch.allclose(original, whole, atol=1e-5)
+    assert not torch.allclose(masked, whole, atol=1e-2)
+    assert torch.equal(batch["input_ids"][batch["masked"]],
+                       torch.full_like(batch["labels"], tokenizer.mask_token_id))  # the student's input is masked
+    params = {**BASE, "objective": "kd", "kd_teacher_input": "original"}
+    student_logits = torch.randn(len(batch["labels"]), len(tokenizer))
+    reference = F.kl_div(F.log_softmax(student_logits, 1), F.softmax(whole, 1), reduction="batchmean")
+    kd = loss_parts({"mlm_logits": student_logits}, batch, params, teacher)["kd"]
+    assert torch.isclose(kd, reference, atol=1e-5)  # the reference's KLDivLoss(batchmean) of softmax at T = 1
+
+
+# ---- MLSM: zero-code positions in the loss ----------------------------------------------------------------
+
+def test_zero_code_positions_count_in_the_denominator_as_the_reference_batchmean():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 6, generator=generator)
+    dense = torch.rand(5, 6, generator=generator)
+    dense[[1, 3]] = 0  # two masked positions whose code is all zero
+    dense = dense / dense.sum(1, keepdim=True).clamp_min(1e-30)
+    atoms = torch.arange(6).expand(5, 6)
+    batch = {"target_atoms": atoms, "target_weights": dense, "with_target": torch.tensor(3),
+             "masked_count": torch.tensor(5)}
+    out = {"mlsm_logits": logits}
+    counted = loss_parts(out, batch, {"objective": "mlsm", "zero_code_positions": "count"}, None)["mlsm"]
+    excluded = loss_parts(out, batch, {"objective": "mlsm", "zero_code_positions": "exclude"}, None)["mlsm"]
+    # The reference: KLDivLoss(reduction="batchmean") over every masked position, an all-zero row adding 0.
+    reference = F.kl_div(F.log_softmax(logits, 1), dense, reduction="batchmean")
+    assert torch.isclose(counted, reference, atol=1e-6)
+    assert torch.isclose(excluded, reference * 5 / 3, atol=1e-6)
+    assert torch.isclose(excluded, mlsm_loss(logits, atoms, dense), atol=1e-6)
+
+
+# ---- MLSM: the tied head -------------------------------------------------------------------------------
+
+def test_the_tied_head_is_k_extra_rows_of_the_mlm_decoder(tmp_path, sharded_corpus, tokenizer):
+    """A tied head's logits are the reference model's logits past the vocabulary (its K [MASK-i] rows behind
+    the MLM head's transform, LayerNorm and bias); its loss trains that transform; saved, it rebuilds the
+    reference's model and the encoder loads for fine-tuning as before."""
+    from transformers import AutoModelForSequenceClassification
+
+    params = {**BASE, "objective": "mlsm"}
+    torch.manual_seed(0)
+    tied = Student(build_config(params, tokenizer, 64), "mlsm", 24, "tied")
+    separate = Student(build_config(params, tokenizer, 64), "mlsm", 24, "separate")
+    assert tied.has_mlm_head and not separate.has_mlm_head
+    batch = batch_of(Shard(sharded_corpus[0][0]), tokenizer)
+    out = tied(batch)
+    assert set(out) == {"mlsm_logits"} and out["mlsm_logits"].shape[1] == 24
+    hidden = tied.hidden(batch)
+    vocabulary = tied.backbone.config.vocab_size
+    with torch.no_grad():  # the reference's model: the decoder and its bias extended by the K rows
+        rows = torch.cat([tied.backbone.get_output_embeddings().weight, tied.mlsm_head.decoder.weight])
+        bias = torch.cat([tied.backbone.cls.predictions.bias, tied.mlsm_head.decoder.bias])
+        reference = tied.backbone.cls.predictions.transform(hidden) @ rows.T + bias
+    assert torch.allclose(out["mlsm_logits"], reference[:, vocabulary:], atol=1e-5)
+
+    weights = torch.full((len(hidden), 1), 1.0)
+    mlsm_loss(out["mlsm_logits"], torch.zeros_like(weights, dtype=torch.long), weights).backward()
+    transform = tied.backbone.cls.predictions.transform
+    assert transform.dense.weight.grad.abs().sum() > 0 and transform.LayerNorm.weight.grad.abs().sum() > 0
+
+    tied.save(tmp_path, tokenizer, {})
+    rebuilt = reference_layout(tmp_path)
+    assert rebuilt.config.vocab_size == vocabulary + 24
+    with torch.no_grad():
+        logits = rebuilt(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                         attention_mask=batch["attention_mask"]).logits[batch["masked"]]
+    assert torch.allclose(logits[:, vocabulary:], out["mlsm_logits"], atol=1e-4)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    assert classifier.config.vocab_size == vocabulary  # the encoder as before, without the K rows
+    assert torch.equal(classifier.bert.embeddings.word_embeddings.weight,
+                       tied.backbone.bert.embeddings.word_embeddings.weight)
+
+
+def test_a_tied_mlsm_mlm_student_trains_and_saves(tmp_path, sharded_corpus, targets_by_length):
+    shards, manifest = sharded_corpus
+    summary = pretrain(tmp_path / "tied", shards, manifest, {"objective": "mlsm+mlm", "mlsm_head": "tied",
+                                                             "max_steps": 2}, targets_by_length[64])
+    assert {"mlsm", "mlm"} <= set(summary["final"]) and np.isfinite(summary["final"]["mlsm"])
+    assert reference_layout(tmp_path / "tied" / "model").config.vocab_size == 30522 + 24
+
+
+# ---- dictionary: SPAMS's iteration count ----------------------------------------------------------------
+
+def test_spams_runs_the_configured_iterations_as_the_reference_call():
+    """iterations: trainDL's iter as the reference's train_dict.py passes it (iter=1000, batchsize=400 there),
+    not epochs x states / batch_size."""
+    spams = pytest.importorskip("spams")
+    from pipeline.dictionary import learn_spams, spams_iterations
+    from pipeline.lasso import l2_normalise
+
+    x = l2_normalise(torch.randn(600, 16, generator=torch.Generator().manual_seed(0)))
+    params = {"atoms": 20, "lambda": 0.05, "batch_size": 50, "epochs": 10, "iterations": 7, "seed": 0}
+    assert spams_iterations(params, 600) == 7
+    assert spams_iterations({**params, "iterations": None}, 600) == 120
+    assert spams_iterations({"batch_size": 400, "epochs": 1, "iterations": 1000}, 10**6) == 1000
+    ours = learn_spams(x, params, threads=1)
+    data = np.asfortranarray(x.numpy().T.astype(np.float64))
+    reference = spams.trainDL(data, K=20, lambda1=0.05, numThreads=1, iter=7, batchsize=50, posAlpha=True,
+                              verbose=False)
+    reference = torch.from_numpy(reference / np.linalg.norm(reference, axis=0)).float()
+    assert torch.allclose(ours, reference, atol=1e-6)
+    assert not torch.allclose(learn_spams(x, {**params, "iterations": 8}, threads=1), reference, atol=1e-3)
+
+
+# ---- optimizer and schedules ------------------------------------------------------------------------------
+
+def test_weight_decay_on_every_parameter_as_the_reference():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    exempt = adamw(model, 1e-3, 0.01, exempt_biases_and_norms=True)
+    everything = adamw(model, 1e-3, 0.01, exempt_biases_and_norms=False)
+    assert [g["weight_decay"] for g in exempt.param_groups] == [0.01, 0.0]
+    assert [(g["weight_decay"], len(g["params"])) for g in everything.param_groups] == [(0.01, 4)]
+
+
+def test_the_hf_linear_schedule_is_transformers_get_scheduler():
+    from transformers import get_scheduler
+
+    for fraction in (0.0, 0.01, 0.25):
+        ours = warmup_then_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 200, fraction,
+                                 "hf_linear")
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        theirs = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=int(200 * fraction) // 1,
+                               num_training_steps=200)
+        for _ in range(200):
+            assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), abs=1e-12)
+            for scheduler in (ours, theirs):
+                scheduler.optimizer.step()
+                scheduler.step()
+    linear = warmup_then_decay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 200, 0.01)
+    assert linear.get_last_lr() == [0.5]  # the pipeline's own: the first update at 1/warmup of the peak
+
+
+# ---- fine-tuning: one classifier initialisation per seed -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory, tokenizer):
+    """Three different models of the same width: an MLSM student with 2 layers, a 3-layer BERT checkpoint that
+    has a pooler (as a hub model would), an MLM student with 3 layers."""
+    from transformers import BertModel
+
+    out = tmp_path_factory.mktemp("students")
+    torch.manual_seed(1)
+    Student(build_config({**BASE, "objective": "mlsm"}, tokenizer, 64), "mlsm", 24).save(out / "a", tokenizer, {})
+    config = build_config({**BASE, "objective": "mlm"}, tokenizer, 64)
+    config.num_hidden_layers = 3
+    BertModel(config).save_pretrained(out / "b")
+    tokenizer.save_pretrained(out / "b")
+    Student(config, "mlm", None).save(out / "c", tokenizer, {})
+    return out / "a", out / "b", out / "c"
+
+
+def test_every_student_gets_the_same_classifier_head_for_a_seed(tmp_path, students, monkeypatch):
+    from pipeline import finetune
+
+    (tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(f"word {i} here\t{i % 3}\n" for i in range(12)))
+    (tmp_path / "dev.tsv").write_text("text\tlabel\nword 1 here\t1\nword 2 here\t2\n")
+    heads, real = {}, finetune.shared_head
+
+    def recorded(model, seed, missing):
+        real(model, seed, missing)
+        heads[len(heads)] = model.classifier.weight.detach().clone(), model.bert.pooler.dense.weight.detach().clone()
+
+    monkeypatch.setattr(finetune, "shared_head", recorded)
+    params = {"task": {"format": "tsv", "path": str(tmp_path), "text_columns": ["text"], "label_column": "label",
+                       "metric": "accuracy"}, "epochs": 1, "batch_size": 4, "learning_rate": 1e-4,
+              "weight_decay": 0.01, "warmup_fraction": 0.0, "max_seq_len": 32, "max_train_examples": 0,
+              "device": "cpu", "classifier_init": "per_seed", "lr_schedule": "hf_linear", "max_grad_norm": 0}
+    for seed in (3, 4):
+        for model in students:
+            call("finetune", {**params, "seed": seed}, train=tmp_path / "train.tsv", dev=tmp_path / "dev.tsv",
+                 model=model, scores=tmp_path / f"{seed}-{model.name}.json")
+    (a3, b3, c3, a4, b4, c4) = (heads[i] for i in range(6))
+    assert torch.equal(a3[0], b3[0]) and torch.equal(a3[0], c3[0]) and torch.equal(a4[0], b4[0])
+    assert not torch.equal(a3[0], a4[0])
+    assert torch.equal(a3[1], c3[1]) and not torch.equal(a3[1], b3[1])  # b keeps its own pooler
+    assert a3[0].shape == (3, 128) and float(a3[0].std()) == pytest.approx(0.02, rel=0.2)
+
+
+def test_transformers_own_initialisation_depends_on_the_checkpoint(students):
+    """What classifier_init: model gives: the head depends on what the checkpoint holds (here, a pooler)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.common import seed_everything
+
+    heads = []
+    for model in students[:2]:
+        seed_everything(3)
+        heads.append(AutoModelForSequenceClassification.from_pretrained(model, num_labels=3).classifier.weight)
+    assert not torch.equal(heads[0], heads[1])
+
+
+# ---- the sequence-length schedule ---------------------------------------------------------------------------
+
+def test_phase_plan():
+    schedule = [{"fraction": 0.9, "max_seq_len": 128}, {"fraction": 0.1, "max_seq_len": 512}]
+    assert phase_plan({"max_steps": 300000, "seq_len_schedule": schedule}, 128) == [(0, 270000, 128),
+                                                                                     (270000, 300000, 512)]
+    assert phase_plan({"max_steps": 5, "seq_len_schedule": []}, 64) == [(0, 5, 64)]
+    assert phase_plan({"max_steps": 4, "seq_len_schedule": [{"fraction": 0.01, "max_seq_len": 32},
+                                                            {"fraction": 0.99, "max_seq_len": 64}]}, 64) == [(0, 4, 64)]
+
+
+@pytest.fixture(scope="module")
+def corpus_at_32(tmp_path_factory, corpus_text):
+    """The sharded_corpus's text packed at length 32 (what shard_corpus_phase writes)."""
+    from pipeline.corpus import shard
+
+    out = tmp_path_factory.mktemp("len32")
+    shards = [str(out / "shard-000.parquet"), str(out / "shard-001.parquet")]
+    shard([corpus_text], shards, str(out / "manifest.json"), {"tokenizer": MINILM, "max_seq_len": 32, "seed": 0})
+    return shards, str(out / "manifest.json")
+
+
+@pytest.fixture(scope="module")
+def targets_by_length(tmp_path_factory, sharded_corpus, corpus_at_32, encoder_teacher):
+    """Target shards of the corpus at its own length (64) and at 32, over one dictionary."""
+    made = {}
+    for length, (shards, manifest) in ((64, sharded_corpus), (32, corpus_at_32)):
+        out = tmp_path_factory.mktemp(f"targets{length}")
+        save_dictionary(out, random_dictionary(32, 24))
+        params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 16, "lambda": 0.05, "top_k": "none",
+                  "solver": "fista", "max_iterations": 50, "tolerance": 0.0, "device": "cpu",
+                  "trust_remote_code": False}
+        made[length] = [str(out / f"shard-{i:03d}.parquet") for i in range(len(shards))]
+        for shard, path in zip(shards, made[length]):
+            code_targets(shard, manifest, out, path, params)
+        summarize(made[length], str(out / "manifest.json"), params)
+    return made
+
+
+def test_the_sequence_length_switches_at_the_phase_boundary_and_resumes_exactly(
+        tmp_path, sharded_corpus, corpus_at_32, targets_by_length, monkeypatch):
+    """Updates 1-2 train on the corpus packed at 32 tokens, 3-4 on the one at 64 (with its own targets); a run
+    killed at the boundary or inside the second phase resumes to bit-identical weights."""
+    from safetensors.torch import load_file
+
+    from pipeline.pretrain import data, trainer
+
+    shards, manifest = sharded_corpus
+    schedule = {"objective": "mlsm+mlm", "seq_len_schedule": [{"fraction": 0.5, "max_seq_len": 32},
+                                                               {"fraction": 0.5, "max_seq_len": 64}]}
+    phase = {"phase_shards": corpus_at_32[0], "phase_manifests": [corpus_at_32[1]],
+             "phase_target_shards": targets_by_length[32],
+             "phase_target_manifests": [str(Path(targets_by_length[32][0]).parent / "manifest.json")]}
+    widths, real_batch = [], data.make_batch
+    monkeypatch.setattr(data, "make_batch", lambda *a, **k: widths.append(real_batch(*a, **k)) or widths[-1])
+    straight = pretrain(tmp_path / "straight", shards, manifest, schedule, targets_by_length[64], **phase)
+    lengths = [int(b["lengths"].max()) for b in widths[:4]]
+    assert max(lengths[:2]) <= 32 < max(lengths[2:])
+    assert all(b["target_atoms"].shape[0] == b["masked_count"] for b in widths[:4])
+
+    original_log = trainer.Trainer._log
+    for kill_after in (2, 3):
+        calls = []
+
+        def killed(self, *args, kill_after=kill_after, calls=calls):
+            original_log(self, *args)
+            calls.append(self.step)
+            if self.step == kill_after and len(calls) == kill_after:
+                raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(trainer.Trainer, "_log", killed)
+        out, state = tmp_path / f"killed{kill_after}", str(tmp_path / f"state{kill_after}")
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(out, shards, manifest, schedule, targets_by_length[64], resume_dir=state, checkpoint_seconds=0,
+                     **phase)
+        resumed = pretrain(out, shards, manifest, schedule, targets_by_length[64], resume_dir=state,
+                           checkpoint_seconds=0, **phase)
+        a, b = (load_file(d / "model" / "model.safetensors") for d in (tmp_path / "straight", out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kill_after
+        assert resumed["history"][-1]["mlsm"] == straight["history"][-1]["mlsm"]
+        assert calls[kill_after] == kill_after  # resumed from the checkpoint before the kill
+    monkeypatch.setattr(trainer.Trainer, "_log", original_log)
+
+
+def test_a_schedule_without_its_phase_corpus_is_refused(tmp_path, sharded_corpus):
+    from pipeline.common import StageError
+
+    shards, manifest = sharded_corpus
+    schedule = [{"fraction": 0.5, "max_seq_len": 32}, {"fraction": 0.5, "max_seq_len": 64}]
+    with pytest.raises(StageError, match=r"seq_len_schedule lengths \[32\] need the corpus shards"):
+        pretrain(tmp_path / "s", shards, manifest, {"objective": "mlm", "seq_len_schedule": schedule})
+
+
+# ---- students from any BERT config, and from a checkpoint ---------------------------------------------------
+
+def test_a_student_takes_the_shape_of_a_model_sources_config_with_fresh_weights(encoder_teacher, tokenizer):
+    from transformers import BertModel
+
+    config = build_config({**BASE, "architecture": str(encoder_teacher)}, tokenizer, 64)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (32, 3, len(tokenizer))
+    student = Student(config, "mlm", None)
+    teacher = BertModel.from_pretrained(encoder_teacher)
+    assert not torch.equal(student.encoder.encoder.layer[0].attention.self.query.weight,
+                           teacher.encoder.layer[0].attention.self.query.weight)
+
+
+def test_a_student_initialised_from_a_checkpoint_starts_at_its_loss(tmp_path, sharded_corpus, targets_by_length,
+                                                                     tokenizer):
+    """init: the first update's losses (measured before it) are the checkpoint's own losses on that batch, its
+    MLM and its tied MLSM head both continued; a fresh student starts far higher."""
+    shards, manifest = sharded_corpus
+    first = {"objective": "mlsm+mlm", "mlsm_head": "tied", "max_steps": 6, "learning_rate": 3e-3}
+    pretrain(tmp_path / "first", shards, manifest, first, targets_by_length[64])
+    checkpoint = str(tmp_path / "first" / "model")
+    again = pretrain(tmp_path / "again", shards, manifest, {**first, "init": checkpoint, "seed": 5},
+                     targets_by_length[64])
+    fresh = pretrain(tmp_path / "fresh", shards, manifest, {**first, "seed": 5}, targets_by_length[64])
+
+    # The checkpoint's losses on the first micro-batch of the seed-5 run, computed outside the trainer.
+    from pipeline.pretrain.setup import build
+
+    setup = build(0, 1, torch.device("cpu"), _paths(shards, manifest, targets_by_length[64], tmp_path / "x"),
+                  {**BASE, **first, "init": checkpoint, "seed": 5, "student": "x"})
+    batch = setup.stream.micro_batch(0, BASE["batch_size"], tokenizer, setup.params)
+    setup.model.eval()
+    with torch.no_grad():
+        expected = loss_parts(setup.model(batch), batch, setup.params, None)
+    step1 = again["history"][0]
+    assert step1["mlm"] == pytest.approx(float(expected["mlm"]), rel=1e-4)
+    assert step1["mlsm"] == pytest.approx(float(expected["mlsm"]), rel=1e-4)
+    assert fresh["history"][0]["mlm"] > step1["mlm"] + 0.2
+
+
+def _paths(shards, manifest, targets, out: Path):
+    from pipeline.stages import paths
+
+    return paths("pretrain", corpus_shards=shards, corpus_manifest=manifest, model=out / "model",
+                 summary=out / "summary.json", target_shards=targets,
+                 target_manifest=str(Path(targets[0]).parent / "manifest.json"))
+
+
+def test_init_from_a_checkpoint_on_another_vocabulary_is_refused(tmp_path, sharded_corpus):
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    from pipeline.common import StageError
+
+    other = tmp_path / "other"
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(other)
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(60)} | {"[PAD]": 60, "[UNK]": 61, "[CLS]": 62, "[SEP]": 63}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                            unk_token="[UNK]", pad_token="[PAD]").save_pretrained(other)
+    shards, manifest = sharded_corpus
+    with pytest.raises(StageError, match="different vocabulary"):
+        pretrain(tmp_path / "s", shards, manifest, {"objective": "mlm", "init": str(other)})
+
+
+# ---- the tokenizer's normalizer ---------------------------------------------------------------------------
+
+def test_the_reference_normalizer_keeps_case_and_accents_and_joins_quotes(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenizer import train
+
+    sentences = ["``Café Über'' she said, ``naïve''.", "The Quick brown fox."] * 50
+    train(sentences, tmp_path / "ref", {"model": "unigram", "vocab_size": 120, "lowercase": False,
+                                        "normalizer": "reference"})
+    train(sentences, tmp_path / "bert", {"model": "unigram", "vocab_size": 120, "lowercase": True})
+    reference, bert = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("ref", "bert"))
+    assert reference.backend_tokenizer.normalizer.normalize_str("``Café''") == '"Café"'
+    assert bert.backend_tokenizer.normalizer.normalize_str("``Café''") == "``cafe''"
+
+
+# ---- the reference's sentence pairs ----------------------------------------------------------------------
+
+def test_reference_pairs_are_the_reference_tokenizers_pairs(tokenizer):
+    """Lines two by two, with the reference's filters, cut longest-first exactly as its fast tokenizer cuts a
+    pair (tokenizer(A, B, truncation=True, max_length=L))."""
+    from pipeline.corpus import pack_reference_pairs
+
+    texts = ["Hi.", "The first line of the document is here.", "And a second, somewhat longer line follows it.",
+             "Short", "ok", "A third pair starts with this line", "and ends with this one, which is long enough.",
+             "Two words", "three more words", "An odd last line."]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    expected_pairs = [(1, 2), (5, 6)]  # "Hi." skipped; (Short, ok): B too short; (Two.., three..): 5 words kept
+    expected_pairs.append((7, 8))
+    for max_len in (64, 16, 13, 9):
+        got = [ids for ids, _ in pack_reference_pairs(texts, encoded, max_len, tokenizer.cls_token_id,
+                                                      tokenizer.sep_token_id)]
+        want = [tokenizer(texts[a], texts[b], truncation=True, max_length=max_len)["input_ids"]
+                for a, b in sorted(expected_pairs)]
+        assert got == want, max_len
+
+
+def test_the_shard_stage_packs_reference_pairs_document_by_document(corpus_text, monkeypatch):
+    """corpus.packing reference_pairs in the sharding stage: each kept document's lines (also those that
+    encode to nothing) paired by pack_reference_pairs, held-out documents in the validation split."""
+    from pipeline import corpus, text
+    from pipeline.corpus import pack_reference_pairs
+
+    monkeypatch.setattr(text, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
+    params = {"tokenizer": MINILM, "max_seq_len": 24, "seed": 0, "validation_fraction": 0.3,
+              "packing": "reference_pairs"}
+    packer = corpus.ChunkPacker(params)
+    chunks = list(corpus.read_chunks([corpus_text], {**corpus.DEFAULTS, **params}, corpus.Skipped()))
+    held_out_sequences = 0
+    for chunk in chunks:
+        flags = text.validation_flags(chunk, 0.3, 0)
+        expected = {"train": [], "validation": []}
+        for number, (doc, held) in enumerate(zip(chunk.documents, flags)):
+            lines = [e.ids for e in packer.encode(doc, add_special_tokens=False)]
+            for ids, _ in pack_reference_pairs(doc, lines, 24, packer.cls, packer.sep):
+                expected["validation" if held else "train"].append((chunk.first_doc + number, ids))
+        for split, table in packer(chunk)["tables"].items():
+            got = list(zip(table["doc_id"].to_pylist(), table["input_ids"].to_pylist()))
+            assert got == expected[split], (chunk.index, split)
+        held_out_sequences += len(expected["validation"])
+    assert held_out_sequences > 0
