@@ -28,9 +28,10 @@ FORMAT_VERSION = {
     "activations": 3,
     "dictionary": 3,
     "targets": 4,
-    "pretrain": 3,
+    "target_summary": 5,  # the targets' record (was the targets' version until it listed atom_usage)
+    "pretrain": 4,
     "finetune": 3,
-    "report": 3,
+    "report": 4,
 }
 
 # ---- paths, relative to the config's `results` directory (demo data goes to resources/) --------
@@ -159,8 +160,9 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # p99_nnz, nnz_histogram, zero_code_fraction, mean/max_mass_lost_to_top_k, mean_entropy_nats,
 # mean/p99_iterations, atom_usage, dictionary = the dictionary record's checksum). manifest.json sums the
 # training shards': tokens, mean_nnz, zero_code_fraction, zero_code_tokens, mean/max_mass_lost_to_top_k,
-# mean_entropy_nats, mean_iterations, nnz_histogram {bins, tokens}, atoms_used_fraction,
-# atom_usage_histogram, dictionary, params (solver, lambda, top_k, ...), shards [{path, tokens}],
+# mean_entropy_nats, mean_iterations, nnz_histogram {bins, tokens}, atom_usage (the training targets'
+# mass per atom: K numbers), atoms_used_fraction, atom_usage_histogram, dictionary, params (solver,
+# lambda, top_k, ...), shards [{path, tokens}],
 # validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------

@@ -55,8 +55,8 @@ RULES = {rule.name: rule for rule in (
     Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation"),
          outputs={"manifest": contract.TARGET_MANIFEST}),
     Rule("pretrain_student", "pretrain", "{student}", inputs=(
-        "corpus_shards", "corpus_manifest", "validation", "target_shards", "target_manifest", "validation_targets",
-        "dictionary", "dictionary_metrics", *TEACHER_MODEL),
+        "corpus_shards", "corpus_manifest", "validation", "token_counts", "target_shards", "target_manifest",
+        "validation_targets", "dictionary", "dictionary_metrics", *TEACHER_MODEL),
         outputs={"model": contract.STUDENT_MODEL, "checkpoints": contract.STUDENT_CHECKPOINTS,
                  "summary": contract.STUDENT_SUMMARY}, logs=PRETRAIN_LOGS, resumable=True, gpus_key="student"),
     Rule("finetune", "finetune", "{student}_{snapshot}_{task}_seed{seed}",

@@ -97,10 +97,11 @@ STAGES = {stage.name: stage for stage in (
         _in("dictionary"), _in("dictionary_metrics"), *AUXILIARY, _out("targets"), RESUME),
         settings=("checkpoint_seconds",), entry="compute"),
     Stage("target_summary", "the target shards' statistics summed into the targets' record", (
-        _in("shards", many=True), _in("validation"), _out("manifest")), version="targets"),
+        _in("shards", many=True), _in("validation"), _out("manifest"))),
     Stage("pretrain", "a BERT-style model pre-trained from scratch with its objective", (
         _in("corpus_shards", many=True), _in("corpus_manifest"),
-        _in("validation", optional=True, help="held-out sequences for validation losses"),
+        _in("validation", optional=True, help="held-out sequences for validation losses and diagnostics"),
+        _in("token_counts", optional=True, help="training-token frequencies: the MLM diagnostic's baseline"),
         _in("target_shards", many=True, optional=True), _in("target_manifest", optional=True),
         _in("validation_targets", optional=True),
         _in("dictionary", optional=True, help="with targets online"), _in("dictionary_metrics", optional=True),

@@ -13,13 +13,15 @@ from __future__ import annotations
 from . import config as cfg
 from . import contract
 from .launch import torchrun_command
-from .objectives import objective
+from .objectives import ARCHITECTURE_KEYS, objective
 from .rules import RULES, fill
 from .stages import STAGES
 from .tasks import task_files
 from .text import input_files
 
 BBC_DIR = contract.BBC_DIR
+# What a control student's job takes besides its architecture: no updates, and how its diagnostics mask.
+CONTROL_KEYS = ("objective", "max_steps", "checkpoint_fractions", "mask_fraction", "mask_strategy")
 
 
 class Workflow:
@@ -164,7 +166,8 @@ class Workflow:
         """Corpus and validation split; for MLSM objectives the targets of both and their record, or with
         targets online the dictionary; a teacher the pipeline trained, with its record."""
         inputs = {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                  "validation": self.path(contract.CORPUS_VALIDATION)}
+                  "validation": self.path(contract.CORPUS_VALIDATION),
+                  "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS)}
         teacher = self.student_teacher(w.student)
         if self.online_targets(w.student):
             inputs["dictionary"] = self.path(contract.DICTIONARY, teacher=teacher)
@@ -256,6 +259,9 @@ class Workflow:
         student = w.student
         options = self.student_options(student)
         needs = objective(options["objective"])
+        if not needs.trains:  # the control: only what fixes its weights and the masks of its diagnostics
+            kept = {k: options[k] for k in (*ARCHITECTURE_KEYS, *CONTROL_KEYS)}
+            return self._slice("pretrain_student", kept, student=student, device=self.device)
         extra = {"student": student, "device": self.device}
         teacher = self.student_teacher(student)
         if teacher is None:
