@@ -166,16 +166,22 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
-# model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
-# tokenizer (loads with AutoModel / AutoModelForSequenceClassification); mlsm_head.safetensors for
-# MLSM objectives; pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
+# model/: save_pretrained of BertModel (mlsm, and the control none: its initialisation, no update) or
+# BertForMaskedLM (mlm, kd, mlsm+mlm) plus its tokenizer (loads with AutoModel /
+# AutoModelForSequenceClassification); mlsm_head.safetensors for MLSM objectives; pretraining.json
+# (params, steps, objective, atoms, world_size, tokens_seen).
 # checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
 # summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the
 # last history entry), history [{step, loss per part, grad_norm, lr, masked_tokens, tokens_per_second,
 # mfu (null off known GPUs), seconds, and at each save validation_mlsm / validation_mlm: the losses
-# on corpus/validation.parquet with fixed masks}], files
-# (every file under model/ and checkpoints/), checksum. logs/pretrain_student/{student}.csv: the history.
+# on corpus/validation.parquet with fixed masks}], baselines {unigram_entropy, unigram_missing_mass,
+# seen_tokens, atoms}, diagnostics [{step (0: at initialisation, then each save), validation_mlm,
+# unigram_loss, mlm_gain, mlm_gain_se, mlm_tokens, validation_mlsm, mean_target_loss, uniform_loss,
+# mlsm_gain, mlsm_gain_se, mlsm_tokens, masked_cosine, real_cosine, embedding_cosine}] (the training-health
+# measurements of pipeline/pretrain/diagnostics.py; the losses only where the student has that head and
+# the inputs they need), files (every file under model/ and checkpoints/), checksum.
+# logs/pretrain_student/{student}.csv: the history.
 
 # ---- stage 6, finetune ----------------------------------------------------------------------------
 # finetune/{student}/{snapshot}/{task}/seed{seed}.json, snapshot "final" (model/) or "step{N}"
@@ -185,10 +191,14 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 
 # ---- stage 7, report --------------------------------------------------------------------------------
 # report.md (final models' scores per student x task: mean ± std [95 % bootstrap CI] over seeds and
-# the GLUE-style average; MLSM vs MLM differences paired by seed with CIs; the checkpoints' scores by
-# pre-training updates; students; dictionary metrics; atom browser; wall and GPU time per stage),
-# report.html (the same page with the plots embedded), results.csv (one row per student x snapshot x
-# task x seed), scores.png, sample_efficiency.png,
+# the GLUE-style average, with the control, the majority class and each student's training health;
+# warnings for failed diagnostics; the diagnostics table; each student against its control, paired by
+# seed; MLSM vs MLM differences paired by seed with CIs and a reading that marks those that are not
+# findings; the checkpoints' scores by pre-training updates; students; dictionary metrics; atom browser;
+# wall and GPU time per stage), report.html (the same page with the plots embedded), results.csv (one
+# row per student x snapshot x task x seed: score, control, control_score, minus_control,
+# majority_score, health, the diagnostics at that snapshot and the cosines at initialisation),
+# scores.png, sample_efficiency.png,
 # manifest.json (files, checksum).
 
 

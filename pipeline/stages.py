@@ -119,6 +119,7 @@ STAGES = {stage.name: stage for stage in (
         _in("scores", many=True), _in("students", many=True), _in("dictionaries", many=True, optional=True),
         _in("atoms", many=True, optional=True), _in("targets", many=True, optional=True),
         _in("benchmarks", many=True, optional=True, help="Snakemake benchmark files of the jobs"),
+        _in("task_files", many=True, optional=True, help="the tasks' train and dev files: majority-class scores"),
         _out("md"), _out("html"), _out("csv"), _out("scores_plot"), _out("curve_plot"), _out("manifest")),
         entry="report"),
 )}

@@ -191,7 +191,8 @@ class Workflow:
                 "atoms": [self.path(contract.DICTIONARY_ATOMS, teacher=t) for t in self.teachers],
                 "targets": [self.path(contract.TARGET_MANIFEST, teacher=t) for t in self.teachers],
                 "benchmarks": [self.benchmark(rule, **wildcards) for rule, wildcards in self.jobs()
-                               if rule != "report"]}
+                               if rule != "report"],
+                "task_files": [path for task in self.tasks for path in task_files(self.config["tasks"][task])]}
 
     def finetuned_snapshots(self, student: str, task: str) -> list[str]:
         return cfg.finetuned_snapshots(self.config, student, task)
@@ -219,7 +220,8 @@ class Workflow:
     def _train_tokenizer_params(self, w) -> dict:
         # What reading the text takes (which documents are validation ones, what is bad input) and the training.
         reading = {k: self.config["corpus"][k] for k in
-                   ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "seed")}
+                   ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "max_documents",
+                    "seed")}
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 
     def _shard_corpus_params(self, w) -> dict:
