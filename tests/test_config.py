@@ -141,3 +141,16 @@ def test_a_student_named_like_the_automatic_control_is_named(default):
     default["students"]["none"] = {"objective": "mlm", "size": "small"}
     with pytest.raises(cfg.ConfigError, match=r"'students.none': this name is the automatic control student's"):
         cfg.validate(default)
+
+
+def test_the_glue_cpu_comparison_gives_every_student_the_same_budget():
+    config = cfg.validate(cfg.load_yaml(REPO / "config" / "glue-cpu.yaml"))
+    students = config["students"]
+    assert sorted(s["objective"] for s in students.values()) == ["mlm", "mlsm", "mlsm+mlm", "none"]
+    assert {"CoLA", "SST-2", "MRPC", "RTE"} <= set(config["tasks"]) and len(config["finetune"]["seeds"]) >= 3
+    assert config["corpus"]["max_documents"] > 0 and config["device"] == "cpu"
+    trained = [cfg.student_options(config, name) for name, s in students.items() if s["objective"] != "none"]
+    budget = ("size", "max_steps", "batch_size", "grad_accumulation", "learning_rate", "warmup_fraction", "seed",
+              "mask_fraction", "checkpoint_fractions")
+    assert len({tuple(str(options[key]) for key in budget) for options in trained}) == 1
+    assert trained[0]["checkpoint_fractions"] == [0.25, 0.5]
