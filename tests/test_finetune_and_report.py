@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import health
 from pipeline.common import StageError
 from pipeline.finetune import compute_metrics
 from pipeline.integrity import read_record, write_record
@@ -288,3 +289,32 @@ def test_without_a_control_the_report_says_so(tmp_path):
     assert "No pre-trained student has a control of its architecture in this run" in text
     assert "| majority class |" not in text and {r["control"] for r in rows} == {""}
     assert "| good | good_mlm | t1 | +0.100 | [+0.100, +0.100] | 3/3 | MLSM higher |" in text
+
+
+def test_majority_class_scores_follow_each_metric():
+    # accuracy: the training set's most frequent label predicted for every dev example
+    assert health.majority_score(("accuracy",), ["a", "a", "b"], ["a", "b", "b", "b"]) == 0.25
+    # MRPC-style F1 and accuracy: predicting the positive class everywhere gives F1 = 2p / (1 + p)
+    assert health.majority_score(("f1", "accuracy"), ["1", "1", "0"], ["1", "0", "0", "0"]) == \
+        pytest.approx((2 * 0.25 / 1.25 + 0.25) / 2)
+    # predicting the negative class everywhere has no positive predictions: F1 = 0
+    assert health.majority_score(("f1", "accuracy"), ["0", "0", "1"], ["1", "0", "0", "0"]) == 0.375
+    assert health.majority_score(("mcc",), ["1", "1", "0"], ["1", "0"]) == 0.0
+    assert health.majority_score(("pearson", "spearman"), ["1.0"], ["2.0"]) is None
+
+
+def test_thresholds_of_the_health_checks():
+    # a score is above a baseline only when its whole 95 % CI over seeds is
+    assert health.not_above([0.69, 0.70, 0.74], 0.70) and not health.not_above([0.72, 0.73, 0.74], 0.70)
+    assert health.not_above([0.9], 0.5)  # one seed: no CI, not established
+    assert health.reading(-0.01, 0.02) == "within noise" and health.reading(0.01, 0.02) == "above"
+    # collapse: more than halfway from the initial cosine towards 1
+    student = {"params": {"objective": "mlm"}, "diagnostics": [
+        diagnostics(0, mlm=(0.0, 0.01), cosines=(0.5, 0.2, 0.0)),
+        diagnostics(8, mlm=(0.05, 0.02), cosines=(0.74, 0.61, 0.49))]}
+    assert [(c.name, c.passed) for c in health.checks(student)] == [
+        ("MLM loss", True), ("masked states", True), ("real-token states", False), ("word embeddings", True)]
+    # a loss gain within 1.96 standard errors of 0 is noise
+    student["diagnostics"][1] = diagnostics(8, mlm=(0.03, 0.02), cosines=(0.5, 0.2, 0.0))
+    assert health.failed(student)[0].name == "MLM loss"
+    assert health.health_cell({"params": {"objective": "none"}}) == "control (no pre-training)"
