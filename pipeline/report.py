@@ -130,9 +130,11 @@ def scores_section(comparison: Comparison, plot_name: str) -> list[str]:
                      + f" | {average} | – |")
     warnings = [f"Warning: student `{name}` {check.warning}." for name in c.names if name in c.students
                 for check in health.failed(c.students[name])]
-    if warnings:
-        lines += ["", "These students did not train enough for their scores to say what their objective is "
-                  "worth; comparisons involving them are marked below, not presented as findings."]
+    unhealthy = [name for name in c.names if name in c.students and health.failed(c.students[name])]
+    if unhealthy:
+        lines += ["", f"Did not train enough for their scores to say what their objective is worth: "
+                  f"{', '.join(f'`{name}`' for name in unhealthy)}. Comparisons involving them are marked "
+                  "below, not presented as findings."]
         lines += [line for warning in warnings for line in ("", warning)]
     return lines + ["", f"![scores]({plot_name})"]
 

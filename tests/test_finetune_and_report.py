@@ -245,7 +245,9 @@ def test_the_report_shows_the_control_the_majority_class_and_each_failed_diagnos
     for student, failure in (("flat_mlm", "fails: MLM loss"), ("flat_mlsm", "fails: MLSM loss"),
                              ("collapsed", "fails: masked states, real-token states, word embeddings")):
         assert re.search(rf"\| {student} \| .* \| {failure} \|", text), student
-    # A plain-language warning per failed diagnostic.
+    # The students that did not train enough, named; a plain-language warning per failed diagnostic.
+    assert "Did not train enough for their scores to say what their objective is worth: `collapsed`, " \
+           "`flat_mlm`, `flat_mlsm`. Comparisons involving them are marked below" in text
     assert "Warning: student `flat_mlm` has not learned beyond token frequencies: its validation MLM loss 5.996" in text
     assert "Warning: student `flat_mlsm` has not learned to predict the latent semantic targets" in text
     for what in ("masked states", "real-token states", "word embeddings"):
