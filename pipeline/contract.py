@@ -26,9 +26,9 @@ FORMAT_VERSION = {
     "tokenizer": 1,
     "corpus": 3,
     "activations": 3,
-    "dictionary": 3,
-    "targets": 4,
-    "target_summary": 5,  # the targets' record (was the targets' version until it listed atom_usage)
+    "dictionary": 4,
+    "targets": 5,
+    "target_summary": 6,  # the targets' record (was the targets' version until it listed atom_usage)
     "pretrain": 4,
     "finetune": 3,
     "report": 4,

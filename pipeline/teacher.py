@@ -31,6 +31,7 @@ from .cli import run
 from .common import StageError, log, pick_device, set_cpu_threads
 from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, pad_rows, read_token_counts
 from .integrity import CHECKSUM_KEY, read_verified
+from .memory import release_free_memory, streaming_allocators
 from .models import TeacherEncoder, length_batches, load_encoder, load_tokenizer, model_identity, verify_model
 from .resume import Resume
 
@@ -93,6 +94,7 @@ def extract(paths, params: dict) -> dict:
     """Sample tokens shard by shard (the shards are shuffled, so reading each in order samples at random),
     run the teacher on the sequences holding them, append their states to the store."""
     set_cpu_threads()
+    streaming_allocators()
     manifest = read_verified(paths.corpus_manifest, [*paths.corpus_shards, *filter(None, [paths.token_counts])])
     verify_model(paths.teacher_model, paths.teacher_summary)
     encoder = load_encoder(params["source"], params["layer"], pick_device(params.get("device", "auto")), manifest,
@@ -148,6 +150,7 @@ def sample_shards(encoder, store: ActivationStore, progress: dict, shard_paths: 
             if quota <= 0:  # the rest of the shard is not read
                 break
             processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
+            release_free_memory()  # peak memory flat in the number of units (pipeline.memory)
             unit += 1
             if resume.due():
                 store.flush()
