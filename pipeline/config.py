@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .objectives import objective
+from .objectives import ARCHITECTURE_KEYS, CONTROL, objective
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 TRAINED_TOKENIZER = "train"  # corpus.tokenizer: the train_tokenizer stage's output
@@ -121,6 +121,7 @@ def validate(config: dict) -> dict:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
     _fill_defaults(_schema(), config)
     _check_cross_keys(config)
+    add_controls(config)
     return config
 
 
@@ -153,6 +154,29 @@ def results_problem(results: str) -> str | None:
     if os.path.exists(normal) and not os.path.isdir(normal):
         return "it is an existing file, not a directory"
     return None
+def architecture(config: dict, student: str) -> tuple:
+    """The options that fix a student's initial weights and shape (objectives.ARCHITECTURE_KEYS)."""
+    options = student_options(config, student)
+    return tuple(options[key] for key in ARCHITECTURE_KEYS)
+
+
+def add_controls(config: dict) -> None:
+    """With `control` on, a control student (objective none) for every architecture of the pre-trained
+    students that no control of the config has: `none` for the pretrain section's, else none_<what differs>."""
+    if not config["control"]:
+        return
+    students = config["students"]
+    covered = {architecture(config, name) for name, s in students.items() if s["objective"] == CONTROL}
+    needed = dict.fromkeys(architecture(config, name) for name, s in sorted(students.items())
+                           if objective(s["objective"]).trains and architecture(config, name) not in covered)
+    section = tuple(config["pretrain"][key] for key in ARCHITECTURE_KEYS)
+    for shape in needed:
+        differs = {key: value for key, value, default in zip(ARCHITECTURE_KEYS, shape, section) if value != default}
+        name = "_".join([CONTROL, *(str(v) if k == "size" else f"{k}{v}" for k, v in differs.items())])
+        if name in students:
+            raise ConfigError(f"config key 'students.{name}': this name is the automatic control student's "
+                              "(objective none); rename the student, or set control: false")
+        students[name] = {"objective": CONTROL, **differs}
 
 
 def _check_cross_keys(config: dict) -> None:
@@ -226,9 +250,12 @@ REFERENCE_SOLVER = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, 
 
 
 def student_options(config: dict, name: str) -> dict:
-    """The pretrain section overlaid with the student's own keys."""
+    """The pretrain section overlaid with the student's own keys; a control (objective none) has no updates,
+    so no checkpoints, and one process."""
     merged = dict(config["pretrain"])
     merged.update(config["students"][name])
+    if not objective(merged["objective"]).trains:
+        merged.update(max_steps=0, checkpoint_fractions=[], gpus=1)
     return merged
 
 

@@ -28,9 +28,10 @@ FORMAT_VERSION = {
     "activations": 3,
     "dictionary": 5,
     "targets": 7,
+    "target_summary": 8,  # the targets' record (was the targets' version until it listed atom_usage)
     "pretrain": 4,
     "finetune": 3,
-    "report": 3,
+    "report": 4,
 }
 
 # ---- paths, relative to the config's `results` directory (demo data goes to resources/) --------
@@ -189,25 +190,31 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # cuts lose), mean_kept_atoms, mean_entropy_nats,
 # mean/p99_iterations, atom_usage, dictionary = the dictionary record's checksum). manifest.json sums the
 # training shards': tokens, mean_nnz, zero_code_fraction, zero_code_tokens, mean/max_mass_lost_to_top_k,
-# mean_entropy_nats, mean_iterations, nnz_histogram {bins, tokens}, atoms_used_fraction,
-# mean_kept_atoms, atom_usage_histogram, dictionary, params (solver, lambda, top_k, top_mass, ...),
-# shards [{path, tokens}],
+# mean_entropy_nats, mean_iterations, nnz_histogram {bins, tokens}, atom_usage (the training targets'
+# mass per atom: K numbers), atoms_used_fraction, mean_kept_atoms, atom_usage_histogram, dictionary, params
+# (solver, lambda, top_k, top_mass, ...), shards [{path, tokens}],
 # validation {path, tokens, mean_nnz, zero_code_fraction}, files, checksum.
 
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
-# model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
-# tokenizer (loads with AutoModel / AutoModelForSequenceClassification); BertForMaskedLM also for an MLSM
-# student with mlsm_head tied; mlsm_head.safetensors for MLSM objectives (metadata atoms and head: separate,
-# a transform, LayerNorm and decoder; tied, decoder.weight [K, d] and decoder.bias [K], the K rows the MLM
-# decoder and its bias gain in the reference's layout, behind the MLM head's transform);
+# model/: save_pretrained of BertModel (mlsm, and the control none: its initialisation, no update) or
+# BertForMaskedLM (mlm, kd, mlsm+mlm) plus its tokenizer (loads with AutoModel /
+# AutoModelForSequenceClassification); BertForMaskedLM also for an MLSM student with mlsm_head tied;
+# mlsm_head.safetensors for MLSM objectives (metadata atoms and head: separate, a transform, LayerNorm and
+# decoder; tied, decoder.weight [K, d] and decoder.bias [K], the K rows the MLM decoder and its bias gain in
+# the reference's layout, behind the MLM head's transform);
 # pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
 # checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
 # summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the
 # last history entry), history [{step, loss per part, grad_norm, lr, masked_tokens, tokens_per_second,
 # mfu (null off known GPUs), seconds, and at each save validation_mlsm / validation_mlm: the losses
-# on corpus/validation.parquet with fixed masks}], files
-# (every file under model/ and checkpoints/), checksum. logs/pretrain_student/{student}.csv: the history.
+# on corpus/validation.parquet with fixed masks}], baselines {unigram_entropy, unigram_missing_mass,
+# seen_tokens, atoms}, diagnostics [{step (0: at initialisation, then each save), validation_mlm,
+# unigram_loss, mlm_gain, mlm_gain_se, mlm_tokens, validation_mlsm, mean_target_loss, uniform_loss,
+# mlsm_gain, mlsm_gain_se, mlsm_tokens, masked_cosine, real_cosine, embedding_cosine}] (the training-health
+# measurements of pipeline/pretrain/diagnostics.py; the losses only where the student has that head and
+# the inputs they need), files (every file under model/ and checkpoints/), checksum.
+# logs/pretrain_student/{student}.csv: the history.
 
 # ---- stage 6, finetune ----------------------------------------------------------------------------
 # finetune/{student}/{snapshot}/{task}/seed{seed}.json, snapshot "final" (model/) or "step{N}"
@@ -217,10 +224,14 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 
 # ---- stage 7, report --------------------------------------------------------------------------------
 # report.md (final models' scores per student x task: mean ± std [95 % bootstrap CI] over seeds and
-# the GLUE-style average; MLSM vs MLM differences paired by seed with CIs; the checkpoints' scores by
-# pre-training updates; students; dictionary metrics; atom browser; wall and GPU time per stage),
-# report.html (the same page with the plots embedded), results.csv (one row per student x snapshot x
-# task x seed), scores.png, sample_efficiency.png,
+# the GLUE-style average, with the control, the majority class and each student's training health;
+# warnings for failed diagnostics; the diagnostics table; each student against its control, paired by
+# seed; MLSM vs MLM differences paired by seed with CIs and a reading that marks those that are not
+# findings; the checkpoints' scores by pre-training updates; students; dictionary metrics; atom browser;
+# wall and GPU time per stage), report.html (the same page with the plots embedded), results.csv (one
+# row per student x snapshot x task x seed: score, control, control_score, minus_control,
+# majority_score, health, the diagnostics at that snapshot and the cosines at initialisation),
+# scores.png, sample_efficiency.png,
 # manifest.json (files, checksum).
 
 

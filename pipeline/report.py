@@ -16,28 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract
+from . import contract, health
 from .cli import run
 from .common import StageError
+from .comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences
+from .health import bootstrap_ci
 from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
-from .objectives import objective
+from .plots import curve_tasks, plot_sample_efficiency, plot_scores
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
-BOOTSTRAP_SAMPLES = 10_000
 # Rules whose jobs hold a GPU when the config's device is cuda (pretrain_student: its `gpus`).
 GPU_RULES = ("pretrain_teacher", "extract_activations", "fit_dictionary", "precompute_targets", "pretrain_student",
              "finetune")
-
-
-def bootstrap_ci(values, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean over seeds (nan with fewer than 2 values)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (BOOTSTRAP_SAMPLES, len(values)))].mean(1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 def summary_cell(values) -> str:
@@ -48,118 +38,33 @@ def summary_cell(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} [{low:.3f}, {high:.3f}]"
 
 
-def collect_scores(paths: list[str]) -> list[dict]:
-    rows = []
+def ci_cell(low: float, high: float) -> str:
+    return "–" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
+
+
+def collect_scores(paths: list[str]) -> tuple[list[dict], dict[str, dict]]:
+    """Each fine-tuning run's row, and each task's config (from the runs' params)."""
+    rows, task_configs = [], {}
     for path in paths:
         result = read_record(path)
         params = result["params"]
+        if "task" in params:
+            task_configs[params["task_name"]] = params["task"]
         rows.append({"student": params["student"], "objective": params["objective"],
                      "snapshot": params.get("snapshot", "final"), "pretrain_steps": result.get("pretrain_steps"),
                      "task": params["task_name"], "seed": params["seed"], "score": result["score"],
                      **{m: result["final"][m] for m in result["metrics"]}})
-    return sorted(rows, key=lambda r: (r["student"], r["task"], r["pretrain_steps"] or 0, r["seed"]))
-
-
-def select(rows: list[dict], **where) -> list[dict]:
-    return [r for r in rows if all(r[k] == v for k, v in where.items())]
+    return sorted(rows, key=lambda r: (r["student"], r["task"], r["pretrain_steps"] or 0, r["seed"])), task_configs
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    columns = ["student", "objective", "snapshot", "pretrain_steps", "task", "seed", "score"]
+    columns = ["student", "objective", "snapshot", "pretrain_steps", "task", "seed", "score", "control",
+               "control_score", "minus_control", "majority_score", "health"]
     columns += sorted({k for r in rows for k in r} - set(columns))
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _save(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_scores(path: str, rows: list[dict], students: list[str], tasks: list[str]) -> None:
-    """Final models: one bar per student and task, mean ± std over seeds."""
-    fig, ax = _pyplot().subplots(figsize=(max(5, 1.6 * len(tasks) * max(1, len(students)) / 2), 3.6))
-    width = 0.8 / len(students)
-    for i, student in enumerate(students):
-        means, errors = [], []
-        for task in tasks:
-            values = [r["score"] for r in select(rows, student=student, task=task, snapshot="final")]
-            means.append(np.mean(values) if values else np.nan)
-            errors.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
-        ax.bar(np.arange(len(tasks)) + i * width, means, width, yerr=errors, capsize=3, label=student)
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
-    ax.set_ylabel("dev score (mean ± std over seeds)")
-    ax.set_title("Fine-tuning scores by pre-training objective")
-    ax.legend(fontsize="small")
-    _save(fig, path)
-
-
-def curve_tasks(rows: list[dict]) -> list[str]:
-    """Tasks on which some intermediate checkpoint was fine-tuned."""
-    return sorted({r["task"] for r in rows if r["snapshot"] != "final"})
-
-
-def plot_sample_efficiency(path: str, rows: list[dict], students: list[str]) -> None:
-    """Score against pre-training updates, one line per student, one panel per curve task (mean over
-    seeds, the band its 95 % bootstrap CI)."""
-    plt = _pyplot()
-    tasks = curve_tasks(rows)
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), squeeze=False)
-    if not tasks:
-        axes[0][0].text(0.5, 0.5, "no checkpoints were fine-tuned\n(finetune.checkpoint_tasks)", ha="center",
-                        va="center")
-        axes[0][0].set_axis_off()
-    for ax, task in zip(axes[0], tasks):
-        for student in students:
-            points = sorted({r["pretrain_steps"] for r in select(rows, student=student, task=task)})
-            series = [[r["score"] for r in select(rows, student=student, task=task, pretrain_steps=s)] for s in points]
-            if not points:
-                continue
-            bands = np.array([bootstrap_ci(v) for v in series])
-            ax.plot(points, [np.mean(v) for v in series], marker="o", label=student)
-            ax.fill_between(points, bands[:, 0], bands[:, 1], alpha=0.15)
-        ax.set_title(task)
-        ax.set_xlabel("pre-training updates")
-        ax.set_ylabel("dev score")
-        ax.legend(fontsize="small")
-    _save(fig, path)
-
-
-def paired_differences(rows: list[dict]) -> list[dict]:
-    """Each MLSM student against each MLM student, per task: the mean over seeds of (MLSM - MLM) on
-    the final models, paired by seed, with its 95 % bootstrap CI."""
-    final = select(rows, snapshot="final")
-    students = {r["student"]: r["objective"] for r in final}
-    out = []
-    for mlsm in sorted(s for s, o in students.items() if objective(o).targets):
-        for mlm in sorted(s for s, o in students.items() if o == "mlm"):
-            for task in sorted({r["task"] for r in final}):
-                a = {r["seed"]: r["score"] for r in select(final, student=mlsm, task=task)}
-                b = {r["seed"]: r["score"] for r in select(final, student=mlm, task=task)}
-                seeds = sorted(a.keys() & b.keys())
-                if not seeds:
-                    continue
-                diffs = [a[s] - b[s] for s in seeds]
-                low, high = bootstrap_ci(diffs)
-                out.append({"mlsm": mlsm, "mlm": mlm, "task": task, "seeds": len(seeds),
-                            "difference": float(np.mean(diffs)), "low": low, "high": high,
-                            "wins": sum(d > 0 for d in diffs)})
-    return out
 
 
 def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict | None = None) -> list[dict]:
@@ -187,9 +92,10 @@ def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict |
 LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")
 
 
-def render(scores, students, dictionaries, atoms, targets, costs, plot_name, curve_name) -> str:
-    lines = scores_section(scores, plot_name) + pairs_section(scores) + curve_section(scores, curve_name)
-    lines += students_section(students)
+def render(comparison: Comparison, dictionaries, atoms, targets, costs, plot_name, curve_name) -> str:
+    lines = scores_section(comparison, plot_name) + health_section(comparison) + control_section(comparison)
+    lines += pairs_section(comparison) + curve_section(comparison, curve_name)
+    lines += students_section(list(comparison.students.values()))
     for teacher, metrics in dictionaries.items():
         lines += dictionary_section(teacher, metrics, atoms.get(teacher, []), targets.get(teacher))
     lines += costs_section(costs)
@@ -197,58 +103,136 @@ def render(scores, students, dictionaries, atoms, targets, costs, plot_name, cur
     return "\n".join(lines)
 
 
-def scores_section(scores: list[dict], plot_name: str) -> list[str]:
-    final = select(scores, snapshot="final")
-    names = sorted({r["student"] for r in scores})
-    tasks = sorted({r["task"] for r in final})
+def scores_section(comparison: Comparison, plot_name: str) -> list[str]:
+    c, tasks = comparison, comparison.tasks
     lines = ["# MLSM pipeline report", "",
-             f"{len(names)} students × {len(tasks)} tasks × {len({r['seed'] for r in scores})} seeds. "
+             f"{len(c.names)} students × {len(tasks)} tasks × {len({r['seed'] for r in c.scores})} seeds. "
              "Scores are dev-set scores at the last fine-tuning epoch (GLUE convention: mean of the task's "
              "official metrics), as mean ± sample std [95 % bootstrap CI of the mean] over seeds; the average "
-             "is the GLUE-style unweighted mean over tasks.", "",
+             "is the GLUE-style unweighted mean over tasks. The control (objective none: the same architecture "
+             "with fresh weights, no pre-training, fine-tuned the same way) and the majority class are the floor "
+             "a pre-trained student must clear; the last column says whether the student passes its "
+             "training-health diagnostics (below).", "",
              "## Fine-tuning scores of the final models", "",
-             "| student | objective | " + " | ".join(tasks) + " | average |",
-             "|---|---|" + "---:|" * (len(tasks) + 1)]
-    for name in names:
-        cells, averages = [], []
-        for task in tasks:
-            values = [r["score"] for r in select(final, student=name, task=task)]
-            cells.append(summary_cell(values) if values else "–")
-            averages.append(np.mean(values) if values else np.nan)
-        objective_name = next(r["objective"] for r in scores if r["student"] == name)
-        lines.append(f"| {name} | {objective_name} | " + " | ".join(cells) + f" | {np.nanmean(averages):.3f} |")
+             "| student | objective | " + " | ".join(tasks) + " | average | training health |",
+             "|---|---|" + "---:|" * (len(tasks) + 1) + "---|"]
+    for name in c.names:
+        cells = [summary_cell(v) if (v := c.values(name, task)) else "–" for task in tasks]
+        average = np.nanmean([np.mean(v) if (v := c.values(name, task)) else np.nan for task in tasks])
+        objective_name = next(r["objective"] for r in c.scores if r["student"] == name)
+        summary = c.students.get(name)
+        lines.append(f"| {name} | {objective_name} | " + " | ".join(cells) + f" | {average:.3f} | "
+                     f"{health.health_cell(summary) if summary else '–'} |")
+    if any(v is not None for v in c.majority.values()):
+        known = [c.majority.get(task) for task in tasks]
+        average = "–" if None in known else f"{np.mean(known):.3f}"
+        lines.append("| majority class | – | " + " | ".join("–" if v is None else f"{v:.3f}" for v in known)
+                     + f" | {average} | – |")
+    warnings = [f"Warning: student `{name}` {check.warning}." for name in c.names if name in c.students
+                for check in health.failed(c.students[name])]
+    unhealthy = [name for name in c.names if name in c.students and health.failed(c.students[name])]
+    if unhealthy:
+        lines += ["", f"Did not train enough for their scores to say what their objective is worth: "
+                  f"{', '.join(f'`{name}`' for name in unhealthy)}. Comparisons involving them are marked "
+                  "below, not presented as findings."]
+        lines += [line for warning in warnings for line in ("", warning)]
     return lines + ["", f"![scores]({plot_name})"]
 
 
-def pairs_section(scores: list[dict]) -> list[str]:
-    pairs = paired_differences(scores)
+def health_section(comparison: Comparison) -> list[str]:
+    trained = [n for n in comparison.names if n in comparison.students]
+    if not any(comparison.students[n].get("diagnostics") for n in trained):
+        return []
+    lines = ["", "## Training health", "",
+             "Measured by pre-training on the validation split with fixed masks (the same masked tokens for "
+             "every student of a seed). A loss passes when it is below its baseline by more than the noise (the "
+             "95 % CI of the per-token difference, sequences as clusters, lies above 0): MLM against predicting "
+             "each masked token from the training tokens' frequencies, MLSM against predicting the mean target "
+             "distribution. States or embeddings have collapsed when their mean pairwise cosine moved more than "
+             f"{health.COLLAPSE_SHARE:.0%} of the way from its value at initialisation towards 1.", "",
+             "| student | MLM loss | MLSM loss | masked states | real-token states | word embeddings | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    names = ("MLM loss", "MLSM loss", "masked states", "real-token states", "word embeddings")
+    for name in trained:
+        summary = comparison.students[name]
+        found = {c.name: c for c in health.checks(summary)}
+        if health.is_control(summary):
+            initial = health.measured(summary)[0]
+            cells = ["–", "–", *(f"{initial[k]:.3f} (init)" if initial.get(k) is not None else "–" for k in COSINES)]
+        else:
+            cells = [f"{found[n].shown} {'ok' if found[n].passed else 'FAILS'}" if n in found else "–" for n in names]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {health.health_cell(summary)} |")
+    return lines
+
+
+def control_section(comparison: Comparison) -> list[str]:
+    lines = ["", "## Against the control (no pre-training)", ""]
+    if not comparison.controls:
+        return lines + ["No pre-trained student has a control of its architecture in this run (config key "
+                        "`control` is false, or none was listed): the scores above cannot be compared with no "
+                        "pre-training, and a difference between students may be no more than trained against "
+                        "untrained."]
+    lines += ["Each student's score minus its control's (the same size, dropout and seed, fresh weights, "
+              "fine-tuned the same way), paired by seed, with its 95 % bootstrap CI; and whether the student's "
+              "score is above the task's majority-class score beyond noise (the 95 % CI of its mean).", "",
+              "| student | control | task | difference | 95 % CI | higher on | against the control | "
+              "against the majority class |", "|---|---|---|---:|---|---:|---|---|"]
+    for student, control in sorted(comparison.controls.items()):
+        for task in comparison.tasks:
+            versus = comparison.against_control(student, task)
+            if versus is None:
+                continue
+            majority = comparison.majority.get(task)
+            above = "–" if majority is None else (
+                "not above" if health.not_above(comparison.values(student, task), majority) else "above")
+            lines.append(f"| {student} | {control} | {task} | {versus['difference']:+.3f} | "
+                         f"{ci_cell(versus['low'], versus['high'])} | {versus['wins']}/{versus['seeds']} | "
+                         f"{health.reading(versus['low'], versus['high'])} | {above} |")
+    return lines
+
+
+def pairs_section(comparison: Comparison) -> list[str]:
+    pairs = paired_differences(comparison)
     if not pairs:
         return []
     lines = ["", "## MLSM against MLM, paired by seed", "",
              "Mean over seeds of (MLSM student's score − MLM student's score) on the final models, its 95 % "
-             "bootstrap CI, and on how many seeds MLSM scored higher.", "",
-             "| MLSM student | MLM student | task | difference | 95 % CI | MLSM higher |",
-             "|---|---|---|---:|---|---:|"]
+             "bootstrap CI, and on how many seeds MLSM scored higher. A difference is a finding only when both "
+             "students pass their training-health diagnostics and score above their control and the majority "
+             "class beyond noise; otherwise the reading says why it is not one.", "",
+             "| MLSM student | MLM student | task | difference | 95 % CI | MLSM higher | reading |",
+             "|---|---|---|---:|---|---:|---|"]
     for p in pairs:
-        ci = "–" if np.isnan(p["low"]) else f"[{p['low']:+.3f}, {p['high']:+.3f}]"
-        lines.append(f"| {p['mlsm']} | {p['mlm']} | {p['task']} | {p['difference']:+.3f} | {ci} | "
-                     f"{p['wins']}/{p['seeds']} |")
+        caveats = comparison.caveats(p["mlsm"], p["task"]) + comparison.caveats(p["mlm"], p["task"])
+        verdict = {"above": "MLSM higher", "below": "MLM higher", "within noise": "no difference beyond noise"}
+        found = verdict.get(health.reading(p["low"], p["high"]), "one seed: no CI")
+        shown = "not a finding: " + "; ".join(caveats) if caveats else found
+        lines.append(f"| {p['mlsm']} | {p['mlm']} | {p['task']} | {p['difference']:+.3f} | "
+                     f"{ci_cell(p['low'], p['high'])} | {p['wins']}/{p['seeds']} | {shown} |")
     return lines
 
 
-def curve_section(scores: list[dict], curve_name: str) -> list[str]:
-    tasks = curve_tasks(scores)
+def curve_section(comparison: Comparison, curve_name: str) -> list[str]:
+    tasks = curve_tasks(comparison.scores)
     if not tasks:
         return []
-    steps = sorted({r["pretrain_steps"] for r in scores if r["task"] in tasks})
+    rows = [r for r in comparison.scores if r["task"] in tasks]
+    steps = sorted({r["pretrain_steps"] or 0 for r in rows})
     lines = ["", "## Sample efficiency", "",
-             "Scores of the students' checkpoints by pre-training updates (finetune.checkpoint_tasks).", "",
+             "Scores of the students' checkpoints by pre-training updates (finetune.checkpoint_tasks); the "
+             "control is the score at 0 updates, where every student of its architecture starts. † marks a "
+             "checkpoint that fails a training-health diagnostic.", "",
              "| student | task | " + " | ".join(f"updates {s}" for s in steps) + " |",
              "|---|---|" + "---:|" * len(steps)]
-    for name in sorted({r["student"] for r in scores}):
+    for name in comparison.names:
+        summary = comparison.students.get(name)
         for task in tasks:
-            cells = [summary_cell(v) if (v := [r["score"] for r in select(scores, student=name, task=task,
-                                                                           pretrain_steps=s)]) else "–" for s in steps]
+            cells = []
+            for step in steps:
+                values = [r["score"] for r in rows if r["student"] == name and r["task"] == task
+                          and (r["pretrain_steps"] or 0) == step]
+                mark = " †" if summary and values and health.failed(summary, step) else ""
+                cells.append(summary_cell(values) + mark if values else "–")
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
     return lines + ["", f"![sample efficiency]({curve_name})"]
 
@@ -351,8 +335,9 @@ def to_html(markdown: str, images: dict[str, str]) -> str:
 
 
 def report(paths, params: dict) -> None:
-    scores = collect_scores(paths.scores)
-    students = sorted((read_record(p) for p in paths.students), key=lambda s: s["params"]["student"])
+    scores, task_configs = collect_scores(paths.scores)
+    students = {s["params"]["student"]: s for s in (read_record(p) for p in paths.students)}
+    students = dict(sorted(students.items()))
     dictionaries = {Path(p).parent.name: read_record(p) for p in paths.dictionaries}
     records = {Path(p).parent: p for p in paths.dictionaries}
     atoms = {}
@@ -362,12 +347,12 @@ def report(paths, params: dict) -> None:
         read_verified(records[Path(path).parent], [path])
         atoms[Path(path).parent.name] = json.loads(Path(path).read_text())
     targets = {Path(p).parent.name: read_record(p) for p in paths.targets}
-    names = sorted({r["student"] for r in scores})
-    write_csv(paths.csv, scores)
-    plot_scores(paths.scores_plot, scores, names, sorted({r["task"] for r in scores}))
-    plot_sample_efficiency(paths.curve_plot, scores, names)
+    comparison = Comparison(scores, students, majority_scores(task_configs, paths.task_files))
+    write_csv(paths.csv, csv_rows(comparison))
+    plot_scores(paths.scores_plot, scores, comparison.names, comparison.tasks, comparison.majority)
+    plot_sample_efficiency(paths.curve_plot, scores, comparison.names, sorted(set(comparison.controls.values())))
     costs = stage_costs(paths.benchmarks, params.get("device", "cpu"), params.get("student_gpus"))
-    text = render(scores, students, dictionaries, atoms, targets, costs, Path(paths.scores_plot).name,
+    text = render(comparison, dictionaries, atoms, targets, costs, Path(paths.scores_plot).name,
                   Path(paths.curve_plot).name)
     with atomic_output(paths.md) as tmp:
         tmp.write_text(text)

@@ -98,10 +98,11 @@ STAGES = {stage.name: stage for stage in (
         _in("shards", many=True), _in("validation", optional=True),
         _in("records", many=True, optional=True, help="each shard's record, in the order of the shards and the "
                                                       "validation targets (default: beside each, .json)"),
-        _out("manifest")), version="targets"),
+        _out("manifest"))),
     Stage("pretrain", "a BERT-style model pre-trained with its objective (from scratch, or from a checkpoint)", (
         _in("corpus_shards", many=True), _in("corpus_manifest"),
-        _in("validation", optional=True, help="held-out sequences for validation losses"),
+        _in("validation", optional=True, help="held-out sequences for validation losses and diagnostics"),
+        _in("token_counts", optional=True, help="training-token frequencies: the MLM diagnostic's baseline"),
         _in("target_shards", many=True, optional=True), _in("target_manifest", optional=True),
         _in("validation_targets", optional=True),
         _in("dictionary", optional=True, help="with targets online"), _in("dictionary_metrics", optional=True),
@@ -124,6 +125,7 @@ STAGES = {stage.name: stage for stage in (
         _in("scores", many=True), _in("students", many=True), _in("dictionaries", many=True, optional=True),
         _in("atoms", many=True, optional=True), _in("targets", many=True, optional=True),
         _in("benchmarks", many=True, optional=True, help="Snakemake benchmark files of the jobs"),
+        _in("task_files", many=True, optional=True, help="the tasks' train and dev files: majority-class scores"),
         _out("md"), _out("html"), _out("csv"), _out("scores_plot"), _out("curve_plot"), _out("manifest")),
         entry="report"),
 )}

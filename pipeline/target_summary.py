@@ -35,7 +35,7 @@ def summarize(shards: list[str], manifest: str, params: dict, validation: str | 
     if len(dictionaries) != 1:
         raise StageError("target shards were coded over different dictionaries; rerun precompute_targets")
     summary = {
-        "format_version": contract.FORMAT_VERSION["targets"], "params": params, "dictionary": dictionaries.pop(),
+        "format_version": contract.FORMAT_VERSION["target_summary"], "params": params, "dictionary": dictionaries.pop(),
         "tokens": int(tokens.sum()),
         **{key: mean(key) for key in ("mean_nnz", "zero_code_fraction", "mean_mass_lost_to_top_k",
                                       "mean_kept_atoms", "mean_entropy_nats", "mean_iterations")},
@@ -43,6 +43,8 @@ def summarize(shards: list[str], manifest: str, params: dict, validation: str | 
         "max_mass_lost_to_top_k": max(s["max_mass_lost_to_top_k"] for s in per_shard),
         "nnz_histogram": {"bins": list(contract.NNZ_BINS),
                           "tokens": np.sum([s["nnz_histogram"] for s in per_shard], 0).tolist()},
+        # The training targets' mass per atom: the mean target distribution, which an MLSM student must beat.
+        "atom_usage": usage.tolist(),
         "atoms_used_fraction": float((usage > 0).mean()),
         "atom_usage_histogram": np.histogram(usage / max(usage.sum(), 1e-30), bins=10)[0].tolist(),
         "shards": [{"path": p.rsplit("/", 1)[-1], "tokens": s["tokens"]} for p, s in zip(shards, per_shard)],

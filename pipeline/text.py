@@ -37,7 +37,7 @@ COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 # What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
 DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
-                                       "max_line_bytes"))
+                                       "max_line_bytes", "max_documents"))
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -299,15 +299,17 @@ class Chunk:
 
 
 def read_chunks(files: list[Path], options: dict, skipped: Skipped) -> Iterator[Chunk]:
-    """All documents of all files in order, grouped into chunks of about CHUNK_BYTES of text."""
+    """All documents of all files in order (the first `max_documents` of them, if set), grouped into chunks
+    of about CHUNK_BYTES of text."""
+    limit = options.get("max_documents") or 0
+    documents = itertools.chain.from_iterable(read_documents(path, options, skipped) for path in files)
     index, first_doc, docs, size = 0, 0, [], 0
-    for path in files:
-        for doc in read_documents(path, options, skipped):
-            docs.append(doc)
-            size += sum(map(len, doc))
-            if size >= CHUNK_BYTES:
-                yield Chunk(index, first_doc, docs)
-                index, first_doc, docs, size = index + 1, first_doc + len(docs), [], 0
+    for doc in itertools.islice(documents, limit or None):
+        docs.append(doc)
+        size += sum(map(len, doc))
+        if size >= CHUNK_BYTES:
+            yield Chunk(index, first_doc, docs)
+            index, first_doc, docs, size = index + 1, first_doc + len(docs), [], 0
     if docs:
         yield Chunk(index, first_doc, docs)
 

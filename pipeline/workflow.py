@@ -13,13 +13,16 @@ from __future__ import annotations
 from . import config as cfg
 from . import contract
 from .launch import torchrun_command
-from .objectives import objective
+from .objectives import ARCHITECTURE_KEYS, objective
 from .rules import RULES, fill
 from .stages import STAGES
 from .tasks import task_files
 from .text import input_files
 
 BBC_DIR = contract.BBC_DIR
+# A control's job beside its architecture: no updates, its diagnostics' masks, what else shapes its weights.
+CONTROL_KEYS = ("objective", "max_steps", "checkpoint_fractions", "mask_fraction", "mask_strategy", "architecture",
+                "init", "seq_len_schedule")
 
 
 class Workflow:
@@ -197,7 +200,8 @@ class Workflow:
         """Corpus and validation split; for MLSM objectives the targets of both and their record, or with
         targets online the dictionary; a teacher the pipeline trained, with its record."""
         inputs = {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                  "validation": self.path(contract.CORPUS_VALIDATION)}
+                  "validation": self.path(contract.CORPUS_VALIDATION),
+                  "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS)}
         teacher = self.student_teacher(w.student)
         if self.online_targets(w.student):
             inputs["dictionary"] = self.path(contract.DICTIONARY, teacher=teacher)
@@ -223,7 +227,8 @@ class Workflow:
                 "atoms": [self.path(contract.DICTIONARY_ATOMS, teacher=t) for t in self.teachers],
                 "targets": [self.path(contract.TARGET_MANIFEST, teacher=t) for t in self.teachers],
                 "benchmarks": [self.benchmark(rule, **wildcards) for rule, wildcards in self.jobs()
-                               if rule != "report"]}
+                               if rule != "report"],
+                "task_files": [path for task in self.tasks for path in task_files(self.config["tasks"][task])]}
 
     def finetuned_snapshots(self, student: str, task: str) -> list[str]:
         return cfg.finetuned_snapshots(self.config, student, task)
@@ -251,7 +256,8 @@ class Workflow:
     def _train_tokenizer_params(self, w) -> dict:
         # What reading the text takes (which documents are validation ones, what is bad input) and the training.
         reading = {k: self.config["corpus"][k] for k in
-                   ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "seed")}
+                   ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "max_documents",
+                    "seed")}
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 
     def _shard_corpus_params(self, w) -> dict:
@@ -299,6 +305,9 @@ class Workflow:
         student = w.student
         options = self.student_options(student)
         needs = objective(options["objective"])
+        if not needs.trains:  # the control: only what fixes its weights and the masks of its diagnostics
+            kept = {k: options[k] for k in (*ARCHITECTURE_KEYS, *CONTROL_KEYS)}
+            return self._slice("pretrain_student", kept, student=student, device=self.device)
         extra = {"student": student, "device": self.device}
         teacher = self.student_teacher(student)
         if teacher is None:

@@ -17,7 +17,7 @@ def default():
 def test_default_config_is_valid_and_complete(default):
     validated = cfg.validate(default)
     assert validated["dictionary"]["atoms"] == default["dictionary"]["atoms"]
-    assert set(validated["students"]) == {"mlsm", "mlm", "mlsm_mlm"}
+    assert set(validated["students"]) == {"mlsm", "mlm", "mlsm_mlm", "none"}  # the control, added
 
 
 def test_the_paper_preset_is_valid_and_holds_the_reference_recipe():
@@ -30,7 +30,7 @@ def test_the_paper_preset_is_valid_and_holds_the_reference_recipe():
 
 def test_the_glue_small_comparison_is_valid():
     small = cfg.validate(cfg.load_yaml(REPO / "config" / "glue-small.yaml"))
-    assert {s["objective"] for s in small["students"].values()} == {"mlsm", "mlm", "kd", "mlsm+mlm"}
+    assert {s["objective"] for s in small["students"].values()} == {"mlsm", "mlm", "kd", "mlsm+mlm", "none"}
     assert len(small["tasks"]) == 6 and len(small["finetune"]["seeds"]) == 3
     assert cfg.finetuned_snapshots(small, "mlsm", "RTE") == ["step500", "step1000", "final"]
     assert cfg.finetuned_snapshots(small, "mlsm", "SST-2") == ["final"]
@@ -130,3 +130,41 @@ def test_a_trained_tokenizer_needs_auxiliary_teachers(default):
     assert validated["teachers"]["minilm"]["auxiliary"]["max_steps"] == 300  # the pretrain options' defaults
     assert validated["tokenizer_training"] == {"model": "wordpiece", "vocab_size": 16000, "lowercase": True,
                                                "min_frequency": 2, "max_sentences": 0, "normalizer": "bert"}
+
+
+def test_a_control_is_added_for_every_architecture_of_the_pretrained_students(default):
+    default["students"]["small"] = {"objective": "mlm", "size": "small"}
+    default["students"]["other_seed"] = {"objective": "mlm", "seed": 3, "max_steps": 9}  # max_steps: not shape
+    students = cfg.validate(default)["students"]
+    controls = {name: s for name, s in students.items() if s["objective"] == "none"}
+    assert controls == {"none": {"objective": "none"}, "none_small": {"objective": "none", "size": "small"},
+                        "none_seed3": {"objective": "none", "seed": 3}}
+    options = cfg.student_options(cfg.validate(default), "none_small")
+    assert (options["size"], options["max_steps"], options["checkpoint_fractions"]) == ("small", 0, [])
+
+
+def test_a_listed_control_is_kept_and_control_false_adds_none(default):
+    default["students"]["floor"] = {"objective": "none"}
+    assert {n for n, s in cfg.validate(default)["students"].items() if s["objective"] == "none"} == {"floor"}
+    del default["students"]["floor"]
+    default["control"] = False
+    assert "none" not in cfg.validate(default)["students"]
+
+
+def test_a_student_named_like_the_automatic_control_is_named(default):
+    default["students"]["none"] = {"objective": "mlm", "size": "small"}
+    with pytest.raises(cfg.ConfigError, match=r"'students.none': this name is the automatic control student's"):
+        cfg.validate(default)
+
+
+def test_the_glue_cpu_comparison_gives_every_student_the_same_budget():
+    config = cfg.validate(cfg.load_yaml(REPO / "config" / "glue-cpu.yaml"))
+    students = config["students"]
+    assert sorted(s["objective"] for s in students.values()) == ["mlm", "mlsm", "mlsm+mlm", "none"]
+    assert {"CoLA", "SST-2", "MRPC", "RTE"} <= set(config["tasks"]) and len(config["finetune"]["seeds"]) >= 3
+    assert config["corpus"]["max_documents"] > 0 and config["device"] == "cpu"
+    trained = [cfg.student_options(config, name) for name, s in students.items() if s["objective"] != "none"]
+    budget = ("size", "max_steps", "batch_size", "grad_accumulation", "learning_rate", "warmup_fraction", "seed",
+              "mask_fraction", "checkpoint_fractions")
+    assert len({tuple(str(options[key]) for key in budget) for options in trained}) == 1
+    assert trained[0]["checkpoint_fractions"] == [0.25, 0.5]

@@ -199,6 +199,19 @@ def test_validation_split_holds_whole_documents_apart(tmp_path, corpus_text):
     assert (counts == np.bincount(ids, minlength=len(counts))).all()  # training tokens only
 
 
+def test_max_documents_takes_the_first_documents_of_the_input(tmp_path, corpus_text):
+    """A slice of a large corpus: the first N documents in input order, split into training and validation
+    as the whole corpus would be."""
+    whole = shard([corpus_text], [str(tmp_path / "a" / "s.parquet")], str(tmp_path / "a" / "m.json"),
+                  {**PARAMS, "validation_fraction": 0.25})
+    part = shard([corpus_text], [str(tmp_path / "b" / "s.parquet")], str(tmp_path / "b" / "m.json"),
+                 {**PARAMS, "validation_fraction": 0.25, "max_documents": 15})
+    assert part["documents"] + part["validation"]["documents"] == 15 < whole["documents"]
+    docs = {d for f in ("s.parquet", "validation.parquet")
+            for d in pq.read_table(tmp_path / "b" / f)["doc_id"].to_pylist()}
+    assert docs == set(range(15)) and part["params"]["max_documents"] == 15
+
+
 def test_contiguous_packing_fills_sequences_with_the_token_stream(tmp_path, corpus_text, tokenizer):
     out = tmp_path / "o"
     shards = [str(out / "s0.parquet")]

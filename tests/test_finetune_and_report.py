@@ -1,11 +1,13 @@
 """Stages 6 and 7: task readers on the real GLUE files, metrics, fine-tuning and the report."""
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline import health
 from pipeline.common import StageError
 from pipeline.finetune import compute_metrics
 from pipeline.integrity import read_record, write_record
@@ -166,3 +168,155 @@ def test_report_has_every_table_and_its_plots_render(tmp_path):
     for png in ("r.png", "curve.png"):
         image = matplotlib.image.imread(out / png)
         assert image.shape[0] > 200 and image.shape[1] > 300 and image[..., :3].std() > 0.05
+
+
+def diagnostics(step, mlm=None, mlsm=None, cosines=(0.3, 0.3, 0.05)):
+    """A diagnostics entry as pre-training records it: (gain, standard error) of each loss over its baseline."""
+    entry = {"step": step, "masked_cosine": cosines[0], "real_cosine": cosines[1], "embedding_cosine": cosines[2]}
+    if mlm is not None:
+        entry.update(validation_mlm=6.0 - mlm[0], unigram_loss=6.0, mlm_gain=mlm[0], mlm_gain_se=mlm[1])
+    if mlsm is not None:
+        entry.update(validation_mlsm=2.0 - mlsm[0], mean_target_loss=2.0, uniform_loss=3.0, mlsm_gain=mlsm[0],
+                     mlsm_gain_se=mlsm[1])
+    return entry
+
+
+INIT = (0.53, 0.45, 0.0)
+# name: objective, score offset over the control, diagnostics at the checkpoint (update 4) and the end (8).
+HEALTH_FIXTURE = {
+    "good": ("mlsm", 0.18, {"mlsm": (0.0, 0.01)}, {"mlsm": (1.0, 0.05)}),  # its checkpoint had not learned yet
+    "good_mlm": ("mlm", 0.08, {"mlm": (0.5, 0.05)}, {"mlm": (1.5, 0.05)}),
+    "flat_mlm": ("mlm", 0.0, {"mlm": (0.0, 0.02)}, {"mlm": (0.004, 0.02)}),  # not beyond token frequencies
+    "flat_mlsm": ("mlsm", 0.05, {"mlsm": (0.0, 0.01)}, {"mlsm": (0.01, 0.01)}),  # not beyond the mean target
+    "collapsed": ("mlm", 0.06, {"mlm": (1.0, 0.05)}, {"mlm": (1.0, 0.05), "cosines": (0.999, 0.95, 0.7)}),
+    "none": ("none", 0.0, None, None),
+}
+
+
+def health_fixture(tmp_path):
+    """Score and student records of six students (one failing each diagnostic, and a control) on two tsv tasks
+    whose files give majority-class scores 0.7 (t1) and 0.5 (t2)."""
+    write_task(tmp_path / "t1", [("x", "a")] * 6 + [("y", "b")] * 4, [("x", "a")] * 7 + [("y", "b")] * 3)
+    write_task(tmp_path / "t2", [("x", "a")] * 5 + [("y", "b")] * 5, [("x", "a")] * 5 + [("y", "b")] * 5)
+    scores, students = [], []
+    for student, (objective, bonus, checkpoint, final) in HEALTH_FIXTURE.items():
+        snapshots = [("final", 0 if objective == "none" else 8)] + ([("step4", 4)] if checkpoint else [])
+        for task, floor in (("t1", 0.72), ("t2", 0.6)):
+            for snapshot, steps in snapshots:
+                for seed in (1, 2, 3):
+                    score = floor + seed / 100 + (bonus if snapshot == "final" else bonus / 2)
+                    path = tmp_path / f"{student}-{snapshot}-{task}-{seed}.json"
+                    write_record(path, {"params": {"student": student, "objective": objective, "task_name": task,
+                                                   "seed": seed, "snapshot": snapshot,
+                                                   "task": {**TSV_TASK, "path": str(tmp_path / task)}},
+                                        "pretrain_steps": steps, "score": score, "metrics": ["accuracy"],
+                                        "final": {"accuracy": score}})
+                    scores.append(str(path))
+        measured = [diagnostics(0, cosines=INIT, **{k: (0.0, 0.01) for k in (checkpoint or {})})]
+        if final is not None:
+            measured += [diagnostics(4, **checkpoint), diagnostics(8, **final)]
+        path = tmp_path / f"{student}.json"
+        write_record(path, {"params": {"student": student, "objective": objective, "size": "tiny", "dropout": 0.1,
+                                       "seed": 0},
+                            "steps": 8 if final else 0, "final": {"step": 8}, "parameters": 10,
+                            "tokens_per_second": 5.0, "diagnostics": measured})
+        students.append(str(path))
+    return scores, students
+
+
+def make_report(tmp_path, scores, students, **more):
+    out = tmp_path / "report"
+    call("report", {"device": "cpu"}, scores=scores, students=students, md=out / "r.md", csv=out / "r.csv",
+         scores_plot=out / "r.png", curve_plot=out / "curve.png", manifest=out / "manifest.json",
+         html=out / "r.html", **more)
+    return (out / "r.md").read_text(), list(csv.DictReader(open(out / "r.csv"))), (out / "r.html").read_text()
+
+
+def test_the_report_shows_the_control_the_majority_class_and_each_failed_diagnostic(tmp_path):
+    scores, students = health_fixture(tmp_path)
+    files = [str(tmp_path / t / f) for t in ("t1", "t2") for f in ("train.tsv", "dev.tsv")]
+    text, rows, page = make_report(tmp_path, scores, students, task_files=files)
+    # The control and the majority class as the floor of the main table, each student's health beside it.
+    assert "| none | none | 0.740 ± 0.010 [0.730, 0.750] | 0.620 ± 0.010 [0.610, 0.630] | 0.680 | " \
+           "control (no pre-training) |" in text
+    assert "| majority class | – | 0.700 | 0.500 | 0.600 | – |" in text
+    assert "| good | mlsm | 0.920 ± 0.010 [0.910, 0.930] | 0.800 ± 0.010 [0.790, 0.810] | 0.860 | passes |" in text
+    assert text.index("| good |") < text.index("| none |")  # the control comes last
+    for student, failure in (("flat_mlm", "fails: MLM loss"), ("flat_mlsm", "fails: MLSM loss"),
+                             ("collapsed", "fails: masked states, real-token states, word embeddings")):
+        assert re.search(rf"\| {student} \| .* \| {failure} \|", text), student
+    # The students that did not train enough, named; a plain-language warning per failed diagnostic.
+    assert "Did not train enough for their scores to say what their objective is worth: `collapsed`, " \
+           "`flat_mlm`, `flat_mlsm`. Comparisons involving them are marked below" in text
+    assert "Warning: student `flat_mlm` has not learned beyond token frequencies: its validation MLM loss 5.996" in text
+    assert "Warning: student `flat_mlsm` has not learned to predict the latent semantic targets" in text
+    for what in ("masked states", "real-token states", "word embeddings"):
+        assert f"Warning: student `collapsed` has collapsed {what}" in text
+    assert "collapsed masked states: mean pairwise cosine 0.999, against 0.530 at initialisation (limit 0.765;" in text
+    assert "| flat_mlm | 5.996 vs 6.000 (token frequencies) FAILS | – | 0.300 (init 0.530) ok |" in text
+    # Against the control, paired by seed; against the majority class.
+    assert "| good | none | t1 | +0.180 | [+0.180, +0.180] | 3/3 | above | above |" in text
+    assert "| flat_mlm | none | t1 | +0.000 | [+0.000, +0.000] | 0/3 | within noise | above |" in text
+    assert "| flat_mlm | none | t2 | +0.000 | [+0.000, +0.000] | 0/3 | within noise | above |" in text
+    # MLSM against MLM: a finding only between healthy students above the floor; the others marked.
+    assert "| good | good_mlm | t1 | +0.100 | [+0.100, +0.100] | 3/3 | MLSM higher |" in text
+    assert "| good | flat_mlm | t1 | +0.180 | [+0.180, +0.180] | 3/3 | not a finding: flat_mlm fails MLM loss; " \
+           "flat_mlm is not above the control |" in text
+    assert "| flat_mlsm | good_mlm | t2 | -0.030 | [-0.030, -0.030] | 0/3 | not a finding: flat_mlsm fails " \
+           "MLSM loss |" in text
+    assert "| good | collapsed | t1 | +0.120 | [+0.120, +0.120] | 3/3 | not a finding: collapsed fails masked " \
+           "states, real-token states, word embeddings |" in text
+    # The curve starts at the control (0 updates); a checkpoint that fails a diagnostic is marked.
+    assert "| student | task | updates 0 | updates 4 | updates 8 |" in text
+    assert "| good | t1 | – | 0.830 ± 0.010 [0.820, 0.840] † | 0.920 ± 0.010 [0.910, 0.930] |" in text
+    assert "| good_mlm | t1 | – | 0.780 ± 0.010 [0.770, 0.790] | 0.820 ± 0.010 [0.810, 0.830] |" in text
+    assert "| none | t1 | 0.740 ± 0.010 [0.730, 0.750] | – | – |" in text
+    # results.csv: the control's score on the same task and seed, the majority class, the diagnostics.
+    row = next(r for r in rows if (r["student"], r["task"], r["seed"], r["snapshot"]) == ("good", "t1", "2", "final"))
+    assert (row["control"], float(row["control_score"]), float(row["minus_control"])) == ("none", 0.74,
+                                                                                           pytest.approx(0.18))
+    assert float(row["majority_score"]) == 0.7 and row["health"] == "passes" and float(row["mlsm_gain"]) == 1.0
+    assert float(row["masked_cosine_init"]) == 0.53
+    checkpoint = next(r for r in rows if (r["student"], r["snapshot"]) == ("good", "step4"))
+    assert checkpoint["health"] == "fails: MLSM loss" and float(checkpoint["mlsm_gain"]) == 0.0
+    assert {r["snapshot"]: r["health"] for r in rows if r["student"] == "collapsed"} == {
+        "final": "fails: masked states, real-token states, word embeddings", "step4": "passes"}
+    assert {r["health"] for r in rows if r["student"] == "none"} == {"control"}
+    assert page.count("<table>") == text.count("\n|---") and "not a finding: flat_mlm fails MLM loss" in page
+
+
+def test_without_a_control_the_report_says_so(tmp_path):
+    scores, students = health_fixture(tmp_path)
+    text, rows, _ = make_report(tmp_path, [s for s in scores if "/none-" not in s], students[:-1])
+    assert "No pre-trained student has a control of its architecture in this run" in text
+    assert "| majority class |" not in text and {r["control"] for r in rows} == {""}
+    assert "| good | good_mlm | t1 | +0.100 | [+0.100, +0.100] | 3/3 | MLSM higher |" in text
+
+
+def test_majority_class_scores_follow_each_metric():
+    # accuracy: the training set's most frequent label predicted for every dev example
+    assert health.majority_score(("accuracy",), ["a", "a", "b"], ["a", "b", "b", "b"]) == 0.25
+    # MRPC-style F1 and accuracy: predicting the positive class everywhere gives F1 = 2p / (1 + p)
+    assert health.majority_score(("f1", "accuracy"), ["1", "1", "0"], ["1", "0", "0", "0"]) == \
+        pytest.approx((2 * 0.25 / 1.25 + 0.25) / 2)
+    # predicting the negative class everywhere has no positive predictions: F1 = 0
+    assert health.majority_score(("f1", "accuracy"), ["0", "0", "1"], ["1", "0", "0", "0"]) == 0.375
+    assert health.majority_score(("mcc",), ["1", "1", "0"], ["1", "0"]) == 0.0
+    assert health.majority_score(("pearson", "spearman"), ["1.0"], ["2.0"]) is None
+
+
+def test_thresholds_of_the_health_checks():
+    # a score is above a baseline only when its whole 95 % CI over seeds is
+    assert health.not_above([0.69, 0.70, 0.74], 0.70) and not health.not_above([0.72, 0.73, 0.74], 0.70)
+    assert health.not_above([0.9], 0.5)  # one seed: no CI, not established
+    assert health.reading(-0.01, 0.02) == "within noise" and health.reading(0.01, 0.02) == "above"
+    # collapse: more than halfway from the initial cosine towards 1
+    student = {"params": {"objective": "mlm"}, "diagnostics": [
+        diagnostics(0, mlm=(0.0, 0.01), cosines=(0.5, 0.2, 0.0)),
+        diagnostics(8, mlm=(0.05, 0.02), cosines=(0.74, 0.61, 0.49))]}
+    assert [(c.name, c.passed) for c in health.checks(student)] == [
+        ("MLM loss", True), ("masked states", True), ("real-token states", False), ("word embeddings", True)]
+    # a loss gain within 1.96 standard errors of 0 is noise
+    student["diagnostics"][1] = diagnostics(8, mlm=(0.03, 0.02), cosines=(0.5, 0.2, 0.0))
+    assert health.failed(student)[0].name == "MLM loss"
+    assert health.health_cell({"params": {"objective": "none"}}) == "control (no pre-training)"

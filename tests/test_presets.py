@@ -99,10 +99,10 @@ def test_the_presets_dry_run(tmp_path, name):
     if name == "paper":  # the 512-token phase: its corpus, targets and their record
         assert jobs["shard_corpus_phase"] == 1 and jobs["summarize_phase_targets"] == 1
         assert jobs["precompute_targets"] == 2 * shards + 1
-        assert jobs["pretrain_student"] == 4 and "pretrain_teacher" not in jobs
+        assert jobs["pretrain_student"] == 5 and "pretrain_teacher" not in jobs  # four students and the control
     else:
         assert jobs["train_tokenizer"] == 1 and jobs["pretrain_teacher"] == 1 and "shard_corpus_phase" not in jobs
-        assert jobs["precompute_targets"] == shards + 1 and jobs["pretrain_student"] == 3
+        assert jobs["precompute_targets"] == shards + 1 and jobs["pretrain_student"] == 4  # 3 students, the control
 
 
 def substituted(config: dict, model) -> dict:

@@ -318,7 +318,8 @@ def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer,
               "checkpoint_fractions": [0.25, 0.5, 1.0]}
     summary = train(shards, targets[:1], manifest, str(tmp_path / "model"), str(tmp_path / "summary.json"), params,
                     str(tmp_path / "state"), checkpoints=str(tmp_path / "checkpoints"),
-                    metrics_csv=str(tmp_path / "log.csv"), validation=validation, validation_targets=targets[1])
+                    metrics_csv=str(tmp_path / "log.csv"), validation=validation, validation_targets=targets[1],
+                    token_counts=str(tmp_path / "token_counts.npy"))
     assert summary["checkpoints"] == ["step1", "step2"]
     for step in (1, 2):
         directory = tmp_path / "checkpoints" / f"step{step}"
@@ -334,6 +335,20 @@ def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer,
     assert saved[4]["validation_mlm"] < saved[1]["validation_mlm"]  # lr 1e-3 learns even in 4 updates
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,mlsm,mlm,grad_norm,lr") and len(rows) == 4
+    # The diagnostics: at initialisation and at each save, on the masked tokens the validation losses use.
+    diagnostics = {d["step"]: d for d in summary["diagnostics"]}
+    assert set(diagnostics) == {0, 1, 2, 4}
+    for step, measured in diagnostics.items():
+        assert all(-0.05 < measured[f"{k}_cosine"] <= 1 for k in ("masked", "real", "embedding")), measured
+        assert measured["mlm_gain"] == pytest.approx(measured["unigram_loss"] - measured["validation_mlm"], abs=1e-5)
+        assert measured["mlsm_gain"] == pytest.approx(measured["mean_target_loss"] - measured["validation_mlsm"],
+                                                      abs=1e-5)
+        assert measured["mean_target_loss"] < measured["uniform_loss"] and measured["mlm_gain_se"] > 0
+        if step:
+            assert measured["validation_mlm"] == saved[step]["validation_mlm"]
+    assert diagnostics[0]["uniform_loss"] == diagnostics[4]["uniform_loss"]  # the same masked positions
+    assert diagnostics[0]["validation_mlm"] > 9  # ~log(30522) at initialisation
+    assert 4 < summary["baselines"]["unigram_entropy"] < 9 and 0 < summary["baselines"]["unigram_missing_mass"] < 0.5
     assert not (tmp_path / "state" / "models").exists()  # moved into the outputs, the state cleared
 
 
@@ -406,3 +421,64 @@ def test_a_non_finite_loss_stops_the_run_with_the_state_saved(tmp_path, sharded_
     journal = [json.loads(line) for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]
     assert journal[-1] == {**journal[-1], "event": "checkpoint", "unit": 1}
     assert not (tmp_path / "m").exists()
+
+
+def test_diagnostic_statistics_match_direct_computations():
+    from pipeline.pretrain.diagnostics import Clusters, mean_pairwise_cosine, unigram
+
+    unit = F.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)) + 1, dim=1)
+    pairs = (unit @ unit.T).sum() - 50
+    assert mean_pairwise_cosine(unit.sum(0), 50) == pytest.approx(float(pairs) / (50 * 49))
+    # Ids 0 and 1 are special; id 6 never occurs: it gets the Good-Turing mass n1/N = 2/20.
+    log_probs, entropy, missing = unigram(np.array([7, 9, 5, 3, 1, 1, 0, 10]), [0, 1])
+    probabilities = np.exp(log_probs)
+    assert missing == pytest.approx(0.1) and probabilities[6] == pytest.approx(0.1)
+    assert probabilities[[0, 1]].tolist() == [0, 0] and probabilities.sum() == pytest.approx(1)
+    assert probabilities[2] == pytest.approx(5 / 20 * 0.9)
+    frequencies = np.array([5, 3, 1, 1, 10]) / 20
+    assert entropy == pytest.approx(-(frequencies * np.log(frequencies)).sum())
+    # Two held-out sequences: gains 1 and 0 in the first, 2 in the second; the standard error has the
+    # sequences as clusters: sqrt(2/1 * ((1 - 2)^2 + (2 - 1)^2)) / 3.
+    clusters = Clusters()
+    clusters.add(torch.tensor([0, 0, 1]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 5.0]), 2)
+    summary = clusters.summary()
+    assert (summary["student"], summary["baseline"], summary["gain"]) == pytest.approx((2, 3, 1))
+    assert summary["gain_se"] == pytest.approx(2 / 3) and summary["sequences"] == 2
+
+
+# What the workflow gives a control student's job (pipeline/workflow.py: its architecture and masking only).
+CONTROL = {"objective": "none", "student": "none", "size": "tiny", "dropout": 0.1, "seed": 0, "max_steps": 0,
+           "checkpoint_fractions": [], "mask_fraction": 0.15, "mask_strategy": "all_mask", "device": "cpu"}
+
+
+def test_the_control_saves_the_students_initial_weights_and_their_diagnostics(tmp_path, corpus_text, tokenizer):
+    """Objective none: no update; the saved model is the initialisation every student of that size and seed
+    starts from, whatever was drawn before, and its diagnostics are the students' at initialisation."""
+    from transformers import AutoModel
+
+    from pipeline.config import option_defaults
+    from pipeline.corpus import shard
+    from pipeline.pretrain.setup import build_model
+
+    from conftest import MINILM
+
+    shards = [str(tmp_path / "shard-000.parquet")]
+    manifest, validation = str(tmp_path / "manifest.json"), str(tmp_path / "validation.parquet")
+    shard([corpus_text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0,
+                                            "validation_fraction": 0.2}, validation)
+    held_out = {"validation": validation, "token_counts": str(tmp_path / "token_counts.npy")}
+    control = train(shards, None, manifest, str(tmp_path / "none"), str(tmp_path / "none.json"), CONTROL, **held_out)
+    assert control["steps"] == 0 and control["history"] == [] and control["checkpoints"] == []
+    assert [d["step"] for d in control["diagnostics"]] == [0]
+    mlm = train(shards, None, manifest, str(tmp_path / "mlm"), str(tmp_path / "mlm.json"),
+                {**BASE, "objective": "mlm", "student": "mlm", "max_steps": 1}, **held_out)
+    cosines = ("masked_cosine", "real_cosine", "embedding_cosine")
+    assert [mlm["diagnostics"][0][k] for k in cosines] == [control["diagnostics"][0][k] for k in cosines]
+    saved = AutoModel.from_pretrained(tmp_path / "none").state_dict()
+    for objective in ("mlm", "mlsm"):
+        torch.rand(7)  # whatever was drawn before
+        options = {**option_defaults("pretrain_options"), **BASE, "objective": objective, "atoms": 24}
+        model, _ = build_model(options, tokenizer,
+                               json.loads(Path(manifest).read_text()), torch.device("cpu"), 1)
+        for key, value in model.encoder.state_dict().items():
+            assert torch.equal(saved[key], value), (objective, key)

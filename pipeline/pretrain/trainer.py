@@ -18,7 +18,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,11 +29,14 @@ from ..objectives import objective
 from ..resume import load_training, save_training
 from ..training import autocast, rng_states, set_rng_states
 from .data import Prefetcher, Shard, rank_share
+from .diagnostics import measure
 from .distributed import all_ranks_sum, check_ranks_agree, init_distributed
-from .history import TrainingLog, Window, validation_sums
+from .history import TrainingLog, Window
 from .losses import loss_parts, total_loss
 from .model import flops_per_token, peak_flops
 from .setup import Setup, build
+
+VALIDATION_LOSSES = ("validation_mlm", "validation_mlsm")  # of the diagnostics, logged in the history
 
 
 def train(paths, params: dict) -> dict:
@@ -53,17 +55,26 @@ class Trainer:
     def __init__(self, setup: Setup):
         self.s, self.params = setup, setup.params
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
+        self.diagnostics: list[dict] = []  # at initialisation and at each save (pretrain/diagnostics.py)
         self.stop_requested = False
         self.validation: Shard | None = None
         paths = setup.paths
         self.saved_models = Path(paths.resume_dir or f"{paths.model}.checkpoints.tmp") / "models"
-        longest = max(length for _, _, length, _ in setup.stream.phases)
+        longest = max(length for _, _, length, _ in setup.stream.phases) if setup.stream else 0  # 0: the control
         self.flops_per_token = flops_per_token(setup.model, self.params, longest)
         self.peak_flops = peak_flops(setup.device)
 
     def run(self) -> dict:
-        s, params = self.s, self.params
+        """Diagnostics at initialisation, the updates (none for the control), the outputs."""
         self.load_state()
+        if not self.diagnostics:  # a fresh run (a resumed one has them in its state)
+            self._diagnose()
+        if self.params["max_steps"]:
+            self._train()
+        return self._finish()
+
+    def _train(self) -> None:
+        s, params = self.s, self.params
         total, accumulation, saves = params["max_steps"], params["grad_accumulation"], checkpoint_steps(params)
 
         def build(index: int) -> dict:
@@ -98,7 +109,6 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous_handler)
             prefetch.close()
             logger.close()
-        return self._finish()
 
     def _update(self, prefetch: Prefetcher, accumulation: int) -> tuple[dict[str, float], int]:
         """One optimizer update over `accumulation` micro-batches; its global mean losses and grad norm."""
@@ -141,7 +151,7 @@ class Trainer:
         if s.rank != 0:
             return
         rngs = {f"rng.{r}.{k}": v for r, theirs in enumerate(everyone) for k, v in theirs["rngs"].items()}
-        meta = {"seconds": self.seconds, "history": self.history,
+        meta = {"seconds": self.seconds, "history": self.history, "diagnostics": self.diagnostics,
                 "tokens_seen": [theirs["tokens_seen"] for theirs in everyone]}
         save_training(s.resume, self.step, s.model, s.optimizer, s.scheduler, meta, rngs)
 
@@ -155,6 +165,7 @@ class Trainer:
         meta, tensors = saved
         set_rng_states({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{s.rank}.")})
         self.step, self.seconds, self.history = meta["unit"], meta["seconds"], meta["history"]
+        self.diagnostics = meta["diagnostics"]
         self.tokens_seen = meta["tokens_seen"][s.rank]
         if s.rank == 0:
             log.info("resuming at update %d of %d", self.step, self.params["max_steps"])
@@ -197,31 +208,26 @@ class Trainer:
                  "mfu": speed * self.flops_per_token / (self.peak_flops * s.world) if self.peak_flops else None,
                  "seconds": round(self.seconds, 3)}
         if self.step in checkpoint_steps(self.params) or self.step == self.params["max_steps"]:
-            entry.update(self._validation_losses())
+            measured = self._diagnose()
+            entry.update({k: measured[k] for k in VALIDATION_LOSSES if measured.get(k) is not None})
         self.history.append(entry)
         logger.write(self.history, self.seconds)
 
-    def _validation_losses(self) -> dict[str, float]:
-        """Rank 0's mean losses on the held-out sequences (fixed masks): MLM for students with an MLM head,
-        MLSM where the held-out sequences have precomputed targets."""
+    def _diagnose(self) -> dict:
+        """Rank 0 measures the model on the held-out sequences (fixed masks; pretrain/diagnostics.py):
+        validation losses against their baselines, collapse statistics. Kept in the record by update."""
         s = self.s
-        with_mlm = objective(self.params["objective"]).mlm_head
-        targets = s.paths.validation_targets if s.uses_targets else None
-        if not s.paths.validation or not (with_mlm or targets):
+        if s.rank != 0 or not s.paths.validation:
             return {}
-        sums = np.zeros(4)
-        if s.rank == 0 and self.validation is None:  # read once, at the first save
+        targets = s.paths.validation_targets if s.uses_targets else None
+        if self.validation is None:  # read once, at the first measurement
             self.validation = Shard(s.paths.validation, targets)
-        if s.rank == 0 and len(self.validation):
-            sums = validation_sums(s.model, self.validation, s.tokenizer, self.params, s.device, autocast(s.device),
-                                   with_mlm, bool(targets))
-        sums = all_ranks_sum(torch.from_numpy(sums), s.world).tolist()
-        losses = {}
-        if sums[1]:
-            losses["validation_mlm"] = sums[0] / sums[1]
-        if sums[3]:
-            losses["validation_mlsm"] = sums[2] / sums[3]
-        return losses
+        measured = {"step": self.step}
+        if len(self.validation):
+            measured.update(measure(s.model, self.validation, s.tokenizer, self.params, s.device, autocast(s.device),
+                                    s.baselines, objective(self.params["objective"]).mlm_head, bool(targets)))
+        self.diagnostics.append(measured)
+        return measured
 
     # ---- outputs ----
 
@@ -247,7 +253,8 @@ class Trainer:
                    "tokens_per_second": tokens_seen / max(self.seconds, 1e-9),
                    "parameters": sum(p.numel() for p in s.model.parameters()),
                    "checkpoints": [f"step{step}" for step in checkpoint_steps(self.params)],
-                   "final": self.history[-1], "history": self.history}
+                   "final": self.history[-1] if self.history else {"step": 0}, "history": self.history,
+                   "baselines": self.s.baselines.record(), "diagnostics": self.diagnostics}
         if s.rank == 0:
             self._publish(summary)
         if s.world > 1:
