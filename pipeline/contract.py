@@ -28,9 +28,9 @@ FORMAT_VERSION = {
     "activations": 3,
     "dictionary": 3,
     "targets": 4,
-    "pretrain": 3,
+    "pretrain": 4,
     "finetune": 3,
-    "report": 3,
+    "report": 4,
 }
 
 # ---- paths, relative to the config's `results` directory (demo data goes to resources/) --------
@@ -66,6 +66,7 @@ REPORT_HTML = "report/report.html"  # the same, one self-contained page (plots e
 REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"
 REPORT_CURVE = "report/sample_efficiency.png"
+REPORT_CARDS = "report/cards"  # {student}/README.md: the student's model card with its fine-tuning scores
 REPORT_MANIFEST = "report/manifest.json"
 # Resumable state of one job of a long stage (checkpoints and journal.jsonl); `job` joins its wildcards.
 RESUME_DIR = "resume/{rule}/{job}"

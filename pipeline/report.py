@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
+from . import cards as model_cards
 from . import contract
 from .cli import run
 from .common import StageError
 from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
 from .objectives import objective
+from .report_html import render_html
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
 BOOTSTRAP_SAMPLES = 10_000
@@ -187,9 +190,9 @@ def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict |
 LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")
 
 
-def render(scores, students, dictionaries, atoms, targets, costs, plot_name, curve_name) -> str:
+def render(scores, students, dictionaries, atoms, targets, costs, plot_name, curve_name, cards=None) -> str:
     lines = scores_section(scores, plot_name) + pairs_section(scores) + curve_section(scores, curve_name)
-    lines += students_section(students)
+    lines += students_section(students) + cards_section(cards or {})
     for teacher, metrics in dictionaries.items():
         lines += dictionary_section(teacher, metrics, atoms.get(teacher, []), targets.get(teacher))
     lines += costs_section(costs)
@@ -266,6 +269,39 @@ def students_section(students: list[dict]) -> list[str]:
     return lines
 
 
+def cards_section(cards: dict[str, tuple[str, str]]) -> list[str]:
+    """Links to each student's model card: the report's (with the scores) and the model directory's."""
+    if not cards:
+        return []
+    return ["", "## Model cards", "",
+            "Hugging Face model cards (README.md): with the fine-tuning scores above, and as saved in the model "
+            "directory (training details only; each checkpoint directory has its own).", "",
+            "| student | card with scores | card in the model directory |", "|---|---|---|",
+            *(f"| {name} | [{ours}]({ours}) | [{theirs}]({theirs}) |"
+              for name, (ours, theirs) in sorted(cards.items()))]
+
+
+def write_cards(out: str, summaries: dict[str, dict], scores: list[dict], report_dir: Path) -> dict:
+    """Each student's card (summaries: its pre-training record by path) completed with its fine-tuning
+    scores, in out/<student>/README.md; returns student -> (that card, the model directory's card),
+    relative to the report's directory."""
+    links = {}
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        for path, summary in summaries.items():
+            if "card" not in summary:  # a record from before model cards
+                continue
+            name = summary["params"]["student"]
+            text = model_cards.render(summary["card"], model_cards.training_of(summary),
+                                      model_cards.score_rows(select(scores, student=name)))
+            (tmp / name).mkdir()
+            model_cards.write(tmp / name, text)
+            model_card = Path(path).parent / Path(contract.STUDENT_MODEL).name / model_cards.CARD
+            links[name] = (Path(out, name, model_cards.CARD).relative_to(report_dir).as_posix(),
+                           os.path.relpath(model_card, report_dir))
+    return links
+
+
 def dictionary_section(teacher: str, metrics: dict, atoms: list[dict], targets: dict | None) -> list[str]:
     lines = ["", f"## Dictionary of teacher `{teacher}`", "",
              f"K = {metrics['atoms']}, λ = {metrics['lambda']}, layer {metrics['layer']}, "
@@ -297,54 +333,10 @@ def costs_section(costs: list[dict]) -> list[str]:
               for c in costs)]
 
 
-def to_html(markdown: str, images: dict[str, str]) -> str:
-    """The report as one self-contained HTML page: the subset of Markdown render() writes (headings,
-    paragraphs, pipe tables, images, `code`), with the PNGs embedded."""
-    import base64
-    import html
-    import re
-
-    def inline(text: str) -> str:
-        return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
-
-    out, table = [], []
-
-    def flush_table() -> None:
-        if not table:
-            return
-        rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table
-                if not re.match(r"^\|[-:|]+\|$", row.strip())]
-        out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
-                   + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
-                   + "</tbody></table>")
-        table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        image = re.fullmatch(r"!\[([^]]*)\]\(([^)]*)\)", line.strip())
-        if image and image.group(2) in images:
-            data = base64.b64encode(Path(images[image.group(2)]).read_bytes()).decode()
-            out.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}"></p>')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush_table()
-    style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>MLSM pipeline report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
-
-
 def report(paths, params: dict) -> None:
     scores = collect_scores(paths.scores)
-    students = sorted((read_record(p) for p in paths.students), key=lambda s: s["params"]["student"])
+    summaries = {p: read_record(p) for p in paths.students}
+    students = sorted(summaries.values(), key=lambda s: s["params"]["student"])
     dictionaries = {Path(p).parent.name: read_record(p) for p in paths.dictionaries}
     records = {Path(p).parent: p for p in paths.dictionaries}
     atoms = {}
@@ -359,14 +351,16 @@ def report(paths, params: dict) -> None:
     plot_scores(paths.scores_plot, scores, names, sorted({r["task"] for r in scores}))
     plot_sample_efficiency(paths.curve_plot, scores, names)
     costs = stage_costs(paths.benchmarks, params.get("device", "cpu"), params.get("student_gpus"))
+    report_dir = Path(paths.md).parent
+    cards = write_cards(paths.cards, summaries, scores, report_dir) if paths.cards else {}
     text = render(scores, students, dictionaries, atoms, targets, costs, Path(paths.scores_plot).name,
-                  Path(paths.curve_plot).name)
+                  Path(paths.curve_plot).name, cards)
     with atomic_output(paths.md) as tmp:
         tmp.write_text(text)
     with atomic_output(paths.html) as tmp:
-        tmp.write_text(to_html(text, {Path(paths.scores_plot).name: paths.scores_plot,
+        tmp.write_text(render_html(text, {Path(paths.scores_plot).name: paths.scores_plot,
                                       Path(paths.curve_plot).name: paths.curve_plot}))
-    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html]
+    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html, *filter(None, [paths.cards])]
     write_record(paths.manifest, {"format_version": contract.FORMAT_VERSION["report"],
                                   "files": file_entries(Path(paths.manifest).parent, outputs)})
 

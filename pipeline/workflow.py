@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import config as cfg
 from . import contract
+from .hfdata import DatasetInput
 from .launch import torchrun_command
 from .objectives import objective
 from .rules import RULES, fill
@@ -81,8 +82,25 @@ class Workflow:
         return [self.path(contract.TARGET_SHARD, teacher=teacher, shard=s) for s in self.shards]
 
     def corpus_inputs(self) -> list[str]:
-        # Missing files stay in the list, so that Snakemake names them as missing input.
+        """The corpus files (and local dataset directories) Snakemake tracks. Missing files stay in the list,
+        so that Snakemake names them as missing input; a hub dataset is no file, its name is in the params."""
+        tracked = []
+        for item in input_files(self.config["corpus"]["inputs"], strict=False):
+            if not isinstance(item, DatasetInput):
+                tracked.append(str(item))
+            elif item.local is not None:
+                tracked.append(str(item.local))
+        return tracked
+
+    def arguments(self, port: str) -> list[str]:
+        """What the command gets for a verbatim port: the corpus inputs in order, datasets as hf:<name>."""
+        assert port == "text", port
         return [str(f) for f in input_files(self.config["corpus"]["inputs"], strict=False)]
+
+    def hub_datasets(self) -> list[str]:
+        """Ids of the hub datasets among the corpus inputs (a model card names them)."""
+        return [f.name for f in input_files(self.config["corpus"]["inputs"], strict=False)
+                if isinstance(f, DatasetInput) and f.local is None]
 
     def is_auxiliary(self, teacher: str) -> bool:
         return self.config["teachers"][teacher]["source"] == cfg.AUXILIARY_TEACHER
@@ -142,8 +160,10 @@ class Workflow:
                 "teacher_summary": self.path(contract.AUXILIARY_SUMMARY, teacher=teacher)}
 
     def _extract_activations_inputs(self, w) -> dict:
+        imported = self.config["teachers"][w.teacher].get("activations")  # states computed elsewhere (HDF5)
         return {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS), **self.teacher_model(w.teacher)}
+                "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS), **self.teacher_model(w.teacher),
+                **({"states": imported} if imported else {})}
 
     def _fit_dictionary_inputs(self, w) -> dict:
         return {"activations": self.path(contract.ACTIVATIONS, teacher=w.teacher),
@@ -173,6 +193,7 @@ class Workflow:
             inputs["target_shards"] = self.target_shards(teacher)
             inputs["target_manifest"] = self.path(contract.TARGET_MANIFEST, teacher=teacher)
             inputs["validation_targets"] = self.path(contract.TARGET_VALIDATION, teacher=teacher)
+            inputs["dictionary_metrics"] = self.path(contract.DICTIONARY_METRICS, teacher=teacher)  # model card
         return {**inputs, **self.teacher_model(teacher)}
 
     def _finetune_inputs(self, w) -> dict:
@@ -215,8 +236,8 @@ class Workflow:
 
     def _train_tokenizer_params(self, w) -> dict:
         # What reading the text takes (which documents are validation ones, what is bad input) and the training.
-        reading = {k: self.config["corpus"][k] for k in
-                   ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "seed")}
+        reading = {k: self.config["corpus"][k] for k in ("inputs", "format", "text_field", "split", "dataset_config",
+                                                         "validation_fraction", "bad_input", "max_line_bytes", "seed")}
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 
     def _shard_corpus_params(self, w) -> dict:
@@ -226,7 +247,8 @@ class Workflow:
 
     def _pretrain_teacher_params(self, w) -> dict:
         options = {**self.config["teachers"][w.teacher]["auxiliary"], "objective": "mlm"}
-        return self._slice("pretrain_teacher", options, student=f"auxiliary teacher {w.teacher}", device=self.device)
+        return self._slice("pretrain_teacher", options, student=f"auxiliary teacher {w.teacher}", device=self.device,
+                           model_card=self.model_card())
 
     def _teacher_slice(self, rule: str, teacher: str, *slices: dict) -> dict:
         options = {k: v for k, v in self.config["teachers"][teacher].items() if k != "auxiliary"}
@@ -256,7 +278,7 @@ class Workflow:
         student = w.student
         options = self.student_options(student)
         needs = objective(options["objective"])
-        extra = {"student": student, "device": self.device}
+        extra = {"student": student, "device": self.device, "model_card": self.model_card()}
         teacher = self.student_teacher(student)
         if teacher is None:
             options.pop("teacher", None)
@@ -272,6 +294,12 @@ class Workflow:
         else:
             options.pop("online_solver")  # only online students use it
         return self._slice("pretrain_student", options, **extra)
+
+    def model_card(self) -> dict:
+        """The metadata of the model cards pre-training writes into the model directories."""
+        chosen = self.config["model_card"]
+        hub = [d for d in self.hub_datasets() if d not in chosen["datasets"]]
+        return {**chosen, "datasets": [*chosen["datasets"], *hub]}
 
     def online_settings(self, options: dict, teacher: str) -> dict:
         """What an online student's step codes targets with: the reference solver or the targets section's."""

@@ -8,7 +8,6 @@ import copy
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -104,6 +103,10 @@ EDITS = [
     ("finetune.seeds", [1, 2, 3], {"report"}),
     ("finetune.checkpoint_tasks", [], {"report"}),
     ("tasks.bbc_topic.metric", "f1", {"finetune", "report"}),
+    ("corpus.split", "validation", EVERYTHING),
+    ("corpus.dataset_config", "wikitext-2-raw-v1", EVERYTHING),
+    ("teachers.minilm.activations", "elsewhere.h5", {"extract_activations", "precompute_targets"} | MLSM),
+    ("model_card.license", "mit", STUDENTS),  # the cards live in the model directories
 ]
 
 

@@ -16,6 +16,7 @@ from ..models import load_tokenizer, verify_model
 from ..objectives import objective
 from ..resume import Resume
 from ..training import adamw, warmup_then_decay
+from . import card
 from .data import BatchStream
 from .model import Student, build_config
 from .teachers import KdTeacher, OnlineTargets
@@ -39,6 +40,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     resume: Resume
+    card: dict                # what the model cards state besides the training so far (pretrain/card.py)
 
     @property
     def uses_targets(self) -> bool:
@@ -62,8 +64,9 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                                        "targets": target_record[CHECKSUM_KEY] if target_record else None,
                                        "dictionary": online.record[CHECKSUM_KEY] if online else None},
                     writer=rank == 0, interval=paths.checkpoint_seconds)
+    facts = card.facts(paths, params, manifest, target_record, world)
     return Setup(rank, world, device, paths, params, manifest, tokenizer, online, target_record, stream, model,
-                 forward, teacher, optimizer, scheduler, resume)
+                 forward, teacher, optimizer, scheduler, resume, facts)
 
 
 def build_online_targets(paths, params: dict, device, manifest: dict) -> OnlineTargets | None:

@@ -29,6 +29,7 @@ from ..integrity import atomic_output, file_entries, write_record
 from ..objectives import objective
 from ..resume import load_training, save_training
 from ..training import autocast, rng_states, set_rng_states
+from . import card
 from .data import Prefetcher, Shard, micro_batch, rank_share
 from .distributed import all_ranks_sum, check_ranks_agree, init_distributed
 from .history import TrainingLog, Window, validation_sums
@@ -236,6 +237,8 @@ class Trainer:
         with atomic_output(directory) as tmp:
             tmp.mkdir(parents=True)
             self.s.model.save(tmp, self.s.tokenizer, {**self.metadata(), "steps": self.step})
+            # Tokens are counted per rank: exact here only for one process (the final card sums them).
+            card.write(tmp, self.s.card, self.step, self.history, self.tokens_seen if self.s.world == 1 else None)
 
     def _finish(self) -> dict:
         s = self.s
@@ -246,7 +249,7 @@ class Trainer:
                    "tokens_per_second": tokens_seen / max(self.seconds, 1e-9),
                    "parameters": sum(p.numel() for p in s.model.parameters()),
                    "checkpoints": [f"step{step}" for step in checkpoint_steps(self.params)],
-                   "final": self.history[-1], "history": self.history}
+                   "final": self.history[-1], "history": self.history, "card": s.card}
         if s.rank == 0:
             self._publish(summary)
         if s.world > 1:
@@ -259,6 +262,7 @@ class Trainer:
         with atomic_output(paths.model) as tmp:
             tmp.mkdir()
             s.model.save(tmp, s.tokenizer, {**self.metadata(), "tokens_seen": summary["tokens_seen"]})
+            card.write(tmp, s.card, self.step, self.history, summary["tokens_seen"])
         outputs = [paths.model]
         if paths.checkpoints:
             with atomic_output(paths.checkpoints) as tmp:
