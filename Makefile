@@ -11,7 +11,9 @@ export TRANSFORMERS_OFFLINE := 1
 # Rules call `python -m pipeline.<stage>`: the venv must come first on PATH, as after activating it.
 IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: setup demo test lint dry-run clean
+CONFIG ?= config/config.yaml
+
+.PHONY: setup demo test lint dry-run plan clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +35,10 @@ lint: setup
 
 dry-run: setup
 	$(IN_VENV) snakemake --dry-run
+
+# Disk and compute of every stage of $(CONFIG) on this machine, before it runs (pipeline/plan.py).
+plan: setup
+	$(IN_VENV) python -m pipeline.plan --configfile $(CONFIG)
 
 clean:
 	rm -rf results resources benchmarks logs .snakemake

@@ -167,10 +167,12 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # ---- stage 5, pretrain_student --------------------------------------------------------------------
 # model/: save_pretrained of BertModel (mlsm) or BertForMaskedLM (mlm, kd, mlsm+mlm) plus its
 # tokenizer (loads with AutoModel / AutoModelForSequenceClassification); mlsm_head.safetensors for
-# MLSM objectives; pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
+# MLSM objectives; pretraining.json (params, steps, objective, atoms, world_size, tokens_seen); README.md,
+# the model card (pipeline/cards.py: Hugging Face YAML front matter, then the training details).
 # checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
-# summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the
+# summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), card (the facts
+# the model cards state: pipeline/pretrain/card.py), final (the
 # last history entry), history [{step, loss per part, grad_norm, lr, masked_tokens, tokens_per_second,
 # mfu (null off known GPUs), seconds, and at each save validation_mlsm / validation_mlm: the losses
 # on corpus/validation.parquet with fixed masks}], files
@@ -187,8 +189,16 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # the GLUE-style average; MLSM vs MLM differences paired by seed with CIs; the checkpoints' scores by
 # pre-training updates; students; dictionary metrics; atom browser; wall and GPU time per stage),
 # report.html (the same page with the plots embedded), results.csv (one row per student x snapshot x
-# task x seed), scores.png, sample_efficiency.png,
-# manifest.json (files, checksum).
+# task x seed), scores.png, sample_efficiency.png, cards/{student}/README.md (the student's model card
+# with its fine-tuning scores and a model-index), manifest.json (files, checksum).
+
+# ---- HDF5 interchange (pipeline/hdf5.py; not a stage's output) -------------------------------------
+# python -m pipeline.hdf5 store|dictionary|targets writes the activation store (/states, /token_ids,
+# /seq_ids, /positions; the store's attributes as root attributes), a dictionary (/dictionary [d, K]; the
+# metrics record in attribute `metrics`) or a targets record's shards (a group per shard: /seq_id,
+# /offsets [S+1], /atom_ids and /weights [T, k]; attribute `stats`) to HDF5. teachers.<name>.activations
+# names an HDF5 file in the store's layout (at least /states and /token_ids) that extract_activations
+# imports instead of running the teacher.
 
 
 _SCHEMAS = {"CORPUS_SCHEMA": _corpus_schema, "TARGET_SCHEMA": _target_schema}

@@ -1,10 +1,11 @@
-"""Stage 7, report: compare the students -> report.md (and report.html), results.csv, scores.png and
-sample_efficiency.png.
+"""Stage 7, report: compare the students -> report.md (and report.html, pipeline/report_html.py), results.csv,
+scores.png, sample_efficiency.png, and each student's model card with its fine-tuning scores (cards/).
 
     python -m pipeline.report --scores finetune/*/*/*/seed*.json --students students/*/summary.json \
         --dictionaries dictionaries/minilm/metrics.json --atoms dictionaries/minilm/atoms.json \
         --targets targets/minilm/manifest.json --benchmarks benchmarks/*/*.tsv --md report.md --html report.html \
-        --csv results.csv --scores-plot scores.png --curve-plot sample_efficiency.png --manifest manifest.json \
+        --csv results.csv --scores-plot scores.png --curve-plot sample_efficiency.png [--cards cards/] \
+        --manifest manifest.json \
         --params '{"device": "cuda", "student_gpus": {"mlsm": 1}}'
 """
 
