@@ -108,6 +108,13 @@ def test_a_hub_dataset_is_not_downloaded_offline(monkeypatch):
         list(read_documents(hfdata.parse_input("hf:no-such-owner/no-such-dataset"), READING))
 
 
+def test_an_empty_dataset_name_is_a_config_error(tmp_path):
+    config = tiny_config(tmp_path)
+    config["corpus"]["inputs"] = ["hf:"]
+    with pytest.raises(cfg.ConfigError, match="config key 'corpus.inputs': 'hf:' names no dataset"):
+        cfg.validate(config)
+
+
 def test_the_workflow_tracks_local_datasets_and_passes_hub_ids_to_the_stage(tmp_path, saved):
     config = tiny_config(tmp_path / "teacher")
     config["corpus"]["inputs"] = [f"hf:{saved / 'dataset'}", "hf:someone/corpus"]
