@@ -34,6 +34,9 @@ from .workflow import Workflow
 BYTES = {"corpus_per_token": 1.9, "store_per_value": 1.84, "store_per_row": 14, "target_per_atom": 2.4,
          "tokenizer": 0.7e6, "record": 2e3, "report": 1e5}
 READ_BYTES_PER_SECOND = 100e6  # target shards read back (their statistics are summed)
+COPY_BYTES_PER_SECOND = 200e6  # HDF5 states imported into the zarr store
+TOKENIZER_TRAINING_BYTES_PER_SECOND = 1e6  # train_tokenizer (assumed: the plan does not train one)
+FORWARD_SHARE_OF_STEP = 1 / 3  # a forward pass costs about a third of a training step
 REPORT_SECONDS = 0.5  # tables and two plots
 SPECIALS = {"sentence_pairs": 2.5, "contiguous": 2}  # special tokens per packed sequence (mean)
 EARLY_STOP = 0.5  # share of the dictionary's epochs assumed run before the held-out objective stalls
@@ -89,8 +92,7 @@ class Planner:
         return self.rates.startup(False), sum(f.stat().st_size for f in made.rglob("*") if f.is_file()), 0
 
     def train_tokenizer(self, w):
-        seconds = self.rates.startup(True) + self.corpus.text_bytes / 1e6  # assumed: 1 MB of text a second
-        return seconds, 1e6, 0
+        return self.rates.startup(True) + self.corpus.text_bytes / TOKENIZER_TRAINING_BYTES_PER_SECOND, 1e6, 0
 
     def shard_corpus(self, w):
         workers = min(self.config["corpus"]["threads"], self.cores)
@@ -111,7 +113,8 @@ class Planner:
         source = self.workflow.teacher_source(name) if not self.workflow.is_auxiliary(name) else None
         if source is None:  # trained by the pipeline: not there yet; a student of its size stands in
             options = teacher["auxiliary"]
-            return 0.0, self.rates.training(self._key(options), "mlm", 0, self.length, self.vocab, threads) * 3
+            step = self.rates.training(self._key(options), "mlm", 0, self.length, self.vocab, threads)
+            return 0.0, step / FORWARD_SHARE_OF_STEP
         return self.rates.teacher(source, teacher["layer"], min(teacher["batch_size"], 32), self.length, threads,
                                   teacher["trust_remote_code"])
 
@@ -134,7 +137,7 @@ class Planner:
         hidden = self._hidden(w.teacher)
         disk = a["sample_tokens"] * (hidden * BYTES["store_per_value"] + BYTES["store_per_row"])
         if teacher.get("activations"):  # imported from HDF5: a copy
-            return self.rates.startup(True) + a["sample_tokens"] * hidden * 2 / 200e6, disk, 1
+            return self.rates.startup(True) + a["sample_tokens"] * hidden * 2 / COPY_BYTES_PER_SECOND, disk, 1
         per_sequence = self.length - SPECIALS[self.config["corpus"]["packing"]]
         if a["positions_per_sequence"]:
             per_sequence = min(per_sequence, a["positions_per_sequence"])
@@ -209,7 +212,7 @@ class Planner:
         rate = self.rates.finetuning(size, min(options["batch_size"], 32), length, self.vocab, 1)
         train = options["epochs"] * task.train * task.length
         dev = options["epochs"] * task.dev * task.length
-        return self.rates.startup(True) + train / rate + dev / (3 * rate), BYTES["record"], 1
+        return self.rates.startup(True) + (train + dev * FORWARD_SHARE_OF_STEP) / rate, BYTES["record"], 1
 
     def report(self, w):
         return self.rates.startup(False) + REPORT_SECONDS, BYTES["report"] + 3e3 * len(self.workflow.students), 0
