@@ -83,7 +83,9 @@ class Measured:
     @cache  # noqa: B019 (one measurement per plan)
     def startup(self, heavy: bool) -> float:
         """Seconds a job's process takes to start: the interpreter and the stage's imports."""
-        imports = "import torch, transformers, pipeline.models" if heavy else "import pyarrow, pipeline.cli"
+        # What the torch stages import between them (metrics, parquet, models) or what the light ones do.
+        imports = ("import torch, transformers, scipy.stats, sklearn.metrics, pyarrow.parquet, pipeline.models"
+                   if heavy else "import pyarrow, pipeline.cli")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", imports], check=True, capture_output=True)
