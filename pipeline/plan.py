@@ -318,6 +318,11 @@ def render_check(costs: list[Cost], actual: dict[str, Cost]) -> str:
                      f"{_ratio(c.seconds, real.seconds)} | {human_seconds(real.cpu_seconds)} | "
                      f"{_ratio(c.seconds, real.cpu_seconds)} | {human_bytes(c.disk)} | {human_bytes(real.disk)} | "
                      f"{_ratio(c.disk, real.disk)} |")
+    total = actual["total"]
+    if total.seconds > 0:
+        lines += ["", f"The run's jobs were on a CPU {total.cpu_seconds / total.seconds:.0%} of their wall time (CPU "
+                  "time over threads): what is left they waited for other processes, so a wall-time ratio below "
+                  "the CPU-time ratio by that much is the machine's load, not the plan."]
     return "\n".join(lines)
 
 
