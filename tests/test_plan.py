@@ -142,3 +142,12 @@ def test_the_plan_of_the_tiny_dag_is_within_2x_of_its_run(workflow_run):
     assert 0.8 <= disk_ratio <= 1.25, result.stdout
     actual = actual_costs(cfg.validate(config), workdir / "results", 2)
     assert actual["pretrain_student"].disk > 0 and actual["report"].seconds > 0
+
+
+def test_the_check_names_jobs_without_a_benchmark_file():
+    costs = [plan.Cost("fit_dictionary", 1, 10.0, 0, 1e6), plan.Cost("finetune", 2, 20.0, 0, 1e3)]
+    actual = {"fit_dictionary": plan.Cost("fit_dictionary", 1, 12.0, 0, 1e6, 9.0, timed=1),
+              "finetune": plan.Cost("finetune", 2, 8.0, 0, 1e3, 8.0, timed=1)}
+    text = plan.render_check(costs, actual)
+    assert "missing from the actual time: finetune (1 of 2)." in text
+    assert "| total | 30.0 s | 20.0 s | 1.50 | 17.0 s | 1.76 |" in text
