@@ -7,7 +7,6 @@ Nothing here imports torch or pyarrow: Snakemake reads it at every parse.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,7 +58,7 @@ RULES = {rule.name: rule for rule in (
     Rule("train_tokenizer", "tokenizer", inputs=("text",),
          outputs={"model": contract.TOKENIZER, "manifest": contract.TOKENIZER_MANIFEST}),
     Rule("shard_corpus", "corpus", inputs=("text", "tokenizer_manifest"), outputs={
-        "shards": "corpus/shard-{shard}.parquet", "validation": contract.CORPUS_VALIDATION,
+        "shards": contract.CORPUS_SHARD, "validation": contract.CORPUS_VALIDATION,
         "token_counts": contract.CORPUS_TOKEN_COUNTS, "manifest": contract.CORPUS_MANIFEST},
          shown={"manifest": Shown("corpus_manifest", CORPUS, (("record", "corpus manifest"),))}),
     Rule("pretrain_teacher", "pretrain", "{teacher}", inputs=("corpus_shards", "corpus_manifest"),
@@ -156,7 +155,3 @@ class Keep(dict):
 
 def fill(template: str, **wildcards) -> str:
     return template.format_map(Keep(wildcards))
-
-
-def job_fields(template: str) -> list[str]:
-    return re.findall(r"{(\w+)}", template)

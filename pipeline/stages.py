@@ -48,9 +48,6 @@ class Stage:
     def port(self, name: str) -> Port:
         return next(p for p in self.ports if p.name == name)
 
-    def of_role(self, role: str) -> tuple[Port, ...]:
-        return tuple(p for p in self.ports if p.role == role)
-
 
 # name -> (type, default, help). Passed on the command line, never in params.
 SETTINGS = {
