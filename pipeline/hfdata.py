@@ -104,8 +104,10 @@ def texts(source: DatasetInput, options: dict) -> Iterator[tuple[int, object]]:
         raise StageError(f"corpus input {source}: no column {key!r} (corpus.text_field; columns: "
                          f"{', '.join(columns)})")
     row = 0
-    for batch in data.select_columns([key]).iter(batch_size=BATCH_ROWS):
-        for value in batch[key]:
+    # Batches as Arrow tables: iterating a streamed dataset in Python format holds on to what its reader has
+    # decoded ahead (memory grew with the data file), in Arrow format it stays a few batches.
+    for batch in data.select_columns([key]).with_format("arrow").iter(batch_size=BATCH_ROWS):
+        for value in batch.column(key).to_pylist():
             yield row, value
             row += 1
 

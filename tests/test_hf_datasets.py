@@ -102,6 +102,25 @@ def test_a_saved_dataset_is_memory_mapped_and_read_a_batch_at_a_time(saved, monk
     assert batches == [4]  # one batch read for the first row, not the dataset
 
 
+def test_memory_does_not_grow_with_a_streamed_dataset(tmp_path):
+    """Arrow memory while reading a 130 MB local dataset stays a few batches (the reader's read-ahead), not
+    the data file (iterating it in Python format held on to most of what was read)."""
+    (tmp_path / "big" / "data").mkdir(parents=True)
+    text = pa.array([f"{i} " + "word " * 200 for i in range(131_072)])  # distinct, so not dictionary-encoded
+    pq.write_table(pa.table({"text": text}), tmp_path / "big" / "data" / "train-00000-of-00001.parquet",
+                   row_group_size=1024)
+    source = hfdata.parse_input(f"hf:{tmp_path / 'big'}")
+    default = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(default)  # its own peak, whatever the tests before allocated
+    pa.set_memory_pool(pool)
+    try:
+        rows = sum(1 for _ in hfdata.texts(source, READING))
+    finally:
+        pa.set_memory_pool(default)
+    assert rows == len(text)
+    assert pool.max_memory() < text.nbytes / 4, (pool.max_memory(), text.nbytes)
+
+
 def test_a_hub_dataset_is_not_downloaded_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(StageError, match=r"hf:no-such-owner/no-such-dataset.*set HF_HUB_OFFLINE=0 to download it"):
