@@ -88,7 +88,9 @@ def _teacher_lines(facts: dict) -> list[str]:
     if teacher:
         layer = "its MLM logits" if teacher.get("layer") is None else f"layer {teacher['layer']} (from the last)"
         lines += ["", "## Teacher", "", f"- `{teacher['name']}`: `{teacher['source']}`, {layer}"]
-    if dictionary:
+    if dictionary and "atoms" not in dictionary:  # a dictionary whose metrics were not recorded
+        lines += ["", "## Dictionary", "", f"- sha256 of dictionary.npy: `{dictionary['sha256']}`"]
+    elif dictionary:
         lines += ["", "## Dictionary", "",
                   f"- K = {dictionary['atoms']} atoms, λ = {dictionary['lambda']}, backend {dictionary['backend']}, "
                   f"fitted on {dictionary['train_tokens']:,} token states",

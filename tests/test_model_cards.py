@@ -111,3 +111,16 @@ def test_the_workflow_writes_a_card_for_every_student_and_checkpoint(workflow_ru
         meta, body = cards.read(results / contract.REPORT_CARDS / student / "README.md")
         assert {r["dataset"]["name"] for r in meta["model-index"][0]["results"]} == set(config["tasks"])
         assert "## Fine-tuning scores" in body
+
+
+def test_a_dictionary_without_its_stages_metrics_is_named_by_its_checksum(trained, tmp_path):
+    from pipeline.pretrain.card import _dictionary
+
+    np.save(tmp_path / "D.npy", random_dictionary(32, 24).numpy())
+    write_record(tmp_path / "m.json", {"files": file_entries(tmp_path, [tmp_path / "D.npy"])})  # no metrics
+    paths = type("Paths", (), {"dictionary": str(tmp_path / "D.npy")})
+    dictionary = _dictionary(read_record(tmp_path / "m.json"), paths)
+    assert dictionary == {"sha256": hashlib.sha256((tmp_path / "D.npy").read_bytes()).hexdigest()}
+    summary = read_record(trained / "summary.json")
+    body = cards.render({**summary["card"], "dictionary": dictionary}, cards.training_of(summary))
+    assert f"- sha256 of dictionary.npy: `{dictionary['sha256']}`" in body and "K = " not in body

@@ -10,6 +10,8 @@ from .. import cards
 from ..integrity import read_verified
 from ..objectives import objective
 
+DICTIONARY_KEYS = ("atoms", "lambda", "backend", "train_tokens", "heldout_objective", "relative_residual", "mean_nnz",
+                   "atoms_used_fraction")
 TRAINING_KEYS = ("max_steps", "batch_size", "grad_accumulation", "learning_rate", "mask_fraction", "mask_strategy",
                  "mlm_weight", "seed")
 
@@ -40,15 +42,16 @@ def _dictionary_record(paths, needs_targets: bool) -> dict | None:
 
 
 def _teacher(params: dict, dictionary_record: dict | None) -> dict:
-    layer = dictionary_record["layer"] if dictionary_record else (params.get("online") or {}).get("layer")
+    layer = (dictionary_record or {}).get("layer", (params.get("online") or {}).get("layer"))
     return {"name": params.get("teacher"), "source": params.get("teacher_source"), "layer": layer}
 
 
 def _dictionary(record: dict, paths) -> dict:
     name = Path(paths.dictionary).name if paths.dictionary else "dictionary.npy"
-    return {"sha256": record["files"][name]["sha256"], "atoms": record["atoms"], "lambda": record["lambda"],
-            "backend": record["backend"], "train_tokens": record["train_tokens"],
-            **{k: record[k] for k in ("heldout_objective", "relative_residual", "mean_nnz", "atoms_used_fraction")}}
+    identity = {"sha256": record["files"][name]["sha256"]}
+    if not all(k in record for k in DICTIONARY_KEYS):  # not the dictionary stage's record: its checksum alone
+        return identity
+    return {**identity, **{k: record[k] for k in DICTIONARY_KEYS}}
 
 
 def _targets(params: dict, record: dict | None) -> dict:
