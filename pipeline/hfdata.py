@@ -3,10 +3,11 @@
 
 <name> is a directory saved with `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with
 load_from_disk: the arrow files are memory-mapped), a local dataset directory that `load_dataset` reads
-(data files such as data/train-*.parquet, and its README's configs), or a hub id (downloaded only with
-HF_HUB_OFFLINE=0, else read from the local cache). The split (corpus.split), the configuration
-(corpus.dataset_config) and the text column (corpus.text_field) are configurable; the rows are read in
-batches or streamed, so memory does not grow with the dataset. A row's text is a document, its lines its
+(data files such as data/train-*.parquet, and its README's configs), or a hub id (read from the local cache
+under HF_HUB_OFFLINE=1, as `make` and the tests set it; downloaded where it is 0 or unset, as transformers
+does). The split (corpus.split), the configuration (corpus.dataset_config) and the text column
+(corpus.text_field) are configurable; the rows are read in Arrow batches, memory-mapped or streamed, so
+memory does not grow with the dataset. A row's text is a document, its lines its
 sentences, as for jsonl and parquet inputs.
 
 The `datasets` package is optional (pip install 'mlsm-pipeline[hf]') and imported only when such an
