@@ -21,6 +21,7 @@ from .tasks import task_files
 from .text import input_files
 
 BBC_DIR = contract.BBC_DIR
+DATASET_OPTIONS = ("split", "dataset_config")  # corpus options only Hugging Face dataset inputs read
 
 
 class Workflow:
@@ -96,6 +97,9 @@ class Workflow:
         """What the command gets for a verbatim port: the corpus inputs in order, datasets as hf:<name>."""
         assert port == "text", port
         return [str(f) for f in input_files(self.config["corpus"]["inputs"], strict=False)]
+
+    def has_datasets(self) -> bool:
+        return any(isinstance(f, DatasetInput) for f in input_files(self.config["corpus"]["inputs"], strict=False))
 
     def hub_datasets(self) -> list[str]:
         """Ids of the hub datasets among the corpus inputs (a model card names them)."""
@@ -241,8 +245,10 @@ class Workflow:
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 
     def _shard_corpus_params(self, w) -> dict:
-        # threads changes speed, never the shards: not a param, so changing it reruns nothing.
-        options = {k: v for k, v in self.config["corpus"].items() if k != "threads"}
+        # threads changes speed, never the shards: not a param, so changing it reruns nothing. The options of
+        # dataset inputs concern only those: without one, changing them reruns nothing either.
+        unused = {"threads"} if self.has_datasets() else {"threads", *DATASET_OPTIONS}
+        options = {k: v for k, v in self.config["corpus"].items() if k not in unused}
         return self._slice("shard_corpus", options, tokenizer=self.tokenizer)
 
     def _pretrain_teacher_params(self, w) -> dict:

@@ -141,6 +141,7 @@ def test_the_workflow_tracks_local_datasets_and_passes_hub_ids_to_the_stage(tmp_
     assert workflow.corpus_inputs() == [str(saved / "dataset")]  # what Snakemake tracks
     assert workflow.arguments("text") == [f"hf:{saved / 'dataset'}", "hf:someone/corpus"]
     assert workflow.model_card()["datasets"] == ["someone/corpus"]
+    assert {"split", "dataset_config"} <= set(json.loads(workflow.params("shard_corpus", {})))  # they rerun it
     configfile = tmp_path / "hf.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),

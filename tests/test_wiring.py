@@ -103,8 +103,8 @@ EDITS = [
     ("finetune.seeds", [1, 2, 3], {"report"}),
     ("finetune.checkpoint_tasks", [], {"report"}),
     ("tasks.bbc_topic.metric", "f1", {"finetune", "report"}),
-    ("corpus.split", "validation", EVERYTHING),
-    ("corpus.dataset_config", "wikitext-2-raw-v1", EVERYTHING),
+    ("corpus.split", "validation", set()),  # without a dataset input (with one: tests/test_hf_datasets.py)
+    ("corpus.dataset_config", "wikitext-2-raw-v1", set()),
     ("teachers.minilm.activations", "elsewhere.h5", {"extract_activations", "precompute_targets"} | MLSM),
     ("model_card.license", "mit", STUDENTS),  # the cards live in the model directories
 ]
