@@ -1,4 +1,4 @@
-# Two entry points (see README "Quick start"): `make demo` and `make test`.
+# Two entry points (see README "Quick start"): `make demo` and `make test`; `make bench` measures (bench/).
 # Both create .venv on first use. TORCH picks the torch build: the default is the CPU wheel this
 # project is developed with; on a CUDA machine use pixi's cuda env or `make demo TORCH=torch`.
 PYTHON ?= python3
@@ -13,7 +13,7 @@ IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
 CONFIG ?= config/config.yaml
 
-.PHONY: setup demo test lint dry-run plan clean
+.PHONY: setup demo test bench lint dry-run plan clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,15 @@ demo: setup
 
 test: setup
 	$(IN_VENV) python -m pytest
+
+# Every benchmark's CPU smoke run, <= 10 minutes on 2 cores: ratios and goals in results/bench/cpu.json.
+# SPAMS (the extra `spams`) is the dictionary benchmark's reference.
+bench: $(VENV)/.bench-installed
+	$(IN_VENV) python bench/run_all.py
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[demo,test,spams]'
+	touch $@
 
 lint: setup
 	$(IN_VENV) python -m pytest -q tests/test_lint.py

@@ -60,6 +60,16 @@ def random_teacher(directory: Path, shape: str) -> str:
     return str(directory)
 
 
+def emit(figures: dict, path: str | None, indent: int | None = None) -> None:
+    """Print a benchmark's figures as JSON (its last output) and, with --json, write them to that file too
+    (bench/run_all.py collects them from there)."""
+    import json
+
+    print(json.dumps(figures, indent=indent))
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (before reading a clock)."""
     if device.type == "cuda":

@@ -8,10 +8,14 @@ to a bare forward pass of the same truncated model, bf16 autocast on a GPU, meas
 (steady state: the stage's per-shard rates; the figure with process start-up is printed too).
 
 Memory: the same stage in a fresh process on a corpus and on one `--rss-factor` times larger (same
-number of shards, so each shard is larger too); the peak RSS of the two should be about equal.
+number of shards, so each shard is larger too); the peak RSS of the two should be about equal (goal:
+ratio <= 1.05). The smaller corpus should fill what the stage holds at its largest: each shard at
+least one teacher batch (`--batch-size` sequences) and the store at least one zarr chunk
+(pipeline.formats.STORE_CHUNK_ROWS sampled states), or the ratio measures how full those are, not growth.
 
     python bench/extraction.py                       # on the device machine: --shape base
-    python bench/extraction.py --shape tiny --sequences 4000 --device cpu    # a CPU smoke run
+    python bench/extraction.py --shape tiny --sequences 4000 --positions 32 --batch-size 64 --device cpu
+                                                      # the CPU smoke run (make bench), ~1 minute
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import MINILM as TOKENIZER  # noqa: E402
-from bench.common import SHAPES, random_teacher, sync
+from bench.common import SHAPES, emit, random_teacher, sync
 from pipeline import contract  # noqa: E402
 from pipeline.formats import write_parquet  # noqa: E402
 from pipeline.integrity import file_entries, write_record  # noqa: E402
@@ -102,21 +105,26 @@ def bare_forward(teacher: Path, batch_size: int, device: torch.device, seconds: 
 
 
 def run_stage_in_child(shards: list[str], manifest: str, out: Path, params: dict) -> dict:
-    """The stage's command line in a fresh process: wall seconds and peak RSS (MB)."""
+    """The stage's command line in a fresh process: wall seconds and its own peak RSS (MB)."""
     command = [sys.executable, "-m", "pipeline.teacher", "--corpus-manifest", manifest, "--corpus-shards", *shards,
-               "--out", str(out), "--out-manifest", str(out.with_suffix(".json")), "--params", json.dumps(params)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+               "--store", str(out), "--manifest", str(out.with_suffix(".json")), "--params", json.dumps(params)]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # wait4 gives this child's peak alone (RUSAGE_CHILDREN holds the largest of all children so far).
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        log.seek(0)
+        stderr = log.read()
+    if child.returncode != 0:
+        raise SystemExit(stderr[-3000:])
     # The stage logs each shard's teacher tokens and rate: their sum is the throughput without start-up.
     shards = [(float(n), float(n) / float(rate)) for n, rate in
-              re.findall(r"teacher ran on (\d+) tokens \(([\d.]+) tokens/s\)", result.stderr)]
+              re.findall(r"teacher ran on (\d+) tokens \(([\d.]+) tokens/s\)", stderr)]
     steady = sum(n for n, _ in shards) / max(1e-9, sum(s for _, s in shards))
-    return {"seconds": seconds, "steady_tokens_per_s": steady, "peak_rss_mb": round(max(peak, before) / 1024, 1)}
+    return {"seconds": seconds, "steady_tokens_per_s": steady, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
 def main() -> None:
@@ -131,6 +139,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--rss-factor", type=int, default=4)
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -157,7 +166,7 @@ def main() -> None:
         figures["ratio_stage_to_bare_forward"] = round(large["stage_tokens_per_s"] / bare, 3)
         small_rss = figures["small_corpus"]["peak_rss_mb"]
         figures["peak_rss_ratio_large_to_small"] = round(large["peak_rss_mb"] / small_rss, 3)
-    print(json.dumps(figures, indent=2))
+    emit(figures, args.json, indent=2)
 
 
 if __name__ == "__main__":

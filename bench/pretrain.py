@@ -18,7 +18,8 @@ state (the median of the stage's 10-update windows after the first):
 - mlm: the same student with the MLM objective through the stage.
 
     python bench/pretrain.py                          # on the device machine
-    python bench/pretrain.py --size tiny --batch-size 16 --steps 30 --text-mb 0.3 --atoms 64 --device cpu
+    python bench/pretrain.py --size tiny --batch-size 4 --steps 20 --text-mb 0.1 --shards 2 --atoms 64 --device cpu
+                                              # the CPU smoke run (make bench), ~2 minutes
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench.common import (  # noqa: E402
     CORPUS,
     MINILM,
     SPAMS_DICTIONARY,
+    emit,
     random_dictionary,
     random_teacher,
     real_shards,
@@ -154,6 +156,7 @@ def main() -> None:
                    help="random dictionaries of this size instead of SPAMS's and K=3000 (CPU smoke runs)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = pick_device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; student {args.size}, "
@@ -175,7 +178,7 @@ def main() -> None:
     print(f"stage / in-memory: {stage / memory:.3f} (goal >= 0.9)")
     print(f"stage / online reference: {stage / online:.2f} (goal >= 5)")
     print(f"mlm / mlsm: {mlm / stage:.3f}")
-    print(json.dumps({"stage": stage, "in_memory": memory, "online": online, "mlm": mlm}))
+    emit({"stage": stage, "in_memory": memory, "online": online, "mlm": mlm}, args.json)
 
 
 if __name__ == "__main__":

@@ -11,24 +11,29 @@ learner on that teacher's states, `--fit-tokens` of them) or any local model dir
 Figures, in one run:
 - stage: tokens/s of pipeline.targets.compute on one shard (shard read, teacher forward, solve, top-k,
   parquet write) with the fast solver (`--precision`) and with the reference (fista, 100 iterations,
-  fp32); the goal on an H100 at d=768, K=3000 is >= 500 k tokens/s;
-- solver only: the same two solvers on states already on the device, and FISTA-100 in bf16;
+  fp32), both on the same shard: the whole one, or with `--reference-mb` a shard of that much text
+  (the reference is slow on a CPU); the goal on an H100 at d=768, K=3000 is >= 500 k tokens/s, on a
+  CPU fast >= 5x the reference;
+- solver only: the same two solvers on states already on the device, FISTA-100 in bf16, and FISTA-100
+  with the products the MLSM reference code uses (D^T (D y), 4dK flops a row, against the 2K^2 of
+  pipeline.lasso.fista's Gram products; the same iterates);
 - quality on `--quality-tokens` real states: mean objective of each solver, its excess over a tightly
   converged float64 solution, and the mean L1 distance between its normalised code and that solution's
   (goal: fast <= reference);
 - storage: bytes per token of the written shard at `--top-k`, and the mass the top-k cut loses for
   several k (from the converged codes);
 - read: tokens/s of reading a corpus shard with its target shard back into the trainer's flat arrays
-  (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens/s).
+  (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens per CPU second), on a pair of
+  `--read-mb` MB of text whose targets are the fast stage's rows repeated (see read_speed).
 
     python bench/targets.py --teacher base --text-mb 40              # on the device machine
-    python bench/targets.py --text-mb 0.2 --quality-tokens 1000 --device cpu      # a CPU smoke run
+    python bench/targets.py --text-mb 0.01 --quality-tokens 256 --repeats 1 --device cpu
+                                                            # the CPU smoke run (make bench), ~2 minutes
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -44,6 +49,7 @@ from bench.common import (  # noqa: E402
     CORPUS,
     MINILM,
     SPAMS_DICTIONARY,
+    emit,
     random_teacher,
     real_shards,
     save_dictionary,
@@ -51,6 +57,7 @@ from bench.common import (  # noqa: E402
     teacher_states,
 )
 from pipeline.common import pick_device  # noqa: E402
+from pipeline.formats import flat_list, read_targets, shard_tokens, target_stats, write_targets  # noqa: E402
 from pipeline.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.pretrain.data import Shard  # noqa: E402
 from pipeline.stages import call  # noqa: E402
@@ -121,32 +128,111 @@ def quality(x: torch.Tensor, dictionary: torch.Tensor, solvers: dict[str, Lasso]
     return figures
 
 
-def read_speed(corpus_shard: str, target_shard: str, repeats: int = 5) -> float:
-    """Tokens/s of loading a shard pair into the trainer's flat arrays, on one core."""
+def read_speed(args, work: Path, target_shard: str, repeats: int = 5) -> dict:
+    """Tokens/s of loading a shard pair into the trainer's flat arrays with pyarrow on one thread: per
+    second of wall clock and per second of this process' CPU time (one core's worth, whatever else runs
+    on a shared machine). The pair holds `--read-mb` MB of real text and, written by the stage's writer,
+    the fast stage's real target rows repeated to its length: a shard of the smoke run's few thousand
+    tokens would measure opening two files, and reading does not depend on which rows repeat."""
+    (work / "read").mkdir()
+    (corpus_shard,), _ = real_shards(work / "read", Path(args.corpus), args.read_mb, 1)
+    offsets, _, _, table = shard_tokens(corpus_shard)
+    solved = read_targets(target_shard)
+    row_offsets, atoms = flat_list(solved, "atom_ids")
+    _, weights = flat_list(solved, "weights")
+    k, tokens = args.top_k, int(offsets[-1])
+    rows = slice(row_offsets[0], row_offsets[-1])
+    target_path = work / "read" / "targets.parquet"
+    write_targets(target_path, table["seq_id"], offsets, np.resize(atoms[rows].reshape(-1, k), (tokens, k)),
+                  np.resize(weights[rows].reshape(-1, k), (tokens, k)), target_stats(target_shard))
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
-        shard = Shard(corpus_shard, target_shard)
-        times.append(time.perf_counter() - started)
-    return len(shard.tokens) / min(times)
+        started, started_cpu = time.perf_counter(), time.process_time()
+        shard = Shard(corpus_shard, str(target_path))
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    assert len(shard.tokens) == tokens
+    return {"read_tokens": tokens, "read_tokens_per_second": tokens / min(wall),
+            "read_tokens_per_cpu_second": tokens / min(cpu)}
+
+
+def reference_factored(x: torch.Tensor, dictionary: torch.Tensor, lip: float) -> torch.Tensor:
+    """FISTA-100 as the MLSM reference code computes it, with D^T (D y) products (4dK flops a row) where
+    pipeline.lasso.fista multiplies by the Gram matrix (2K^2): the same iterates, for the record."""
+    correlation, codes = x @ dictionary, torch.zeros(len(x), dictionary.shape[1], device=x.device)
+    momentum, t = codes, 1.0
+    for _ in range(100):
+        gradient = (momentum @ dictionary.T) @ dictionary - correlation
+        new = torch.clamp_min(momentum - (gradient + LAMBDA) / lip, 0.0)
+        t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
+        momentum, codes, t = new + ((t - 1.0) / t_next) * (new - codes), new, t_next
+    return codes
+
+
+def dictionary_for(args, work: Path, source: str, x: torch.Tensor) -> np.ndarray:
+    if args.dictionary:
+        return np.load(args.dictionary)
+    if args.teacher == "minilm":
+        return np.load(SPAMS_DICTIONARY)
+    return fitted_dictionary(x[: args.fit_tokens], args.atoms)
+
+
+def stages(args, work: Path, shard: str, manifest: str, dictionary_files, base: dict, fast: dict) -> dict:
+    """Both stages on the same shard (the ratio's; --reference-mb makes it a smaller one than the shard
+    the fast stage's storage and read-back figures come from)."""
+    out = work / "targets.parquet"
+    stage_fast, stats = stage_speed("fast", shard, manifest, dictionary_files, out, {**base, **fast})
+    figures = {"stage_fast": stage_fast, "tokens": stats["tokens"],
+               "mean_mass_lost_to_top_k": stats["mean_mass_lost_to_top_k"],
+               "bytes_per_token": out.stat().st_size / stats["tokens"],
+               **read_speed(args, work, str(out))}
+    if args.reference_mb:
+        paired = work / "paired"
+        paired.mkdir()
+        (shard,), manifest = real_shards(paired, Path(args.corpus), args.reference_mb, 1)
+        figures["stage_fast_paired"], _ = stage_speed("fast", shard, manifest, dictionary_files,
+                                                      paired / "targets.parquet", {**base, **fast})
+    figures["stage_reference"], _ = stage_speed("reference", shard, manifest, dictionary_files, work / "ref.parquet",
+                                                {**base, **REFERENCE})
+    figures["ratio_stage_fast_to_reference"] = figures.get("stage_fast_paired", stage_fast) / figures["stage_reference"]
+    return figures
+
+
+def solvers_alone(args, dictionary: torch.Tensor, x: torch.Tensor, fast: dict) -> dict:
+    solvers = {"fast": Lasso(dictionary, LAMBDA, **fast), "reference": Lasso(dictionary, LAMBDA, **REFERENCE)}
+    figures = {"solver_fast": solver_speed("fast", solvers["fast"], x, args.repeats),
+               "solver_reference": solver_speed("reference", solvers["reference"], x, args.repeats)}
+    lip = solvers["reference"].lip
+    figures["solver_reference_factored"] = solver_speed(
+        "ref. D^T(Dy)", lambda v: reference_factored(v, dictionary, lip), x, args.repeats)
+    low = dictionary.bfloat16()
+    figures["solver_fista_bf16"] = solver_speed(
+        "fista bf16", lambda v: fista(v.bfloat16(), low, LAMBDA, 100, gram=low.T @ low, lip=lip), x, args.repeats)
+    figures["quality"] = quality(x, dictionary, solvers)
+    return figures
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=str(CORPUS))
     p.add_argument("--text-mb", type=float, default=20.0, help="MB of raw text in the measured shard")
+    p.add_argument("--reference-mb", type=float, help="MB of text (a prefix) both stages run on for their ratio "
+                                                      "(default: the whole shard)")
     p.add_argument("--teacher", default="minilm", help="minilm, base (random BERT-base weights) or a model directory")
     p.add_argument("--dictionary", help="[d, K] .npy (default: SPAMS's for minilm, fitted by the pipeline for base)")
     p.add_argument("--atoms", type=int, default=3000, help="K of a dictionary the benchmark fits")
     p.add_argument("--fit-tokens", type=int, default=200_000)
     p.add_argument("--quality-tokens", type=int, default=50_000)
+    p.add_argument("--read-mb", type=float, default=1.0, help="MB of text in the shard pair read back")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each solver alone (the fastest counts)")
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=256, help="sequences per teacher forward")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="of the fast solver")
     p.add_argument("--tolerance", type=float, default=1e-2, help="relative duality gap of the fast solver")
     p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = pick_device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; teacher {args.teacher}")
@@ -157,43 +243,25 @@ def main() -> None:
         source = source or random_teacher(work / "teacher", "base")
         fits = not args.dictionary and args.teacher != "minilm"
         x = teacher_states(source, shard, max(args.quality_tokens, args.fit_tokens if fits else 0), device)
-        if args.dictionary:
-            atoms = np.load(args.dictionary)
-        elif args.teacher == "minilm":
-            atoms = np.load(SPAMS_DICTIONARY)
-        else:
-            atoms = fitted_dictionary(x[: args.fit_tokens], args.atoms)
-        dictionary_files = save_dictionary(work / "dictionary", atoms)
+        dictionary_files = save_dictionary(work / "dictionary", dictionary_for(args, work, source, x))
         dictionary = torch.from_numpy(np.load(dictionary_files[0])).to(device)
         x = x[: args.quality_tokens]
         print(f"d={dictionary.shape[0]}, K={dictionary.shape[1]}, lambda {LAMBDA}, top-{args.top_k}, "
               f"fast solver: tolerance {args.tolerance}, {args.precision}")
-
         fast = {"solver": "fast", "max_iterations": 500, "tolerance": args.tolerance, "precision": args.precision}
         base = {"source": source, "layer": -1, "batch_size": args.batch_size, "lambda": LAMBDA,
                 "top_k": args.top_k, "device": device.type, "trust_remote_code": False}
-        out = work / "targets.parquet"
-        stage_fast, stats = stage_speed("fast", shard, manifest, dictionary_files, out, {**base, **fast})
-        bytes_per_token = out.stat().st_size / stats["tokens"]
-        reads = read_speed(shard, str(out))
-        stage_reference, _ = stage_speed("reference", shard, manifest, dictionary_files, work / "ref.parquet",
-                                         {**base, **REFERENCE})
-
-        solvers = {"fast": Lasso(dictionary, LAMBDA, **fast), "reference": Lasso(dictionary, LAMBDA, **REFERENCE)}
-        solver_fast = solver_speed("fast", solvers["fast"], x)
-        solver_reference = solver_speed("reference", solvers["reference"], x)
-        low = dictionary.bfloat16()
-        solver_speed("fista bf16", lambda v: fista(v.bfloat16(), low, LAMBDA, 100, gram=low.T @ low,
-                                                   lip=solvers["reference"].lip), x)
-        figures = quality(x, dictionary, solvers)
-    print(f"storage: {bytes_per_token:.1f} bytes/token at top-{args.top_k} "
-          f"(mass lost {100 * stats['mean_mass_lost_to_top_k']:.2f} %)")
-    print(f"read back on one core: {reads:,.0f} tokens/s (goal >= 2 M)")
-    print(f"stage fast / reference: {stage_fast / stage_reference:.2f}; solver fast / reference: "
-          f"{solver_fast / solver_reference:.2f}; stage fast: {stage_fast:,.0f} tokens/s (goal >= 500 k on an H100)")
-    print(json.dumps({"stage_fast": stage_fast, "stage_reference": stage_reference, "solver_fast": solver_fast,
-                      "solver_reference": solver_reference, "bytes_per_token": bytes_per_token,
-                      "read_tokens_per_second": reads, "quality": figures}))
+        figures = stages(args, work, shard, manifest, dictionary_files, base, fast)
+        figures.update(solvers_alone(args, dictionary, x, fast))
+    print(f"storage: {figures['bytes_per_token']:.1f} bytes/token at top-{args.top_k} "
+          f"(mass lost {100 * figures['mean_mass_lost_to_top_k']:.2f} %)")
+    print(f"read back on one core: {figures['read_tokens_per_cpu_second']:,.0f} tokens per CPU second (goal >= 2 M), "
+          f"{figures['read_tokens_per_second']:,.0f} tokens/s of wall clock ({figures['read_tokens']:,} tokens)")
+    print(f"stage fast / reference: {figures['ratio_stage_fast_to_reference']:.2f} (goal >= 5); solver fast / "
+          f"reference: {figures['solver_fast'] / figures['solver_reference']:.2f} (/ reference in D^T(Dy) form: "
+          f"{figures['solver_fast'] / figures['solver_reference_factored']:.2f}); stage fast: "
+          f"{figures['stage_fast']:,.0f} tokens/s (goal >= 500 k on an H100)")
+    emit(figures, args.json)
 
 
 if __name__ == "__main__":

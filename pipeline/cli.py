@@ -19,7 +19,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from .common import StageError, log
-from .stages import SETTINGS, STAGES, Stage, paths
+from .locks import holding
+from .stages import OUTPUT, SETTINGS, STAGES, STATE, Stage, paths
 
 
 def parser(stage: Stage) -> argparse.ArgumentParser:
@@ -59,12 +60,27 @@ def parse(stage_name: str, argv=None) -> tuple[SimpleNamespace, dict]:
 
 
 def run(stage_name: str, function: Callable[[SimpleNamespace, dict], Any], argv=None) -> None:
-    """Parse the command line and run the stage with logging; a StageError becomes one clear line and
-    exit status 1."""
+    """Parse the command line and run the stage with logging, as the only writer of its outputs and resume
+    state; a StageError becomes one clear line and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        function(*parse(stage_name, argv))
+        paths, params = parse(stage_name, argv)
+        with holding(written_paths(STAGES[stage_name], paths)):
+            function(paths, params)
     except StageError as err:
         log.error("%s", err)
         raise SystemExit(1) from None
+
+
+def written_paths(stage: Stage, paths: SimpleNamespace) -> list[str]:
+    """What the stage writes (its outputs and resume directory), to be locked for its life. Under torchrun
+    the first process holds the locks for all: the others write no output."""
+    if os.environ.get("RANK", "0") != "0":
+        return []
+    written = []
+    for port in stage.ports:
+        value = getattr(paths, port.name)
+        if port.role in (OUTPUT, STATE) and value:
+            written += value if isinstance(value, list) else [value]
+    return written

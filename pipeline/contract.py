@@ -26,8 +26,8 @@ FORMAT_VERSION = {
     "tokenizer": 1,
     "corpus": 3,
     "activations": 3,
-    "dictionary": 3,
-    "targets": 4,
+    "dictionary": 4,
+    "targets": 6,
     "pretrain": 4,
     "finetune": 3,
     "report": 4,
@@ -53,6 +53,7 @@ TARGET_VALIDATION = "targets/{teacher}/validation.parquet"  # targets of corpus/
 # A corpus part (a training shard "shard-{shard}" or "validation") and its targets, by the part's name.
 CORPUS_PART = "corpus/{part}.parquet"
 TARGET_PART = "targets/{teacher}/{part}.parquet"
+TARGET_PART_RECORD = "targets/{teacher}/{part}.json"  # its bytes and sha256, written with it
 VALIDATION_PART = "validation"
 TARGET_MANIFEST = "targets/{teacher}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
@@ -155,6 +156,9 @@ def _target_schema(pa):  # contract.TARGET_SCHEMA
         ("weights", pa.list_(pa.float16())),
     ])
 # validation.parquet: the same for corpus/validation.parquet (possibly no rows).
+# {part}.json beside each: the record of that one shard (format_version, dictionary, tokens, files: the
+# shard's bytes and sha256, checksum), written by the job that wrote the shard; summarize_targets verifies
+# every shard against it before listing it in the manifest.
 NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz histogram's bins
 # Each shard's parquet metadata key b"mlsm_target_stats" holds its statistics (JSON: tokens, mean_nnz,
 # p99_nnz, nnz_histogram, zero_code_fraction, mean/max_mass_lost_to_top_k, mean_entropy_nats,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import multiprocessing
-import shutil
 import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -37,8 +36,12 @@ from .cli import run
 from .common import StageError, log
 from .formats import write_parquet, write_token_counts
 from .integrity import disk_full_error, file_entries, read_verified, write_record
+from .locks import locked_directory, remove_stale
 from .models import load_tokenizer, tokenizer_fingerprint
-from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, validation_flags
+from .packing import packed_table
+from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, unread_files, validation_flags
+
+ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
 
 # ---- tokenizing and packing --------------------------------------------------------------------
 
@@ -115,32 +118,26 @@ class ChunkPacker:
     def __call__(self, chunk: Chunk) -> dict:
         flags = validation_flags(chunk, self.params["validation_fraction"], self.params["seed"])
         sentences = [s for doc in chunk.documents for s in doc]
-        encoded = [e.ids for e in self.encode(sentences, add_special_tokens=False)] if sentences else []
-        splits = {"train": Packed(), "validation": Packed()}
-        pending = {"train": [], "validation": []}
-        documents, empty, at = Counter(), 0, 0
-        for number, (doc, held_out) in enumerate(zip(chunk.documents, flags)):
-            ids = [s for s in encoded[at : at + len(doc)] if s]
-            at += len(doc)
-            if not ids:  # nothing but whitespace or characters the tokenizer drops
-                empty += 1
-                continue
-            split = "validation" if held_out else "train"
-            documents[split] += 1
-            pending[split].append((chunk.first_doc + number, ids))
-        max_len = self.params["max_seq_len"]
-        for split, docs in pending.items():
-            if self.params["packing"] == "contiguous":
-                pack_contiguous(docs, max_len, self.cls, self.sep, splits[split])
-            else:
-                for doc, ids in docs:
-                    for input_ids, types in pack_document(ids, max_len, self.cls, self.sep):
-                        splits[split].add(input_ids, types, doc)
-        tables = {k: v.table() for k, v in splits.items()}
+        # A few thousand sentences a call: the tokenizer's per-sentence cost rises with larger batches.
+        encoded = [e.ids for start in range(0, len(sentences), ENCODE_SENTENCES)
+                   for e in self.encode(sentences[start : start + ENCODE_SENTENCES], add_special_tokens=False)]
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
+        starts = np.cumsum(lengths) - lengths
+        sentence_doc = np.repeat(np.arange(len(chunk.documents)), [len(doc) for doc in chunk.documents])
+        kept = lengths > 0  # sentences of nothing but whitespace or characters the tokenizer drops go
+        empty = np.bincount(sentence_doc[kept], minlength=len(chunk.documents)) == 0
+        held_out = flags[sentence_doc]
+        tables, documents = {}, Counter()
+        for split, held in (("train", False), ("validation", True)):
+            pick = kept & (held_out == held)
+            tables[split] = packed_table(flat, starts[pick], lengths[pick], chunk.first_doc + sentence_doc[pick],
+                                         self.params["packing"], self.params["max_seq_len"], self.cls, self.sep)
+            documents[split] = int((~empty & (flags == held)).sum())
         train_ids = tables["train"]["input_ids"].combine_chunks().values.to_numpy()
         counts = np.bincount(train_ids, minlength=len(self.tokenizer)).astype(np.int64)
         return {"tables": tables, "token_counts": counts,
-                "documents": documents, "empty_documents": empty, "sentences": len(sentences)}
+                "documents": documents, "empty_documents": int(empty.sum()), "sentences": len(sentences)}
 
 
 _WORKER_PACKER: ChunkPacker | None = None
@@ -155,11 +152,21 @@ def _worker_pack(chunk: Chunk) -> dict:
     return _WORKER_PACKER(chunk)
 
 
-def _pool(workers: int, params: dict):
+def _pool(workers: int, params: dict, tokenizer=None):
     # fork starts at once with the modules already imported; the tokenizer's own thread pool is never
     # used in this process (TOKENIZERS_PARALLELISM=false), so forking it is safe.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, _worker_init, (params,))
+    global _WORKER_PACKER
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn").Pool(workers, _worker_init, (params,))
+    if tokenizer is None:
+        return multiprocessing.get_context("fork").Pool(workers, _worker_init, (params,))
+    # Forked workers inherit this process' packer and its loaded tokenizer (loading it again cost each
+    # worker ~0.2 s).
+    _WORKER_PACKER = ChunkPacker(params, tokenizer)
+    try:
+        return multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        _WORKER_PACKER = None
 
 
 def packed_chunks(chunks: Iterator[Chunk], params: dict, pool, workers: int, tokenizer) -> Iterator[dict]:
@@ -214,23 +221,23 @@ def _finish_shard(job: tuple[str, str, int, int, int]) -> dict:
 
 
 def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params: dict,
-          validation_path: str | None = None, token_counts_path: str | None = None, workers: int = 1) -> dict:
+          validation_path: str | None = None, token_counts_path: str | None = None, workers: int = 1,
+          unread: dict | None = None) -> dict:
     params = {**DEFAULTS, **params}
     out_dir = Path(manifest_path).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     validation_path = validation_path or str(out_dir / Path(contract.CORPUS_VALIDATION).name)
     token_counts_path = token_counts_path or str(out_dir / Path(contract.CORPUS_TOKEN_COUNTS).name)
-    for stale in out_dir.glob(".spill.*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(out_dir.glob(".spill.*"))  # left by a killed run (never a live one's: it holds its lock)
     skipped = Skipped(params["bad_input"])
     tokenizer = load_tokenizer(params["tokenizer"])
     try:
-        with tempfile.TemporaryDirectory(prefix=".spill.", dir=out_dir) as spill_dir:
+        with locked_directory(lambda: tempfile.mkdtemp(prefix=".spill.", dir=out_dir)) as spill_dir:
             spills = [Spill(Path(spill_dir) / f"{i}.arrow") for i in range(len(shard_paths))]
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
             if sum(text.input_bytes(f) for f in files) < 2 * text.CHUNK_BYTES // 4:  # one chunk even if compressed
                 workers = 1  # starting processes would cost more than they save
-            pool = _pool(workers, params) if workers > 1 else None
+            pool = _pool(workers, params, tokenizer) if workers > 1 else None
             try:
                 totals, token_counts = _spill(read_chunks(files, params, skipped), spills, params, pool, workers,
                                               tokenizer)
@@ -254,7 +261,8 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         "documents": totals["train"], "sentences": totals["sentences"],
         "sequences": sum(s["sequences"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
         "validation": {"documents": totals["validation"], **validation},
-        "skipped": {"empty_documents": totals["empty_documents"], **dict(sorted(skipped.counts.items()))},
+        "skipped": {"empty_documents": totals["empty_documents"], **dict(sorted(skipped.counts.items())),
+                    **({"unread_files": unread} if unread else {})},
         "inputs": [str(f) for f in files],
         "tokenizer": params["tokenizer"], "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer), "params": params, "shards": shards,
@@ -301,8 +309,14 @@ def _check_counts(files: list[Path], spills: list[Spill]) -> None:
 def main(paths, params: dict) -> dict:
     if paths.tokenizer_manifest:
         read_verified(paths.tokenizer_manifest, [params["tokenizer"]])
-    return shard(input_files(paths.text), paths.shards, paths.manifest, params, paths.validation, paths.token_counts,
-                 max(1, paths.workers))
+    files = input_files(paths.text, unknown_files=params.get("unknown_files", "error"))
+    # Under the workflow --text lists files; the configured directories say what was left unread.
+    unread = unread_files(params.get("inputs") or paths.text)
+    if unread:
+        log.warning("corpus: left out %d files of the input directories that are no corpus format, by suffix: %s "
+                    "(corpus.unknown_files: skip)", sum(unread.values()), unread)
+    return shard(files, paths.shards, paths.manifest, params, paths.validation, paths.token_counts,
+                 max(1, paths.workers), unread)
 
 
 if __name__ == "__main__":

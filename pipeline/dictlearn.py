@@ -20,6 +20,7 @@ import torch
 
 from .common import StageError, log
 from .lasso import Lasso, l2_normalise, objective, power_lipschitz
+from .parallel import small_work
 from .resume import Resume
 
 DEAD_USAGE = 1e-4  # an atom whose A_jj is below this fraction of the mean is dead
@@ -173,13 +174,15 @@ def learn(x, atoms: int, lam: float, batch_size: int, epochs: int, code_iteratio
         unit, seen, curve = meta["unit"], meta["seen"], meta["curve"]
     while unit < total and not _converged(curve, convergence_tolerance):
         batch = source.batch(unit)
-        lip, eigenvector = power_lipschitz(dictionary, eigenvector)
+        with small_work(2 * dictionary.numel()):
+            lip, eigenvector = power_lipschitz(dictionary, eigenvector)
         codes = Lasso(dictionary, lam, "fast", code_iterations, code_tolerance, lip=lip)(batch).codes
         seen += len(batch)
         decay = (1.0 - len(batch) / seen) ** forgetting
         stat_a.mul_(decay).add_(codes.T @ codes)
         stat_b.mul_(decay).add_(batch.T @ codes)
-        _update_atoms(dictionary, stat_a, stat_b, atom_block, atom_sweeps)
+        with small_work(2 * dictionary.numel() * min(atom_block, atoms)):
+            _update_atoms(dictionary, stat_a, stat_b, atom_block, atom_sweeps)
         _resample_dead(dictionary, stat_a, stat_b, batch, codes, unit)
         unit += 1
         if heldout is not None and (unit % check_every == 0 or unit == total):

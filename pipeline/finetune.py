@@ -25,7 +25,7 @@ from .common import StageError, log, pick_device, seed_everything, set_cpu_threa
 from .integrity import CHECKSUM_KEY, read_verified, write_record
 from .models import saved_json
 from .resume import Resume, load_training, save_training
-from .tasks import TaskSpec, read_split, task_spec
+from .tasks import TaskSpec, check_label_count, read_split, task_spec
 from .training import adamw, autocast, warmup_then_decay
 
 
@@ -79,6 +79,7 @@ def read_task(paths, params: dict, spec: TaskSpec) -> dict:
     if params["max_train_examples"]:
         keep = np.random.default_rng(params["seed"]).permutation(len(train_texts))[: params["max_train_examples"]]
         train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
+    check_label_count(train_labels, spec, paths.train)
     y_train, y_dev, label_names = encode_labels(train_labels, dev_labels, spec, paths.dev)
     return {"train": train_texts, "dev": dev_texts, "y_train": y_train, "y_dev": y_dev, "labels": label_names}
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from . import contract
 from .common import StageError
-from .integrity import atomic_output, file_entries, write_record
+from .integrity import atomic_output, file_entries, read_verified, write_record
 
 ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
 STORE_CHUNK_ROWS = 16384  # rows per zarr chunk of the store: large sequential reads for the dictionary stage
@@ -108,7 +108,7 @@ def read_token_counts(path: str | Path) -> np.ndarray:
 # ---- target shards (stage 4) -------------------------------------------------------------------
 
 def write_targets(path: str | Path, seq_ids: pa.Array, offsets: np.ndarray, atoms: np.ndarray, weights: np.ndarray,
-                  stats: dict) -> None:
+                  stats: dict, record: str | Path | None = None) -> None:
     """A target shard: per sequence (seq_ids, position offsets from 0) the [tokens, k] atom ids and
     weights, flattened row by row; the shard's statistics in its metadata."""
     k = atoms.shape[1]
@@ -119,6 +119,26 @@ def write_targets(path: str | Path, seq_ids: pa.Array, offsets: np.ndarray, atom
         "weights": pa.ListArray.from_arrays(list_offsets, pa.array(weights.ravel(), pa.float16())),
     }, schema=contract.TARGET_SCHEMA.with_metadata({TARGET_STATS_KEY: json.dumps(stats).encode()}))
     write_parquet(path, table, **TARGET_ENCODING)
+    # The shard's own record, written by the job that wrote it: any reader can verify the shard's bytes.
+    record = Path(record or target_record_path(path))
+    write_record(record, {"format_version": contract.FORMAT_VERSION["targets"], "dictionary": stats.get("dictionary"),
+                          "tokens": stats["tokens"], "files": file_entries(record.parent, [path])})
+
+
+def target_record_path(shard: str | Path) -> Path:
+    """The record beside a target shard (contract.TARGET_PART_RECORD): its size and sha256."""
+    return Path(shard).with_suffix(".json")
+
+
+def verified_target_shards(shards: list[str], base: str | Path, records: list[str] | None = None) -> dict[str, dict]:
+    """Check each target shard against the record its job wrote (`records`, in the order of the shards, or
+    the one beside each); their entries ({bytes, sha256}) by path relative to `base`, for a record that
+    lists them."""
+    entries = {}
+    for shard, record_path in zip(map(Path, shards), records or map(target_record_path, shards), strict=True):
+        record = read_verified(record_path, [shard])
+        entries[shard.relative_to(base).as_posix()] = record["files"][shard.name]
+    return entries
 
 
 def read_targets(path: str | Path) -> pa.Table:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import StageError
+from .locks import locked_directory, remove_stale
 
 CHECKSUM_KEY = "checksum"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -53,30 +54,30 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; fsync it and rename it into place only if the block succeeds.
 
     A killed or failed stage never leaves a file or directory under the final name, and a full disk
-    becomes a StageError naming the output."""
+    becomes a StageError naming the output. The temporary is locked while its writer lives: another
+    writer removes only the leftovers of writers that are gone (pipeline/locks.py)."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):  # left by a killed writer
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as err:
-        raise disk_full_error(err, path) or err from None
-    target = tmp / path.name
-    try:
-        yield target
-        fsync_tree(target)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
-        fsync_directory(path.parent)
-    except Exception as err:
-        full = disk_full_error(err, path)
-        if full is None:
-            raise
-        raise full from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.ExitStack() as temporary:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+            tmp = temporary.enter_context(locked_directory(
+                lambda: tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)))
+        except OSError as err:
+            raise disk_full_error(err, path) or err from None
+        target = tmp / path.name
+        try:
+            yield target
+            fsync_tree(target)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            os.replace(target, path)
+            fsync_directory(path.parent)
+        except Exception as err:
+            full = disk_full_error(err, path)
+            if full is None:
+                raise
+            raise full from None
 
 
 def glob_escape(name: str) -> str:
@@ -168,7 +169,7 @@ def verify_files(record_path: str | Path, record: dict, paths: Iterable[str | Pa
         if not expected:
             raise StageError(f"{item} is not listed in {record_path}; the inputs are from different runs")
         for rel, entry in expected.items():
-            _verify_file(base / rel, entry, record_path)
+            _verify_file(base / rel, entry, record_path, base / rel.split("/")[0])
 
 
 def _relative(item: Path, base: Path) -> str:
@@ -178,12 +179,17 @@ def _relative(item: Path, base: Path) -> str:
         raise StageError(f"{item} lies outside {base}, which holds its manifest") from None
 
 
-def _verify_file(file: Path, entry: dict, record_path) -> None:
+def repair_hint(output: Path) -> str:
+    """How a user gets an output written again: rerun the job that writes it (and what reads it)."""
+    return f"rerun the job that writes it: snakemake --forcerun {output} (or delete {output} and rerun snakemake)"
+
+
+def _verify_file(file: Path, entry: dict, record_path, output: Path) -> None:
     if not file.is_file():
-        raise StageError(f"{file} is missing (listed in {record_path}); rerun the stage that writes it")
+        raise StageError(f"{file} is missing (listed in {record_path}); {repair_hint(output)}")
     size = file.stat().st_size
     if size != entry["bytes"]:
         raise StageError(f"{file} is truncated or altered: {size} bytes, {entry['bytes']} expected "
-                         f"(from {record_path}); rerun the stage that writes it")
+                         f"(from {record_path}); {repair_hint(output)}")
     if sha256_file(file) != entry["sha256"]:
-        raise StageError(f"{file} is corrupt: its sha256 differs from {record_path}; rerun the stage that writes it")
+        raise StageError(f"{file} is corrupt: its sha256 differs from {record_path}; {repair_hint(output)}")

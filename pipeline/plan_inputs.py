@@ -101,7 +101,7 @@ def corpus(config: dict, demo: DemoData, corpus_tokens: float | None = None) -> 
     if stand_in:
         options["tokenizer"] = STAND_IN_TOKENIZER
     inputs = [demo.path(p) if not p.startswith("hf:") else p for p in options["inputs"]]
-    sources = input_files([str(p) for p in inputs], strict=True)
+    sources = input_files([str(p) for p in inputs], strict=True, unknown_files=options["unknown_files"])
     size = None if corpus_tokens else sum(text_bytes(s, options["format"]) for s in sources)
     documents, sampled = [], 0
     skipped = Skipped("skip")

@@ -74,8 +74,8 @@ RULES = {rule.name: rule for rule in (
                 "atoms": Shown("dictionary_atoms", DICTIONARY, (("teacher", "{teacher}"), ("record", "atoms")))}),
     Rule("precompute_targets", "targets", "{teacher}_{part}",
          inputs=("corpus_part", "corpus_manifest", "dictionary", "dictionary_metrics", *TEACHER_MODEL),
-         outputs={"targets": contract.TARGET_PART}, resumable=True),
-    Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation"),
+         outputs={"targets": contract.TARGET_PART, "record": contract.TARGET_PART_RECORD}, resumable=True),
+    Rule("summarize_targets", "target_summary", "{teacher}", inputs=("shards", "validation", "records"),
          outputs={"manifest": contract.TARGET_MANIFEST},
          shown={"manifest": Shown("target_manifest", TARGETS, (("teacher", "{teacher}"),))}),
     Rule("pretrain_student", "pretrain", "{student}", inputs=(

@@ -97,10 +97,14 @@ STAGES = {stage.name: stage for stage in (
         _out("dictionary"), _out("metrics"), _out("atoms"), RESUME), settings=("checkpoint_seconds",), entry="fit"),
     Stage("targets", "per-token MLSM target distributions of one corpus part", (
         _in("corpus_part", help="a corpus shard, or the validation split"), _in("corpus_manifest"),
-        _in("dictionary"), _in("dictionary_metrics"), *AUXILIARY, _out("targets"), RESUME),
-        settings=("checkpoint_seconds",), entry="compute"),
+        _in("dictionary"), _in("dictionary_metrics"), *AUXILIARY, _out("targets"),
+        _out("record", optional=True, help="the shard's record: its bytes and sha256 (default: beside it, .json)"),
+        RESUME), settings=("checkpoint_seconds",), entry="compute"),
     Stage("target_summary", "the target shards' statistics summed into the targets' record", (
-        _in("shards", many=True), _in("validation"), _out("manifest")), version="targets"),
+        _in("shards", many=True), _in("validation"),
+        _in("records", many=True, optional=True, help="each shard's record, in the order of the shards and the "
+                                                      "validation targets (default: beside each, .json)"),
+        _out("manifest")), version="targets"),
     Stage("pretrain", "a BERT-style model pre-trained from scratch with its objective", (
         _in("corpus_shards", many=True), _in("corpus_manifest"),
         _in("validation", optional=True, help="held-out sequences for validation losses"),

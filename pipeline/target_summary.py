@@ -2,7 +2,7 @@
 summed into targets/{teacher}/manifest.json, with the validation targets' listed apart.
 
     python -m pipeline.target_summary --shards t0.parquet t1.parquet --validation v.parquet \
-        --manifest manifest.json --params '{...}'
+        [--records t0.json t1.json v.json] --manifest manifest.json --params '{...}'
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import numpy as np
 from . import contract
 from .cli import run
 from .common import StageError
-from .formats import target_stats
-from .integrity import file_entries, write_record
+from .formats import target_stats, verified_target_shards
+from .integrity import write_record
 
 
-def summarize(shards: list[str], manifest: str, params: dict, validation: str | None = None) -> dict:
-    """The stage's record: the training shards' statistics summed, and the validation targets' apart."""
+def summarize(shards: list[str], manifest: str, params: dict, validation: str | None = None,
+              records: list[str] | None = None) -> dict:
+    """The stage's record: the training shards' statistics summed, and the validation targets' apart. Each
+    shard is first verified against the record its own job wrote, so only the bytes that job wrote are
+    listed."""
+    files = verified_target_shards([*shards, *filter(None, [validation])], Path(manifest).parent, records)
     per_shard = [target_stats(path) for path in shards]
     tokens = np.array([s["tokens"] for s in per_shard], dtype=float)
 
@@ -42,7 +46,7 @@ def summarize(shards: list[str], manifest: str, params: dict, validation: str | 
         "atoms_used_fraction": float((usage > 0).mean()),
         "atom_usage_histogram": np.histogram(usage / max(usage.sum(), 1e-30), bins=10)[0].tolist(),
         "shards": [{"path": p.rsplit("/", 1)[-1], "tokens": s["tokens"]} for p, s in zip(shards, per_shard)],
-        "files": file_entries(Path(manifest).parent, [*shards, *filter(None, [validation])]),
+        "files": files,
     }
     if validation:
         stats = target_stats(validation)
@@ -53,7 +57,7 @@ def summarize(shards: list[str], manifest: str, params: dict, validation: str | 
 
 
 def main(paths, params: dict) -> dict:
-    return summarize(paths.shards, paths.manifest, params, paths.validation)
+    return summarize(paths.shards, paths.manifest, params, paths.validation, paths.records)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def compute(paths, params: dict) -> dict:
     seconds = time.perf_counter() - started
     stats = statistics(results, dictionary.shape[1])
     stats["dictionary"] = dictionary_record[CHECKSUM_KEY]
-    write_targets(paths.targets, table["seq_id"], offsets, atoms, weights, stats)
+    write_targets(paths.targets, table["seq_id"], offsets, atoms, weights, stats, paths.record)
     resume.finish()
     # Timing stays in the log: the shard's bytes depend only on its inputs and params.
     log.info("targets %s: %d tokens (%d computed) at %.0f tokens/s, mean nnz %.1f, %.1f solver iterations, "

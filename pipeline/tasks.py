@@ -87,29 +87,74 @@ def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[
 
 
 def _delimited_rows(path: Path, spec: TaskSpec):
-    """(where, texts, label) of a TSV (GLUE's: no quoting) or CSV (quoted fields) file."""
+    """(where, texts, label) of a TSV (GLUE's: no quoting) or CSV (quoted fields) file. Every row has as
+    many fields as the header (or, without one, as the first row): a field holding the delimiter would
+    otherwise shift text into the label column."""
     csv_file = path.suffix == ".csv"
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = csv.reader(fh) if csv_file else csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+    # utf-8-sig: a byte-order mark (spreadsheet exports write one) is not part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = csv.reader(fh, strict=True) if csv_file else csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        width = None
         if spec.header:
             header = next(rows, None) or []
             missing = [c for c in (*spec.text_columns, spec.label_column) if c not in header]
             if missing:
                 raise StageError(f"{path}: header lacks column(s) {missing} (has {header})")
+            # header.index would silently take the first of two same-named columns.
+            twice = sorted({c for c in (*spec.text_columns, spec.label_column) if header.count(c) > 1})
+            if twice:
+                raise StageError(f"{path}: header names column(s) {twice} more than once (has {header}); "
+                                 f"rename the columns so that each configured name is one column")
             columns = [header.index(c) for c in spec.text_columns], header.index(spec.label_column)
+            width = len(header)
         else:
             columns = list(spec.text_columns), spec.label_column
-        width = max(columns[0] + [columns[1]])
-        for row in rows:
-            where = f"{path}, line {rows.line_num}"
-            if len(row) <= width:
-                raise StageError(f"{where}: {len(row)} columns, expected more than {width}")
+        needed = max(columns[0] + [columns[1]]) + 1
+        for line, extra_lines, row in _numbered(rows, path, csv_file):
+            where = f"{path}, line {line}"
+            width = len(row) if width is None else width
+            if len(row) != width or len(row) < needed:
+                raise StageError(_width_problem(where, row, width, needed, spec.header, csv_file, extra_lines))
             yield where, tuple(row[c] for c in columns[0]), row[columns[1]]
+
+
+def _numbered(rows, path: Path, csv_file: bool):
+    """(first line, further lines, fields) of each non-blank row of a csv reader."""
+    line = rows.line_num + 1
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as err:  # a quote still open at the end of the file
+            raise StageError(f"{path}, line {line}: {err}" + (" (an unclosed quote? close it)" if csv_file else "")
+                             ) from None
+        if row:
+            yield line, rows.line_num - line, row
+        line = rows.line_num + 1
+
+
+def _width_problem(where: str, row: list, width: int, needed: int, header: bool, csv_file: bool,
+                   extra_lines: int) -> str:
+    """What is wrong with a row of the wrong width, and what to do about it."""
+    name, separator = ("CSV", "comma") if csv_file else ("TSV", "tab")
+    if width < needed:  # a headerless file whose first row lacks the configured columns
+        return f"{where}: {len(row)} {name} fields, expected at least {needed}"
+    expected = f"the {'header' if header else 'first row'} has {width}"
+    if len(row) > width:
+        cause = (f"a {separator} inside an unquoted text field? quote that field" if csv_file else
+                 "a tab inside a text field? TSV fields cannot hold tabs (no quoting, as in GLUE): replace the "
+                 "tab with a space, or write the task as CSV with quoted fields (format: csv)")
+    elif extra_lines:
+        cause = f"the row runs over {extra_lines + 1} lines: an unclosed quote? close it"
+    else:
+        cause = "a missing field? fix or remove the row"
+    return f"{where}: {len(row)} {name} fields, {expected} ({cause})"
 
 
 def _json_rows(path: Path, spec: TaskSpec):
     """(where, texts, label) of a JSON-lines file: one object per line with the named fields."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for line_number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -122,6 +167,11 @@ def _json_rows(path: Path, spec: TaskSpec):
                        if not isinstance(example, dict) or c not in example]
             if missing:
                 raise StageError(f"{where}: lacks field(s) {missing}")
+            # str() would make a null text the text 'None' and a null label the class 'None'.
+            for column, kind in ((spec.label_column, "label"), *((c, "text") for c in spec.text_columns)):
+                if example[column] is None or isinstance(example[column], (list, dict)):
+                    raise StageError(f"{where}: field {column!r} is {json.dumps(example[column])}; a {kind} is a "
+                                     f"string or a number (fix or remove the example)")
             yield where, tuple(str(example[c]) for c in spec.text_columns), str(example[spec.label_column])
 
 
@@ -132,9 +182,18 @@ def _check_label(label: str, spec: TaskSpec, where: str) -> None:
                 raise ValueError
         except ValueError:
             raise StageError(f"{where}: label {label!r} is not a finite number (regression task)") from None
+    elif not label:
+        raise StageError(f"{where}: the label is empty; every example needs a label (fix or remove the row)")
     elif spec.labels is not None and label not in spec.labels:
         raise StageError(f"{where}: label {label!r} is not one of the task's labels {list(spec.labels)}")
 
+
+def check_label_count(labels: list[str], spec: TaskSpec, path) -> None:
+    """A classification task's training examples carry at least two labels (with one, the model would have a
+    single output, which transformers trains as a regression)."""
+    if not spec.regression and len(set(labels)) < 2:
+        raise StageError(f"{path}: every training example has the label {labels[0]!r}; a classification task "
+                         f"needs at least two (check label_column, or raise max_train_examples)")
 
 
 def task_files(task: dict) -> tuple[str, str]:

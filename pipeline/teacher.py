@@ -32,6 +32,7 @@ from .cli import run
 from .common import StageError, log, pick_device, set_cpu_threads
 from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, open_store, pad_rows, read_token_counts
 from .integrity import CHECKSUM_KEY, read_verified, sha256_file
+from .memory import release_free_memory, streaming_allocators
 from .models import (
     TeacherEncoder,
     length_batches,
@@ -103,6 +104,7 @@ def extract(paths, params: dict) -> dict:
     run the teacher on the sequences holding them, append their states to the store. With --states (teacher
     states computed elsewhere, HDF5), import those instead."""
     set_cpu_threads()
+    streaming_allocators()
     manifest = read_verified(paths.corpus_manifest, [*paths.corpus_shards, *filter(None, [paths.token_counts])])
     verify_model(paths.teacher_model, paths.teacher_summary)
     if paths.states:
@@ -160,6 +162,7 @@ def sample_shards(encoder, store: ActivationStore, progress: dict, shard_paths: 
             if quota <= 0:  # the rest of the shard is not read
                 break
             processed += extract_batch(encoder, batch, store, keep, rng, quota, params, shard_paths[index])
+            release_free_memory()  # peak memory flat in the number of units (pipeline.memory)
             unit += 1
             if resume.due():
                 store.flush()

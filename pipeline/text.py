@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,23 +45,42 @@ DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "valid
 
 # ---- inputs ------------------------------------------------------------------------------------
 
-def input_files(patterns: list[str], strict: bool = True) -> list[Path | DatasetInput]:
+def input_files(patterns: list[str], strict: bool = True, unknown_files: str = "error",
+                produced: frozenset[str] = frozenset()) -> list[Path | DatasetInput]:
     """The files named by `patterns` (files, globs, directories searched recursively), in a stable order, and
-    the Hugging Face datasets (hf:<name>, or a directory saved with save_to_disk) in their place."""
+    the Hugging Face datasets (hf:<name>, or a directory saved with save_to_disk) in their place.
+
+    A directory's files with a suffix that is no corpus format (README.md, data.xz, no suffix) are an
+    error naming them, or with unknown_files "skip" left out (unread_files counts them). A file named
+    twice is an error: its documents would be read twice. Strict: a pattern matching nothing is an error,
+    except a literal path in `produced` (a rule writes it); not strict, it is dropped (a glob) or kept."""
     files: list[Path | DatasetInput] = []
+    named_by: dict[Path, str] = {}
     for pattern in patterns:
         dataset = parse_input(pattern)
         if dataset is not None:
             files.append(dataset)
             continue
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        found = []
         for match in map(Path, matches):
             if match.is_dir():
-                files += sorted(p for p in match.rglob("*") if p.is_file() and is_corpus_file(p))
-            elif match.is_file() or not strict:
-                files.append(match)
-            else:
-                raise StageError(f"corpus input {pattern!r}: no such file or directory")
+                listed = _directory_files(match, pattern, unknown_files)
+                if strict and not listed:
+                    raise StageError(f"corpus input {pattern!r}: directory {match} holds no corpus file "
+                                     f"(suffixes read: {', '.join(FORMATS)}, optionally {', '.join(COMPRESSION)})")
+                found += listed
+            elif match.is_file() or not strict or os.path.normpath(pattern) in produced:
+                found.append(match)
+        if strict and not found:
+            what = "no file matched" if glob.has_magic(pattern) else "no such file or directory"
+            raise StageError(f"corpus input {pattern!r}: {what}")
+        for file in found:
+            if file.resolve() in named_by:
+                raise StageError(f"corpus file {file} is named twice in corpus.inputs (by {named_by[file.resolve()]!r} "
+                                 f"and {pattern!r}): its documents would be read twice; name it once")
+            named_by[file.resolve()] = pattern
+        files += found
     if strict and not files:
         raise StageError(f"corpus inputs {patterns}: no file matched")
     return files
@@ -72,6 +92,37 @@ def input_bytes(path: Path | DatasetInput) -> float:
         local = path.local
         return sum(f.stat().st_size for f in local.rglob("*") if f.is_file()) if local else float("inf")
     return path.stat().st_size
+
+
+def _directory_files(directory: Path, pattern: str, unknown_files: str) -> list[Path]:
+    """The corpus files under a directory input; any other (not hidden) file is an error unless skipped."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not _hidden(p, directory))
+    unknown = [p for p in files if not is_corpus_file(p)]
+    if unknown and unknown_files != "skip":
+        listed = ", ".join(str(p) for p in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise StageError(f"corpus input {pattern!r}: {len(unknown)} file(s) whose suffix is no corpus format: "
+                         f"{listed}. Directories are read for {', '.join(FORMATS)} files (optionally "
+                         f"{', '.join(COMPRESSION)}); move the others out, name the files to read with a glob or "
+                         f"path (read as text unless corpus.format says otherwise), or set corpus.unknown_files: "
+                         f"skip to leave them out (counted in the corpus manifest)")
+    return [p for p in files if is_corpus_file(p)]
+
+
+def _hidden(path: Path, directory: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(directory).parts)
+
+
+def unread_files(patterns: list[str]) -> dict[str, int]:
+    """Per suffix, the files that directory inputs hold but that are not read as corpus (unknown_files: skip)."""
+    counts: Counter = Counter()
+    for pattern in patterns:
+        if parse_input(pattern) is not None:  # a dataset's directory holds its own files
+            continue
+        for match in map(Path, sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]):
+            if match.is_dir():
+                counts.update(p.suffix or "(no suffix)" for p in match.rglob("*")
+                              if p.is_file() and not _hidden(p, match) and not is_corpus_file(p))
+    return dict(sorted(counts.items()))
 
 
 def is_corpus_file(path: Path) -> bool:

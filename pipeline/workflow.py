@@ -84,9 +84,10 @@ class Workflow:
 
     def corpus_inputs(self) -> list[str]:
         """The corpus files (and local dataset directories) Snakemake tracks. Missing files stay in the list,
-        so that Snakemake names them as missing input; a hub dataset is no file, its name is in the params."""
+        so that Snakemake names them as missing input (preflight.check_inputs has stopped the run before,
+        unless a rule writes them); a hub dataset is no file, its name is in the params."""
         tracked = []
-        for item in input_files(self.config["corpus"]["inputs"], strict=False):
+        for item in self._corpus_items():
             if not isinstance(item, DatasetInput):
                 tracked.append(str(item))
             elif item.local is not None:
@@ -96,15 +97,18 @@ class Workflow:
     def arguments(self, port: str) -> list[str]:
         """What the command gets for a verbatim port: the corpus inputs in order, datasets as hf:<name>."""
         assert port == "text", port
-        return [str(f) for f in input_files(self.config["corpus"]["inputs"], strict=False)]
+        return [str(f) for f in self._corpus_items()]
+
+    def _corpus_items(self) -> list:
+        corpus = self.config["corpus"]
+        return input_files(corpus["inputs"], strict=False, unknown_files=corpus["unknown_files"])
 
     def has_datasets(self) -> bool:
-        return any(isinstance(f, DatasetInput) for f in input_files(self.config["corpus"]["inputs"], strict=False))
+        return any(isinstance(f, DatasetInput) for f in self._corpus_items())
 
     def hub_datasets(self) -> list[str]:
         """Ids of the hub datasets among the corpus inputs (a model card names them)."""
-        return [f.name for f in input_files(self.config["corpus"]["inputs"], strict=False)
-                if isinstance(f, DatasetInput) and f.local is None]
+        return [f.name for f in self._corpus_items() if isinstance(f, DatasetInput) and f.local is None]
 
     def is_auxiliary(self, teacher: str) -> bool:
         return self.config["teachers"][teacher]["source"] == cfg.AUXILIARY_TEACHER
@@ -181,8 +185,10 @@ class Workflow:
                 **self.teacher_model(w.teacher)}
 
     def _summarize_targets_inputs(self, w) -> dict:
+        # Each shard's record, in the order of the shards and the validation targets (the parts).
+        records = [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in self.parts]
         return {"shards": self.target_shards(w.teacher),
-                "validation": self.path(contract.TARGET_VALIDATION, teacher=w.teacher)}
+                "validation": self.path(contract.TARGET_VALIDATION, teacher=w.teacher), "records": records}
 
     def _pretrain_student_inputs(self, w) -> dict:
         """Corpus and validation split; for MLSM objectives the targets of both and their record, or with
@@ -245,9 +251,10 @@ class Workflow:
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 
     def _shard_corpus_params(self, w) -> dict:
-        # threads changes speed, never the shards: not a param, so changing it reruns nothing. The options of
-        # dataset inputs concern only those: without one, changing them reruns nothing either.
-        unused = {"threads"} if self.has_datasets() else {"threads", *DATASET_OPTIONS}
+        # threads changes speed, never the shards; unknown_files lets a run through or stops it before any
+        # job (what it skips is counted from the inputs): not params, so changing them reruns nothing. The
+        # options of dataset inputs concern only those: without one, changing them reruns nothing either.
+        unused = {"threads", "unknown_files", *(() if self.has_datasets() else DATASET_OPTIONS)}
         options = {k: v for k, v in self.config["corpus"].items() if k not in unused}
         return self._slice("shard_corpus", options, tokenizer=self.tokenizer)
 

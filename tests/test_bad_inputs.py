@@ -246,6 +246,218 @@ def test_label_outside_the_task_label_set(work, caplog):
     assert snapshot(work) == before
 
 
+# A user's own task files (tsv, csv, jsonl): a row that does not fit the header, a missing label.
+DEV = {"tsv": "text\tlabel\nGood.\tpos\nBad.\tneg\n", "csv": "text,label\nGood.,pos\nBad.,neg\n",
+       "jsonl": '{"text": "Good.", "label": "pos"}\n{"text": "Bad.", "label": "neg"}\n'}
+TASK_CASES = {
+    # Issue #21, 1: the tab made "film." the label, "neg" an extra column.
+    "tab inside a TSV text field": ("tsv", "text\tlabel\nGood film.\tpos\nBad\tfilm.\tneg\n",
+                                    r"train\.tsv, line 3: 3 TSV fields, the header has 2 \(a tab inside a text field"),
+    "comma inside an unquoted CSV field": ("csv", "text,label\nGood.,pos\nBad, really.,neg\n",
+                                           r"train\.csv, line 3: 3 CSV fields, the header has 2 \(a comma inside"),
+    # Issue #21, 2: blank labels became a class ''.
+    "blank label in a TSV task": ("tsv", "text\tlabel\nGood.\tpos\nBad.\t \n",
+                                  r"train\.tsv, line 3: the label is empty"),
+    "blank label in a CSV task": ("csv", 'text,label\nGood.,pos\n"Bad, really.",\n',
+                                  r"train\.csv, line 3: the label is empty"),
+    # Beyond the issue: a quote left open swallowed the rest of the file into one field.
+    "unclosed quote in a CSV task": ("csv", 'text,label\nGood.,pos\n"Bad.,neg\nFine.,pos\n',
+                                     r"train\.csv, line 3: .*an unclosed quote\? close it"),
+    # Beyond the issue: a null label became the class 'None'.
+    "null label in a JSONL task": ("jsonl", '{"text": "Good.", "label": "pos"}\n{"text": "Bad.", "label": null}\n',
+                                   r"train\.jsonl, line 2: field 'label' is null"),
+    # Beyond the issue: a null text became the text 'None'.
+    "null text in a JSONL task": ("jsonl", '{"text": "Good.", "label": "pos"}\n{"text": null, "label": "neg"}\n',
+                                  r"train\.jsonl, line 2: field 'text' is null; a text is a string"),
+    # Beyond the issue: of two columns with the label column's name, the first was read without a word.
+    "label column named twice in the header": ("csv", "text,label,label\nGood.,pos,x\nBad.,neg,y\n",
+                                               r"train\.csv: header names column\(s\) \['label'\] more than once"),
+    # Beyond the issue: one class made a one-output model, which transformers trains as a regression.
+    "a single label in the training file": ("tsv", "text\tlabel\nGood.\tpos\nFine.\tpos\n",
+                                            r"train\.tsv: every training example has the label 'pos'"),
+}
+
+
+def user_task_args(work: Path, case: str) -> list:
+    fmt, train, _ = TASK_CASES[case]
+    task = work / "user_task"
+    task.mkdir()
+    (task / f"train.{fmt}").write_text(train)
+    (task / f"dev.{fmt}").write_text(DEV[fmt])
+    params = {**FINETUNE, "task": {"format": fmt, "path": str(task), "text_columns": ["text"],
+                                   "label_column": "label"}}
+    return ["--train", task / f"train.{fmt}", "--dev", task / f"dev.{fmt}", "--model", work / "model",
+            "--scores", work / "scores.json", "--params", json.dumps(params)]
+
+
+@pytest.mark.parametrize("case", sorted(TASK_CASES))
+def test_bad_user_task_file(case, work, caplog):
+    args = user_task_args(work, case)
+    before = snapshot(work)
+    message = fails("finetune", args, caplog)
+    assert re.search(TASK_CASES[case][2], message), message
+    assert snapshot(work) == before
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Spreadsheets export CSV with a UTF-8 byte-order mark; its header still names the text column."""
+    from pipeline.tasks import read_split, task_spec
+
+    (tmp_path / "train.csv").write_bytes("text,label\nGood.,pos\nBad.,neg\n".encode("utf-8-sig"))
+    spec = task_spec({"format": "csv", "path": str(tmp_path), "text_columns": ["text"], "label_column": "label"})
+    assert read_split(tmp_path / "train.csv", spec) == ([("Good.",), ("Bad.",)], ["pos", "neg"])
+
+
+# ---- corpus inputs: checked with the config, before any job -------------------------------------------
+
+def corpus_config(inputs: list[str], **corpus) -> dict:
+    return {"corpus": {"inputs": inputs, "tokenizer": MINILM, **corpus}, "teachers": {"t": {"source": MINILM}},
+            "students": {"s": {"objective": "mlm"}}, "tasks": {"x": {"format": "glue", "path": "glue/RTE"}}}
+
+
+def corpus_input_problem(config: dict) -> str:
+    from pipeline import config as cfg
+    from pipeline.preflight import check_inputs
+    from pipeline.workflow import Workflow
+
+    with pytest.raises(cfg.ConfigError) as error:
+        check_inputs(Workflow(cfg.validate(config)))
+    return str(error.value)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path, monkeypatch, corpus_text) -> Path:
+    """A working directory with a corpus directory in it: a text file, a note and an xz file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "part").mkdir(parents=True)
+    shutil.copy(corpus_text, tmp_path / "data" / "a.txt")
+    (tmp_path / "data" / "README.md").write_text("not corpus text")
+    (tmp_path / "data" / "part" / "b.txt.xz").write_bytes(b"\xfd7zXZ\x00")
+    (tmp_path / "data" / ".hidden").write_text("never read")
+    return tmp_path / "data"
+
+
+def test_a_corpus_glob_matching_nothing_stops_the_config(corpus_dir):
+    """Issue #21, 3: the glob was dropped at parse; the stage then failed with an argparse message."""
+    message = corpus_input_problem(corpus_config(["data/*.text"]))
+    assert "config key 'corpus.inputs': corpus input 'data/*.text': no file matched" in message
+
+
+def test_a_missing_corpus_path_stops_the_config_unless_a_rule_writes_it(corpus_dir):
+    message = corpus_input_problem(corpus_config(["data/b.txt"]))
+    assert "corpus input 'data/b.txt': no such file or directory" in message
+    from pipeline import config as cfg
+    from pipeline.preflight import check_inputs
+    from pipeline.workflow import Workflow
+
+    demo = {**corpus_config(["resources/bbc_news/pretrain.txt.gz"]), "demo_data": {"bbc_news": {"enabled": True}}}
+    check_inputs(Workflow(cfg.validate(demo)))  # the bbc_news_data job writes it
+
+
+def test_unknown_files_in_a_corpus_directory_stop_the_config_or_are_counted(corpus_dir, work):
+    """Issue #21, 7: README.md and b.txt.xz were skipped without a word. Now an error naming them, or with
+    corpus.unknown_files: skip left out and counted by suffix in the manifest (hidden files never count)."""
+    message = corpus_input_problem(corpus_config(["data/"]))
+    assert "corpus input 'data/': 2 file(s) whose suffix is no corpus format" in message
+    assert "data/README.md" in message and "b.txt.xz" in message and ".hidden" not in message
+    assert "corpus.unknown_files: skip" in message
+    from pipeline import config as cfg
+    from pipeline.preflight import check_inputs
+    from pipeline.workflow import Workflow
+
+    skipping = Workflow(cfg.validate(corpus_config(["data/"], unknown_files="skip")))
+    check_inputs(skipping)
+    assert skipping.corpus_inputs() == ["data/a.txt"]
+
+    args = corpus_args(work, [corpus_dir])
+    args[-1] = json.dumps({**json.loads(args[-1]), "unknown_files": "skip"})
+    run_stage("corpus", args)
+    manifest = json.loads((work / "corpus/manifest.json").read_text())
+    assert manifest["skipped"]["unread_files"] == {".md": 1, ".xz": 1}
+    assert manifest["inputs"] == [str(corpus_dir / "a.txt")]
+
+
+def test_a_corpus_file_named_twice_stops_the_config(corpus_dir):
+    """Beyond the issue: a directory and a glob over it read the same documents twice."""
+    message = corpus_input_problem(corpus_config(["data/*.txt", "data/"], unknown_files="skip"))
+    assert "corpus file data/a.txt is named twice in corpus.inputs (by 'data/*.txt' and 'data/')" in message
+
+
+def test_a_corpus_directory_holding_the_results_stops_the_config(corpus_dir):
+    """Beyond the issue: with results inside a corpus directory, the second run read the first run's
+    outputs (parquet shards are a corpus format) or stopped on their other files."""
+    config = {**corpus_config(["data/"], unknown_files="skip"), "results": "data/part/results"}
+    message = corpus_input_problem(config)
+    assert "corpus input 'data/': directory data/ holds the results directory data/part/results" in message
+
+
+# ---- results: never the root, a system directory, or outside the working directory --------------------
+
+RESULTS_CASES = {
+    "/": "/ is not a directory of its own",
+    "/etc": "/etc lies in the system directory /etc",
+    "/usr/local/results": "/usr/local/results lies in the system directory /usr",
+    "../escape": "it leads out of the working directory (..)",
+    "runs/{date}": "braces are Snakemake wildcards",
+    "notes.txt": "it is an existing file",
+}
+
+
+@pytest.mark.parametrize("results", sorted(RESULTS_CASES))
+def test_results_outside_a_directory_of_its_own_is_refused(results, tmp_path, monkeypatch):
+    """Issue #21, 6: `/`, `/etc` and `../escape` were accepted (a dry run planned outputs under /etc)."""
+    from pipeline import config as cfg
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a file")
+    expected = f"config key 'results': '{results}' is refused: {RESULTS_CASES[results]}"
+    with pytest.raises(cfg.ConfigError, match=re.escape(expected)):
+        cfg.validate({**corpus_config(["a.txt"]), "results": results})
+    cfg.validate({**corpus_config(["a.txt"]), "results": str(tmp_path / "results")})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("results", "/etc", "config key 'results': '/etc' is refused"),
+    ("inputs", ["resources/*.text"], "corpus input 'resources/*.text': no file matched"),
+], ids=["results /etc", "corpus glob matching nothing"])
+def test_snakemake_stops_before_planning_any_job(key, value, expected, tmp_path, mlm_teacher):
+    """The two cases a dry run used to plan: through real Snakemake, nothing is planned or written."""
+    from test_workflow import snakemake, tiny_config
+
+    config = tiny_config(mlm_teacher)
+    (config["corpus"] if key == "inputs" else config)[key] = value
+    configfile = tmp_path / "bad.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, configfile, "--dry-run")
+    assert result.returncode == 1 and expected in result.stdout + result.stderr, result.stderr[-2000:]
+    assert "Job stats" not in result.stdout and not (tmp_path / "results").exists()
+
+
+# ---- stage 4: a corrupt target shard -------------------------------------------------------------------
+
+def test_a_corrupt_target_shard_is_refused_by_its_own_record(work, caplog, encoder_teacher):
+    """Issue #21, 5: a byte changed in a target shard's footer (no page checksum covers it) passed
+    summarize_targets and was recorded as good. Each shard now has the record its job wrote; the summary
+    verifies against it and names the command that writes the shard again."""
+    params = {**teacher_params(encoder_teacher), "lambda": 0.05, "top_k": 4, "solver": "fista",
+              "max_iterations": 10, "tolerance": 0}
+    targets = work / "targets"
+    for part in ("shard-000", "validation"):
+        call("targets", params, corpus_part=work / f"corpus/{part}.parquet",
+             corpus_manifest=work / "corpus/manifest.json", dictionary=work / "dictionary/D.npy",
+             dictionary_metrics=work / "dictionary/metrics.json", targets=targets / f"{part}.parquet")
+    shard = targets / "shard-000.parquet"
+    data = shard.read_bytes()
+    where = data.rindex(b'"mean_nnz": ') + len(b'"mean_nnz": ')  # the statistics in the footer's metadata
+    shard.write_bytes(data[:where] + (b"9" if data[where:where + 1] != b"9" else b"8") + data[where + 1:])
+    args = ["--shards", shard, "--validation", targets / "validation.parquet", "--manifest", targets / "manifest.json",
+            "--params", json.dumps(params)]
+    message = fails("target_summary", args, caplog)
+    assert f"{shard} is corrupt: its sha256 differs from {targets / 'shard-000.json'}" in message
+    assert f"snakemake --forcerun {shard}" in message
+    assert not (targets / "manifest.json").exists()
+
+
 # ---- a full disk ----------------------------------------------------------------------------------
 
 def mount_tmpfs(directory: Path, size_kb: int) -> bool:
@@ -334,7 +546,7 @@ def test_records_and_manifests_name_what_is_wrong(tmp_path):
     write_record(tmp_path / "manifest.json", {"files": file_entries(tmp_path, [tmp_path / "data.bin"])})
     read_verified(tmp_path / "manifest.json", [tmp_path / "data.bin"])
     (tmp_path / "data.bin").write_bytes(b"y" * 100)
-    with pytest.raises(StageError, match="data.bin is corrupt: its sha256 differs"):
+    with pytest.raises(StageError, match=f"data.bin is corrupt: its sha256 differs.*snakemake --forcerun {tmp_path}"):
         read_verified(tmp_path / "manifest.json", [tmp_path / "data.bin"])
     text = (tmp_path / "manifest.json").read_text()
     (tmp_path / "manifest.json").write_text(text.replace('"bytes": 100', '"bytes": 101'))

@@ -9,7 +9,7 @@ from pipeline import contract
 from pipeline.common import StageError
 from pipeline.corpus import pack_document, shard
 from pipeline.integrity import read_record, sha256_file
-from pipeline.text import Skipped, input_files, read_documents
+from pipeline.text import Skipped, input_files, read_documents, unread_files
 
 from conftest import MINILM
 
@@ -139,8 +139,9 @@ def test_a_directory_or_glob_reads_its_corpus_files_in_order(tmp_path, documents
     (tmp_path / "d" / "sub" / "a.jsonl").write_text('{"text": "a."}\n')
     (tmp_path / "d" / "notes.md").write_text("not a corpus file")
     (tmp_path / "d" / ".hidden.txt").write_text("hidden.\n")
-    files = input_files([str(tmp_path / "d")])
+    files = input_files([str(tmp_path / "d")], unknown_files="skip")
     assert [f.name for f in files] == ["b.txt", "a.jsonl"]
+    assert unread_files([str(tmp_path / "d")]) == {".md": 1}  # the hidden file is not counted
     assert [f.name for f in input_files([str(tmp_path / "d" / "*.txt")])] == ["b.txt"]
     assert [d for f in files for d in read_documents(f)] == [["b."], ["a."]]
 

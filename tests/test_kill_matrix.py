@@ -202,3 +202,71 @@ def test_a_killed_job_is_retried_in_the_same_run_and_resumes(tmp_path, workflow_
     from pipeline.integrity import read_record
 
     assert read_record(workdir / "results" / contract.STUDENT_SUMMARY.format(student="mlm"))["steps"] == 6
+
+
+def process_ended(pid: int) -> bool:
+    """Whether a process (not our child: an orphan) has exited; a zombie nobody reaps counts as ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.e2e
+def test_kill_snakemake_itself_unlock_and_rerun_beside_its_orphaned_job(tmp_path, workflow_run):
+    """kill -9 of Snakemake mid-stage leaves its job running (orphaned) and the working directory locked. After
+    --unlock, a rerun while the orphan still writes stops before any job, naming it (issue #21, 4: the rerun's
+    job used to delete the orphan's temporaries); once the orphan has finished, a rerun completes with the
+    uninterrupted run's outputs."""
+    import shutil
+
+    reference_dir, _, config = workflow_run
+    workdir = tmp_path / "orphans"
+    shutil.copytree(reference_dir, workdir, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    # One student's training runs again, asked for by its record (a short run: the rest is in place).
+    shutil.rmtree(workdir / "results" / "students" / "mlm")
+    target = contract.STUDENT_SUMMARY.format(student="mlm")
+    (workdir / "kill.yaml").write_text(yaml.safe_dump({**config, "checkpoint_seconds": 0, "retries": 0}))
+    # Not a pipe: the orphaned job's shell would hold it open.
+    runner = subprocess.Popen(snakemake_command(workdir, workdir / "kill.yaml", f"results/{target}"), env=venv_env(),
+                              stdout=open(workdir / "killed.out", "w"), stderr=subprocess.STDOUT)
+    stage = Stage("pretrain_student", "-m pipeline.pretrain", "students/mlm/", resumable=True)
+    orphan = None
+    try:
+        deadline = time.monotonic() + 600
+        while not (victims := job_processes(workdir, stage)):
+            assert runner.poll() is None and time.monotonic() < deadline, "the student's job never started"
+            time.sleep(0.02)
+        orphan, argv = victims[0]
+        journal = Path(workdir, argv[argv.index("--resume-dir") + 1], "journal.jsonl")
+        while checkpoints_since_start(journal) < 1:
+            assert time.monotonic() < deadline and not process_ended(orphan), "no checkpoint before the end"
+            time.sleep(0.005)
+        os.kill(orphan, signal.SIGSTOP)  # hold the job mid-stage (a slow one) until the rerun has started
+        runner.kill()  # Snakemake itself; its job goes on
+        runner.wait(timeout=60)
+        assert not process_ended(orphan)
+        assert snakemake(workdir, workdir / "kill.yaml", "--unlock").returncode == 0
+        beside = snakemake(workdir, workdir / "kill.yaml", f"results/{target}")
+        assert beside.returncode == 1
+        message = beside.stdout + beside.stderr
+        assert "other processes are still writing outputs of this workflow" in message, message[-3000:]
+        assert f"pid {orphan} on " in message and f"kill {orphan}" in message
+        assert "Job stats" in message and "localrule" not in message and "\nrule " not in message  # no job ran
+        os.kill(orphan, signal.SIGCONT)
+        deadline = time.monotonic() + 600
+        while not process_ended(orphan):
+            assert time.monotonic() < deadline, "the orphaned job never ended"
+            time.sleep(0.05)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if orphan is not None and not process_ended(orphan):
+            os.kill(orphan, signal.SIGCONT)
+    final = snakemake(workdir, workdir / "kill.yaml", f"results/{target}")
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    ours, theirs = outputs(workdir / "results"), outputs(reference_dir / "results")
+    assert sorted(ours) == sorted(theirs), set(ours) ^ set(theirs)
+    differing = [rel for rel in ours if comparable(ours[rel], workdir / "results")
+                 != comparable(theirs[rel], reference_dir / "results")]
+    assert not differing, f"outputs differ from the uninterrupted run: {differing}"

@@ -69,7 +69,7 @@ def slurm_config() -> dict:
     return config
 
 
-def run_on_slurm(workdir: Path, config: dict) -> str:
+def slurm_run(workdir: Path, config: dict) -> subprocess.CompletedProcess:
     configfile = workdir / f"config-{len(list(workdir.glob('config-*.yaml')))}.yaml"
     configfile.write_text(yaml.safe_dump(config))
     env = venv_env()
@@ -78,7 +78,11 @@ def run_on_slurm(workdir: Path, config: dict) -> str:
                "--workflow-profile", str(PROFILE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
                "--configfile", str(configfile), "--jobs", "4", "--latency-wait", "5",
                "--slurm-init-seconds-before-status-checks", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT + 30)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT + 30)
+
+
+def run_on_slurm(workdir: Path, config: dict) -> str:
+    result = slurm_run(workdir, config)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     return output
@@ -180,3 +184,45 @@ def test_changing_one_student_submits_only_its_jobs(cluster, first_run):
     assert all("/mlm" in job["log"] for job in jobs.values())
     records = slurm_records(cluster)
     assert all(records[slurm_id]["JobState"] == "COMPLETED" for slurm_id in jobs)
+
+
+def test_successful_jobs_keep_their_slurm_logs(first_run):
+    """Issue #21, 9: the plugin deleted the SLURM log of every successful job."""
+    _, output = first_run
+    logs = [Path(job["log"]) for job in submissions(output).values()]
+    assert logs and all(log.is_file() for log in logs), [str(log) for log in logs if not log.is_file()]
+    assert all(".snakemake/slurm_logs/rule_" in str(log) for log in logs)
+
+
+def test_squeue_shows_each_jobs_rule_and_wildcards(cluster, first_run):
+    """Issue #21, 9: every job was named by the run's UUID alone. The run's jobs are now named mlsm_<run>
+    (the plugin's status checks need one name per run), and `python -m pipeline.slurm queue` shows each job's
+    rule and wildcards (its comment), also for jobs that ended minutes ago."""
+    workdir, _ = first_run
+    config = json.loads(json.dumps(slurm_config()))
+    config["students"]["mlm"]["max_steps"] = 3
+    jobs = submissions(run_on_slurm(workdir, config))
+    queue = subprocess.run([sys.executable, "-m", "pipeline.slurm", "queue", "--all"], capture_output=True,
+                           text=True, env=venv_env(PYTHONPATH=str(REPO)), timeout=60)
+    assert queue.returncode == 0, queue.stderr
+    lines = {line.split()[0]: line for line in queue.stdout.splitlines()[1:] if line.strip()}
+    records = slurm_records(cluster)
+    for slurm_id, job in jobs.items():
+        assert f"rule_{job['rule']}_wildcards_mlm" in lines[slurm_id], (job, lines.get(slurm_id))
+        assert records[slurm_id]["Name"].startswith("mlsm_"), records[slurm_id]
+
+
+def test_a_job_larger_than_every_node_stops_before_submitting(cluster, tmp_path):
+    """Issue #21, 8: shard_corpus asking for more CPUs than the node has waited forever in silence
+    (PartitionConfig). One sinfo call before the first submission finds it and names the key."""
+    config = slurm_config()
+    cpus = os.cpu_count()
+    config["corpus"]["threads"] = cpus + 2
+    before = len(slurm_records(cluster))
+    result = slurm_run(tmp_path, config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "jobs that no SLURM node can run (nothing was submitted)" in output, output[-3000:]
+    assert f"job shard_corpus asks SLURM for {cpus + 2} CPUs" in output
+    assert f"(the largest: {cpus} CPUs" in output and "Change corpus.threads" in output
+    assert "has been submitted" not in output and len(slurm_records(cluster)) == before

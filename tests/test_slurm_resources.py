@@ -79,6 +79,16 @@ def test_gpu_rules_ask_for_one_gpu_with_device_cuda(workdir):
         assert f"--cpus-per-task={job.threads}" in arguments
 
 
+def test_a_gpu_job_gets_two_cpus_per_gpu(workdir):
+    """Issue #21, 9: a GPU job's threads equalled its GPU count, one CPU for the process and its loader thread."""
+    jobs = planned_jobs(workdir, "cuda", "--cores", "64", gpus=2)  # no local cap, as under the SLURM executor
+    for job in jobs:
+        gpus = int(job.resources.get("gpu", 0))
+        cpus = int(next(a for a in sbatch_arguments(job) if a.startswith("--cpus-per-task=")).split("=")[1])
+        assert cpus >= 2 * gpus, (job.name, cpus, gpus)
+    assert {job.name for job in jobs if job.resources.get("gpu")} == GPU_RULES
+
+
 def test_cpu_runs_ask_for_no_gpu(workdir):
     for job in planned_jobs(workdir, "cpu"):
         assert not any(a.startswith(("--gpus", "--gres")) for a in sbatch_arguments(job)), job.name
@@ -97,11 +107,11 @@ def test_gpu_model_and_cpus_per_gpu_from_set_resources(workdir):
 
 
 def test_a_two_gpu_student_asks_for_two_gpus_and_runs_torchrun(workdir):
-    jobs = planned_jobs(workdir, "cuda", gpus=2)
+    jobs = planned_jobs(workdir, "cuda", "--cores", "64", gpus=2)
     pretrain = [job for job in jobs if job.name == "pretrain_student"]
     two = next(job for job in pretrain if "--model results/students/mlsm/model" in job.shell)
     one = next(job for job in pretrain if "--model results/students/mlm/model" in job.shell)
-    assert "--gpus=2" in sbatch_arguments(two) and "--cpus-per-task=2" in sbatch_arguments(two)
+    assert "--gpus=2" in sbatch_arguments(two) and "--cpus-per-task=4" in sbatch_arguments(two)
     assert two.shell.startswith("torchrun --standalone --nproc-per-node=2 -m pipeline.pretrain ")
     assert "--gpus=1" in sbatch_arguments(one) and one.shell.startswith("python -m pipeline.pretrain ")
 
@@ -112,3 +122,52 @@ def test_submission_parser_reads_snakemake_output():
               "Job 7 has been submitted with SLURM jobid 42 (log: /w/rule_pretrain_student/mlm/42.log).\n")
     assert submissions(output) == {"42": {"rule": "pretrain_student", "threads": 2, "mem_mb": 8000, "runtime": 720,
                                           "log": "/w/rule_pretrain_student/mlm/42.log"}}
+
+
+# ---- jobs no node can hold (pipeline/slurm.py), the comparison without a cluster ----------------------
+
+SINFO = "debug*|2|7000|(null)\ngpu|64|512000|gpu:a100:4(S:0-1)\ngpu|32|256000|gpu:2,gpu:v100:1\n"
+
+
+def test_sinfo_lines_become_nodes():
+    from pipeline.slurm import Node, parse_sinfo
+
+    assert parse_sinfo(SINFO) == [Node("debug", 2, 7000, 0, True), Node("gpu", 64, 512000, 4),
+                                  Node("gpu", 32, 256000, 3)]
+
+
+def test_a_job_fits_some_node_of_its_partition_or_is_named_with_the_key_to_change():
+    from pipeline.slurm import Request, parse_sinfo, problem, problems
+
+    nodes = parse_sinfo(SINFO)
+    assert problem(Request("finetune", cpus=2, memory_mb=6000), nodes) is None  # the default partition
+    corpus = problem(Request("shard_corpus", cpus=4, memory_mb=10000), nodes)
+    assert corpus.startswith("job shard_corpus asks SLURM for 4 CPUs, 10000 MB of memory, 0 GPUs; no node of "
+                             "default partition debug has that (the largest: 2 CPUs, 7000 MB, 0 GPUs")
+    assert "Change corpus.threads" in corpus
+    student = Request("pretrain_student", {"student": "mlsm"}, cpus=2, memory_mb=6000, gpus=1)
+    assert "device (cpu" in problem(student, nodes)  # no GPU in the default partition
+    student.partition = "gpu"
+    assert problem(student, nodes) is None
+    student.cpus, student.gpus = 16, 8
+    assert "students.mlsm.gpus" in problem(student, nodes) and "largest: 64 CPUs, 512000 MB, 4 GPUs" in \
+        problem(student, nodes)
+    assert "no node of partition gpu" in problem(Request("x", cpus=2, memory_mb=1, gpus=5, partition="gpu"), nodes)
+    assert "has no nodes" in problem(Request("x", partition="big"), nodes)
+    assert len(problems([Request("shard_corpus", cpus=9)] * 3 + [Request("report")], nodes)) == 1
+
+
+def test_a_job_needs_one_node_with_all_it_asks_for():
+    from pipeline.slurm import Request, parse_sinfo, problem
+
+    nodes = parse_sinfo("p*|64|1000|(null)\np*|2|1000|gpu:8\n")  # CPUs on one node, GPUs on the other
+    assert problem(Request("x", cpus=2, gpus=8), nodes) is None and problem(Request("x", cpus=64), nodes) is None
+    message = problem(Request("finetune", cpus=32, gpus=4), nodes)
+    assert "the largest: 64 CPUs, 1000 MB, 8 GPUs" in message and "lower its threads, mem_mb or gpu" in message
+
+
+def test_gpu_jobs_take_two_cpus_per_gpu_and_cpu_jobs_one_per_process():
+    from pipeline.slurm import job_threads
+
+    assert [job_threads(g, cuda=1) for g in (1, 2, 4)] == [2, 4, 8]
+    assert [job_threads(g, cuda=0) for g in (1, 2, 4)] == [1, 2, 4]

@@ -83,6 +83,7 @@ EDITS = [
     ("checkpoint_seconds", 7, set()),
     ("retries", 0, set()),
     ("corpus.threads", 1, set()),
+    ("corpus.unknown_files", "skip", set()),  # it lets a run through or stops it; what it skips is counted
     ("corpus.max_seq_len", 48, EVERYTHING),
     ("corpus.validation_fraction", 0.1, EVERYTHING),
     ("demo_data.bbc_news.seed", 5, {"bbc_news_data"} | EVERYTHING),

@@ -4,16 +4,18 @@ import re as _re
 import sys as _sys
 
 from pipeline import config as cfg
+from pipeline import preflight
+from pipeline.slurm import job_threads
 from pipeline.stages import STAGES
 from pipeline.rules import RULES, command, optional_inputs, verbatim_inputs
 from pipeline.workflow import Workflow
 
 try:
     CONFIG = cfg.validate(config)
+    W = Workflow(CONFIG)
+    preflight.check_inputs(W)
 except cfg.ConfigError as _err:
     _sys.exit(f"Error: {_err}")
-
-W = Workflow(CONFIG)
 GPU = 1 if CONFIG["device"] == "cuda" else 0
 # How often long stages save resumable state: a resource, not a param, so changing it reruns nothing.
 CHECKPOINT_SECONDS = str(CONFIG["checkpoint_seconds"])
@@ -84,6 +86,17 @@ def rule_benchmark(rule):
     return W.benchmark(rule)
 
 
+def gpu_job_threads(gpus):
+    """Threads of a job of `gpus` processes: with device cuda two per GPU (the process and its loader thread)."""
+    return job_threads(gpus, GPU)
+
+
 def attempt_runtime(minutes):
     """A retried job (one stopped at a time limit, say) resumes and gets proportionally more time."""
     return lambda wildcards, attempt: minutes * attempt
+
+
+onstart:
+    # Once the jobs are known, before the first starts (never in a dry run): no live writer of an
+    # output, and on SLURM no job that no node can hold.
+    preflight.before_jobs(workflow, W)

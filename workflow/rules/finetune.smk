@@ -12,7 +12,7 @@ rule finetune:
     benchmark:
         rule_benchmark("finetune")
     retries: RETRIES
-    threads: 1
+    threads: gpu_job_threads(1)
     resources:
         mem_mb=6000,
         runtime=attempt_runtime(240),

@@ -12,7 +12,7 @@ rule pretrain_student:
     benchmark:
         rule_benchmark("pretrain_student")
     retries: RETRIES
-    threads: lambda w: W.student_options(w.student)["gpus"]
+    threads: lambda w: gpu_job_threads(W.student_options(w.student)["gpus"])
     resources:
         mem_mb=8000,
         runtime=attempt_runtime(720),

@@ -12,7 +12,7 @@ rule precompute_targets:
     benchmark:
         rule_benchmark("precompute_targets")
     retries: RETRIES
-    threads: 1
+    threads: gpu_job_threads(1)
     resources:
         mem_mb=8000,
         runtime=attempt_runtime(240),

@@ -12,7 +12,7 @@ rule pretrain_teacher:
     benchmark:
         rule_benchmark("pretrain_teacher")
     retries: RETRIES
-    threads: lambda w: CONFIG["teachers"][w.teacher]["auxiliary"]["gpus"]
+    threads: lambda w: gpu_job_threads(CONFIG["teachers"][w.teacher]["auxiliary"]["gpus"])
     resources:
         mem_mb=8000,
         runtime=attempt_runtime(720),

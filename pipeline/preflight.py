@@ -1,0 +1,84 @@
+"""Checks that stop a run before any job, with one message each: the corpus inputs (at parse, with the
+config), and, once Snakemake knows which jobs it will start (its onstart hook, never in a dry run),
+processes still writing into the results and, on SLURM, jobs no node can hold.
+
+Nothing here imports more than the workflow's parse already does.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import config as cfg
+from .common import StageError
+from .locks import live_writer
+from .rules import RULES, fill
+from .text import input_files
+from .workflow import BBC_DIR, Workflow
+
+
+def check_inputs(workflow: Workflow) -> None:
+    """The corpus inputs name files: every glob and directory matches some, a literal path exists or a
+    rule of the workflow writes it, no file is named twice, and no directory holds files of unknown
+    format unless corpus.unknown_files says skip. ConfigError naming the input otherwise."""
+    corpus = workflow.config["corpus"]
+    produced = set()
+    if workflow.config["demo_data"]["bbc_news"]["enabled"]:
+        produced = {os.path.normpath(f"{BBC_DIR}/{path}") for path in RULES["bbc_news_data"].outputs.values()}
+    try:
+        _results_outside_inputs(corpus["inputs"], workflow.config["results"])
+        input_files(corpus["inputs"], unknown_files=corpus["unknown_files"], produced=frozenset(produced))
+    except StageError as err:
+        raise cfg.ConfigError(f"invalid configuration:\n  config key 'corpus.inputs': {err}") from None
+
+
+def _results_outside_inputs(patterns: list[str], results: str) -> None:
+    """No directory input holds `results`: from the second run on, the corpus would read the run's own
+    outputs (its shards are parquet, a corpus format), or stop on their other files."""
+    inside = Path(os.path.realpath(results))
+    for pattern in patterns:
+        for match in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
+            directory = Path(os.path.realpath(match))
+            if os.path.isdir(match) and (inside == directory or directory in inside.parents):
+                raise StageError(f"corpus input {pattern!r}: directory {match} holds the results directory "
+                                 f"{results}, so later runs would read their own outputs as corpus; set results "
+                                 f"outside it, or move the corpus files into a directory of their own")
+
+
+def written_paths(workflow: Workflow) -> Iterator[str]:
+    """Every output and resume directory of the config's jobs."""
+    for rule, wildcards in workflow.jobs():
+        for value in workflow.outputs(rule).values():
+            yield from (fill(path, **wildcards) for path in (value if isinstance(value, list) else [value]))
+        if RULES[rule].resumable:
+            yield workflow.resume_dir(rule, **wildcards)
+
+
+def check_no_live_writers(workflow: Workflow) -> None:
+    """No process holds the lock of an output of this DAG (pipeline/locks.py): a job orphaned by a killed
+    Snakemake, or a run of another working directory with the same `results:`. Snakemake would delete
+    outputs of the jobs it reruns under that process's feet."""
+    busy = [(path, holder) for path in written_paths(workflow) if (holder := live_writer(path))]
+    if not busy:
+        return
+    lines = [f"{path}: pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+             for path, holder in busy[:10]]
+    pids = sorted({str(holder["pid"]) for _, holder in busy if "pid" in holder})
+    raise StageError("other processes are still writing outputs of this workflow (jobs of a Snakemake that was "
+                     "killed, or a run in another working directory with the same `results:`):\n  "
+                     + "\n  ".join(lines) + (f"\n  and {len(busy) - 10} more" if len(busy) > 10 else "")
+                     + f"\nWait for them to end, or stop them (kill {' '.join(pids) or '<pid>'}), then rerun.")
+
+
+def before_jobs(snakemake_workflow, workflow: Workflow) -> None:
+    """The checks of Snakemake's onstart: one message and exit status 1 if a check fails."""
+    from . import slurm
+
+    try:
+        check_no_live_writers(workflow)
+        slurm.check_before_submitting(snakemake_workflow)
+    except StageError as err:
+        raise SystemExit(f"Error: {err}") from None
