@@ -11,7 +11,9 @@ export TRANSFORMERS_OFFLINE := 1
 # Rules call `python -m pipeline.<stage>`: the venv must come first on PATH, as after activating it.
 IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: setup demo test bench lint dry-run clean
+CONFIG ?= config/config.yaml
+
+.PHONY: setup demo test bench lint dry-run plan clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[demo,test]'
+	$(BIN)/python -m pip install -q -e '.[demo,test,hf]'
 	touch $@
 
 demo: setup
@@ -42,6 +44,10 @@ lint: setup
 
 dry-run: setup
 	$(IN_VENV) snakemake --dry-run
+
+# Disk and compute of every stage of $(CONFIG) on this machine, before it runs (pipeline/plan.py).
+plan: setup
+	$(IN_VENV) python -m pipeline.plan --configfile $(CONFIG)
 
 clean:
 	rm -rf results resources benchmarks logs .snakemake

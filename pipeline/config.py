@@ -201,6 +201,9 @@ def _check_cross_keys(config: dict) -> None:
                 problems.append(f"config key 'teachers.{name}.source': with corpus.tokenizer '{TRAINED_TOKENIZER}' "
                                 f"a teacher must be '{AUXILIARY_TEACHER}' (a pre-trained teacher has its own "
                                 "vocabulary)")
+    if "hf:" in config["corpus"]["inputs"]:
+        problems.append("config key 'corpus.inputs': 'hf:' names no dataset (hf:<a save_to_disk directory, a "
+                        "dataset directory or a hub id>)")
     atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
     if top_k != "none" and top_k > atoms:
         problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")

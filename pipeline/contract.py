@@ -29,9 +29,9 @@ FORMAT_VERSION = {
     "dictionary": 5,
     "targets": 7,
     "target_summary": 8,  # the targets' record (was the targets' version until it listed atom_usage)
-    "pretrain": 4,
+    "pretrain": 5,
     "finetune": 3,
-    "report": 4,
+    "report": 5,
 }
 
 # ---- paths, relative to the config's `results` directory (demo data goes to resources/) --------
@@ -76,6 +76,7 @@ REPORT_HTML = "report/report.html"  # the same, one self-contained page (plots e
 REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"
 REPORT_CURVE = "report/sample_efficiency.png"
+REPORT_CARDS = "report/cards"  # {student}/README.md: the student's model card with its fine-tuning scores
 REPORT_MANIFEST = "report/manifest.json"
 # Resumable state of one job of a long stage (checkpoints and journal.jsonl); `job` joins its wildcards.
 RESUME_DIR = "resume/{rule}/{job}"
@@ -202,10 +203,12 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # mlsm_head.safetensors for MLSM objectives (metadata atoms and head: separate, a transform, LayerNorm and
 # decoder; tied, decoder.weight [K, d] and decoder.bias [K], the K rows the MLM decoder and its bias gain in
 # the reference's layout, behind the MLM head's transform);
-# pretraining.json (params, steps, objective, atoms, world_size, tokens_seen).
+# pretraining.json (params, steps, objective, atoms, world_size, tokens_seen); README.md, the model card
+# (pipeline/cards.py: Hugging Face YAML front matter, then the training details).
 # checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
-# summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), final (the
+# summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), card (the facts
+# the model cards state: pipeline/pretrain/card.py), final (the
 # last history entry), history [{step, loss per part, grad_norm, lr, masked_tokens, tokens_per_second,
 # mfu (null off known GPUs), seconds, and at each save validation_mlsm / validation_mlm: the losses
 # on corpus/validation.parquet with fixed masks}], baselines {unigram_entropy, unigram_missing_mass,
@@ -232,7 +235,16 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # row per student x snapshot x task x seed: score, control, control_score, minus_control,
 # majority_score, health, the diagnostics at that snapshot and the cosines at initialisation),
 # scores.png, sample_efficiency.png,
+# cards/{student}/README.md (the student's model card with its fine-tuning scores and a model-index),
 # manifest.json (files, checksum).
+
+# ---- HDF5 interchange (pipeline/hdf5.py; not a stage's output) -------------------------------------
+# python -m pipeline.hdf5 store|dictionary|targets writes the activation store (/states, /token_ids,
+# /seq_ids, /positions; the store's attributes as root attributes), a dictionary (/dictionary [d, K]; the
+# metrics record in attribute `metrics`) or a targets record's shards (a group per shard: /seq_id,
+# /offsets [S+1], /atom_counts [T], /atom_ids and /weights [Z]; attribute `stats`) to HDF5. teachers.<name>.activations
+# names an HDF5 file in the store's layout (at least /states and /token_ids) that extract_activations
+# imports instead of running the teacher.
 
 
 _SCHEMAS = {"CORPUS_SCHEMA": _corpus_schema, "TARGET_SCHEMA": _target_schema}

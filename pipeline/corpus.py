@@ -289,7 +289,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         with locked_directory(lambda: tempfile.mkdtemp(prefix=".spill.", dir=out_dir)) as spill_dir:
             spills = [Spill(Path(spill_dir) / f"{i}.arrow") for i in range(len(shard_paths))]
             spills.append(Spill(Path(spill_dir) / "validation.arrow"))
-            if sum(f.stat().st_size for f in files) < 2 * text.CHUNK_BYTES // 4:  # one chunk even if compressed 4:1
+            if sum(text.input_bytes(f) for f in files) < 2 * text.CHUNK_BYTES // 4:  # one chunk even if compressed
                 workers = 1  # starting processes would cost more than they save
             pool = _pool(workers, params, tokenizer) if workers > 1 else None
             try:

@@ -253,8 +253,13 @@ def write_store(out: str, manifest: str, attrs: dict, **arrays: np.ndarray) -> N
 
 
 def open_store(path: str | Path) -> tuple[dict, dict]:
-    """The attributes and the (lazy, zarr) arrays of an activation store."""
+    """The attributes and the (lazy) arrays of an activation store: zarr, or HDF5 (.h5, pipeline/hdf5.py)."""
     import zarr
+
+    from . import hdf5
+
+    if hdf5.is_hdf5(path):
+        return hdf5.open_store(path)
 
     try:
         group = zarr.open_group(str(path), mode="r")

@@ -99,6 +99,16 @@ def model_identity(source: str, revision: str | None) -> dict:
     return {"revision": revision, "model_fingerprint": digest.hexdigest()[:16] if files else revision}
 
 
+def model_hidden_size(source: str, trust_remote_code: bool = False) -> int:
+    """A model's hidden size, from its config alone."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_source(source), trust_remote_code=trust_remote_code).hidden_size
+    except OSError as err:
+        raise StageError(f"model {source!r} could not be loaded: {err}") from None
+
+
 @dataclass
 class TeacherEncoder:
     """A teacher cut after its chosen layer."""

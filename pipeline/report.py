@@ -1,10 +1,11 @@
-"""Stage 7, report: compare the students -> report.md (and report.html), results.csv, scores.png and
-sample_efficiency.png.
+"""Stage 7, report: compare the students -> report.md (and report.html, pipeline/report_html.py), results.csv,
+scores.png, sample_efficiency.png, and each student's model card with its fine-tuning scores (cards/).
 
     python -m pipeline.report --scores finetune/*/*/*/seed*.json --students students/*/summary.json \
         --dictionaries dictionaries/minilm/metrics.json --atoms dictionaries/minilm/atoms.json \
         --targets targets/minilm/manifest.json --benchmarks benchmarks/*/*.tsv --md report.md --html report.html \
-        --csv results.csv --scores-plot scores.png --curve-plot sample_efficiency.png --manifest manifest.json \
+        --csv results.csv --scores-plot scores.png --curve-plot sample_efficiency.png [--cards cards/] \
+        --manifest manifest.json \
         --params '{"device": "cuda", "student_gpus": {"mlsm": 1}}'
 """
 
@@ -12,17 +13,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
+from . import cards as model_cards
 from . import contract, health
 from .cli import run
 from .common import StageError
-from .comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences
+from .comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences, select
 from .health import bootstrap_ci
 from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
 from .plots import curve_tasks, plot_sample_efficiency, plot_scores
+from .report_html import render_html
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
 # Rules whose jobs hold a GPU when the config's device is cuda (pretrain_student: its `gpus`).
@@ -92,10 +96,10 @@ def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict |
 LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")
 
 
-def render(comparison: Comparison, dictionaries, atoms, targets, costs, plot_name, curve_name) -> str:
+def render(comparison: Comparison, dictionaries, atoms, targets, costs, plot_name, curve_name, cards=None) -> str:
     lines = scores_section(comparison, plot_name) + health_section(comparison) + control_section(comparison)
     lines += pairs_section(comparison) + curve_section(comparison, curve_name)
-    lines += students_section(list(comparison.students.values()))
+    lines += students_section(list(comparison.students.values())) + cards_section(cards or {})
     for teacher, metrics in dictionaries.items():
         lines += dictionary_section(teacher, metrics, atoms.get(teacher, []), targets.get(teacher))
     lines += costs_section(costs)
@@ -256,6 +260,37 @@ def target_cut(params: dict) -> str:
     cut = "the whole code" if params["top_k"] == "none" else f"top-{params['top_k']}"
     mass = params.get("top_mass", 1.0)
     return cut if mass >= 1 else f"{cut} up to {mass:g} of the mass"
+def cards_section(cards: dict[str, tuple[str, str]]) -> list[str]:
+    """Links to each student's model card: the report's (with the scores) and the model directory's."""
+    if not cards:
+        return []
+    return ["", "## Model cards", "",
+            "Hugging Face model cards (README.md): with the fine-tuning scores above, and as saved in the model "
+            "directory (training details only; each checkpoint directory has its own).", "",
+            "| student | card with scores | card in the model directory |", "|---|---|---|",
+            *(f"| {name} | [{ours}]({ours}) | [{theirs}]({theirs}) |"
+              for name, (ours, theirs) in sorted(cards.items()))]
+
+
+def write_cards(out: str, summaries: dict[str, dict], scores: list[dict], report_dir: Path) -> dict:
+    """Each student's card (summaries: its pre-training record by path) completed with its fine-tuning
+    scores, in out/<student>/README.md; returns student -> (that card, the model directory's card),
+    relative to the report's directory."""
+    links = {}
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        for path, summary in summaries.items():
+            if "card" not in summary:  # a record from before model cards
+                continue
+            name = summary["params"]["student"]
+            text = model_cards.render(summary["card"], model_cards.training_of(summary),
+                                      model_cards.score_rows(select(scores, student=name)))
+            (tmp / name).mkdir()
+            model_cards.write(tmp / name, text)
+            model_card = Path(path).parent / Path(contract.STUDENT_MODEL).name / model_cards.CARD
+            links[name] = (Path(out, name, model_cards.CARD).relative_to(report_dir).as_posix(),
+                           os.path.relpath(model_card, report_dir))
+    return links
 
 
 def dictionary_section(teacher: str, metrics: dict, atoms: list[dict], targets: dict | None) -> list[str]:
@@ -289,55 +324,10 @@ def costs_section(costs: list[dict]) -> list[str]:
               for c in costs)]
 
 
-def to_html(markdown: str, images: dict[str, str]) -> str:
-    """The report as one self-contained HTML page: the subset of Markdown render() writes (headings,
-    paragraphs, pipe tables, images, `code`), with the PNGs embedded."""
-    import base64
-    import html
-    import re
-
-    def inline(text: str) -> str:
-        return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
-
-    out, table = [], []
-
-    def flush_table() -> None:
-        if not table:
-            return
-        rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table
-                if not re.match(r"^\|[-:|]+\|$", row.strip())]
-        out.append("<table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
-                   + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
-                   + "</tbody></table>")
-        table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        image = re.fullmatch(r"!\[([^]]*)\]\(([^)]*)\)", line.strip())
-        if image and image.group(2) in images:
-            data = base64.b64encode(Path(images[image.group(2)]).read_bytes()).decode()
-            out.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}"></p>')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush_table()
-    style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>MLSM pipeline report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
-
-
 def report(paths, params: dict) -> None:
     scores, task_configs = collect_scores(paths.scores)
-    students = {s["params"]["student"]: s for s in (read_record(p) for p in paths.students)}
-    students = dict(sorted(students.items()))
+    summaries = {p: read_record(p) for p in paths.students}
+    students = {s["params"]["student"]: s for s in sorted(summaries.values(), key=lambda s: s["params"]["student"])}
     dictionaries = {Path(p).parent.name: read_record(p) for p in paths.dictionaries}
     records = {Path(p).parent: p for p in paths.dictionaries}
     atoms = {}
@@ -352,14 +342,16 @@ def report(paths, params: dict) -> None:
     plot_scores(paths.scores_plot, scores, comparison.names, comparison.tasks, comparison.majority)
     plot_sample_efficiency(paths.curve_plot, scores, comparison.names, sorted(set(comparison.controls.values())))
     costs = stage_costs(paths.benchmarks, params.get("device", "cpu"), params.get("student_gpus"))
+    report_dir = Path(paths.md).parent
+    cards = write_cards(paths.cards, summaries, scores, report_dir) if paths.cards else {}
     text = render(comparison, dictionaries, atoms, targets, costs, Path(paths.scores_plot).name,
-                  Path(paths.curve_plot).name)
+                  Path(paths.curve_plot).name, cards)
     with atomic_output(paths.md) as tmp:
         tmp.write_text(text)
     with atomic_output(paths.html) as tmp:
-        tmp.write_text(to_html(text, {Path(paths.scores_plot).name: paths.scores_plot,
+        tmp.write_text(render_html(text, {Path(paths.scores_plot).name: paths.scores_plot,
                                       Path(paths.curve_plot).name: paths.curve_plot}))
-    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html]
+    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html, *filter(None, [paths.cards])]
     write_record(paths.manifest, {"format_version": contract.FORMAT_VERSION["report"],
                                   "files": file_entries(Path(paths.manifest).parent, outputs)})
 

@@ -24,6 +24,8 @@ class Port:
     directory: bool = False
     optional: bool = False
     help: str = ""
+    # Passed to the command as given (not only paths: hf:<dataset>); the job's input holds the files among them.
+    verbatim: bool = False
 
     @property
     def flag(self) -> str:
@@ -65,6 +67,8 @@ def _out(name, **kw):
 
 RESUME = Port("resume_dir", STATE, directory=True, optional=True,
               help="where the resumable state of this job is kept (outside its outputs)")
+TEXT = _in("text", many=True, verbatim=True,
+           help="text files, directories or globs, or Hugging Face datasets (hf:<saved dir, dataset dir or hub id>)")
 AUXILIARY = (_in("teacher_model", directory=True, optional=True, help="an auxiliary teacher the pipeline trained"),
              _in("teacher_summary", optional=True, help="its record, to verify it"))
 
@@ -73,10 +77,10 @@ STAGES = {stage.name: stage for stage in (
         _out("pretrain", help="pre-training text (.txt.gz)"), _out("train", help="task training split (TSV)"),
         _out("dev", help="task dev split (TSV)"), _out("manifest"))),
     Stage("tokenizer", "a WordPiece or Unigram vocabulary trained on the corpus", (
-        _in("text", many=True, help="text files, directories or globs"),
+        TEXT,
         _out("model", directory=True, help="the tokenizer (save_pretrained)"), _out("manifest"))),
     Stage("corpus", "raw text -> tokenized, packed sequences in parquet shards and a validation split", (
-        _in("text", many=True, help="text files, directories or globs"),
+        TEXT,
         _in("tokenizer_manifest", optional=True, help="the record of a tokenizer train_tokenizer trained"),
         _out("shards", many=True), _out("validation"),
         _out("token_counts", help=".npy: training-token frequency per vocabulary id"), _out("manifest")),
@@ -84,6 +88,8 @@ STAGES = {stage.name: stage for stage in (
     Stage("teacher", "a teacher's hidden states of one layer for a sample of tokens -> zarr", (
         _in("corpus_shards", many=True), _in("corpus_manifest"),
         _in("token_counts", optional=True, help="needed for subsample w2v and drop"), *AUXILIARY,
+        _in("states", optional=True, help="teacher states computed elsewhere (HDF5, pipeline/hdf5.py), imported "
+            "instead of running the teacher"),
         _out("store", directory=True, help="the zarr store"), _out("manifest"), RESUME),
         settings=("checkpoint_seconds",), version="activations", entry="extract"),
     Stage("dictionary", "non-negative sparse dictionary learning on L2-normalised teacher states", (
@@ -126,7 +132,9 @@ STAGES = {stage.name: stage for stage in (
         _in("atoms", many=True, optional=True), _in("targets", many=True, optional=True),
         _in("benchmarks", many=True, optional=True, help="Snakemake benchmark files of the jobs"),
         _in("task_files", many=True, optional=True, help="the tasks' train and dev files: majority-class scores"),
-        _out("md"), _out("html"), _out("csv"), _out("scores_plot"), _out("curve_plot"), _out("manifest")),
+        _out("md"), _out("html"), _out("csv"), _out("scores_plot"), _out("curve_plot"),
+        _out("cards", directory=True, optional=True, help="model cards with the fine-tuning scores, one per student"),
+        _out("manifest")),
         entry="report"),
 )}
 

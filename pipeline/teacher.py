@@ -21,6 +21,7 @@ Memory holds one record batch of one shard, whatever the corpus size.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +30,18 @@ import numpy as np
 from . import contract
 from .cli import run
 from .common import StageError, log, pick_device, set_cpu_threads
-from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, pad_rows, read_token_counts
-from .integrity import CHECKSUM_KEY, read_verified
+from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, open_store, pad_rows, read_token_counts
+from .integrity import CHECKSUM_KEY, read_verified, sha256_file
 from .memory import release_free_memory, streaming_allocators
-from .models import TeacherEncoder, length_batches, load_encoder, load_tokenizer, model_identity, verify_model
+from .models import (
+    TeacherEncoder,
+    length_batches,
+    load_encoder,
+    load_tokenizer,
+    model_hidden_size,
+    model_identity,
+    verify_model,
+)
 from .resume import Resume
 
 READ_BATCHES = 8  # teacher batches read from a shard at a time: the unit of work, which bounds memory
@@ -92,11 +101,14 @@ def sample_positions(batch, keep: np.ndarray, rng, quota: int, per_sequence: int
 
 def extract(paths, params: dict) -> dict:
     """Sample tokens shard by shard (the shards are shuffled, so reading each in order samples at random),
-    run the teacher on the sequences holding them, append their states to the store."""
+    run the teacher on the sequences holding them, append their states to the store. With --states (teacher
+    states computed elsewhere, HDF5), import those instead."""
     set_cpu_threads()
     streaming_allocators()
     manifest = read_verified(paths.corpus_manifest, [*paths.corpus_shards, *filter(None, [paths.token_counts])])
     verify_model(paths.teacher_model, paths.teacher_summary)
+    if paths.states:
+        return import_states(paths, params, manifest)
     encoder = load_encoder(params["source"], params["layer"], pick_device(params.get("device", "auto")), manifest,
                            params["trust_remote_code"])
     counts = read_token_counts(paths.token_counts) if paths.token_counts else None
@@ -165,18 +177,62 @@ def sample_shards(encoder, store: ActivationStore, progress: dict, shard_paths: 
                  shard_paths[index], store.rows, processed, processed / max(1e-9, time.monotonic() - started))
 
 
-def store_attributes(params: dict, encoder: TeacherEncoder, manifest: dict, tokens: int) -> dict:
+def store_attributes(params: dict, encoder: TeacherEncoder | None, manifest: dict, tokens: int) -> dict:
+    """The store's attributes (without an encoder, the caller gives its identity and sizes)."""
+    identity = model_identity(params["source"], getattr(encoder.model.config, "_commit_hash", None)) if encoder else {}
     return {
         "format_version": contract.FORMAT_VERSION["activations"], "teacher": params["teacher"],
-        "source": params["source"],
-        **model_identity(params["source"], getattr(encoder.model.config, "_commit_hash", None)),
-        "layer": params["layer"], "hidden_layer_index": encoder.layer_index,
-        "hidden_size": encoder.hidden_size, "tokenizer": manifest["tokenizer"],
+        "source": params["source"], **identity,
+        "layer": params["layer"], "hidden_layer_index": encoder.layer_index if encoder else None,
+        "hidden_size": encoder.hidden_size if encoder else None, "tokenizer": manifest["tokenizer"],
         "tokenizer_fingerprint": manifest["tokenizer_fingerprint"], "normalisation": "none",
         "dtype": "float16", "tokens": tokens,
         "sampling": {k: params[k] for k in ("sample_tokens", "sample_seed", "subsample", "subsample_threshold",
                                             "positions_per_sequence")},
     }
+
+
+def import_states(paths, params: dict, manifest: dict) -> dict:
+    """Teacher states computed elsewhere (an HDF5 file in the layout of pipeline/hdf5.py), checked against
+    the teacher and the corpus and copied into the store block by block."""
+    given, arrays = open_store(paths.states)
+    rows, hidden = arrays["states"].shape
+    expected = model_hidden_size(params["source"], params["trust_remote_code"])
+    problems = [f"its states have {hidden} dimensions, teacher {params['source']!r} has hidden size {expected}"
+                if hidden != expected else "",
+                f"its layer {given['layer']} is not the teacher's configured layer {params['layer']}"
+                if given.get("layer", params["layer"]) != params["layer"] else "",
+                "its tokenizer_fingerprint differs from the corpus tokenizer's"
+                if given.get("tokenizer_fingerprint", manifest["tokenizer_fingerprint"]) !=
+                manifest["tokenizer_fingerprint"] else "",
+                "it holds no states" if not rows else ""]
+    if any(problems):
+        raise StageError(f"teacher states {paths.states}: {'; '.join(p for p in problems if p)} "
+                         f"(teachers.{params['teacher']}.activations)")
+    with tempfile.TemporaryDirectory(prefix=".work.", dir=Path(paths.store).parent) as work:
+        store = ActivationStore(Path(work) / "activations.zarr", hidden, min(STORE_CHUNK_ROWS, rows), 0)
+        for start in range(0, rows, STORE_CHUNK_ROWS):
+            block = {name: np.asarray(arrays[name][start : start + STORE_CHUNK_ROWS]) for name in arrays}
+            _check_imported(block, start, manifest["vocab_size"], paths.states)
+            store.append(**block)
+        attrs = {**store_attributes(params, None, manifest, rows),
+                 **model_identity(params["source"], None), "hidden_layer_index": given.get("hidden_layer_index"),
+                 "hidden_size": hidden, "sampling": {"imported_from": str(paths.states),
+                                                     "sha256": sha256_file(paths.states)}}
+        store.publish(paths.store, paths.manifest, attrs)
+    log.info("activations: imported %d states of size %d from %s", rows, hidden, paths.states)
+    return attrs
+
+
+def _check_imported(block: dict, start: int, vocab_size: int, path: str) -> None:
+    bad = ~np.isfinite(block["states"]).all(1)
+    if bad.any():
+        raise StageError(f"teacher states {path}: non-finite state in row {start + int(np.flatnonzero(bad)[0])}")
+    outside = (block["token_ids"] < 0) | (block["token_ids"] >= vocab_size)
+    if outside.any():
+        row = start + int(np.flatnonzero(outside)[0])
+        raise StageError(f"teacher states {path}: /token_ids row {row} is {block['token_ids'][outside][0]}, outside "
+                         f"the corpus vocabulary of {vocab_size} ids")
 
 
 def extract_batch(encoder: TeacherEncoder, batch, store: ActivationStore, keep: np.ndarray, rng, quota: int,

@@ -1,7 +1,8 @@
 """Corpus text as documents: which files an input names, how each format is read, what bad input is.
 
 Inputs are files, directories (read recursively) or globs; compression comes from the suffix (.gz, .zst,
-.bz2). Formats:
+.bz2); or Hugging Face datasets (hf:<name>, or a directory saved with save_to_disk: pipeline/hfdata.py).
+Formats:
 - text (the default, the MLSM reference format): one sentence per line, a blank line between documents;
 - jsonl: one JSON object per line, a document in its `text_field`;
 - parquet: one document per row of the `text_field` column.
@@ -27,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hfdata
 from .common import StageError
 from .config import section_defaults
+from .hfdata import DatasetInput, parse_input
 
 CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers
 BLOCK_BYTES = 1 << 22  # text read and checked at a time
@@ -37,22 +40,27 @@ COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 # What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
 DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
-                                       "max_line_bytes", "max_documents"))
+                                       "max_line_bytes", "max_documents", "split", "dataset_config"))
 
 
 # ---- inputs ------------------------------------------------------------------------------------
 
 def input_files(patterns: list[str], strict: bool = True, unknown_files: str = "error",
-                produced: frozenset[str] = frozenset()) -> list[Path]:
-    """The files named by `patterns` (files, globs, directories searched recursively), in a stable order.
+                produced: frozenset[str] = frozenset()) -> list[Path | DatasetInput]:
+    """The files named by `patterns` (files, globs, directories searched recursively), in a stable order, and
+    the Hugging Face datasets (hf:<name>, or a directory saved with save_to_disk) in their place.
 
     A directory's files with a suffix that is no corpus format (README.md, data.xz, no suffix) are an
     error naming them, or with unknown_files "skip" left out (unread_files counts them). A file named
     twice is an error: its documents would be read twice. Strict: a pattern matching nothing is an error,
     except a literal path in `produced` (a rule writes it); not strict, it is dropped (a glob) or kept."""
-    files: list[Path] = []
+    files: list[Path | DatasetInput] = []
     named_by: dict[Path, str] = {}
     for pattern in patterns:
+        dataset = parse_input(pattern)
+        if dataset is not None:
+            files.append(dataset)
+            continue
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         found = []
         for match in map(Path, matches):
@@ -78,6 +86,14 @@ def input_files(patterns: list[str], strict: bool = True, unknown_files: str = "
     return files
 
 
+def input_bytes(path: Path | DatasetInput) -> float:
+    """An input's size on disk (a hub dataset's is unknown: infinite)."""
+    if isinstance(path, DatasetInput):
+        local = path.local
+        return sum(f.stat().st_size for f in local.rglob("*") if f.is_file()) if local else float("inf")
+    return path.stat().st_size
+
+
 def _directory_files(directory: Path, pattern: str, unknown_files: str) -> list[Path]:
     """The corpus files under a directory input; any other (not hidden) file is an error unless skipped."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not _hidden(p, directory))
@@ -100,6 +116,8 @@ def unread_files(patterns: list[str]) -> dict[str, int]:
     """Per suffix, the files that directory inputs hold but that are not read as corpus (unknown_files: skip)."""
     counts: Counter = Counter()
     for pattern in patterns:
+        if parse_input(pattern) is not None:  # a dataset's directory holds its own files
+            continue
         for match in map(Path, sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]):
             if match.is_dir():
                 counts.update(p.suffix or "(no suffix)" for p in match.rglob("*")
@@ -210,10 +228,14 @@ def _decode(raw: bytes, where: str, offset: int, skipped: Skipped) -> str | None
         return None
 
 
-def read_documents(path: Path, options: dict | None = None, skipped: Skipped | None = None) -> Iterator[list[str]]:
-    """Documents (lists of sentences) of one input file, in file order."""
+def read_documents(path: Path | DatasetInput, options: dict | None = None,
+                   skipped: Skipped | None = None) -> Iterator[list[str]]:
+    """Documents (lists of sentences) of one input file (or dataset), in file order."""
     options = {**DEFAULTS, **(options or {})}
     skipped = skipped if skipped is not None else Skipped(options["bad_input"])
+    if isinstance(path, DatasetInput):
+        yield from hfdata.documents(path, options, skipped, split_sentences)
+        return
     fmt = file_format(path, options["format"])
     if fmt == "text":
         yield from _text_documents(path, options["max_line_bytes"], skipped)

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 from . import config as cfg
 from . import contract
+from .hfdata import DatasetInput
 from .launch import torchrun_command
-from .objectives import ARCHITECTURE_KEYS, objective
+from .objectives import objective
 from .rules import RULES, fill
+from .slices import Slices
 from .stages import STAGES
 from .tasks import task_files
 from .text import input_files
 
 BBC_DIR = contract.BBC_DIR
-# A control's job beside its architecture: no updates, its diagnostics' masks, what else shapes its weights.
-CONTROL_KEYS = ("objective", "max_steps", "checkpoint_fractions", "mask_fraction", "mask_strategy", "architecture",
-                "init", "seq_len_schedule")
 
 
-class Workflow:
+class Workflow(Slices):
     """One validated config's DAG: its names, paths, each job's inputs and config slice, and its jobs."""
 
     def __init__(self, config: dict):
@@ -84,10 +83,32 @@ class Workflow:
         return [self.path(contract.TARGET_SHARD, teacher=teacher, shard=s) for s in self.shards]
 
     def corpus_inputs(self) -> list[str]:
-        # Missing files stay in the list, so that Snakemake names them as missing input (preflight.check_inputs
-        # has stopped the run before, unless a rule writes them).
+        """The corpus files (and local dataset directories) Snakemake tracks. Missing files stay in the list,
+        so that Snakemake names them as missing input (preflight.check_inputs has stopped the run before,
+        unless a rule writes them); a hub dataset is no file, its name is in the params."""
+        tracked = []
+        for item in self._corpus_items():
+            if not isinstance(item, DatasetInput):
+                tracked.append(str(item))
+            elif item.local is not None:
+                tracked.append(str(item.local))
+        return tracked
+
+    def arguments(self, port: str) -> list[str]:
+        """What the command gets for a verbatim port: the corpus inputs in order, datasets as hf:<name>."""
+        assert port == "text", port
+        return [str(f) for f in self._corpus_items()]
+
+    def _corpus_items(self) -> list:
         corpus = self.config["corpus"]
-        return [str(f) for f in input_files(corpus["inputs"], strict=False, unknown_files=corpus["unknown_files"])]
+        return input_files(corpus["inputs"], strict=False, unknown_files=corpus["unknown_files"])
+
+    def has_datasets(self) -> bool:
+        return any(isinstance(f, DatasetInput) for f in self._corpus_items())
+
+    def hub_datasets(self) -> list[str]:
+        """Ids of the hub datasets among the corpus inputs (a model card names them)."""
+        return [f.name for f in self._corpus_items() if isinstance(f, DatasetInput) and f.local is None]
 
     def is_auxiliary(self, teacher: str) -> bool:
         return self.config["teachers"][teacher]["source"] == cfg.AUXILIARY_TEACHER
@@ -151,8 +172,10 @@ class Workflow:
                 "teacher_summary": self.path(contract.AUXILIARY_SUMMARY, teacher=teacher)}
 
     def _extract_activations_inputs(self, w) -> dict:
+        imported = self.config["teachers"][w.teacher].get("activations")  # states computed elsewhere (HDF5)
         return {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS), **self.teacher_model(w.teacher)}
+                "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS), **self.teacher_model(w.teacher),
+                **({"states": imported} if imported else {})}
 
     def _fit_dictionary_inputs(self, w) -> dict:
         return {"activations": self.path(contract.ACTIVATIONS, teacher=w.teacher),
@@ -210,6 +233,7 @@ class Workflow:
             inputs["target_shards"] = self.target_shards(teacher)
             inputs["target_manifest"] = self.path(contract.TARGET_MANIFEST, teacher=teacher)
             inputs["validation_targets"] = self.path(contract.TARGET_VALIDATION, teacher=teacher)
+            inputs["dictionary_metrics"] = self.path(contract.DICTIONARY_METRICS, teacher=teacher)  # model card
         inputs.update(self.phase_inputs(self.student_options(w.student),
                                         teacher if self.precomputed_targets(w.student) else None))
         return {**inputs, **self.teacher_model(teacher)}
@@ -238,112 +262,6 @@ class Workflow:
         checkpoints for the finetune.checkpoint_tasks."""
         return [self.path(contract.FINETUNE_SCORES, **wildcards) for rule, wildcards in self.jobs()
                 if rule == "finetune"]
-
-    # ---- each rule's params: its stage's config slice and format version ----
-
-    def params(self, rule: str, wildcards) -> str:
-        return cfg.as_json(getattr(self, f"_{rule}_params")(wildcards))
-
-    def _slice(self, rule: str, *slices: dict, **extra) -> dict:
-        merged = {"format_version": contract.FORMAT_VERSION[STAGES[RULES[rule].stage].format_version]}
-        for part in slices:
-            merged.update(part)
-        return {**merged, **extra}
-
-    def _bbc_news_data_params(self, w) -> dict:
-        return self._slice("bbc_news_data", self.config["demo_data"]["bbc_news"])
-
-    def _train_tokenizer_params(self, w) -> dict:
-        # What reading the text takes (which documents are validation ones, what is bad input) and the training.
-        reading = {k: self.config["corpus"][k] for k in
-                   ("format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "max_documents",
-                    "seed")}
-        return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
-
-    def _shard_corpus_params(self, w) -> dict:
-        # threads changes speed, never the shards; unknown_files lets a run through or stops it before any
-        # job (what it skips is counted from the inputs): not params, so changing them reruns nothing.
-        options = {k: v for k, v in self.config["corpus"].items() if k not in ("threads", "unknown_files")}
-        return self._slice("shard_corpus", options, tokenizer=self.tokenizer)
-
-    def _shard_corpus_phase_params(self, w) -> dict:
-        options = {**self._shard_corpus_params(w), "max_seq_len": int(w.length)}
-        return self._slice("shard_corpus_phase", options)
-
-    def _pretrain_teacher_params(self, w) -> dict:
-        options = {**self.config["teachers"][w.teacher]["auxiliary"], "objective": "mlm"}
-        return self._slice("pretrain_teacher", options, student=f"auxiliary teacher {w.teacher}", device=self.device)
-
-    def _teacher_slice(self, rule: str, teacher: str, *slices: dict) -> dict:
-        options = {k: v for k, v in self.config["teachers"][teacher].items() if k != "auxiliary"}
-        return self._slice(rule, options, *slices, teacher=teacher, source=self.teacher_source(teacher),
-                           tokenizer=self.tokenizer, device=self.device)
-
-    def _extract_activations_params(self, w) -> dict:
-        a = self.config["activations"]
-        sample = {"sample_tokens": a["sample_tokens"], "sample_seed": a["seed"], "subsample": a["subsample"],
-                  "subsample_threshold": a["subsample_threshold"],
-                  "positions_per_sequence": a["positions_per_sequence"]}
-        return self._teacher_slice("extract_activations", w.teacher, sample)
-
-    def _fit_dictionary_params(self, w) -> dict:
-        return self._slice("fit_dictionary", self.config["dictionary"], device=self.device)
-
-    def target_slice(self) -> dict:
-        return {**self.config["targets"], "lambda": self.config["dictionary"]["lambda"]}
-
-    def _precompute_targets_params(self, w) -> dict:
-        return self._teacher_slice("precompute_targets", w.teacher, self.target_slice())
-
-    def _summarize_targets_params(self, w) -> dict:
-        return self._slice("summarize_targets", self.target_slice())
-
-    def _summarize_phase_targets_params(self, w) -> dict:
-        return self._slice("summarize_phase_targets", self.target_slice())
-
-    def _pretrain_student_params(self, w) -> dict:
-        student = w.student
-        options = self.student_options(student)
-        needs = objective(options["objective"])
-        if not needs.trains:  # the control: only what fixes its weights and the masks of its diagnostics
-            kept = {k: options[k] for k in (*ARCHITECTURE_KEYS, *CONTROL_KEYS)}
-            return self._slice("pretrain_student", kept, student=student, device=self.device)
-        extra = {"student": student, "device": self.device}
-        teacher = self.student_teacher(student)
-        if teacher is None:
-            options.pop("teacher", None)
-        else:
-            extra["teacher_source"] = self.teacher_source(teacher)
-            extra["teacher_trust_remote_code"] = self.config["teachers"][teacher]["trust_remote_code"]
-        if needs.targets:
-            extra["atoms"] = self.config["dictionary"]["atoms"]
-        else:
-            options.pop("targets")  # an option of MLSM students only: changing it must not rerun the others
-        if self.online_targets(student):
-            extra["online"] = self.online_settings(options, teacher)
-        else:
-            options.pop("online_solver")  # only online students use it
-        return self._slice("pretrain_student", options, **extra)
-
-    def online_settings(self, options: dict, teacher: str) -> dict:
-        """What an online student's step codes targets with: the reference solver or the targets section's."""
-        solver = cfg.REFERENCE_SOLVER
-        if options["online_solver"] == "targets":
-            solver = {k: self.config["targets"][k] for k in cfg.SOLVER_KEYS}
-        return {**solver, "lambda": self.config["dictionary"]["lambda"], "source": self.teacher_source(teacher),
-                "layer": self.config["teachers"][teacher]["layer"],
-                "trust_remote_code": self.config["teachers"][teacher]["trust_remote_code"]}
-
-    def _finetune_params(self, w) -> dict:
-        # The lists of seeds and checkpoint tasks are left out: they add jobs and must not rerun the others.
-        options = {k: v for k, v in self.config["finetune"].items() if k not in ("seeds", "checkpoint_tasks")}
-        return self._slice("finetune", options, snapshot=w.snapshot, student=w.student,
-                           objective=self.config["students"][w.student]["objective"], task_name=w.task,
-                           task=self.config["tasks"][w.task], seed=int(w.seed), device=self.device)
-
-    def _report_params(self, w) -> dict:
-        gpus = {s: self.student_options(s)["gpus"] for s in self.students}
-        return self._slice("report", device=self.device, student_gpus=gpus)
 
     # ---- the jobs a config makes ----
 

@@ -24,8 +24,15 @@ def test_pixi_and_pyproject_declare_the_same_dependencies():
     pixi_side = {n.lower() for n in pixi["dependencies"] if n != "python"}
     pixi_side |= {n.lower() for n in pixi["pypi-dependencies"] if n != "mlsm-pipeline"}
     assert pip_side == pixi_side
-    tests_pip = {_name(r) for r in pyproject["optional-dependencies"]["test"]}
-    assert tests_pip == {n.lower() for n in pixi["feature"]["test"]["dependencies"]}
+    for extra in ("test", "hf"):  # the extras the tests need have a pixi feature of the same name
+        extra_pip = {_name(r) for r in pyproject["optional-dependencies"][extra]}
+        assert extra_pip == {n.lower() for n in pixi["feature"][extra]["dependencies"]}, extra
+        assert extra in pixi["environments"]["default"]["features"]
+
+
+def test_make_setup_installs_the_extras_the_tests_need():
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"pip install -q -e '\.\[demo,test,hf\]'", makefile)
 
 
 def test_readme_quick_start_is_two_one_line_commands_and_ci_runs_the_second():

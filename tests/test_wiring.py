@@ -125,6 +125,10 @@ EDITS = [
     ("finetune.seeds", [1, 2, 3], {"report"}),
     ("finetune.checkpoint_tasks", [], {"report"}),
     ("tasks.bbc_topic.metric", "f1", {"finetune", "report"}),
+    ("corpus.split", "validation", set()),  # without a dataset input (with one: tests/test_hf_datasets.py)
+    ("corpus.dataset_config", "wikitext-2-raw-v1", set()),
+    ("teachers.minilm.activations", "elsewhere.h5", {"extract_activations", "precompute_targets"} | MLSM),
+    ("model_card.license", "mit", STUDENTS),  # the cards live in the model directories
 ]
 
 
@@ -272,9 +276,15 @@ def module_graph() -> dict[str, set[str]]:
     return graph
 
 
+# Not stages: the cost plan (python -m pipeline.plan) times the stages' own code at a config's shapes.
+MEASURING_TOOLS = {"pipeline.plan", "pipeline.plan_rates", "pipeline.plan_inputs"}
+
+
 def test_no_stage_imports_another_stage():
     stages = {f"pipeline.{name}" for name in STAGES}
     for module, imported in module_graph().items():
+        if module in MEASURING_TOOLS:
+            continue
         own = next((s for s in stages if module == s or module.startswith(s + ".")), None)
         others = {s for s in stages if s != own and any(m == s or m.startswith(s + ".") for m in imported)}
         assert not others, f"{module} imports the stage(s) {sorted(others)}"

@@ -17,6 +17,7 @@ from ..models import load_tokenizer, resolve_model_source, verify_model
 from ..objectives import objective
 from ..resume import Resume
 from ..training import adamw, warmup_then_decay
+from . import card
 from .data import BatchStream, PhasedStream
 from .diagnostics import Baselines, baselines
 from .model import Student, build_config, load_backbone
@@ -44,6 +45,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     resume: Resume
     baselines: Baselines  # what the validation diagnostics compare with
+    card: dict  # what the model cards state besides the training so far (pretrain/card.py)
 
     @property
     def uses_targets(self) -> bool:
@@ -75,8 +77,9 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                                                   for p in phases.values()],
                                        "dictionary": online.record[CHECKSUM_KEY] if online else None},
                     writer=rank == 0, interval=paths.checkpoint_seconds)
+    facts = card.facts(paths, params, manifest, target_record, world)
     return Setup(rank, world, device, paths, params, manifest, tokenizer, online, target_record, stream, model,
-                 forward, teacher, optimizer, scheduler, resume, base)
+                 forward, teacher, optimizer, scheduler, resume, base, facts)
 
 
 def build_online_targets(paths, params: dict, device, manifest: dict) -> OnlineTargets | None:

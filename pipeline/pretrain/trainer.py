@@ -28,6 +28,7 @@ from ..integrity import atomic_output, file_entries, write_record
 from ..objectives import objective
 from ..resume import load_training, save_training
 from ..training import autocast, rng_states, set_rng_states
+from . import card
 from .data import Prefetcher, Shard, rank_share
 from .diagnostics import measure
 from .distributed import all_ranks_sum, check_ranks_agree, init_distributed
@@ -243,6 +244,8 @@ class Trainer:
         with atomic_output(directory) as tmp:
             tmp.mkdir(parents=True)
             self.s.model.save(tmp, self.s.tokenizer, {**self.metadata(), "steps": self.step})
+            # Tokens are counted per rank: exact here only for one process (the final card sums them).
+            card.write(tmp, self.s.card, self.step, self.history, self.tokens_seen if self.s.world == 1 else None)
 
     def _finish(self) -> dict:
         s = self.s
@@ -254,7 +257,7 @@ class Trainer:
                    "parameters": sum(p.numel() for p in s.model.parameters()),
                    "checkpoints": [f"step{step}" for step in checkpoint_steps(self.params)],
                    "final": self.history[-1] if self.history else {"step": 0}, "history": self.history,
-                   "baselines": self.s.baselines.record(), "diagnostics": self.diagnostics}
+                   "baselines": self.s.baselines.record(), "diagnostics": self.diagnostics, "card": s.card}
         if s.rank == 0:
             self._publish(summary)
         if s.world > 1:
@@ -267,6 +270,7 @@ class Trainer:
         with atomic_output(paths.model) as tmp:
             tmp.mkdir()
             s.model.save(tmp, s.tokenizer, {**self.metadata(), "tokens_seen": summary["tokens_seen"]})
+            card.write(tmp, s.card, self.step, self.history, summary["tokens_seen"])
         outputs = [paths.model]
         if paths.checkpoints:
             with atomic_output(paths.checkpoints) as tmp:

@@ -7,7 +7,7 @@ from pipeline import config as cfg
 from pipeline import preflight
 from pipeline.slurm import job_threads
 from pipeline.stages import STAGES
-from pipeline.rules import RULES, command, optional_inputs
+from pipeline.rules import RULES, command, optional_inputs, verbatim_inputs
 from pipeline.workflow import Workflow
 
 try:
@@ -46,8 +46,21 @@ def rule_inputs(rule):
 
 
 def rule_outputs(rule):
+    """The rule's outputs; those it shows in `snakemake --report` marked with report() (captions in ../report/)."""
     stage = _stage(rule)
-    return {port: directory(path) if stage.port(port).directory else path for port, path in W.outputs(rule).items()}
+    outputs = {}
+    for port, path in W.outputs(rule).items():
+        outputs[port] = directory(path) if stage.port(port).directory else path
+        shown = RULES[rule].shown.get(port)
+        if shown is not None:
+            outputs[port] = report(
+                outputs[port],
+                caption=f"../report/{shown.caption}.rst",
+                category=shown.category,
+                labels=dict(shown.labels) or None,
+                patterns=list(shown.patterns),
+            )
+    return outputs
 
 
 def rule_logs(rule):
@@ -59,8 +72,10 @@ def rule_logs(rule):
 
 
 def rule_params(rule):
-    """The stage's config slice, the optional inputs of the job, where it resumes from, its launcher."""
+    """The stage's config slice, the optional and verbatim inputs of the job, where it resumes from, its launcher."""
     params = {"stage": lambda wildcards: W.params(rule, wildcards), **optional_inputs(rule)}
+    for port in verbatim_inputs(rule):  # e.g. hf:<hub id>, which is no file Snakemake could track
+        params[port] = lambda wildcards, port=port: W.arguments(port)
     if RULES[rule].resumable:
         params["resume_dir"] = lambda wildcards: W.resume_dir(rule, **dict(wildcards.items()))
     if RULES[rule].gpus_key:

@@ -1,0 +1,159 @@
+"""python -m pipeline.plan: every job's expected seconds and bytes from the config, its inputs and the rates
+of the hardware class; and, after a run, its ratio to what the run's benchmark files and outputs say."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import config as cfg
+from pipeline import contract, plan, plan_rates
+from pipeline.corpus import shard
+from pipeline.plan import BYTES, Planner, actual_costs
+from pipeline.plan_rates import Assumed, student_training_flops
+from pipeline.text import input_files
+from pipeline.workflow import Workflow
+
+from conftest import MINILM, REPO, venv_env
+from test_workflow import tiny_config
+
+
+class FixedRates:
+    """Rates of a made-up machine: every kind of work at a known speed."""
+
+    name, basis, figures = "cpu", "fixed", {}
+
+    def startup(self, heavy):
+        return 3.0 if heavy else 0.5
+
+    def tokenize_bytes_per_second(self, measured):
+        return 1e6
+
+    def teacher(self, source, layer, batch, length, threads, trust):
+        return 1.0, 10_000.0
+
+    def lasso(self, hidden, atoms, solver, threads):
+        return 5_000.0
+
+    def dictionary_batch(self, hidden, options, threads):
+        return 0.1
+
+    def training(self, options, objective, atoms, length, vocab, threads):
+        return {"mlm": 2_000.0, "mlsm": 3_000.0, "mlsm+mlm": 1_500.0, "kd": 2_000.0}[objective]
+
+    def finetuning(self, size, batch, length, vocab, threads):
+        return 4_000.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("teacher"))
+    config["tasks"].pop("WNLI", None)  # only the demo's task, which the plan builds itself
+    return cfg.validate(config)
+
+
+@pytest.fixture(scope="module")
+def planned(tiny):
+    planner = Planner(tiny, FixedRates(), cores=2)
+    return planner, {c.rule: c for c in planner.costs()}
+
+
+def test_the_plan_has_every_job_of_the_workflow(tiny, planned):
+    _, costs = planned
+    jobs = {}
+    for rule, _ in Workflow(tiny).jobs():
+        jobs[rule] = jobs.get(rule, 0) + 1
+    assert {rule: c.jobs for rule, c in costs.items()} == jobs
+
+
+def test_the_corpus_estimate_is_the_corpus_stage_on_the_same_text(tmp_path, tiny, planned):
+    planner, _ = planned
+    text = planner.demo.path(f"{contract.BBC_DIR}/pretrain.txt.gz")  # the demo text, built by the plan
+    paths = [str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet")]
+    held_out = tiny["corpus"]["validation_fraction"]
+    manifest = shard(input_files([str(text)]), paths, str(tmp_path / "m.json"),
+                     {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0, "validation_fraction": held_out},
+                     str(tmp_path / "validation.parquet"))
+    corpus, validation = planner.corpus, manifest["validation"]
+    whole = manifest["tokens"] + validation["tokens"]
+    assert corpus.tokens + corpus.validation_tokens == pytest.approx(whole, rel=0.01)
+    # The stage holds out whole documents; the plan, their expected share of the tokens.
+    assert corpus.tokens == pytest.approx(manifest["tokens"], rel=0.05)
+    assert corpus.sequences == pytest.approx(manifest["sequences"], rel=0.05)
+
+
+def test_each_stage_costs_its_work_at_the_rates(tiny, planned):
+    planner, costs = planned
+    corpus = planner.corpus
+    tokens = 4 * 8 * round(corpus.mean_length)  # max_steps x batch_size x the mean sequence length
+    assert costs["pretrain_student"].seconds == pytest.approx(  # 5 start-ups: 4 students and the control
+        5 * 3.0 + tokens / 3_000 + tokens / 2_000 + tokens / 1_500 + tokens / 2_000 + tokens / 10_000)  # kd: +teacher
+    task = planner.tasks["bbc_topic"]
+    assert task.train == 64 and task.length == 64  # max_train_examples; whole articles cut to max_seq_len
+    per_job = 3.0 + 64 * 64 / 4_000 + task.dev * 64 / (3 * 4_000)
+    assert costs["finetune"].seconds == pytest.approx(costs["finetune"].jobs * per_job)
+    target_tokens = corpus.tokens + corpus.validation_tokens
+    assert costs["precompute_targets"].disk == pytest.approx(target_tokens * 8 * BYTES["target_per_atom"])
+    assert costs["extract_activations"].disk == pytest.approx(1500 * (384 * BYTES["store_per_value"] + 14))
+
+
+def test_the_measured_rates_time_the_pipelines_own_code(tiny, encoder_teacher, monkeypatch):
+    monkeypatch.setattr(plan_rates, "MEASURE_SECONDS", 0.05)
+    rates = plan_rates.Measured("cpu")
+    options = Planner._key(cfg.student_options(tiny, "mlsm"))
+    solver = Planner._key({"solver": "fast", "max_iterations": 100, "tolerance": 1e-2, "precision": "fp32",
+                           "lambda": 0.05})
+    dictionary = Planner._key({**tiny["dictionary"], "batch_size": 64})
+    figures = [rates.training(options, objective, 24, 32, 30522, 1) for objective in ("mlsm", "mlsm+mlm", "kd")]
+    figures += [rates.finetuning("tiny", 4, 32, 30522, 1), rates.lasso(32, 24, solver, 1),
+                rates.teacher(str(encoder_teacher), -1, 4, 32, 1, False)[1]]
+    assert all(f > 0 for f in figures) and 0 < rates.dictionary_batch(32, dictionary, 1) < 60
+    assert 0 < rates.startup(False) < rates.startup(True)  # torch and transformers take longer to import
+    assert "tiny mlsm training" in rates.figures and "dictionary K=24" in rates.figures
+
+
+def test_a_gpu_class_uses_assumed_or_recorded_rates(tiny):
+    options = {**cfg.student_options(tiny, "mlsm"), "size": "medium"}
+    assumed = Assumed("h100")
+    flops = student_training_flops(options, "mlsm", 3000, 128, 30522)
+    assert assumed.training(Planner._key(options), "mlsm", 3000, 128, 30522, 1) == pytest.approx(989e12 * 0.2 / flops)
+    recorded = Assumed("h100", {"pretrain": {"stage": 250_000.0}})  # the bench's medium mlsm student, K=3000
+    assert recorded.training(Planner._key(options), "mlsm", 3000, 128, 30522, 1) == pytest.approx(250_000.0)
+    assert "assumed fractions" in assumed.basis and "recorded benchmark rates" in recorded.basis
+
+
+def test_a_hub_dataset_needs_the_corpus_size(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    config["corpus"]["inputs"] = ["hf:someone/corpus"]
+    configfile = tmp_path / "hub.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="hf:someone/corpus.*give the corpus' tokens with --corpus-tokens"):
+        plan.main(["--configfile", str(configfile), "--hardware", "h100"])
+
+
+@pytest.mark.e2e
+def test_the_plan_of_the_tiny_dag_is_within_2x_of_its_run(workflow_run):
+    workdir, configfile, config = workflow_run
+    result = subprocess.run([sys.executable, "-m", "pipeline.plan", "--configfile", str(configfile), "--hardware",
+                             "cpu", "--cores", "2", "--check", "results"], capture_output=True, text=True,
+                            env=venv_env(PYTHONPATH=str(REPO)), cwd=workdir, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = next(line for line in result.stdout.splitlines() if line.startswith("| total |")).split("|")
+    cpu_ratio, disk_ratio = float(total[6]), float(total[9])  # predicted / CPU time, predicted / disk
+    assert 0.5 <= cpu_ratio <= 2.0, result.stdout  # against the jobs' CPU time: the machine's load aside
+    assert 0.8 <= disk_ratio <= 1.25, result.stdout
+    actual = actual_costs(cfg.validate(config), workdir / "results", 2)
+    assert actual["pretrain_student"].disk > 0 and actual["report"].seconds > 0
+
+
+def test_the_check_names_jobs_without_a_benchmark_file():
+    costs = [plan.Cost("fit_dictionary", 1, 10.0, 0, 1e6), plan.Cost("finetune", 2, 20.0, 0, 1e3)]
+    actual = {"fit_dictionary": plan.Cost("fit_dictionary", 1, 12.0, 0, 1e6, 9.0, timed=1),
+              "finetune": plan.Cost("finetune", 2, 8.0, 0, 1e3, 8.0, timed=1)}
+    text = plan.render_check(costs, actual)
+    assert "missing from the actual time: finetune (1 of 2)." in text
+    assert "| total | 30.0 s | 20.0 s | 1.50 | 17.0 s | 1.76 |" in text
