@@ -102,17 +102,23 @@ def corpus(config: dict, demo: DemoData, corpus_tokens: float | None = None) -> 
         options["tokenizer"] = STAND_IN_TOKENIZER
     inputs = [demo.path(p) if not p.startswith("hf:") else p for p in options["inputs"]]
     sources = input_files([str(p) for p in inputs], strict=True, unknown_files=options["unknown_files"])
-    size = None if corpus_tokens else sum(text_bytes(s, options["format"]) for s in sources)
-    documents, sampled = [], 0
+    limit = options.get("max_documents") or 0
+    size = None if corpus_tokens or limit else sum(text_bytes(s, options["format"]) for s in sources)
+    documents, sampled, read, counted = [], 0, 0, 0.0
     skipped = Skipped("skip")
     for source in sources:
         for doc in read_documents(source, options, skipped):
-            documents.append(doc)
-            sampled += sum(len(s) + 1 for s in doc)
-            if sampled >= SAMPLE_BYTES:
+            read, text = read + 1, sum(len(s) + 1 for s in doc)
+            counted += text
+            if sampled < SAMPLE_BYTES:
+                documents.append(doc)
+                sampled += text
+            if (read >= limit) if limit else sampled >= SAMPLE_BYTES:
                 break
-        if sampled >= SAMPLE_BYTES:
+        if (read >= limit) if limit else sampled >= SAMPLE_BYTES:
             break
+    if limit and not corpus_tokens:
+        size = counted  # the text of the first max_documents documents, which is all the stage reads
     packer = ChunkPacker({**options, "validation_fraction": 0.0})
     started = time.process_time()  # CPU time: other processes on the machine do not inflate it
     packed = packer(Chunk(0, 0, documents))

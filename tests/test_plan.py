@@ -85,6 +85,19 @@ def test_the_corpus_estimate_is_the_corpus_stage_on_the_same_text(tmp_path, tiny
     assert corpus.sequences == pytest.approx(manifest["sequences"], rel=0.05)
 
 
+def test_a_corpus_slice_is_planned_as_the_slice(tmp_path, tiny):
+    """corpus.max_documents: the plan sizes the documents the corpus stage reads, not the whole input."""
+    options = {**tiny["corpus"], "max_documents": 12}
+    planner = Planner({**tiny, "corpus": options}, FixedRates(), cores=2)
+    text = planner.demo.path(f"{contract.BBC_DIR}/pretrain.txt.gz")
+    paths = [str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet")]
+    manifest = shard(input_files([str(text)]), paths, str(tmp_path / "m.json"),
+                     {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0, "max_documents": 12,
+                      "validation_fraction": options["validation_fraction"]}, str(tmp_path / "validation.parquet"))
+    whole = manifest["tokens"] + manifest["validation"]["tokens"]
+    assert planner.corpus.tokens + planner.corpus.validation_tokens == pytest.approx(whole, rel=0.02)
+
+
 def test_each_stage_costs_its_work_at_the_rates(tiny, planned):
     planner, costs = planned
     corpus = planner.corpus
