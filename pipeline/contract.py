@@ -200,8 +200,8 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # model/: save_pretrained of BertModel (mlsm, and the control none: its initialisation, no update) or
 # BertForMaskedLM (mlm, kd, mlsm+mlm) plus its tokenizer (loads with AutoModel /
 # AutoModelForSequenceClassification); BertForMaskedLM also for an MLSM student with mlsm_head tied;
-# mlsm_head.safetensors for MLSM objectives (metadata atoms and head: separate, a transform, LayerNorm and
-# decoder; tied, decoder.weight [K, d] and decoder.bias [K], the K rows the MLM decoder and its bias gain in
+# mlsm_head.safetensors for MLSM objectives (metadata atoms; a separate head: a transform, LayerNorm and
+# decoder; tied: decoder.weight [K, d] and decoder.bias [K], the K rows the MLM decoder and its bias gain in
 # the reference's layout, behind the MLM head's transform);
 # pretraining.json (params, steps, objective, atoms, world_size, tokens_seen); README.md, the model card
 # (pipeline/cards.py: Hugging Face YAML front matter, then the training details).

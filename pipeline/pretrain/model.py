@@ -120,9 +120,9 @@ class Student(torch.nn.Module):
         tokenizer.save_pretrained(directory)
         if self.mlsm_head is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.mlsm_head.state_dict().items()}
-            kind = "tied" if self.tied else "separate"
-            save_file(state, str(directory / MLSM_HEAD_FILE),
-                      metadata={"atoms": str(state["decoder.bias"].numel()), "head": kind})
+            # One metadata key: safetensors writes several in a per-process hash order, so the same head
+            # would not always be the same bytes. The kind shows in the tensors (a separate head's transform).
+            save_file(state, str(directory / MLSM_HEAD_FILE), metadata={"atoms": str(state["decoder.bias"].numel())})
         write_json(directory / "pretraining.json", metadata)
 
     def load_mlsm_head(self, directory: str | Path) -> bool:
@@ -134,9 +134,8 @@ class Student(torch.nn.Module):
         if self.mlsm_head is None or not path.exists():
             return False
         with safe_open(str(path), "pt") as saved:
-            meta = saved.metadata() or {}
-        kind = "tied" if self.tied else "separate"
-        if meta.get("head", "separate") != kind or int(meta.get("atoms", -1)) != self.mlsm_head.decoder.out_features:
+            meta, separate = saved.metadata() or {}, "dense.weight" in saved.keys()
+        if separate == self.tied or int(meta.get("atoms", -1)) != self.mlsm_head.decoder.out_features:
             return False
         self.mlsm_head.load_state_dict(load_file(str(path)))
         return True
