@@ -482,3 +482,18 @@ def test_the_control_saves_the_students_initial_weights_and_their_diagnostics(tm
                                json.loads(Path(manifest).read_text()), torch.device("cpu"), 1)
         for key, value in model.encoder.state_dict().items():
             assert torch.equal(saved[key], value), (objective, key)
+
+
+def test_a_saved_mlsm_head_is_the_same_bytes_every_time(tmp_path, tokenizer):
+    """A resumed run must write what an uninterrupted one writes: safetensors orders several metadata keys by
+    a per-map random hash, so the head's file keeps one (the kill matrix found the header bytes differing)."""
+    torch.manual_seed(0)
+    model = Student(build_config({**BASE, "size": "tiny"}, tokenizer, 64), "mlsm", 24)
+    saved = set()
+    for attempt in range(8):
+        model.save(tmp_path / str(attempt), tokenizer, {})
+        saved.add((tmp_path / str(attempt) / "mlsm_head.safetensors").read_bytes())
+    assert len(saved) == 1
+    fresh = Student(build_config({**BASE, "size": "tiny"}, tokenizer, 64), "mlsm", 24)
+    assert fresh.load_mlsm_head(tmp_path / "0") and torch.equal(fresh.mlsm_head.decoder.weight,
+                                                                 model.mlsm_head.decoder.weight)
