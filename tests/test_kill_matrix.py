@@ -181,15 +181,7 @@ def test_a_killed_job_is_retried_in_the_same_run_and_resumes(tmp_path, workflow_
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stage = Stage("pretrain_student", "-m pipeline.pretrain", "students/mlm/", resumable=True)
     try:
-        deadline = time.monotonic() + 600
-        while not (victims := job_processes(workdir, stage)):
-            assert runner.poll() is None and time.monotonic() < deadline, "the student's job never started"
-            time.sleep(0.02)
-        pid, argv = victims[0]
-        journal = Path(workdir, argv[argv.index("--resume-dir") + 1], "journal.jsonl")
-        while checkpoints_since_start(journal) < 2:
-            assert time.monotonic() < deadline and Path(f"/proc/{pid}").exists(), "no checkpoint before the end"
-            time.sleep(0.005)
+        pid, journal = job_past_checkpoints(workdir, runner, stage, 2)
         os.kill(pid, signal.SIGKILL)
         output, _ = runner.communicate(timeout=600)
     finally:
@@ -202,6 +194,20 @@ def test_a_killed_job_is_retried_in_the_same_run_and_resumes(tmp_path, workflow_
     from pipeline.integrity import read_record
 
     assert read_record(workdir / "results" / contract.STUDENT_SUMMARY.format(student="mlm"))["steps"] == 6
+
+
+def job_past_checkpoints(workdir: Path, runner: subprocess.Popen, stage, checkpoints: int) -> tuple[int, Path]:
+    """(pid, resume journal) of the stage's job once it has saved `checkpoints` checkpoints in this run."""
+    deadline = time.monotonic() + 600
+    while not (victims := job_processes(workdir, stage)):
+        assert runner.poll() is None and time.monotonic() < deadline, "the student's job never started"
+        time.sleep(0.02)
+    pid, argv = victims[0]
+    journal = Path(workdir, argv[argv.index("--resume-dir") + 1], "journal.jsonl")
+    while checkpoints_since_start(journal) < checkpoints:
+        assert time.monotonic() < deadline and not process_ended(pid), "no checkpoint before the end"
+        time.sleep(0.005)
+    return pid, journal
 
 
 def process_ended(pid: int) -> bool:
@@ -233,15 +239,7 @@ def test_kill_snakemake_itself_unlock_and_rerun_beside_its_orphaned_job(tmp_path
     stage = Stage("pretrain_student", "-m pipeline.pretrain", "students/mlm/", resumable=True)
     orphan = None
     try:
-        deadline = time.monotonic() + 600
-        while not (victims := job_processes(workdir, stage)):
-            assert runner.poll() is None and time.monotonic() < deadline, "the student's job never started"
-            time.sleep(0.02)
-        orphan, argv = victims[0]
-        journal = Path(workdir, argv[argv.index("--resume-dir") + 1], "journal.jsonl")
-        while checkpoints_since_start(journal) < 1:
-            assert time.monotonic() < deadline and not process_ended(orphan), "no checkpoint before the end"
-            time.sleep(0.005)
+        orphan, _ = job_past_checkpoints(workdir, runner, stage, 1)
         os.kill(orphan, signal.SIGSTOP)  # hold the job mid-stage (a slow one) until the rerun has started
         runner.kill()  # Snakemake itself; its job goes on
         runner.wait(timeout=60)
