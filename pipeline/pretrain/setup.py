@@ -71,6 +71,7 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                           exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
         scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
     base = baselines(paths.token_counts, tokenizer.all_special_ids, (target_record or {}).get("atom_usage"))
+    start_heads(model, base, params)
     resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
                                        "targets": target_record[CHECKSUM_KEY] if target_record else None,
                                        "phases": [[p[1][CHECKSUM_KEY], p[3] and p[3][CHECKSUM_KEY]]
@@ -168,6 +169,16 @@ def build_model(params: dict, tokenizer, manifest: dict, device, world: int) -> 
     return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
 
+
+def start_heads(model: Student, base: Baselines, params: dict) -> None:
+    """head_bias_init prior: a fresh student's heads start at their priors (Student.start_heads_at_priors)."""
+    if params["head_bias_init"] != "prior" or params["init"]:
+        return
+    wanted = {"mlm": model.objective.mlm_head, "mlsm": model.mlsm_head is not None}
+    done = model.start_heads_at_priors(base.unigram_log_probs, base.mean_target_log_probs)
+    missing = [head for head, has in wanted.items() if has and head not in done]
+    if missing:  # no token counts (a caller outside the workflow), or online targets (no target record)
+        log.info("head_bias_init prior: no prior known for the %s head, which starts at zero", " and ".join(missing))
 
 def build_kd_teacher(params: dict, device, manifest: dict) -> KdTeacher | None:
     if "kd" not in objective(params["objective"]).losses:
