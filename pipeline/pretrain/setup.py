@@ -46,6 +46,7 @@ class Setup:
     resume: Resume
     baselines: Baselines  # what the validation diagnostics compare with
     card: dict  # what the model cards state besides the training so far (pretrain/card.py)
+    heads_at_prior: list[str]  # the heads whose output bias started at their prior (head_bias_init)
 
     @property
     def uses_targets(self) -> bool:
@@ -71,7 +72,7 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                           exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
         scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
     base = baselines(paths.token_counts, tokenizer.all_special_ids, (target_record or {}).get("atom_usage"))
-    start_heads(model, base, params)
+    heads_at_prior = start_heads(model, base, params)
     resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
                                        "targets": target_record[CHECKSUM_KEY] if target_record else None,
                                        "phases": [[p[1][CHECKSUM_KEY], p[3] and p[3][CHECKSUM_KEY]]
@@ -80,7 +81,7 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                     writer=rank == 0, interval=paths.checkpoint_seconds)
     facts = card.facts(paths, params, manifest, target_record, world)
     return Setup(rank, world, device, paths, params, manifest, tokenizer, online, target_record, stream, model,
-                 forward, teacher, optimizer, scheduler, resume, base, facts)
+                 forward, teacher, optimizer, scheduler, resume, base, facts, heads_at_prior)
 
 
 def build_online_targets(paths, params: dict, device, manifest: dict) -> OnlineTargets | None:
@@ -170,15 +171,17 @@ def build_model(params: dict, tokenizer, manifest: dict, device, world: int) -> 
                                                             else None)
 
 
-def start_heads(model: Student, base: Baselines, params: dict) -> None:
-    """head_bias_init prior: a fresh student's heads start at their priors (Student.start_heads_at_priors)."""
+def start_heads(model: Student, base: Baselines, params: dict) -> list[str]:
+    """head_bias_init prior: a fresh student's heads start at their priors (Student.start_heads_at_priors).
+    Returns the heads that did."""
     if params["head_bias_init"] != "prior" or params["init"]:
-        return
+        return []
     wanted = {"mlm": model.objective.mlm_head, "mlsm": model.mlsm_head is not None}
     done = model.start_heads_at_priors(base.unigram_log_probs, base.mean_target_log_probs)
     missing = [head for head, has in wanted.items() if has and head not in done]
     if missing:  # no token counts (a caller outside the workflow), or online targets (no target record)
         log.info("head_bias_init prior: no prior known for the %s head, which starts at zero", " and ".join(missing))
+    return done
 
 def build_kd_teacher(params: dict, device, manifest: dict) -> KdTeacher | None:
     if "kd" not in objective(params["objective"]).losses:

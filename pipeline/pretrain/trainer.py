@@ -236,7 +236,7 @@ class Trainer:
         atoms = self.params.get("atoms") if objective(self.params["objective"]).mlsm_head else None
         return {"format_version": contract.FORMAT_VERSION["pretrain"], "params": self.params,
                 "steps": self.params["max_steps"], "objective": self.params["objective"], "atoms": atoms,
-                "world_size": self.s.world}
+                "world_size": self.s.world, "heads_at_prior": self.s.heads_at_prior}
 
     def _save_model(self, directory: Path) -> None:
         if self.s.rank != 0:
