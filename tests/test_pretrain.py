@@ -198,8 +198,8 @@ def test_online_targets_match_the_precomputed_ones(tmp_path, sharded_corpus, enc
     # Online targets have no target record, hence no mean target: the MLSM head starts at zero (head_bias_init
     # prior notwithstanding), as the precomputed run's here.
     online = train(shards, None, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"),
-                   {**student, "head_bias_init": "prior", "targets": "online", "online": {**solver, "source": str(encoder_teacher),
-                                                               "layer": -1, "trust_remote_code": False}},
+                   {**student, "head_bias_init": "prior", "targets": "online",
+                    "online": {**solver, "source": str(encoder_teacher), "layer": -1, "trust_remote_code": False}},
                    dictionary=str(tmp_path / "D.npy"), dictionary_metrics=str(tmp_path / "m.json"), log_every=1)
     for a, b in zip(learning_curve(precomputed), learning_curve(online), strict=True):
         assert a["mlsm"] == pytest.approx(b["mlsm"], rel=2e-3)  # float16 weights in the shards
