@@ -183,6 +183,7 @@ def start_heads(model: Student, base: Baselines, params: dict) -> list[str]:
         log.info("head_bias_init prior: no prior known for the %s head, which starts at zero", " and ".join(missing))
     return done
 
+
 def build_kd_teacher(params: dict, device, manifest: dict) -> KdTeacher | None:
     if "kd" not in objective(params["objective"]).losses:
         return None
