@@ -24,7 +24,7 @@ from __future__ import annotations
 FORMAT_VERSION = {
     "demo_data": 2,
     "tokenizer": 1,
-    "corpus": 3,
+    "corpus": 4,  # 4: long sentences split into windows instead of cut; text_tokens
     "activations": 3,
     "dictionary": 5,
     "targets": 7,
@@ -140,7 +140,10 @@ def _corpus_schema(pa):  # contract.CORPUS_SCHEMA
 # rule); its targets lie in targets/{teacher}/len{length}/ with their own manifest.json.
 # token_counts.npy: int64 [vocab_size], how often each id occurs in the training shards.
 # corpus/manifest.json: documents (training), sentences, sequences and tokens (training shards),
-# validation {documents, sequences, tokens, path}, skipped {empty_documents, and per reason what
+# validation {documents, sequences, tokens, path}, text_tokens {read: the text's tokens (no special
+# tokens), train, validation: those written to each split, dropped: {reason: tokens} (reference_pairs
+# only; read = train + validation + the dropped ones)}, split_sentences (sentences longer than
+# max_seq_len - 2 tokens split into windows, sentence_pairs), skipped {empty_documents, and per reason what
 # bad_input: skip dropped}, inputs, tokenizer (its config source), tokenizer_fingerprint (hash of the
 # vocabulary; teachers must match it), vocab_size, params, shards [{path, sequences, tokens}], files,
 # checksum.

@@ -7,7 +7,7 @@ split with probability `validation_fraction` (drawn per chunk from the seed). Pa
   [CLS] A [SEP] B [SEP] while the pair fits max_seq_len, else [CLS] A [SEP] (A cut to fit);
 - contiguous: the chunk's documents as one token stream ([SEP] between documents) cut into
   [CLS] ... [SEP] windows of max_seq_len;
-- reference_pairs: a document's lines two by two, with the reference's filters (pack_reference_pairs).
+- reference_pairs: a document's lines two by two, with the reference's filters (packing.pack_reference_pairs).
 Training sequence g goes to shard g mod N; each shard is shuffled with the seed. Chunking depends only
 on the input, never on the number of workers, so the shards are byte-identical for the same input,
 tokenizer and params, however many processes wrote them. Memory holds a few chunks and one shard
@@ -20,7 +20,6 @@ per worker, never the corpus.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import multiprocessing
 import tempfile
@@ -39,103 +38,12 @@ from .formats import write_parquet, write_token_counts
 from .integrity import disk_full_error, file_entries, read_verified, write_record
 from .locks import locked_directory, remove_stale
 from .models import load_tokenizer, tokenizer_fingerprint
-from .packing import packed_table
+from .packing import Packed, pack_reference_pairs, packed_table, sentence_windows
 from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, unread_files, validation_flags
 
 ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
 
 # ---- tokenizing and packing --------------------------------------------------------------------
-
-class Packed:
-    """Packed sequences as flat token lists (cheap to extend; converted to arrow once per chunk)."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.types: list[int] = []
-        self.lengths: list[int] = []
-        self.docs: list[int] = []
-
-    def add(self, ids: list[int], types: list[int], doc: int) -> None:
-        self.ids += ids
-        self.types += types
-        self.lengths.append(len(ids))
-        self.docs.append(doc)
-
-    def table(self) -> pa.Table:
-        offsets = pa.array(np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]).astype(np.int32))
-        # numpy converts a list of ints about 8 times faster than pa.array does.
-        return pa.table({
-            "doc_id": pa.array(np.array(self.docs, dtype=np.int64)),
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(np.array(self.ids, dtype=np.int32))),
-            "token_type_ids": pa.ListArray.from_arrays(offsets, pa.array(np.array(self.types, dtype=np.int8))),
-        })
-
-
-def pack_document(sentences: list[list[int]], max_len: int, cls: int, sep: int):
-    """Sentence pairs of consecutive sentences, each fitting max_len with its 3 special tokens."""
-    i = 0
-    while i < len(sentences):
-        a = sentences[i]
-        b = sentences[i + 1] if i + 1 < len(sentences) else None
-        if b is not None and len(a) + len(b) + 3 <= max_len:
-            yield [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1)
-            i += 2
-        else:
-            a = a[: max_len - 2]
-            yield [cls, *a, sep], [0] * (len(a) + 2)
-            i += 1
-
-
-MIN_REFERENCE_CHARS, MIN_REFERENCE_WORDS = 5, 5  # the reference's filters of lines and pairs
-
-
-def pack_reference_pairs(texts: list[str], encoded: list[list[int]], max_len: int, cls: int, sep: int):
-    """Sentence pairs as the reference's pretrainer.py reads them: lines two by two ([CLS] A [SEP] B [SEP]),
-    a line under 5 characters skipped where it would be A, a pair dropped when B is under 5 characters or
-    the two have under 5 words together, a document's odd last line dropped (it pairs with the blank line),
-    and a pair longer than max_len cut longest-first, as its fast tokenizer does."""
-    i = 0
-    while i + 1 < len(texts):
-        if len(texts[i]) < MIN_REFERENCE_CHARS:
-            i += 1
-            continue
-        a, b, words = encoded[i], encoded[i + 1], len(texts[i].split()) + len(texts[i + 1].split())
-        keep = len(texts[i + 1]) >= MIN_REFERENCE_CHARS and words >= MIN_REFERENCE_WORDS
-        i += 2
-        if keep:
-            a, b = truncate_longest_first(a, b, max_len - 3)
-            yield [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1)
-
-
-def truncate_longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """A pair cut to `budget` tokens as the Hugging Face tokenizers' longest_first strategy cuts it: only the
-    longer one while that suffices, else each to half the budget (the longer one gets the odd token)."""
-    if len(a) + len(b) <= budget:
-        return a, b
-    short, long = sorted((len(a), len(b)))
-    keep_long = short if short > budget else max(short, budget - short)
-    keep_short = short
-    if keep_short + keep_long > budget:
-        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
-    if len(a) > len(b):
-        return a[:keep_long], b[:keep_short]
-    return a[:keep_short], b[:keep_long]
-
-
-def pack_contiguous(documents: list[tuple[int, list[list[int]]]], max_len: int, cls: int, sep: int, out: Packed):
-    """The documents as one stream ([SEP] between them) cut into [CLS] window [SEP] sequences."""
-    stream, starts, docs = [], [], []
-    for doc, sentences in documents:
-        if stream:
-            stream.append(sep)
-        starts.append(len(stream))
-        docs.append(doc)
-        stream += itertools.chain.from_iterable(sentences)
-    body = max_len - 2
-    for start in range(0, len(stream), body):
-        window = stream[start : start + body]
-        out.add([cls, *window, sep], [0] * (len(window) + 2), docs[bisect.bisect_right(starts, start) - 1])
-
 
 class ChunkPacker:
     """Tokenizes and packs chunks; one per worker process (the tokenizer is loaded once)."""
@@ -153,6 +61,8 @@ class ChunkPacker:
         self.encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     def __call__(self, chunk: Chunk) -> dict:
+        """The chunk's packed tables per split, its training-token counts, and what it read and wrote: every
+        token read is written, or counted in `dropped` by reason (only reference_pairs drops any)."""
         flags = validation_flags(chunk, self.params["validation_fraction"], self.params["seed"])
         sentences = [s for doc in chunk.documents for s in doc]
         # A few thousand sentences a call: the tokenizer's per-sentence cost rises with larger batches.
@@ -162,36 +72,46 @@ class ChunkPacker:
         flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
         starts = np.cumsum(lengths) - lengths
         sentence_doc = np.repeat(np.arange(len(chunk.documents)), [len(doc) for doc in chunk.documents])
+        empty = np.bincount(sentence_doc[lengths > 0], minlength=len(chunk.documents)) == 0
+        body = self.params["max_seq_len"] - 2
+        split_sentences = int((lengths > body).sum()) if self.params["packing"] == "sentence_pairs" else 0
+        if split_sentences:
+            starts, lengths, owner = sentence_windows(starts, lengths, body)
+            sentence_doc = sentence_doc[owner]
         kept = lengths > 0  # sentences of nothing but whitespace or characters the tokenizer drops go
-        empty = np.bincount(sentence_doc[kept], minlength=len(chunk.documents)) == 0
         held_out = flags[sentence_doc]
-        tables, documents = {}, Counter()
+        tables, documents, written, dropped = {}, Counter(), Counter(), Counter()
         for split, held in (("train", False), ("validation", True)):
             pick = kept & (held_out == held)
             chosen = ~empty & (flags == held)
             if self.params["packing"] == "reference_pairs":
-                tables[split] = self._reference_pairs_table(chunk, encoded, chosen)
+                tables[split], written[split] = self._reference_pairs_table(chunk, encoded, chosen, dropped)
             else:
                 tables[split] = packed_table(flat, starts[pick], lengths[pick], chunk.first_doc + sentence_doc[pick],
                                              self.params["packing"], self.params["max_seq_len"], self.cls, self.sep)
+                written[split] = int(lengths[pick].sum())
             documents[split] = int(chosen.sum())
         train_ids = tables["train"]["input_ids"].combine_chunks().values.to_numpy()
         counts = np.bincount(train_ids, minlength=len(self.tokenizer)).astype(np.int64)
-        return {"tables": tables, "token_counts": counts,
-                "documents": documents, "empty_documents": int(empty.sum()), "sentences": len(sentences)}
+        text_tokens = {"read": int(flat.size), **written, "dropped": dropped}
+        return {"tables": tables, "token_counts": counts, "documents": documents, "text_tokens": text_tokens,
+                "split_sentences": split_sentences, "empty_documents": int(empty.sum()),
+                "sentences": len(sentences)}
 
-    def _reference_pairs_table(self, chunk: Chunk, encoded: list[list[int]], chosen: np.ndarray) -> pa.Table:
-        """The reference's line pairs (pack_reference_pairs) of the chosen documents: its filters read every
-        line's text, also of lines that encode to nothing."""
-        out, at = Packed(), 0
+    def _reference_pairs_table(self, chunk: Chunk, encoded: list[list[int]], chosen: np.ndarray,
+                               dropped: Counter) -> tuple[pa.Table, int]:
+        """The reference's line pairs (pack_reference_pairs) of the chosen documents, and the text tokens they
+        hold: its filters read every line's text, also of lines that encode to nothing."""
+        out, at, written = Packed(), 0, 0
         for number, doc in enumerate(chunk.documents):
             lines = encoded[at : at + len(doc)]
             at += len(doc)
             if chosen[number]:
                 for input_ids, types in pack_reference_pairs(doc, lines, self.params["max_seq_len"], self.cls,
-                                                             self.sep):
+                                                             self.sep, dropped):
                     out.add(input_ids, types, chunk.first_doc + number)
-        return out.table()
+                    written += len(input_ids) - 3
+        return out.table(), written
 
 
 _WORKER_PACKER: ChunkPacker | None = None
@@ -314,6 +234,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         "format_version": contract.FORMAT_VERSION["corpus"],
         "documents": totals["train"], "sentences": totals["sentences"],
         "sequences": sum(s["sequences"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+        "text_tokens": totals["text_tokens"], "split_sentences": totals["split_sentences"],
         "validation": {"documents": totals["validation"], **validation},
         "skipped": {"empty_documents": totals["empty_documents"], **dict(sorted(skipped.counts.items())),
                     **({"unread_files": unread} if unread else {})},
@@ -323,10 +244,28 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
         "files": file_entries(out_dir, [*shard_paths, validation_path, token_counts_path]),
     }
     write_record(manifest_path, manifest)
+    report_text_tokens(manifest, params)
     log.info("corpus: %d training documents, %d sequences, %d tokens in %d shards; validation: %d documents, "
              "%d sequences; skipped: %s", manifest["documents"], manifest["sequences"], manifest["tokens"],
              len(shards), totals["validation"], validation["sequences"], manifest["skipped"])
     return manifest
+
+
+def report_text_tokens(manifest: dict, params: dict) -> None:
+    """Say in the log what became of the text's tokens: every one written, or how many were dropped and why."""
+    counts, split = manifest["text_tokens"], manifest["split_sentences"]
+    log.info("corpus: read %d text tokens; wrote %d to training shards and %d to the validation split",
+             counts["read"], counts["train"], counts["validation"])
+    if split:
+        log.info("corpus: %d sentences (lines) longer than max_seq_len %d were split into consecutive sequences "
+                 "of %d tokens; nothing was cut off", split, params["max_seq_len"], params["max_seq_len"] - 2)
+    lost = sum(counts["dropped"].values())
+    if lost:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in counts["dropped"].items())
+        log.warning("corpus: packing %s dropped %d of the %d text tokens read (%.1f %%): %s, as the MLSM reference "
+                    "drops them (corpus/manifest.json: text_tokens.dropped; packing sentence_pairs or contiguous "
+                    "keeps every token)", params["packing"], lost, counts["read"], 100 * lost / max(counts["read"], 1),
+                    reasons)
 
 
 def _spill(chunks: Iterator[Chunk], spills: list[Spill], params: dict, pool, workers: int, tokenizer):
@@ -334,6 +273,7 @@ def _spill(chunks: Iterator[Chunk], spills: list[Spill], params: dict, pool, wor
     (the last spill holds the validation split). Returns the totals and the training token counts."""
     n_shards = len(spills) - 1
     totals, token_counts = Counter(), np.zeros(len(tokenizer), dtype=np.int64)
+    text_tokens = {"read": 0, "train": 0, "validation": 0, "dropped": Counter()}
     for packed in packed_chunks(chunks, params, pool, workers, tokenizer):
         train = packed["tables"]["train"]
         which = (sum(s.sequences for s in spills[:-1]) + np.arange(len(train))) % n_shards
@@ -345,9 +285,14 @@ def _spill(chunks: Iterator[Chunk], spills: list[Spill], params: dict, pool, wor
         spills[-1].write(packed["tables"]["validation"])
         token_counts += packed["token_counts"]
         totals.update(packed["documents"])
-        totals.update(empty_documents=packed["empty_documents"], sentences=packed["sentences"])
+        totals.update(empty_documents=packed["empty_documents"], sentences=packed["sentences"],
+                      split_sentences=packed["split_sentences"])
+        for key, value in packed["text_tokens"].items():
+            text_tokens[key] += value
     for spill in spills:
         spill.writer.close()
+    text_tokens["dropped"] = dict(sorted(text_tokens["dropped"].items()))
+    totals["text_tokens"] = text_tokens
     return totals, token_counts
 
 

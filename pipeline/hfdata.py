@@ -121,4 +121,4 @@ def documents(source: DatasetInput, options: dict, skipped, split_sentences: Cal
             skipped.bad("record_without_text", f"{where}: {options['text_field']!r} is not a string "
                                                "(corpus.text_field)")
             continue
-        yield split_sentences(text, where, options["max_line_bytes"], skipped)
+        yield split_sentences(text, where, options, skipped)

@@ -6,7 +6,9 @@ Formats:
 - text (the default, the MLSM reference format): one sentence per line, a blank line between documents;
 - jsonl: one JSON object per line, a document in its `text_field`;
 - parquet: one document per row of the `text_field` column.
-In jsonl and parquet, a document's sentences are the lines of its text. Text that is not UTF-8, binary,
+In jsonl and parquet (and datasets), a document's sentences are the lines of its text. With
+`sentence_split: punctuation` every line is further split after sentence-final punctuation (SENTENCE_BREAK),
+for inputs whose lines are paragraphs. Text that is not UTF-8, binary,
 or a line longer than `max_line_bytes` is an error naming the file, line and byte, or with
 `bad_input: skip` a counted skip.
 
@@ -21,6 +23,7 @@ import glob
 import itertools
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +43,14 @@ COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 # What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
 DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
-                                       "max_line_bytes", "max_documents", "split", "dataset_config"))
+                                       "max_line_bytes", "max_documents", "split", "dataset_config",
+                                       "sentence_split"))
+# Where corpus.sentence_split: punctuation cuts a line: after . ! ? or … (and any closing quotes or brackets)
+# before white space and a capital letter, a digit or an opening quote; after a CJK full stop. A simple rule:
+# an abbreviation such as "Mr. Smith" is cut too.
+SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?\u2026])|(?<=[.!?\u2026][\"'\u201d\u2019\u00bb)\]]))\s+"
+                            r"(?=[\"'\u201c\u2018\u00ab(\[\u300c\u300e]?[A-Z0-9\u00c0-\u00d6\u00d8-\u00de])"
+                            r"|(?<=[\u3002\uff01\uff1f])(?![\u300d\u300f\uff09])|(?<=[\u3002\uff01\uff1f][\u300d\u300f\uff09])")
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -238,19 +248,20 @@ def read_documents(path: Path | DatasetInput, options: dict | None = None,
         return
     fmt = file_format(path, options["format"])
     if fmt == "text":
-        yield from _text_documents(path, options["max_line_bytes"], skipped)
+        yield from _text_documents(path, options, skipped)
     elif fmt == "jsonl":
         yield from _jsonl_documents(path, options, skipped)
     else:
         yield from _parquet_documents(path, options, skipped)
 
 
-def _text_documents(path: Path, limit: int, skipped: Skipped) -> Iterator[list[str]]:
+def _text_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
     sentences: list[str] = []
-    for _, _, line in iter_lines(path, limit, skipped):
+    punctuation = options["sentence_split"] == "punctuation"
+    for _, _, line in iter_lines(path, options["max_line_bytes"], skipped):
         line = line.strip()
         if line:
-            sentences.append(line)
+            sentences += split_line(line) if punctuation else [line]
         elif sentences:
             yield sentences
             sentences = []
@@ -273,7 +284,7 @@ def _jsonl_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[li
         if not isinstance(text, str):
             skipped.bad("record_without_text", f"{where}: no string field {key!r} (corpus.text_field)")
             continue
-        yield split_sentences(text, where, options["max_line_bytes"], skipped)
+        yield split_sentences(text, where, options, skipped)
 
 
 def _parquet_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
@@ -297,18 +308,26 @@ def _parquet_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[
             if text is None:
                 skipped.bad("record_without_text", f"{where}: {key!r} is null")
                 continue
-            yield split_sentences(text, where, options["max_line_bytes"], skipped)
+            yield split_sentences(text, where, options, skipped)
 
 
-def split_sentences(text: str, where: str, limit: int, skipped: Skipped) -> list[str]:
+def split_sentences(text: str, where: str, options: dict, skipped: Skipped) -> list[str]:
+    """A document's sentences: the lines of its text (each split at sentence ends with sentence_split:
+    punctuation)."""
+    limit, punctuation = options["max_line_bytes"], options["sentence_split"] == "punctuation"
     sentences = []
     for line in text.split("\n"):
         line = line.strip()
         if len(line) > limit // 4 and len(line.encode("utf-8")) > limit:
             skipped.bad("line_too_long", f"{where}: a line longer than {limit} bytes (corpus.max_line_bytes)")
         elif line:
-            sentences.append(line)
+            sentences += split_line(line) if punctuation else [line]
     return sentences
+
+
+def split_line(line: str) -> list[str]:
+    """A line's sentences (SENTENCE_BREAK)."""
+    return [s for s in (part.strip() for part in SENTENCE_BREAK.split(line)) if s]
 
 
 # ---- chunks: the unit of parallel work ---------------------------------------------------------

@@ -7,8 +7,9 @@ import pytest
 
 from pipeline import contract
 from pipeline.common import StageError
-from pipeline.corpus import pack_document, shard
+from pipeline.corpus import shard
 from pipeline.integrity import read_record, sha256_file
+from pipeline.packing import pack_document
 from pipeline.text import Skipped, input_files, read_documents, unread_files
 
 from conftest import MINILM
@@ -21,10 +22,11 @@ def test_pairs_of_consecutive_sentences_fit_max_len():
     packed = list(pack_document(sentences, 32, cls=101, sep=102))
     ids = [p[0] for p in packed]
     assert ids[0] == [101, *[1] * 10, 102, *[2] * 10, 102]          # a pair
-    assert ids[1] == [101, *[3] * 30, 102]                           # too long to pair: cut alone
-    assert ids[2] == [101, *[4] * 5, 102]                            # 5 + 200 does not fit
-    assert len(ids[3]) == 32 and all(len(i) <= 32 for i in ids)
+    assert ids[1] == [101, *[3] * 30, 102]                           # too long: split into windows of 30
+    assert ids[2] == [101, *[3] * 20, 102, *[4] * 5, 102]            # its last window pairs with the next
+    assert ids[3:] == [[101, *[5] * 30, 102]] * 6 + [[101, *[5] * 20, 102]]
     assert packed[0][1] == [0] * 12 + [1] * 11                        # segment ids A / B
+    assert sum(len(x) for x in sentences) == sum(len(i) - (2 if 102 not in i[1:-1] else 3) for i in ids)
 
 
 def test_shards_follow_the_contract(sharded_corpus, tokenizer):

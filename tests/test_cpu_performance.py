@@ -125,7 +125,7 @@ def test_lipschitz_from_the_smaller_product_equals_the_gram_eigenvalue(shape):
 def list_packed_tables(packer, chunk):
     """A chunk's tables as the former packer built them: per document, Python lists from pack_document
     (or pack_contiguous) appended to Packed."""
-    from pipeline.corpus import Packed, pack_contiguous, pack_document
+    from pipeline.packing import Packed, pack_contiguous, pack_document
     from pipeline.text import validation_flags
 
     flags = validation_flags(chunk, packer.params["validation_fraction"], packer.params["seed"])

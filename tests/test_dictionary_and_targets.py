@@ -146,7 +146,8 @@ def test_active_set_finish_reaches_the_exact_optimum_in_fewer_iterations(real_pr
     fista_only = Lasso(dictionary, lam, "fast", 5000, 1e-5)(x)
     assert finished.iterations.float().mean() < 0.5 * fista_only.iterations.float().mean()
     with_finish, without = (objective(x, dictionary, s.codes, lam).mean() for s in (finished, fista_only))
-    assert with_finish <= without
+    # Both are certified to a relative gap of 1e-5: equal up to it (float32 sums differ in the last digits).
+    assert with_finish <= without * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("trouble", ["supports too wide", "singular systems"])

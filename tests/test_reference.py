@@ -430,7 +430,7 @@ def test_the_reference_normalizer_keeps_case_and_accents_and_joins_quotes(tmp_pa
 def test_reference_pairs_are_the_reference_tokenizers_pairs(tokenizer):
     """Lines two by two, with the reference's filters, cut longest-first exactly as its fast tokenizer cuts a
     pair (tokenizer(A, B, truncation=True, max_length=L))."""
-    from pipeline.corpus import pack_reference_pairs
+    from pipeline.packing import pack_reference_pairs
 
     texts = ["Hi.", "The first line of the document is here.", "And a second, somewhat longer line follows it.",
              "Short", "ok", "A third pair starts with this line", "and ends with this one, which is long enough.",
@@ -450,7 +450,7 @@ def test_the_shard_stage_packs_reference_pairs_document_by_document(corpus_text,
     """corpus.packing reference_pairs in the sharding stage: each kept document's lines (also those that
     encode to nothing) paired by pack_reference_pairs, held-out documents in the validation split."""
     from pipeline import corpus, text
-    from pipeline.corpus import pack_reference_pairs
+    from pipeline.packing import pack_reference_pairs
 
     monkeypatch.setattr(text, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
     params = {"tokenizer": MINILM, "max_seq_len": 24, "seed": 0, "validation_fraction": 0.3,
