@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,40 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one mapping "
+                                  f"(first on line {seen[key] + 1}); the second would silently replace the first. "
+                                  f"Keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A config file, parsed as Snakemake parses it but refusing a key given twice."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path}: not valid YAML: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}, {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return data
+
+
+def check_files(paths) -> None:
+    """The config files Snakemake read (workflow.configfiles): each parses with no key given twice. Snakemake's
+    own loader keeps the last of two equal keys, so a student written twice would silently be the second."""
+    for path in paths:
+        if Path(path).suffix.lower() in (".yaml", ".yml", ".json") or Path(path).is_file():
+            load_yaml(path)
 
 
 def _key(path) -> str:
@@ -112,9 +139,29 @@ def _fill_defaults(schema: dict, instance: Any) -> None:
                 _fill_defaults(extra, value)
 
 
+INT64 = 2**63 - 1
+
+
+def _number_problems(value: Any, path: tuple = ()) -> list[str]:
+    """Numbers no schema bound catches: NaN passes every comparison (`nan < minimum` is false), infinity any
+    bound left open, and an integer beyond 64 bits overflows numpy and torch inside a job."""
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _number_problems(item, (*path, key))]
+    if isinstance(value, list):
+        return [p for index, item in enumerate(value) for p in _number_problems(item, (*path, index))]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"config key '{_key(path)}': {value} is not a finite number"]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64:
+        return [f"config key '{_key(path)}': {value} does not fit a 64-bit integer"]
+    return []
+
+
 def validate(config: dict) -> dict:
     """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
     config = copy.deepcopy(dict(config))
+    numbers = _number_problems(config)
+    if numbers:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(numbers))
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:

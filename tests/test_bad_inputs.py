@@ -513,6 +513,13 @@ CONFIG_CASES = {
     "K = 0": (("dictionary", "atoms"), 0, "dictionary.atoms"),
     "lambda < 0": (("dictionary", "lambda"), -0.1, "dictionary.lambda"),
     "top-k > K": (("targets", "top_k"), 100, "targets.top_k': 100 is larger than dictionary.atoms"),
+    # Issue #28: NaN passes every schema bound, and crashed inside the job after Snakemake deleted the outputs.
+    "NaN learning rate": (("finetune", "learning_rate"), float("nan"), "finetune.learning_rate': nan is not a finite"),
+    "NaN lambda": (("dictionary", "lambda"), float("nan"), "dictionary.lambda': nan is not a finite number"),
+    "NaN mask fraction": (("pretrain", "mask_fraction"), float("nan"), "pretrain.mask_fraction': nan is not a finite"),
+    "infinite weight decay": (("finetune", "weight_decay"), float("inf"), "finetune.weight_decay': inf is not a"),
+    "seed beyond 64 bits": (("finetune", "seeds"), [2**64], "finetune.seeds.0': 18446744073709551616 does not fit"),
+    "seed beyond 32 bits": (("corpus", "seed"), 2**40, "corpus.seed': 1099511627776 is greater than the maximum"),
 }
 
 
@@ -534,6 +541,28 @@ def test_bad_config_fails_before_any_job(case, workflow_run, tmp_path):
     result = snakemake(workdir, configfile)
     assert result.returncode == 1
     assert expected in result.stdout + result.stderr, result.stderr[-2000:]
+    assert snapshot(workdir / "results") == before
+
+
+@pytest.mark.e2e
+def test_a_key_given_twice_in_the_config_file_stops_the_run(workflow_run, tmp_path):
+    """Issue #28: YAML keeps the second of two equal keys silently; a student written twice would have been
+    trained as the second one, over the first's outputs."""
+    from test_workflow import snakemake
+
+    workdir, _, config = workflow_run
+    students = config["students"]
+    text = yaml.safe_dump({k: v for k, v in config.items() if k != "students"}) + "students:\n"
+    text += "".join(f"  {name}: {json.dumps(options)}\n" for name, options in students.items())
+    name = next(iter(students))
+    text += f"  {name}: {json.dumps({**students[name], 'max_steps': 1})}\n"
+    configfile = tmp_path / "twice.yaml"
+    configfile.write_text(text)
+    before = snapshot(workdir / "results")
+    result = snakemake(workdir, configfile, "--dry-run")
+    assert result.returncode == 1
+    assert f"key '{name}' is given twice in one mapping" in result.stdout + result.stderr, result.stderr[-2000:]
+    assert str(configfile) in result.stdout + result.stderr
     assert snapshot(workdir / "results") == before
 
 

@@ -11,6 +11,7 @@ from pipeline.rules import RULES, command, optional_inputs, verbatim_inputs
 from pipeline.workflow import Workflow
 
 try:
+    cfg.check_files(workflow.configfiles)
     CONFIG = cfg.validate(config)
     W = Workflow(CONFIG)
     preflight.check_inputs(W)
