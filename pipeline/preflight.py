@@ -36,13 +36,21 @@ def check_inputs(workflow: Workflow) -> None:
 
 
 def _results_outside_inputs(patterns: list[str], results: str) -> None:
-    """No directory input holds `results`: from the second run on, the corpus would read the run's own
-    outputs (its shards are parquet, a corpus format), or stop on their other files."""
+    """No corpus input lies in `results` or holds it: a file or glob there is the run's own output (a corpus
+    shard is parquet, a corpus format), so every later run would read its outputs as corpus and rebuild
+    everything (or Snakemake would see a cycle); a directory holding it would read them from the second run on."""
     inside = Path(os.path.realpath(results))
     for pattern in patterns:
-        for match in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
-            directory = Path(os.path.realpath(match))
-            if os.path.isdir(match) and (inside == directory or directory in inside.parents):
+        if pattern.startswith("hf:"):
+            pattern = pattern[3:]
+        magic = glob.has_magic(pattern)
+        literal = pattern[: min(pattern.find(c) for c in "*?[" if c in pattern)] if magic else pattern
+        for match in [literal, *(sorted(glob.glob(pattern)) if magic else [])]:
+            where = Path(os.path.realpath(match or "."))
+            if where == inside or inside in where.parents:
+                raise StageError(f"corpus input {pattern!r} lies in the results directory {results}: the run would "
+                                 f"read its own outputs as corpus; name corpus files outside {results}")
+            if (match != literal or not magic) and os.path.isdir(match) and where in inside.parents:
                 raise StageError(f"corpus input {pattern!r}: directory {match} holds the results directory "
                                  f"{results}, so later runs would read their own outputs as corpus; set results "
                                  f"outside it, or move the corpus files into a directory of their own")

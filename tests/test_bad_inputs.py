@@ -391,6 +391,26 @@ def test_a_corpus_directory_holding_the_results_stops_the_config(corpus_dir):
     assert "corpus input 'data/': directory data/ holds the results directory data/part/results" in message
 
 
+@pytest.mark.parametrize("inputs", [["results/corpus/shard-000.parquet"], ["results/corpus/*.parquet"],
+                                    ["data/a.txt", "results/**/*.txt"], ["./results/../results/x.jsonl"]])
+def test_a_corpus_input_inside_the_results_stops_the_config(corpus_dir, inputs):
+    """Issue #28, 6: a file or glob inside results (not only a directory holding it) was accepted; the run read
+    its own outputs as corpus and every later run rebuilt everything, or Snakemake reported a cycle."""
+    (corpus_dir.parent / "results" / "corpus").mkdir(parents=True)
+    (corpus_dir.parent / "results" / "corpus" / "shard-000.parquet").write_bytes(b"PAR1")
+    message = corpus_input_problem({**corpus_config(inputs), "results": "results"})
+    assert f"corpus input {inputs[-1]!r} lies in the results directory results" in message
+
+
+def test_a_corpus_glob_beside_the_results_is_accepted(corpus_dir):
+    """A glob whose directory also holds the results reads only what it matches there."""
+    from pipeline import config as cfg
+    from pipeline.preflight import check_inputs
+    from pipeline.workflow import Workflow
+
+    check_inputs(Workflow(cfg.validate({**corpus_config(["data/*.txt"]), "results": "data/results"})))
+
+
 # ---- results: never the root, a system directory, or outside the working directory --------------------
 
 RESULTS_CASES = {
