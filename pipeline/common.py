@@ -18,7 +18,13 @@ log = logging.getLogger("pipeline")
 
 
 class StageError(RuntimeError):
-    """A clear, user-facing failure of a stage (bad input, missing model, ...)."""
+    """A clear, user-facing failure of a stage (bad input, missing model, ...). Such a failure repeats on every
+    attempt, so a retried job stops at once (pipeline/cli.py), unless it is `transient`: caused by the machine
+    (a full disk, no GPU on this node, another writer of the same output), which a later attempt may not meet."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def seed_everything(seed: int) -> None:
@@ -33,7 +39,7 @@ def pick_device(name: str = "auto"):
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        raise StageError("device: cuda was asked for but torch sees no CUDA device")
+        raise StageError("device: cuda was asked for but torch sees no CUDA device", transient=True)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -91,7 +91,7 @@ def disk_full_error(err: BaseException, path: Path) -> StageError | None:
     if not full:
         return None
     return StageError(f"no space left on the device while writing {path}; nothing was written under that "
-                      f"name (free space and rerun)")
+                      f"name (free space and rerun)", transient=True)
 
 
 # ---- checksums and records ---------------------------------------------------------------------

@@ -70,7 +70,7 @@ class WriterLock:
             if not locked:
                 holder = _holder(fd)
                 os.close(fd)
-                raise StageError(busy_message(self.path, holder))
+                raise StageError(busy_message(self.path, holder), transient=True)
             if _is_current(fd, self.file):  # not a file its last holder deleted while we opened it
                 self.fd = fd
                 break
@@ -86,7 +86,7 @@ class WriterLock:
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StageError(f"no space left on the device while writing {self.path}; nothing was written "
-                                 f"under that name (free space and rerun)") from None
+                                 f"under that name (free space and rerun)", transient=True) from None
             raise
 
     def release(self) -> None:

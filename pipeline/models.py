@@ -1,16 +1,24 @@
 """Models the stages load: model sources, tokenizers and their vocabulary, and a teacher cut after its layer.
 
 A model source is a local directory, a Hugging Face hub id (offline unless HF_HUB_OFFLINE=0), or
-`package:<module>` for a model shipped inside an installed Python package. A teacher the pipeline
+`package:<module>` for a model shipped inside an installed Python package: a module that an installed
+distribution's own file list (its RECORD) holds, found there and never through sys.path, so a .py file in the
+working directory, on PYTHONPATH or in a results folder is never imported. Its `model/` directory is read
+without running any of its code; only a package without one has its `get_model_path()` called. A teacher the
+pipeline
 pre-trained itself (an auxiliary teacher) is a local directory whose record the stage is given and
 verifies (`verify_model`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib
+import importlib.metadata
+import importlib.util
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +37,7 @@ def resolve_model_source(source: str) -> str:
     its `model/` folder); an existing path: a local directory; anything else: a hub id, which
     transformers resolves from its cache (offline when HF_HUB_OFFLINE=1)."""
     if source.startswith("package:"):
-        module_name = source.removeprefix("package:")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            raise StageError(f"model source {source!r}: Python package {module_name!r} is not installed "
-                             f"(pip install the project's demo extra)") from None
-        getter = getattr(module, "get_model_path", None)
-        path = Path(getter()) if getter else Path(module.__file__).parent / "model"
+        path = packaged_model(source.removeprefix("package:"))
         if not (path / "config.json").exists():
             raise StageError(f"model source {source!r}: no config.json under {path}")
         return str(path)
@@ -48,6 +49,48 @@ def resolve_model_source(source: str) -> str:
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise StageError(f"model source {source!r}: no such directory")
     return source
+
+
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@functools.cache
+def packaged_model(module: str) -> Path:
+    """The model directory a `package:<module>` source names (module docstring): from the installed files of the
+    distribution that provides the module, never from sys.path."""
+    if not MODULE_NAME.fullmatch(module):
+        raise StageError(f"model source 'package:{module}': not a Python module name")
+    top, *inner = module.split(".")
+    providers = importlib.metadata.packages_distributions().get(top, [])
+    for name in dict.fromkeys(providers):
+        distribution = importlib.metadata.distribution(name)
+        installed = {str(f).replace("\\", "/") for f in distribution.files or ()}
+        stem = "/".join([top, *inner])
+        for relative in (f"{stem}/__init__.py", f"{stem}.py"):
+            if relative in installed:
+                file = Path(distribution.locate_file(relative)).resolve()
+                if (file.parent / "model" / "config.json").is_file() and relative.endswith("__init__.py"):
+                    return file.parent / "model"  # read as data: none of the package's code runs
+                return _model_path_of(module, file)
+    where = f"distribution {', '.join(providers)} did not install it" if providers else "no installed distribution " \
+        "provides it"
+    raise StageError(f"model source 'package:{module}': {where} (package: reads models only from packages pip "
+                     f"installed, never from the working directory, PYTHONPATH or an editable checkout; give the "
+                     f"model's directory as the source instead)")
+
+
+def _model_path_of(module: str, file: Path) -> Path:
+    """The package's own get_model_path(), its module loaded from its installed file."""
+    spec = importlib.util.spec_from_file_location(
+        module, file, submodule_search_locations=[str(file.parent)] if file.name == "__init__.py" else None)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(module, loaded)
+    spec.loader.exec_module(loaded)
+    getter = getattr(loaded, "get_model_path", None)
+    if getter is None:
+        raise StageError(f"model source 'package:{module}': the package has neither a model/ directory nor "
+                         f"get_model_path()")
+    return Path(getter())
 
 
 def verify_model(model_dir: str | None, record: str | None) -> None:

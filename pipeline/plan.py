@@ -42,7 +42,6 @@ SPECIALS = {"sentence_pairs": 2.5, "contiguous": 2}  # special tokens per packed
 EARLY_STOP = 0.5  # share of the dictionary's epochs assumed run before the held-out objective stalls
 SUBSAMPLE_KEEP = {"none": 1.0, "w2v": 0.5, "drop": 0.6}  # assumed share of eligible tokens kept
 SHARD_THREADS_MIN_BYTES = 2 * (1 << 20) // 4  # below this the corpus stage uses one process (pipeline/corpus.py)
-RULE_THREADS = {"extract_activations": 2, "fit_dictionary": 2}  # the rules' `threads` (workflow/rules/*.smk)
 
 
 @dataclass
@@ -144,7 +143,7 @@ class Planner:
             per_sequence = min(per_sequence, a["positions_per_sequence"])
         tokens = min(self.corpus.tokens, a["sample_tokens"] / SUBSAMPLE_KEEP[a["subsample"]] / per_sequence
                      * self.length)
-        load, rate = self._teacher(w.teacher, RULE_THREADS["extract_activations"])
+        load, rate = self._teacher(w.teacher, self.workflow.threads("extract_activations", w))
         return self.rates.startup(True) + load + tokens / rate, disk, 1
 
     def fit_dictionary(self, w):
@@ -155,7 +154,7 @@ class Planner:
         keys = ("atoms", "lambda", "batch_size", "code_iterations", "forgetting", "code_tolerance", "atom_block",
                 "atom_sweeps")
         per_batch = self.rates.dictionary_batch(hidden, self._key({k: d[k] for k in keys}),
-                                                RULE_THREADS["fit_dictionary"])
+                                                self.workflow.threads("fit_dictionary", w))
         return self.rates.startup(True) + batches * per_batch, hidden * d["atoms"] * 4 + 2e4, 1
 
     def precompute_targets(self, w):
@@ -242,22 +241,14 @@ def actual_costs(config: dict, results: Path, cores: int) -> dict[str, Cost]:
         if rows:
             cost.timed += 1
             cost.seconds += float(rows[-1]["s"])
-            cost.cpu_seconds += float(rows[-1]["cpu_time"]) / _threads(config, rule, wildcards, cores)
+            threads = min(workflow.threads(rule, SimpleNamespace(**wildcards)), cores)  # the job had these
+            cost.cpu_seconds += float(rows[-1]["cpu_time"]) / threads
         for value in workflow.outputs(rule).values():
             for path in value if isinstance(value, list) else [value]:
                 path = fill(path, **wildcards)
                 inside = path.startswith(workflow.results + "/")
                 cost.disk += _bytes(results / Path(path).relative_to(workflow.results) if inside else workdir / path)
     return by_rule
-
-
-def _threads(config: dict, rule: str, wildcards: dict, cores: int) -> int:
-    """The threads a job had (the rules' `threads`)."""
-    if rule == "shard_corpus":
-        return min(config["corpus"]["threads"], cores)
-    if rule == "pretrain_student":
-        return cfg.student_options(config, wildcards["student"])["gpus"]
-    return RULE_THREADS.get(rule, 1)
 
 
 def _bytes(path: Path) -> float:

@@ -81,6 +81,20 @@ def check_no_live_writers(workflow: Workflow) -> None:
                      + f"\nWait for them to end, or stop them (kill {' '.join(pids) or '<pid>'}), then rerun.")
 
 
+def check_outputs(snakemake_workflow, workflow: Workflow) -> None:
+    """Before Snakemake plans a run or a dry run: no output that a later job reads has vanished or changed
+    (pipeline/damage.py), unless the command reruns its job (--forcerun, --forceall) or asks for the output
+    itself. SystemExit otherwise."""
+    from . import damage
+
+    found = damage.damaged_outputs(workflow)
+    settings = getattr(snakemake_workflow, "dag_settings", None)
+    named = [*(getattr(settings, "forcerun", ()) or ()), *(getattr(settings, "targets", ()) or ())]
+    if found and not damage.covered(found, workflow, named, bool(getattr(settings, "forceall", False))):
+        configfiles = getattr(snakemake_workflow, "overwrite_configfiles", None) or ()
+        raise SystemExit(f"Error: {damage.message(found, workflow, configfiles)}")
+
+
 def before_jobs(snakemake_workflow, workflow: Workflow) -> None:
     """The checks of Snakemake's onstart: one message and exit status 1 if a check fails."""
     from . import slurm

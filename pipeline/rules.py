@@ -119,8 +119,8 @@ def command(rule_name: str) -> str:
             words.append(f"{port.flag} {{output.{port.name}:q}}")
         elif port.role == LOG and port.name in rule.logs:
             words.append(f"{port.flag} {{log.{port.name}:q}}")
-    if rule.resumable:
-        words.append("--resume-dir {params.resume_dir:q}")
+    if rule.resumable:  # retried: an attempt after a failure that repeats on every attempt stops at once
+        words.append("--resume-dir {params.resume_dir:q} --attempt {resources.attempt:q}")
     if "checkpoint_seconds" in stage.settings:
         words.append("--checkpoint-seconds {resources.checkpoint_seconds:q}")
     if "workers" in stage.settings:

@@ -17,6 +17,7 @@ from .launch import torchrun_command
 from .objectives import objective
 from .rules import RULES, fill
 from .slices import Slices
+from .slurm import job_threads
 from .stages import STAGES
 from .tasks import task_files
 from .text import input_files
@@ -141,6 +142,18 @@ class Workflow(Slices):
 
     def launcher(self, rule: str, wildcards) -> str:
         return torchrun_command(self.gpus(rule, wildcards))
+
+    def threads(self, rule: str, wildcards) -> int:
+        """The job's threads (`threads:` of its rule; Snakemake sets OMP_NUM_THREADS and the like from them): the
+        corpus stage's processes, two for the learners that overlap reading and computing, and for the jobs of
+        the model stages one per process, two per GPU with CUDA (the process and its loader thread)."""
+        if rule in ("shard_corpus", "shard_corpus_phase"):
+            return self.config["corpus"]["threads"]
+        if rule in ("extract_activations", "fit_dictionary"):
+            return 2
+        if rule in ("pretrain_student", "pretrain_teacher", "precompute_targets", "finetune"):
+            return job_threads(self.gpus(rule, wildcards), int(self.device == "cuda"))
+        return 1
 
     # ---- each rule's inputs: port -> path(s), for one job ----
 

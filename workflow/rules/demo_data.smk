@@ -13,7 +13,7 @@ if CONFIG["demo_data"]["bbc_news"]["enabled"]:
             **rule_logs("bbc_news_data"),
         benchmark:
             rule_benchmark("bbc_news_data")
-        threads: 1
+        threads: rule_threads("bbc_news_data")
         resources:
             mem_mb=1000,
             runtime=10,

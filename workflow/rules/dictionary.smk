@@ -11,8 +11,9 @@ rule fit_dictionary:
     benchmark:
         rule_benchmark("fit_dictionary")
     retries: RETRIES
-    threads: 2
+    threads: rule_threads("fit_dictionary")
     resources:
+        attempt=job_attempt,
         mem_mb=8000,
         runtime=attempt_runtime(120),
         gpu=GPU,

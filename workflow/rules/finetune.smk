@@ -12,8 +12,9 @@ rule finetune:
     benchmark:
         rule_benchmark("finetune")
     retries: RETRIES
-    threads: gpu_job_threads(1)
+    threads: rule_threads("finetune")
     resources:
+        attempt=job_attempt,
         mem_mb=6000,
         runtime=attempt_runtime(240),
         gpu=GPU,

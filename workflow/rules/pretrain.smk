@@ -12,8 +12,9 @@ rule pretrain_student:
     benchmark:
         rule_benchmark("pretrain_student")
     retries: RETRIES
-    threads: lambda w: gpu_job_threads(W.student_options(w.student)["gpus"])
+    threads: rule_threads("pretrain_student")
     resources:
+        attempt=job_attempt,
         mem_mb=8000,
         runtime=attempt_runtime(720),
         gpu=lambda w: GPU * W.student_options(w.student)["gpus"],

@@ -14,7 +14,7 @@ rule report:
         **rule_logs("report"),
     benchmark:
         rule_benchmark("report")
-    threads: 1
+    threads: rule_threads("report")
     resources:
         mem_mb=2000,
         runtime=10,

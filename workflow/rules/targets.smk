@@ -12,8 +12,9 @@ rule precompute_targets:
     benchmark:
         rule_benchmark("precompute_targets")
     retries: RETRIES
-    threads: gpu_job_threads(1)
+    threads: rule_threads("precompute_targets")
     resources:
+        attempt=job_attempt,
         mem_mb=8000,
         runtime=attempt_runtime(240),
         gpu=GPU,
@@ -37,7 +38,7 @@ rule summarize_targets:
         **rule_logs("summarize_targets"),
     benchmark:
         rule_benchmark("summarize_targets")
-    threads: 1
+    threads: rule_threads("summarize_targets")
     resources:
         mem_mb=2000,
         runtime=10,
@@ -61,7 +62,7 @@ rule summarize_phase_targets:
         **rule_logs("summarize_phase_targets"),
     benchmark:
         rule_benchmark("summarize_phase_targets")
-    threads: 1
+    threads: rule_threads("summarize_phase_targets")
     resources:
         mem_mb=2000,
         runtime=10,

@@ -12,8 +12,9 @@ rule pretrain_teacher:
     benchmark:
         rule_benchmark("pretrain_teacher")
     retries: RETRIES
-    threads: lambda w: gpu_job_threads(CONFIG["teachers"][w.teacher]["auxiliary"]["gpus"])
+    threads: rule_threads("pretrain_teacher")
     resources:
+        attempt=job_attempt,
         mem_mb=8000,
         runtime=attempt_runtime(720),
         gpu=lambda w: GPU * CONFIG["teachers"][w.teacher]["auxiliary"]["gpus"],
@@ -34,8 +35,9 @@ rule extract_activations:
     benchmark:
         rule_benchmark("extract_activations")
     retries: RETRIES
-    threads: 2
+    threads: rule_threads("extract_activations")
     resources:
+        attempt=job_attempt,
         mem_mb=8000,
         runtime=attempt_runtime(120),
         gpu=GPU,
