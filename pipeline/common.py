@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -56,3 +57,24 @@ def set_cpu_threads() -> None:
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PROGRESS_SECONDS = 30.0
+
+
+class Progress:
+    """A log line every PROGRESS_SECONDS while a long read goes on: how far it is, of how much if known."""
+
+    def __init__(self, what: str, total: float | None = None, unit: str = ""):
+        self.what, self.total, self.unit = what, total, unit
+        self.done, self.started = 0.0, time.monotonic()
+        self.last = self.started
+
+    def update(self, amount: float, detail: str = "") -> None:
+        self.done += amount
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            share = f" of {self.total:,.0f} ({100 * self.done / self.total:.0f} %)" if self.total else ""
+            log.info("%s: %s%s %s after %.0f s%s", self.what, f"{self.done:,.0f}", share, self.unit,
+                     now - self.started, f"; {detail}" if detail else "")

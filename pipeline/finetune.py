@@ -24,9 +24,9 @@ from .cli import run
 from .common import StageError, log, pick_device, seed_everything, set_cpu_threads
 from .config import section_defaults
 from .integrity import CHECKSUM_KEY, read_verified, write_record
-from .models import saved_json
+from .models import loading, saved_json
 from .resume import Resume, load_training, save_training
-from .tasks import TaskSpec, check_label_count, read_split, task_spec
+from .tasks import TaskSpec, capped_examples, check_label_count, read_split, task_spec
 from .training import adamw, autocast, warmup_then_decay
 
 # Keys added after the first release: callers that predate them get the schema's defaults.
@@ -80,9 +80,8 @@ def read_task(paths, params: dict, spec: TaskSpec) -> dict:
     """The task's examples (the training set capped at max_train_examples, drawn with the seed) and labels."""
     train_texts, train_labels = read_split(Path(paths.train), spec)
     dev_texts, dev_labels = read_split(Path(paths.dev), spec)
-    if params["max_train_examples"]:
-        keep = np.random.default_rng(params["seed"]).permutation(len(train_texts))[: params["max_train_examples"]]
-        train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
+    train_texts, train_labels = capped_examples(train_texts, train_labels, dev_labels, spec, paths.train,
+                                                params["max_train_examples"], params["seed"])
     check_label_count(train_labels, spec, paths.train)
     y_train, y_dev, label_names = encode_labels(train_labels, dev_labels, spec, paths.dev)
     return {"train": train_texts, "dev": dev_texts, "y_train": y_train, "y_dev": y_dev, "labels": label_names}
@@ -119,13 +118,14 @@ def finetune(paths, params: dict) -> dict:
     student = read_verified(paths.model_summary, [model_dir]) if paths.model_summary else {}
     spec = task_spec(params["task"])
     task = read_task(paths, params, spec)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model, loading = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=1 if spec.regression else len(task["labels"]),
-        problem_type="regression" if spec.regression else "single_label_classification",
-        attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True)
+    with loading(f"model {model_dir}"):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1 if spec.regression else len(task["labels"]),
+            problem_type="regression" if spec.regression else "single_label_classification",
+            attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True)
     if params["classifier_init"] == "per_seed":
-        shared_head(model, params["seed"], loading["missing_keys"])
+        shared_head(model, params["seed"], info["missing_keys"])
     model.to(device)
     encoded = {split: tokenizer(*list(zip(*task[split])), truncation=True, max_length=params["max_seq_len"])
                for split in ("train", "dev")}

@@ -134,6 +134,21 @@ def open_store(path: str | Path) -> tuple[dict, dict]:
     return attrs, arrays
 
 
+def unwritten_chunks(path: str | Path, name: str = "states") -> tuple[int, int]:
+    """(chunks written, chunks the dataset's shape needs) of an HDF5 dataset: a dataset that declares more rows
+    than its file holds reads the rest as its fill value (a 2 KB file can declare 200 M states)."""
+    h5py = _h5py()
+    with h5py.File(path, "r") as handle:
+        dataset = handle[name]
+        if dataset.chunks is None:  # contiguous: written or not as a whole
+            whole = dataset.id.get_storage_size() >= dataset.size * dataset.dtype.itemsize or dataset.size == 0
+            return int(whole), 1
+        needed = 1
+        for size, chunk in zip(dataset.shape, dataset.chunks):
+            needed *= -(-size // chunk)
+        return dataset.id.get_num_chunks(), needed
+
+
 def export_store(store: str | Path, out: str | Path, block_rows: int = 1 << 16) -> None:
     """A zarr activation store (pipeline/formats.py) as one HDF5 file, copied a block of rows at a time."""
     from .formats import open_store as open_any

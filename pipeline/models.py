@@ -12,6 +12,7 @@ verifies (`verify_model`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -93,6 +94,31 @@ def _model_path_of(module: str, file: Path) -> Path:
     return Path(getter())
 
 
+@contextlib.contextmanager
+def loading(what: str):
+    """Loading a model, its config or tokenizer: what transformers and safetensors raise for a bad model (a
+    corrupt weight file, a model type it does not know, a malformed config) becomes one line naming `what`."""
+    try:
+        yield
+    except StageError:
+        raise
+    except OSError as err:  # a missing or unreadable file; an I/O error may not repeat
+        raise StageError(f"{what} could not be read: {err}", transient=isinstance(err, (TimeoutError,
+                                                                                       ConnectionError))) from None
+    except Exception as err:  # transformers and safetensors raise many types for a bad model
+        raise StageError(f"{what} could not be loaded: {_cause(err)}") from None
+
+
+def _cause(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if type(err).__name__ == "SafetensorError":
+        return f"a .safetensors weight file is corrupt or truncated ({text}); copy the model again"
+    if "does not recognize this architecture" in text or "Unrecognized model" in text:
+        return (f"{text.split('. ')[0]}. A custom architecture is not supported (the pipeline's students and "
+                f"teachers are BERT-like encoders that transformers knows)")
+    return f"{type(err).__name__}: {text}"
+
+
 def verify_model(model_dir: str | None, record: str | None) -> None:
     """A model the pipeline wrote (an auxiliary teacher) is checked against the record that lists its files."""
     if model_dir and record:
@@ -102,10 +128,9 @@ def verify_model(model_dir: str | None, record: str | None) -> None:
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(resolve_model_source(source), trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise StageError(f"tokenizer {source!r} could not be loaded: {err}") from None
+    path = resolve_model_source(source)
+    with loading(f"tokenizer {source!r}"):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -146,10 +171,9 @@ def model_hidden_size(source: str, trust_remote_code: bool = False) -> int:
     """A model's hidden size, from its config alone."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(resolve_model_source(source), trust_remote_code=trust_remote_code).hidden_size
-    except OSError as err:
-        raise StageError(f"model {source!r} could not be loaded: {err}") from None
+    path = resolve_model_source(source)
+    with loading(f"model {source!r}"):
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).hidden_size
 
 
 @dataclass
@@ -205,10 +229,8 @@ def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest:
     from transformers import AutoConfig, AutoModel
 
     path = resolve_model_source(source)
-    try:
+    with loading(f"teacher {source!r}"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise StageError(f"teacher {source!r} could not be loaded: {err}") from None
     n_layers = config.num_hidden_layers
     if not -n_layers <= layer <= -1:
         raise StageError(f"teacher {source!r} has {n_layers} layers; layer {layer} is out of range "
@@ -217,8 +239,9 @@ def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest:
     if corpus_manifest is not None:
         check_vocabulary(source, path, config, corpus_manifest, trust_remote_code)
     config.num_hidden_layers = keep  # layers above the chosen one are never built nor run
-    model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", add_pooling_layer=False,
-                                      trust_remote_code=trust_remote_code)
+    with loading(f"teacher {source!r}"):
+        model = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", add_pooling_layer=False,
+                                          trust_remote_code=trust_remote_code)
     model.eval().to(device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     return TeacherEncoder(model, device, config.hidden_size, keep, pad_id)

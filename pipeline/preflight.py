@@ -95,12 +95,45 @@ def check_outputs(snakemake_workflow, workflow: Workflow) -> None:
         raise SystemExit(f"Error: {damage.message(found, workflow, configfiles)}")
 
 
+def check_tasks(workflow: Workflow, jobs: list[tuple[str, dict]]) -> None:
+    """The task files of the fine-tuning jobs about to run, read and checked as each job will (columns, labels,
+    the examples max_train_examples draws for each seed): a bad task file stops the run before Snakemake
+    deletes the outputs of the jobs it reruns, instead of failing in each job. Task files a job of this run
+    writes are checked by the fine-tuning jobs themselves."""
+    from pathlib import Path
+
+    from .tasks import capped_examples, check_label_count, read_split, task_files, task_spec
+
+    cap = workflow.config["finetune"]["max_train_examples"]
+    for name, seeds in _task_seeds(jobs).items():
+        task = workflow.config["tasks"][name]
+        spec = task_spec(task)
+        train, dev = (Path(p) for p in task_files(task))
+        if not (train.is_file() and dev.is_file()):  # written by a job of this run (the demo's): checked there
+            continue
+        texts, labels = read_split(train, spec)
+        _, dev_labels = read_split(dev, spec)
+        for seed in sorted(seeds):
+            _, drawn = capped_examples(texts, labels, dev_labels, spec, train, cap, seed)
+            check_label_count(drawn, spec, train)
+
+
+def _task_seeds(jobs: list[tuple[str, dict]]) -> dict[str, set[int]]:
+    seeds: dict[str, set[int]] = {}
+    for rule, wildcards in jobs:
+        if rule == "finetune":
+            seeds.setdefault(wildcards["task"], set()).add(int(wildcards["seed"]))
+    return seeds
+
+
 def before_jobs(snakemake_workflow, workflow: Workflow) -> None:
     """The checks of Snakemake's onstart: one message and exit status 1 if a check fails."""
     from . import slurm
 
     try:
         check_no_live_writers(workflow)
+        jobs = [(job.rule.name, dict(job.wildcards_dict)) for job in snakemake_workflow.dag.needrun_jobs()]
+        check_tasks(workflow, jobs)
         slurm.check_before_submitting(snakemake_workflow)
     except StageError as err:
         raise SystemExit(f"Error: {err}") from None

@@ -34,8 +34,8 @@ class Slices:
 
     def _train_tokenizer_params(self, w) -> dict:
         # What reading the text takes (which documents are validation ones, what is bad input) and the training.
-        keys = ("inputs", "format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "max_documents",
-                "sentence_split", "seed", *(DATASET_OPTIONS if self.has_datasets() else ()))
+        keys = ("inputs", "format", "text_field", "validation_fraction", "bad_input", "max_line_bytes", "max_expansion",
+                "max_documents", "sentence_split", "seed", *(DATASET_OPTIONS if self.has_datasets() else ()))
         reading = {k: self.config["corpus"][k] for k in keys}
         return self._slice("train_tokenizer", reading, self.config["tokenizer_training"])
 

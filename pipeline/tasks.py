@@ -196,6 +196,25 @@ def check_label_count(labels: list[str], spec: TaskSpec, path) -> None:
                          f"needs at least two (check label_column, or raise max_train_examples)")
 
 
+def capped_examples(texts: list, labels: list[str], dev_labels: list[str], spec: TaskSpec, path, cap: int,
+                    seed: int) -> tuple[list, list[str]]:
+    """The training examples, at most `cap` of them (0: all) drawn with the seed; a label of the dev set that the
+    training file has but the draw left out is an error that names the cap (not the dev set)."""
+    if not cap:
+        return texts, labels
+    import numpy as np
+
+    keep = np.random.default_rng(seed).permutation(len(texts))[:cap]
+    drawn = [labels[i] for i in keep]
+    if not spec.regression:
+        lost = sorted((set(labels) - set(drawn)) & set(dev_labels))
+        if lost:
+            raise StageError(f"{path}: the {len(keep)} training examples that finetune.max_train_examples ({cap}) "
+                             f"draws with seed {seed} hold no example of label(s) {lost}, which the file's "
+                             f"{len(texts)} examples and the dev set have; raise max_train_examples")
+    return [texts[i] for i in keep], drawn
+
+
 def task_files(task: dict) -> tuple[str, str]:
     """The paths of a task's training and dev files."""
     spec = task_spec(task)

@@ -29,8 +29,9 @@ import numpy as np
 
 from . import contract
 from .cli import run
-from .common import StageError, log, pick_device, set_cpu_threads
+from .common import Progress, StageError, log, pick_device, set_cpu_threads
 from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, open_store, pad_rows, read_token_counts
+from .hdf5 import unwritten_chunks
 from .integrity import CHECKSUM_KEY, read_verified, sha256_file
 from .memory import release_free_memory, streaming_allocators
 from .models import (
@@ -194,7 +195,8 @@ def store_attributes(params: dict, encoder: TeacherEncoder | None, manifest: dic
 
 def import_states(paths, params: dict, manifest: dict) -> dict:
     """Teacher states computed elsewhere (an HDF5 file in the layout of pipeline/hdf5.py), checked against
-    the teacher and the corpus and copied into the store block by block."""
+    the teacher and the corpus; at most activations.sample_tokens of its rows (a uniform draw with the sample
+    seed, in file order) are copied into the store, block by block."""
     given, arrays = open_store(paths.states)
     rows, hidden = arrays["states"].shape
     expected = model_hidden_size(params["source"], params["trust_remote_code"])
@@ -209,28 +211,53 @@ def import_states(paths, params: dict, manifest: dict) -> dict:
     if any(problems):
         raise StageError(f"teacher states {paths.states}: {'; '.join(p for p in problems if p)} "
                          f"(teachers.{params['teacher']}.activations)")
+    picked = _imported_rows(paths.states, rows, hidden, params)
     with tempfile.TemporaryDirectory(prefix=".work.", dir=Path(paths.store).parent) as work:
-        store = ActivationStore(Path(work) / "activations.zarr", hidden, min(STORE_CHUNK_ROWS, rows), 0)
-        for start in range(0, rows, STORE_CHUNK_ROWS):
-            block = {name: np.asarray(arrays[name][start : start + STORE_CHUNK_ROWS]) for name in arrays}
-            _check_imported(block, start, manifest["vocab_size"], paths.states)
+        store = ActivationStore(Path(work) / "activations.zarr", hidden, min(STORE_CHUNK_ROWS, len(picked)), 0)
+        progress = Progress(f"activations: importing {paths.states}", len(picked), "states")
+        for start in range(0, len(picked), STORE_CHUNK_ROWS):
+            block_rows = picked[start : start + STORE_CHUNK_ROWS]
+            block = {name: np.asarray(arrays[name].oindex[block_rows]) for name in arrays}
+            _check_imported(block, block_rows, manifest["vocab_size"], paths.states)
             store.append(**block)
-        attrs = {**store_attributes(params, None, manifest, rows),
+            progress.update(len(block_rows))
+        attrs = {**store_attributes(params, None, manifest, len(picked)),
                  **model_identity(params["source"], None), "hidden_layer_index": given.get("hidden_layer_index"),
-                 "hidden_size": hidden, "sampling": {"imported_from": str(paths.states),
+                 "hidden_size": hidden, "sampling": {"imported_from": str(paths.states), "rows_in_file": rows,
+                                                     "sample_tokens": params["sample_tokens"],
+                                                     "sample_seed": params["sample_seed"],
                                                      "sha256": sha256_file(paths.states)}}
         store.publish(paths.store, paths.manifest, attrs)
-    log.info("activations: imported %d states of size %d from %s", rows, hidden, paths.states)
+    log.info("activations: imported %d of the %d states of size %d in %s", len(picked), rows, hidden, paths.states)
     return attrs
 
 
-def _check_imported(block: dict, start: int, vocab_size: int, path: str) -> None:
+def _imported_rows(path: str, rows: int, hidden: int, params: dict) -> np.ndarray:
+    """Which rows of an HDF5 file of states to import, after checking that the file holds them: all, or a
+    sorted uniform draw of sample_tokens of them. Says the bound before anything is read."""
+    written, needed = unwritten_chunks(path)
+    on_disk = Path(path).stat().st_size
+    if written < needed:
+        raise StageError(f"teacher states {path}: /states declares {rows:,} x {hidden} states "
+                         f"({rows * hidden * 2 / 1e9:.1f} GB as float16) but only {written} of its {needed} chunks "
+                         f"are written ({on_disk:,} bytes on disk); the rest would read as the fill value. The file "
+                         f"is truncated, or was created larger than what was written into it")
+    take = min(rows, params["sample_tokens"])
+    log.info("activations: %s declares %d x %d states (%d bytes on disk); importing %d of them "
+             "(activations.sample_tokens), %.1f MB as float16", path, rows, hidden, on_disk, take,
+             take * hidden * 2 / 1e6)
+    if take == rows:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(params["sample_seed"]).choice(rows, take, replace=False))
+
+
+def _check_imported(block: dict, rows: np.ndarray, vocab_size: int, path: str) -> None:
     bad = ~np.isfinite(block["states"]).all(1)
     if bad.any():
-        raise StageError(f"teacher states {path}: non-finite state in row {start + int(np.flatnonzero(bad)[0])}")
+        raise StageError(f"teacher states {path}: non-finite state in row {rows[int(np.flatnonzero(bad)[0])]}")
     outside = (block["token_ids"] < 0) | (block["token_ids"] >= vocab_size)
     if outside.any():
-        row = start + int(np.flatnonzero(outside)[0])
+        row = rows[int(np.flatnonzero(outside)[0])]
         raise StageError(f"teacher states {path}: /token_ids row {row} is {block['token_ids'][outside][0]}, outside "
                          f"the corpus vocabulary of {vocab_size} ids")
 

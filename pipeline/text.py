@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import hfdata
-from .common import StageError
+from .common import Progress, StageError, log
 from .config import section_defaults
 from .hfdata import DatasetInput, parse_input
 
@@ -44,7 +44,8 @@ FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl",
 # What reading and packing take when a caller leaves it out: the schema's defaults (one place for them).
 DEFAULTS = section_defaults("corpus", ("format", "text_field", "packing", "validation_fraction", "bad_input",
                                        "max_line_bytes", "max_documents", "split", "dataset_config",
-                                       "sentence_split"))
+                                       "sentence_split", "max_expansion"))
+LARGE_BYTES = 64 << 20  # files at least this large (or compressed) are announced and followed in the log
 # Where corpus.sentence_split: punctuation cuts a line: after . ! ? or … (and any closing quotes or brackets)
 # before white space and a capital letter, a digit or an opening quote; after a CJK full stop. A simple rule:
 # an abbreviation such as "Mr. Smith" is cut too.
@@ -163,17 +164,31 @@ class Skipped:
         self.counts[reason] += 1
 
 
-def iter_lines(path: Path, limit: int, skipped: Skipped) -> Iterator[tuple[int, int, str]]:
+def iter_lines(path: Path, limit: int, skipped: Skipped, max_expansion: float = DEFAULTS["max_expansion"]
+               ) -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset, line) for each line of a file, decoded; what is not text is an error
     or a counted skip. Clean blocks are split and decoded whole; a block with anything wrong is
-    checked line by line, so the error names the line and byte."""
+    checked line by line, so the error names the line and byte. A compressed file stops once it has unpacked
+    to more than max_expansion times its size (text compresses 3-10 times; a bomb a thousand times)."""
     import pyarrow as pa
 
     number, offset, carry, skipping = 1, 0, b"", False
+    compression, size = COMPRESSION.get(path.suffix), path.stat().st_size if path.exists() else 0
+    bound = max_expansion * max(size, 1) if compression else None
+    if compression or size >= LARGE_BYTES:
+        log.info("corpus: reading %s (%d bytes on disk%s)", path, size,
+                 f", {compression}: at most {bound:,.0f} bytes of text, corpus.max_expansion" if bound else "")
+    progress = Progress(f"corpus: reading {path}", unit="bytes of text")
     try:
-        with pa.input_stream(str(path), compression=COMPRESSION.get(path.suffix)) as stream:
+        with pa.input_stream(str(path), compression=compression) as stream:
             while True:
                 block = stream.read(BLOCK_BYTES)
+                progress.update(len(block), f"line {number}")
+                if bound is not None and progress.done > bound:
+                    raise StageError(f"{path}: {size:,} bytes of {compression} unpack to more than "
+                                     f"{progress.done:,.0f} bytes of text, over {max_expansion:g} times their size "
+                                     f"(corpus.max_expansion): not a corpus file (a compression bomb?); raise "
+                                     f"corpus.max_expansion if it is one")
                 data = carry + block
                 cut = data.rfind(b"\n") + 1 if block else len(data)
                 data, carry = data[:cut], data[cut:]
@@ -221,11 +236,27 @@ def _block_lines(path: Path, data: bytes, number: int, offset: int, limit: int, 
         number, offset = number + 1, offset + len(raw) + 1
 
 
+def _utf16(raw: bytes, offset: int) -> bool:
+    """Whether a line looks like UTF-16: the file's byte-order mark, or NULs in every other byte (ASCII text
+    in UTF-16 is its bytes with a NUL before or after each)."""
+    if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    sample = raw[:4096]
+    if len(sample) < 8:
+        return False
+    return any(sample[start::2].count(0) >= 0.8 * len(sample[start::2]) for start in (0, 1)) \
+        and sample.count(0) <= 0.6 * len(sample)
+
+
 def _where(path: Path, number: int, offset: int) -> str:
     return f"{path}, line {number} (byte {offset})"
 
 
 def _decode(raw: bytes, where: str, offset: int, skipped: Skipped) -> str | None:
+    if _utf16(raw, offset):
+        skipped.bad("not_utf8_line", f"{where}: UTF-16 text (a byte-order mark, or a NUL byte beside every "
+                                     f"character); convert the file to UTF-8, e.g. iconv -f UTF-16 -t UTF-8")
+        return None
     if b"\0" in raw:
         skipped.bad("binary_line", f"{where}: NUL byte at byte {offset + raw.index(0)}; this is a binary "
                                    f"file, not text")
@@ -258,7 +289,7 @@ def read_documents(path: Path | DatasetInput, options: dict | None = None,
 def _text_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
     sentences: list[str] = []
     punctuation = options["sentence_split"] == "punctuation"
-    for _, _, line in iter_lines(path, options["max_line_bytes"], skipped):
+    for _, _, line in iter_lines(path, options["max_line_bytes"], skipped, options["max_expansion"]):
         line = line.strip()
         if line:
             sentences += split_line(line) if punctuation else [line]
@@ -271,7 +302,7 @@ def _text_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[lis
 
 def _jsonl_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[list[str]]:
     key = options["text_field"]
-    for number, offset, line in iter_lines(path, MAX_RECORD_BYTES, skipped):
+    for number, offset, line in iter_lines(path, MAX_RECORD_BYTES, skipped, options["max_expansion"]):
         if not line.strip():
             continue
         where = _where(path, number, offset)
@@ -297,9 +328,13 @@ def _parquet_documents(path: Path, options: dict, skipped: Skipped) -> Iterator[
     except (OSError, pa.ArrowException) as err:
         raise StageError(f"{path} is not a readable parquet file: {err}") from None
     field_type = reader.schema_arrow.field(key).type if key in reader.schema_arrow.names else None
-    if field_type is None or not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
-        raise StageError(f"{path}: no string column {key!r} (corpus.text_field; columns: "
+    if field_type is None:
+        raise StageError(f"{path}: no column {key!r} (corpus.text_field; columns: "
                          f"{', '.join(reader.schema_arrow.names)})")
+    if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
+        columns = ", ".join(f"{f.name} ({f.type})" for f in reader.schema_arrow)
+        raise StageError(f"{path}: column {key!r} holds {field_type}, not text (corpus.text_field names the column "
+                         f"of the documents; columns: {columns})")
     row = 0
     for batch in reader.iter_batches(columns=[key], batch_size=1024):
         for text in batch.column(0).to_pylist():

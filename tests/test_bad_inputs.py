@@ -121,6 +121,11 @@ TEXT_CASES = {
                                   r"bad\.txt, line 2 \(byte 17\): not UTF-8 at byte 22"),
     "one 10 MB line": (b"Ok.\n" + b"word " * 2_000_000 + b"\n",
                        r"bad\.txt, line 2 \(byte 4\): longer than 1048576 bytes"),
+    # Issue #28, 5: UTF-16 text was called a binary file.
+    "UTF-16 text with a byte-order mark": ("A first sentence.\nA second one.\n".encode("utf-16"),
+                                           r"bad\.txt, line 1 \(byte 0\): UTF-16 text .* iconv -f UTF-16 -t UTF-8"),
+    "UTF-16 text without one": ("A first sentence.\nA second one.\n".encode("utf-16-be"),
+                                r"bad\.txt, line 1 \(byte 0\): UTF-16 text"),
 }
 
 
@@ -133,6 +138,17 @@ def test_bad_corpus_text(case, work, caplog):
     message = fails("corpus", corpus_args(work, [path]), caplog)
     assert re.search(expected, message), message
     assert snapshot(work / "corpus") == before
+
+
+def test_a_parquet_text_column_of_another_type_is_named_as_such(work, caplog):
+    """Issue #28, 5: a `text` column of integers was reported as missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = work / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3], "title": ["a", "b", "c"]}), path)
+    message = fails("corpus", corpus_args(work, [path]), caplog)
+    assert "column 'text' holds int64, not text (corpus.text_field" in message and "title (string)" in message
 
 
 # ---- stage 2: teachers ----------------------------------------------------------------------------
@@ -236,6 +252,42 @@ def test_glue_directory_missing_dev_tsv(work, caplog):
     message = fails("finetune", finetune_args(work, task), caplog)
     assert f"{task / 'dev.tsv'} does not exist" in message
     assert snapshot(work) == before
+
+
+def test_a_label_the_cap_left_out_is_blamed_on_the_cap(work, caplog):
+    """Issue #28, 5: a label that max_train_examples' draw left out was blamed on dev.tsv."""
+    task = work / "capped"
+    task.mkdir()
+    (task / "train.tsv").write_text("text\tlabel\n" + "".join(f"Example {i}.\t{'pos' if i else 'neg'}\n"
+                                                              for i in range(40)))
+    (task / "dev.tsv").write_text("text\tlabel\nGood.\tpos\nBad.\tneg\n")
+    params = {**FINETUNE, "max_train_examples": 4, "task": {"format": "tsv", "path": str(task),
+                                                             "text_columns": ["text"], "label_column": "label"}}
+    args = ["--train", task / "train.tsv", "--dev", task / "dev.tsv", "--model", work / "model", "--scores",
+            work / "scores.json", "--params", json.dumps(params)]
+    message = fails("finetune", args, caplog)
+    assert (f"{task / 'train.tsv'}: the 4 training examples that finetune.max_train_examples (4) draws with seed 1 "
+            f"hold no example of label(s) ['neg'], which the file's 40 examples and the dev set have" in message)
+
+
+@pytest.mark.parametrize("damage", ["a corrupt safetensors header", "a model type transformers does not know"])
+def test_a_model_that_cannot_be_loaded_is_one_line(work, caplog, damage):
+    """Issue #28, 5: a bad safetensors header or a custom model type ended in a raw traceback."""
+    model = work / "model"
+    if damage == "a corrupt safetensors header":
+        weights = model / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[8:20] = b"NOT A HEADER"
+        weights.write_bytes(bytes(data))
+        expected = "could not be loaded: a .safetensors weight file is corrupt or truncated"
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "my_custom_bert"}))
+        expected = "has model type `my_custom_bert` but Transformers does not recognize this architecture"
+    message = fails("finetune", finetune_args(work, work / "glue" / "WNLI"), caplog)
+    assert f"model {model} " in message and expected in message, message
+    message = fails("teacher", extract_args(work, teacher_params(model)), caplog)
+    assert f"teacher '{model}' " in message and expected in message, message
 
 
 def test_label_outside_the_task_label_set(work, caplog):

@@ -155,3 +155,40 @@ def test_dictionary_and_target_shards_round_trip_through_hdf5(tmp_path, sharded_
     assert metrics["atoms"] == 24 and metrics["teacher"] == "t"
     with h5py.File(tmp_path / "d.h5", "r") as handle:
         assert handle["dictionary"].shape == (32, 24) and handle.attrs["lambda"] == 0.05
+
+
+def test_imported_states_are_bounded_by_sample_tokens(tmp_path, sharded_corpus, encoder_teacher, caplog):
+    """Issue #28, 4: every row was imported, whatever activations.sample_tokens said."""
+    import logging
+
+    shards, manifest = sharded_corpus
+    source = external_states(tmp_path / "many.h5", rows=1000)
+    out, record = tmp_path / "a.zarr", tmp_path / "a.json"
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        extract(shards, manifest, str(out), str(record), params(encoder_teacher, sample_tokens=300),
+                states=str(source))
+    assert "declares 1000 x 32 states" in caplog.text and "importing 300 of them" in caplog.text
+    _, arrays = read_store(out)
+    with h5py.File(source, "r") as handle:
+        states = handle["states"][...].astype(np.float16)
+    rows = [int(np.flatnonzero((states == row).all(1))[0]) for row in arrays["states"]]
+    assert len(rows) == 300 and rows == sorted(set(rows))  # distinct rows of the file, in file order
+    assert max(rows) > 900 and min(rows) < 100  # drawn from the whole file, not its head
+
+
+def test_a_file_declaring_more_states_than_it_holds_stops_before_reading(tmp_path, sharded_corpus, encoder_teacher):
+    """Issue #28, 4: a 2 KB file declaring 200 M x 384 states (chunked, gzip, a fill value) was read row by row
+    into memory (5 GB after a minute)."""
+    shards, manifest = sharded_corpus
+    source = tmp_path / "bomb.h5"
+    with h5py.File(source, "w") as handle:
+        states = handle.create_dataset("states", (200_000_000, 32), np.float16, chunks=(4096, 32),
+                                       compression="gzip", fillvalue=0.5)
+        states[:10] = 1.0
+        handle.create_dataset("token_ids", (200_000_000,), np.int32, chunks=(4096,), compression="gzip",
+                              fillvalue=1000)
+    assert source.stat().st_size < 100_000
+    with pytest.raises(StageError, match=r"declares 200,000,000 x 32 states .* but only 1 of its 48829 chunks are "
+                                         r"written"):
+        extract(shards, manifest, str(tmp_path / "a.zarr"), str(tmp_path / "a.json"), params(encoder_teacher),
+                states=str(source))

@@ -95,6 +95,24 @@ def test_outputs_beside_a_writers_lock_are_left_to_the_rerun(run_copy):
     os.remove(lock_path(model))
 
 
+def test_a_bad_task_stops_the_run_before_any_job_deletes_an_output(run_copy):
+    """Issue #28: a failure inside a job comes after Snakemake deleted the job's outputs. What a job would find
+    wrong in its task files (here: a max_train_examples draw that leaves out labels) stops the run first."""
+    import yaml
+
+    workdir, configfile = run_copy
+    config = yaml.safe_load(configfile.read_text())
+    config["finetune"]["max_train_examples"] = 1  # one example: one label of the task's five
+    failing = workdir / "failing.yaml"
+    failing.write_text(yaml.safe_dump(config))
+    before = {p: p.stat().st_mtime for p in (workdir / "results" / "finetune").rglob("*.json")}
+    result = snakemake(workdir, failing)
+    assert result.returncode == 1
+    assert "that finetune.max_train_examples (1) draws with seed 1 hold no example" in result.stdout + result.stderr
+    assert "\nrule " not in result.stdout + result.stderr and "localrule" not in result.stdout  # no job ran
+    assert {p: p.stat().st_mtime for p in (workdir / "results" / "finetune").rglob("*.json")} == before
+
+
 def test_a_failure_that_repeats_is_not_retried_and_the_next_run_names_what_it_deleted(run_copy):
     """Issue #28, 5: a job failing on bad input ran again on every retry. Its later attempts now stop at once
     with the first one's message; the outputs Snakemake deleted before the failed attempt are named by the next
@@ -102,20 +120,24 @@ def test_a_failure_that_repeats_is_not_retried_and_the_next_run_names_what_it_de
     import yaml
 
     workdir, configfile = run_copy
+    weights = workdir / "results/students/mlm/model/model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))  # the same size: only the record's sha256 sees it
     config = yaml.safe_load(configfile.read_text())
-    config["finetune"]["max_train_examples"] = 1  # one example: one label, which the stage refuses
+    config["finetune"]["learning_rate"] = 1e-4  # the fine-tuning jobs rerun
     config["retries"] = 2
-    failing = workdir / "failing.yaml"
-    failing.write_text(yaml.safe_dump(config))
+    edited = workdir / "edited.yaml"
+    edited.write_text(yaml.safe_dump(config))
     score = "results/finetune/mlm/final/bbc_topic/seed1.json"
-    result = snakemake(workdir, failing, score)
+    result = snakemake(workdir, edited, score)
     assert result.returncode == 1
     log = (workdir / "results/logs/finetune/mlm_final_bbc_topic_seed1.log").read_text()
     assert "not retried (attempt 3): attempt 1 of this job failed with an error that repeats" in log, log[-2000:]
-    assert "every training example has the label" in log
+    assert "model.safetensors is corrupt: its sha256 differs" in log
     assert not (workdir / score).exists()  # Snakemake deletes a job's outputs before it runs
 
-    again = snakemake(workdir, failing, "--dry-run")
+    again = snakemake(workdir, edited, "--dry-run")
     assert again.returncode == 1 and f"{score}: missing" in again.stdout + again.stderr, again.stderr[-2000:]
+    weights.write_bytes(intact)
     fixed = repair(workdir, configfile)  # the config as it was: the score comes back
     assert fixed.returncode == 0 and (workdir / score).exists(), fixed.stdout + fixed.stderr

@@ -89,6 +89,7 @@ EDITS = [
     ("corpus.validation_fraction", 0.2, EVERYTHING),
     ("corpus.max_documents", 20, EVERYTHING),
     ("corpus.sentence_split", "punctuation", EVERYTHING),
+    ("corpus.max_expansion", 1000, EVERYTHING),  # it only stops a run, but the stage reads it from its params
     ("demo_data.bbc_news.seed", 5, {"bbc_news_data"} | EVERYTHING),
     ("device", "auto", EVERYTHING - {"shard_corpus"}),  # the corpus stage runs no model
     ("teachers.minilm.batch_size", 2, {"extract_activations", "precompute_targets"} | MLSM),

@@ -186,12 +186,11 @@ def build_config(params: dict, tokenizer, max_len: int):
         return BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, max_len),
                           pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", **dropout,
                           **PRESETS[params["size"]])
-    from ..models import resolve_model_source
+    from ..models import loading, resolve_model_source
 
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_source(source), trust_remote_code=False)
-    except OSError as err:
-        raise StageError(f"architecture {source!r} could not be loaded: {err}") from None
+    path = resolve_model_source(source)
+    with loading(f"architecture {source!r}"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     check_shape(config, source, max_len)
     config.update({"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **dropout})
     config._attn_implementation = "sdpa"
@@ -211,21 +210,20 @@ def load_backbone(params: dict, max_len: int, with_mlm_head: bool, corpus_manife
     """The backbone of a student that continues pre-training the checkpoint `init` (weights and config)."""
     from transformers import AutoConfig, BertForMaskedLM, BertModel
 
-    from ..models import check_vocabulary, resolve_model_source
+    from ..models import check_vocabulary, loading, resolve_model_source
 
     source = params["init"]
     path = resolve_model_source(source)
-    try:
+    with loading(f"init {source!r}"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except OSError as err:
-        raise StageError(f"init {source!r} could not be loaded: {err}") from None
     check_shape(config, source, max_len)
     check_vocabulary(source, path, config, corpus_manifest, role="init")
     options = {"hidden_dropout_prob": params["dropout"], "attention_probs_dropout_prob": params["dropout"],
                "attn_implementation": "sdpa"}
-    if with_mlm_head:
-        return BertForMaskedLM.from_pretrained(path, trust_remote_code=False, **options)
-    return BertModel.from_pretrained(path, add_pooling_layer=False, trust_remote_code=False, **options)
+    with loading(f"init {source!r}"):
+        if with_mlm_head:
+            return BertForMaskedLM.from_pretrained(path, trust_remote_code=False, **options)
+        return BertModel.from_pretrained(path, add_pooling_layer=False, trust_remote_code=False, **options)
 
 
 def peak_flops(device: torch.device) -> float | None:

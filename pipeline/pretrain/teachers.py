@@ -9,7 +9,7 @@ from ..common import StageError
 from ..formats import load_dictionary
 from ..integrity import read_verified
 from ..lasso import l2_normalise, make_solver
-from ..models import check_vocabulary, load_encoder, resolve_model_source
+from ..models import check_vocabulary, load_encoder, loading, resolve_model_source
 from .distributed import all_ranks_sum
 
 
@@ -18,10 +18,12 @@ class KdTeacher:
         from transformers import AutoConfig, AutoModelForMaskedLM
 
         path = resolve_model_source(source)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with loading(f"teacher {source!r}"):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         check_vocabulary(source, path, config, corpus_manifest, trust_remote_code)
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True,
-                                                           trust_remote_code=trust_remote_code)
+        with loading(f"teacher {source!r}"):
+            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True,
+                                                               trust_remote_code=trust_remote_code)
         missing_head = [k for k in info["missing_keys"] if k.startswith("cls.")]
         if missing_head:
             raise StageError(f"objective kd needs a teacher with an MLM head, but {source!r} has none "

@@ -121,5 +121,5 @@ def attempt_runtime(minutes):
 
 onstart:
     # Once the jobs are known, before the first starts (never in a dry run): no live writer of an
-    # output, and on SLURM no job that no node can hold.
+    # output, task files the fine-tuning jobs can read, and on SLURM no job that no node can hold.
     preflight.before_jobs(workflow, W)
