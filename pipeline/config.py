@@ -140,6 +140,17 @@ def _fill_defaults(schema: dict, instance: Any) -> None:
 
 
 INT64 = 2**63 - 1
+MAX_CONFIG_VALUES = 1_000_000  # a config is hundreds; YAML aliases can make one of a few lines billions
+
+
+def _expanded_size(value: Any, sizes: dict) -> int:
+    """How many values `value` holds once YAML's aliases are expanded (each shared node counted once per use,
+    computed once per node)."""
+    if id(value) in sizes:
+        return sizes[id(value)]
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    sizes[id(value)] = size = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return size
 
 
 def _number_problems(value: Any, path: tuple = ()) -> list[str]:
@@ -158,6 +169,10 @@ def _number_problems(value: Any, path: tuple = ()) -> list[str]:
 
 def validate(config: dict) -> dict:
     """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
+    size = _expanded_size(config, {})
+    if size > MAX_CONFIG_VALUES:
+        raise ConfigError(f"invalid configuration: it holds {size:,} values once its YAML aliases (*name) are "
+                          f"expanded, more than the {MAX_CONFIG_VALUES:,} any config needs (an alias bomb?)")
     config = copy.deepcopy(dict(config))
     numbers = _number_problems(config)
     if numbers:

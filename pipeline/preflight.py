@@ -126,6 +126,28 @@ def _task_seeds(jobs: list[tuple[str, dict]]) -> dict[str, set[int]]:
     return seeds
 
 
+CPU_RULES = {"bbc_news_data", "train_tokenizer", "shard_corpus", "shard_corpus_phase", "summarize_targets",
+             "summarize_phase_targets", "report"}
+
+
+def check_cuda(snakemake_workflow, workflow: Workflow, jobs: list[tuple[str, dict]]) -> None:
+    """With device: cuda and jobs that run a model on this machine, torch here sees a GPU (asked once, in a
+    process of its own). On SLURM the jobs run on compute nodes, where the stage itself checks."""
+    import subprocess
+    import sys
+
+    plugin = getattr(snakemake_workflow, "executor_plugin", None)
+    if workflow.device != "cuda" or (plugin is not None and plugin.name != "local") \
+            or not any(rule not in CPU_RULES for rule, _ in jobs):
+        return
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        why = "torch sees no CUDA device" if probe.returncode == 0 else f"torch failed: {probe.stderr.strip()[-300:]}"
+        raise StageError(f"config key 'device' is cuda, but on this machine {why} (a CPU build of torch, or no "
+                         f"GPU); set device: cpu or auto, or install a CUDA build of torch (make setup TORCH=torch)")
+
+
 def before_jobs(snakemake_workflow, workflow: Workflow) -> None:
     """The checks of Snakemake's onstart: one message and exit status 1 if a check fails."""
     from . import slurm
@@ -134,6 +156,7 @@ def before_jobs(snakemake_workflow, workflow: Workflow) -> None:
         check_no_live_writers(workflow)
         jobs = [(job.rule.name, dict(job.wildcards_dict)) for job in snakemake_workflow.dag.needrun_jobs()]
         check_tasks(workflow, jobs)
+        check_cuda(snakemake_workflow, workflow, jobs)
         slurm.check_before_submitting(snakemake_workflow)
     except StageError as err:
         raise SystemExit(f"Error: {err}") from None

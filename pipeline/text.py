@@ -75,6 +75,9 @@ def input_files(patterns: list[str], strict: bool = True, unknown_files: str = "
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         found = []
         for match in map(Path, matches):
+            if match.exists() and not match.is_dir() and not match.is_file():
+                raise StageError(f"corpus input {pattern!r}: {match} is not a regular file (a named pipe, socket or "
+                                 f"device); the corpus stage reads files, once each, from the start")
             if match.is_dir():
                 listed = _directory_files(match, pattern, unknown_files)
                 if strict and not listed:
@@ -239,13 +242,9 @@ def _block_lines(path: Path, data: bytes, number: int, offset: int, limit: int, 
 def _utf16(raw: bytes, offset: int) -> bool:
     """Whether a line looks like UTF-16: the file's byte-order mark, or NULs in every other byte (ASCII text
     in UTF-16 is its bytes with a NUL before or after each)."""
-    if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return True
     sample = raw[:4096]
-    if len(sample) < 8:
-        return False
-    return any(sample[start::2].count(0) >= 0.8 * len(sample[start::2]) for start in (0, 1)) \
-        and sample.count(0) <= 0.6 * len(sample)
+    return (offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")) or len(sample) >= 8 and sample.count(0) <= 0.6 * len(
+        sample) and any(sample[start::2].count(0) >= 0.8 * len(sample[start::2]) for start in (0, 1))
 
 
 def _where(path: Path, number: int, offset: int) -> str:

@@ -287,8 +287,8 @@ def test_a_compression_bomb_stops_with_the_size_it_unpacked_to(tmp_path, monkeyp
 
     bomb = tmp_path / "bomb.txt.gz"
     with gzip.open(bomb, "wb", compresslevel=9) as out:
-        for _ in range(64):
-            out.write(b"\n" * (1 << 20))  # 64 MB of blank lines, about 64 KB compressed
+        for _ in range(16):
+            out.write(b"\n" * (1 << 20))  # 16 MB of blank lines, about 16 KB compressed
     monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)
     with caplog.at_level(logging.INFO, logger="pipeline"), pytest.raises(
             StageError, match=r"bomb.txt.gz: [\d,]+ bytes of gzip unpack to more than [\d,]+ bytes of text, over 100 "
@@ -297,4 +297,4 @@ def test_a_compression_bomb_stops_with_the_size_it_unpacked_to(tmp_path, monkeyp
     size = bomb.stat().st_size
     assert f"reading {bomb} ({size} bytes on disk, gzip: at most {100 * size:,} bytes of text" in caplog.text
     assert "bytes of text after" in caplog.text  # progress
-    assert list(read_documents(bomb, {"max_expansion": 2000})) == []  # allowed: then it holds no text
+    assert list(read_documents(bomb, {"max_expansion": 5000})) == []  # allowed: then it holds no text

@@ -17,7 +17,7 @@ def run(*command: str) -> subprocess.CompletedProcess:
 
 
 def test_ruff_is_clean():
-    result = run(str(BIN / "ruff"), "check", "pipeline", "tests", "bench")
+    result = run(str(BIN / "ruff"), "check", "pipeline", "tests", "bench", "tools")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
