@@ -215,7 +215,7 @@ def shard(files: list[Path], shard_paths: list[str], manifest_path: str, params:
             try:
                 totals, token_counts = _spill(read_chunks(files, params, skipped), spills, params, pool, workers,
                                               tokenizer)
-                _check_counts(files, spills)
+                _check_counts(files, spills, totals["text_tokens"], params["packing"])
                 firsts = np.concatenate([[0], np.cumsum([s.sequences for s in spills])])
                 jobs = [(str(s.path), out, i, int(firsts[i]), params["seed"])
                         for i, (s, out) in enumerate(zip(spills, [*shard_paths, validation_path]))]
@@ -296,8 +296,16 @@ def _spill(chunks: Iterator[Chunk], spills: list[Spill], params: dict, pool, wor
     return totals, token_counts
 
 
-def _check_counts(files: list[Path], spills: list[Spill]) -> None:
+def _check_counts(files: list[Path], spills: list[Spill], text_tokens: dict, packing: str) -> None:
     train = sum(s.sequences for s in spills[:-1])
+    dropped = text_tokens["dropped"]
+    if not train and text_tokens["train"] == 0 and sum(dropped.values()) and not spills[-1].sequences:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in dropped.items())
+        raise StageError(f"corpus {[str(f) for f in files]}: packing {packing} dropped every one of the "
+                         f"{text_tokens['read']} text tokens read ({reasons}): its filters pair a document's lines, "
+                         f"and these documents have too few (one line each: a document per row?); set "
+                         f"corpus.sentence_split: punctuation to split lines into sentences, or packing: "
+                         f"sentence_pairs")
     if not train:
         raise StageError(f"corpus {[str(f) for f in files]} holds no text"
                          + (" for training (every document went to validation)" if spills[-1].sequences else ""))

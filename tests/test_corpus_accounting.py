@@ -110,3 +110,18 @@ def test_sentence_split_punctuation_cuts_paragraph_lines_into_sentences(tmp_path
     assert list(read_documents(source, {"sentence_split": "punctuation"})) == [[
         "The vote was close.", '"We won," she said.', "Results came at 9 p.m. on Friday!", "Was it fair?",
         "1,200 people voted.", "A second line."]]
+
+
+def test_a_packing_that_drops_every_token_says_so(tmp_path, corpus_text):
+    """The probe's case D3: reference_pairs pairs a document's lines; documents of one line each (a document per
+    row) lose everything, which used to read "holds no text"."""
+    from pipeline.common import StageError
+
+    articles = [" ".join(doc.split("\n")) for doc in corpus_text.read_text().split("\n\n") if doc.strip()][:10]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
+    out = tmp_path / "out"
+    with pytest.raises(StageError, match=r"packing reference_pairs dropped every one of the \d+ text tokens read "
+                                         r"\(odd_last_lines \d+\).*sentence_split: punctuation"):
+        shard([source], [str(out / "s.parquet")], str(out / "m.json"),
+              {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0, "packing": "reference_pairs"})
