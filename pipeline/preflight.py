@@ -100,8 +100,6 @@ def check_tasks(workflow: Workflow, jobs: list[tuple[str, dict]]) -> None:
     the examples max_train_examples draws for each seed): a bad task file stops the run before Snakemake
     deletes the outputs of the jobs it reruns, instead of failing in each job. Task files a job of this run
     writes are checked by the fine-tuning jobs themselves."""
-    from pathlib import Path
-
     from .tasks import capped_examples, check_label_count, read_split, task_files, task_spec
 
     cap = workflow.config["finetune"]["max_train_examples"]

@@ -341,8 +341,9 @@ def d9(probe):
     work = probe.workdir("d9")
     task = work / "task"
     task.mkdir()
-    (task / "train.tsv").write_text("text\tlabel\n" + "".join(f"Ex {i}.\t{'pos' if i else 'neg'}\n" for i in range(40)))
-    (task / "dev.tsv").write_text("text\tlabel\nGood.\tpos\nBad.\tneg\n")
+    labels = ["neg"] + ["pos", "neu"] * 20  # the draw of 4 below holds pos and neu only
+    (task / "train.tsv").write_text("text\tlabel\n" + "".join(f"Ex {i}.\t{label}\n" for i, label in enumerate(labels)))
+    (task / "dev.tsv").write_text("text\tlabel\nGood.\tpos\nSo so.\tneu\nBad.\tneg\n")
     params = {"seed": 1, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.01,
               "warmup_fraction": 0.1, "max_seq_len": 32, "max_train_examples": 4, "device": "cpu",
               "task": {"format": "tsv", "path": str(task), "text_columns": ["text"], "label_column": "label"}}
