@@ -15,9 +15,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import StageError
+from .common import Progress, StageError, log
 
 csv.field_size_limit(sys.maxsize)
+LARGE_BYTES = 64 << 20  # task files at least this large are announced in the log (QQP's train.tsv: 40 MB)
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,15 @@ def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[
     """Texts and labels of one split; StageError naming the file and line of a malformed row or label."""
     if not path.is_file():
         raise StageError(f"task file {path} does not exist")
+    size = path.stat().st_size
+    if size >= LARGE_BYTES:
+        log.info("task file %s: %d bytes, read whole (its examples are held in memory)", path, size)
+    progress = Progress(f"reading task file {path}", unit="examples")
     texts, labels = [], []
     try:
         rows = _json_rows(path, spec) if path.suffix == ".jsonl" else _delimited_rows(path, spec)
         for where, text, label in rows:
+            progress.update(1)
             label = label.strip()
             _check_label(label, spec, where)
             texts.append(text)
