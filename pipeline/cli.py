@@ -24,7 +24,8 @@ from typing import Any
 
 from .common import StageError, log
 from .locks import holding
-from .stages import OUTPUT, SETTINGS, STAGES, STATE, Stage, paths
+from .stages import paths
+from .wiring import OUTPUT, SETTINGS, STAGES, STATE, Stage
 
 
 def parser(stage: Stage) -> argparse.ArgumentParser:

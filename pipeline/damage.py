@@ -26,7 +26,7 @@ from types import SimpleNamespace
 from .common import StageError
 from .integrity import read_record
 from .locks import lock_path
-from .rules import fill
+from .wiring import fill
 
 SHOWN = 12  # damaged outputs listed in the message
 

@@ -28,6 +28,7 @@ from . import config as cfg
 from . import plan_inputs, plan_rates
 from .common import StageError
 from .objectives import objective
+from .wiring import RULES
 from .workflow import Workflow
 
 # Bytes on disk, measured on the demo's outputs (make demo; MiniLM vocabulary, BBC News text).
@@ -38,7 +39,8 @@ COPY_BYTES_PER_SECOND = 200e6  # HDF5 states imported into the zarr store
 TOKENIZER_TRAINING_BYTES_PER_SECOND = 1e6  # train_tokenizer (assumed: the plan does not train one)
 FORWARD_SHARE_OF_STEP = 1 / 3  # a forward pass costs about a third of a training step
 REPORT_SECONDS = 0.5  # tables and two plots
-SPECIALS = {"sentence_pairs": 2.5, "contiguous": 2}  # special tokens per packed sequence (mean)
+SPECIALS = {"sentence_pairs": 2.5, "contiguous": 2, "reference_pairs": 3}  # special tokens per sequence (mean)
+ASSUMED_NONZEROS = 90  # atoms of a whole code (targets.top_k: none): ~90 at K = 3000 on real MiniLM states
 EARLY_STOP = 0.5  # share of the dictionary's epochs assumed run before the held-out objective stalls
 SUBSAMPLE_KEEP = {"none": 1.0, "w2v": 0.5, "drop": 0.6}  # assumed share of eligible tokens kept
 SHARD_THREADS_MIN_BYTES = 2 * (1 << 20) // 4  # below this the corpus stage uses one process (pipeline/corpus.py)
@@ -75,9 +77,10 @@ class Planner:
         self.gpu = config["device"] == "cuda" or (config["device"] == "auto" and rates.name != "cpu")
 
     def costs(self) -> list[Cost]:
+        """Each rule's jobs costed by its declaration (pipeline/wiring/<stage>.py: cost)."""
         by_rule: dict[str, Cost] = {}
         for rule, wildcards in self.workflow.jobs():
-            seconds, disk, gpus = getattr(self, rule)(SimpleNamespace(**wildcards))
+            seconds, disk, gpus = RULES[rule].cost(self, SimpleNamespace(**wildcards))
             cost = by_rule.setdefault(rule, Cost(rule))
             cost.jobs += 1
             cost.seconds += seconds
@@ -85,40 +88,24 @@ class Planner:
             cost.disk += disk
         return list(by_rule.values())
 
-    # ---- each rule: (seconds, bytes, GPUs) of one job ----
-
-    def bbc_news_data(self, w):
-        made = self.demo.path(f"{plan_inputs.BBC_DIR}/manifest.json").parent
-        return self.rates.startup(False), sum(f.stat().st_size for f in made.rglob("*") if f.is_file()), 0
-
-    def train_tokenizer(self, w):
-        return self.rates.startup(True) + self.corpus.text_bytes / TOKENIZER_TRAINING_BYTES_PER_SECOND, 1e6, 0
-
-    def shard_corpus(self, w):
-        workers = min(self.config["corpus"]["threads"], self.cores)
-        if self.corpus.text_bytes < SHARD_THREADS_MIN_BYTES:
-            workers = 1
-        rate = self.corpus_rate * workers
-        tokens = self.corpus.tokens + self.corpus.validation_tokens
-        return self.rates.startup(True) + self.corpus.text_bytes / rate, \
-            tokens * BYTES["corpus_per_token"] + 8 * self.vocab, 0
+    # ---- what the rules' costs share (each rule's own: pipeline/wiring/<stage>.py) ----
 
     @property
     def corpus_rate(self) -> float:
         return self.rates.tokenize_bytes_per_second(self.corpus.pack_bytes_per_second)
 
-    def _teacher(self, name: str, threads: int) -> tuple[float, float]:
+    def teacher(self, name: str, threads: int) -> tuple[float, float]:
         """(load seconds, forward tokens/s) of a teacher up to its layer."""
         teacher = self.config["teachers"][name]
         source = self.workflow.teacher_source(name) if not self.workflow.is_auxiliary(name) else None
         if source is None:  # trained by the pipeline: not there yet; a student of its size stands in
             options = teacher["auxiliary"]
-            step = self.rates.training(self._key(options), "mlm", 0, self.length, self.vocab, threads)
+            step = self.rates.training(self.key(options), "mlm", 0, self.length, self.vocab, threads)
             return 0.0, step / FORWARD_SHARE_OF_STEP
         return self.rates.teacher(source, teacher["layer"], min(teacher["batch_size"], 32), self.length, threads,
                                   teacher["trust_remote_code"])
 
-    def _hidden(self, name: str) -> int:
+    def hidden(self, name: str) -> int:
         teacher = self.config["teachers"][name]
         if self.workflow.is_auxiliary(name):
             from .pretrain.model import PRESETS
@@ -128,77 +115,25 @@ class Planner:
 
         return model_hidden_size(teacher["source"], teacher["trust_remote_code"])
 
-    def pretrain_teacher(self, w):
-        options = {**self.config["teachers"][w.teacher]["auxiliary"], "objective": "mlm"}
-        return self._pretraining(options, "mlm", None, None)
-
-    def extract_activations(self, w):
-        a, teacher = self.config["activations"], self.config["teachers"][w.teacher]
-        hidden = self._hidden(w.teacher)
-        disk = a["sample_tokens"] * (hidden * BYTES["store_per_value"] + BYTES["store_per_row"])
-        if teacher.get("activations"):  # imported from HDF5: a copy
-            return self.rates.startup(True) + a["sample_tokens"] * hidden * 2 / COPY_BYTES_PER_SECOND, disk, 1
-        per_sequence = self.length - SPECIALS[self.config["corpus"]["packing"]]
-        if a["positions_per_sequence"]:
-            per_sequence = min(per_sequence, a["positions_per_sequence"])
-        tokens = min(self.corpus.tokens, a["sample_tokens"] / SUBSAMPLE_KEEP[a["subsample"]] / per_sequence
-                     * self.length)
-        load, rate = self._teacher(w.teacher, self.workflow.threads("extract_activations", w))
-        return self.rates.startup(True) + load + tokens / rate, disk, 1
-
-    def fit_dictionary(self, w):
-        d = self.config["dictionary"]
-        hidden = self._hidden(w.teacher)
-        rows = self.config["activations"]["sample_tokens"] - d["heldout_tokens"]
-        batches = d["epochs"] * max(1, rows // d["batch_size"]) * (EARLY_STOP if d["convergence_tolerance"] else 1)
-        keys = ("atoms", "lambda", "batch_size", "code_iterations", "forgetting", "code_tolerance", "atom_block",
-                "atom_sweeps")
-        per_batch = self.rates.dictionary_batch(hidden, self._key({k: d[k] for k in keys}),
-                                                self.workflow.threads("fit_dictionary", w))
-        return self.rates.startup(True) + batches * per_batch, hidden * d["atoms"] * 4 + 2e4, 1
-
-    def precompute_targets(self, w):
-        t = self.config["targets"]
-        tokens = self.corpus.validation_tokens if w.part == "validation" else \
-            self.corpus.tokens / self.config["corpus"]["shards"]
-        load, forward = self._teacher(w.teacher, 1)
-        solve = self.rates.lasso(self._hidden(w.teacher), self.config["dictionary"]["atoms"],
-                                 self._key(self._solver(t)), 1)
-        seconds = self.rates.startup(True) + load + tokens / forward + tokens / solve
-        return seconds, tokens * t["top_k"] * BYTES["target_per_atom"], 1
-
-    def _solver(self, settings: dict) -> dict:
+    def solver(self, settings: dict) -> dict:
         return {**{k: settings[k] for k in cfg.SOLVER_KEYS}, "lambda": self.config["dictionary"]["lambda"]}
 
-    def summarize_targets(self, w):
-        stored = (self.corpus.tokens + self.corpus.validation_tokens) * self.config["targets"]["top_k"] \
-            * BYTES["target_per_atom"]
-        return self.rates.startup(False) + stored / READ_BYTES_PER_SECOND, BYTES["record"], 0
-
-    def pretrain_student(self, w):
-        options = self.workflow.student_options(w.student)
-        teacher = self.workflow.student_teacher(w.student)
-        atoms = self.config["dictionary"]["atoms"] if objective(options["objective"]).targets else None
-        if not objective(options["objective"]).trains:  # the control: initialised, measured and saved
-            return self.rates.startup(True), self._model_bytes(options["size"], options["objective"], None), 0
-        return self._pretraining(options, options["objective"], atoms, teacher)
-
-    def _pretraining(self, options: dict, name: str, atoms: int | None, teacher: str | None):
+    def pretraining(self, options: dict, name: str, atoms: int | None, teacher: str | None):
         gpus = options["gpus"]
         tokens = options["max_steps"] * options["batch_size"] * options["grad_accumulation"] * gpus * self.length
-        rate = self.rates.training(self._key(options), name, atoms, self.length, self.vocab, 1) * gpus
+        rate = self.rates.training(self.key(options), name, atoms, self.length, self.vocab, 1) * gpus
         seconds = tokens / rate
         if "kd" in objective(name).losses or (atoms and options["targets"] == "online"):
-            seconds += tokens / (self._teacher(teacher, 1)[1] * gpus)  # the teacher's forward in every step
+            seconds += tokens / (self.teacher(teacher, 1)[1] * gpus)  # the teacher's forward in every step
         if atoms and options["targets"] == "online":
             solver = cfg.REFERENCE_SOLVER if options["online_solver"] == "reference" else self.config["targets"]
             masked = tokens * options["mask_fraction"]
-            seconds += masked / (self.rates.lasso(self._hidden(teacher), atoms, self._key(self._solver(solver)), 1)
+            seconds += masked / (self.rates.lasso(self.hidden(teacher), atoms, self.key(self.solver(solver)), 1)
                                  * gpus)
         saves = 1 + len(cfg.checkpoint_steps(options))
-        return self.rates.startup(True) + seconds, saves * self._model_bytes(options["size"], name, atoms), gpus
+        return self.rates.startup(True) + seconds, saves * self.model_bytes(options["size"], name, atoms), gpus
 
-    def _model_bytes(self, size: str, name: str, atoms: int | None) -> float:
+    def model_bytes(self, size: str, name: str, atoms: int | None) -> float:
         from .pretrain.model import PRESETS
 
         shape = PRESETS[size]
@@ -207,28 +142,27 @@ class Planner:
         params += (h * h + self.vocab if objective(name).mlm_head else 0) + (h * h + h * atoms if atoms else 0)
         return params * 4 + BYTES["tokenizer"]
 
-    def finetune(self, w):
-        options, task = self.config["finetune"], self.tasks[w.task]
-        size = self.workflow.student_options(w.student)["size"]
-        length = max(1, round(task.length))
-        rate = self.rates.finetuning(size, min(options["batch_size"], 32), length, self.vocab, 1)
-        train = options["epochs"] * task.train * task.length
-        dev = options["epochs"] * task.dev * task.length
-        return self.rates.startup(True) + (train + dev * FORWARD_SHARE_OF_STEP) / rate, BYTES["record"], 1
-
-    def report(self, w):
-        return self.rates.startup(False) + REPORT_SECONDS, BYTES["report"] + 3e3 * len(self.workflow.students), 0
-
     @staticmethod
-    def _key(options: dict) -> tuple:
+    def key(options: dict) -> tuple:
         """Options as a hashable key (the rates cache their measurements by it)."""
         return tuple(sorted((k, v) for k, v in options.items() if not isinstance(v, (list, dict))))
+
+
+def specials(packing: str) -> float:
+    """Special tokens per packed sequence (mean) of a packing."""
+    return SPECIALS[packing]
+
+
+def stored_atoms(config: dict) -> float:
+    """Atoms stored per token in the target shards: top_k, or with the whole code its assumed non-zeros."""
+    top_k = config["targets"]["top_k"]
+    return min(config["dictionary"]["atoms"], ASSUMED_NONZEROS) if top_k == "none" else top_k
 
 
 def actual_costs(config: dict, results: Path, cores: int) -> dict[str, Cost]:
     """Seconds (benchmark files: the last run of each job) and bytes of the outputs of a finished run whose
     results directory is `results` (paths outside it, as the demo data's, are read beside it)."""
-    from .rules import fill
+    from .wiring import fill
 
     workflow = Workflow(config)
     workdir = results.parent if not Path(workflow.results).is_absolute() else Path("/")

@@ -15,9 +15,9 @@ from pathlib import Path
 from . import config as cfg
 from .common import StageError
 from .locks import live_writer
-from .rules import RULES, fill
 from .text import input_files
-from .workflow import BBC_DIR, Workflow
+from .wiring import RULES, fill
+from .workflow import Workflow
 
 
 def check_inputs(workflow: Workflow) -> None:
@@ -27,7 +27,7 @@ def check_inputs(workflow: Workflow) -> None:
     corpus = workflow.config["corpus"]
     produced = set()
     if workflow.config["demo_data"]["bbc_news"]["enabled"]:
-        produced = {os.path.normpath(f"{BBC_DIR}/{path}") for path in RULES["bbc_news_data"].outputs.values()}
+        produced = {os.path.normpath(path) for path in RULES["bbc_news_data"].outputs.values()}
     try:
         _results_outside_inputs(corpus["inputs"], workflow.config["results"])
         input_files(corpus["inputs"], unknown_files=corpus["unknown_files"], produced=frozenset(produced))

@@ -27,8 +27,7 @@ from . import config as cfg
 from .compare import _without
 from .damage import Damage, damaged_outputs, job_outputs
 from .integrity import atomic_output, read_record, sha256_file
-from .rules import RULES, fill
-from .stages import INPUT, LOG, OUTPUT, STAGES
+from .wiring import INPUT, LOG, OUTPUT, RULES, fill
 from .workflow import Workflow
 
 TIMESTAMP = ".snakemake_timestamp"  # what Snakemake reads a directory output's time from
@@ -39,10 +38,11 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS
 
 def job_argv(workflow: Workflow, rule: str, wildcards: dict) -> list[str]:
     """The command line the rule runs for this job (pipeline/rules.py: command), as a list."""
-    stage, declared = STAGES[RULES[rule].stage], RULES[rule]
+    declared = RULES[rule]
+    stage = declared.stage
     names = SimpleNamespace(**wildcards)
     given = {port: value for port, value in workflow.inputs(rule, names).items()}
-    if "text" in declared.inputs:
+    if "text" in declared.input_ports:
         given["text"] = workflow.arguments("text")
     outputs = {port: ([fill(v, **wildcards) for v in value] if isinstance(value, list) else fill(value, **wildcards))
                for port, value in workflow.outputs(rule).items()}

@@ -1,11 +1,11 @@
-"""The workflow's wiring for one config, in tested Python: each job's input paths and config slice, and the
-list of jobs the config makes.
+"""One config's workflow: its names and paths, and the helpers the rules' declarations share
+(pipeline/wiring/<stage>.py declares each rule: its jobs, inputs, config slice, threads, resources and cost).
+The Snakemake rules (workflow/rules/pipeline.smk) ask this class for every job's inputs, outputs and params,
+and the tests, the cost plan and the repair list its jobs from it, so that a rule is declared once.
 
-The Snakemake rules (workflow/rules/*.smk) take everything but their resources from here and from
-pipeline/rules.py, so that a port is named once (pipeline/stages.py) and its path once. Each rule's
-params are its stage's config slice and format version, and nothing else: changing a key reruns exactly
-the jobs whose slice holds it (tests/test_wiring.py checks it key by key). Nothing here imports torch or
-pyarrow: Snakemake reads it at every parse, also in every cluster job.
+Each job's params are its rule's config slice and its stage's format version, and nothing else: changing a key
+reruns exactly the jobs whose slice holds it (tests/test_wiring.py checks it key by key). Nothing here imports
+torch or pyarrow: Snakemake reads it at every parse, also in every cluster job.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from . import contract
 from .hfdata import DatasetInput
 from .launch import torchrun_command
 from .objectives import objective
-from .rules import RULES, fill
 from .slices import Slices
 from .slurm import job_threads
-from .stages import STAGES
 from .tasks import task_files
 from .text import input_files
+from .wiring import RULES, fill
 
 BBC_DIR = contract.BBC_DIR
 
@@ -62,11 +61,11 @@ class Workflow(Slices):
 
     def outputs(self, rule: str) -> dict:
         """Port -> path template (a list for a port of many files)."""
-        out = {}
-        for port, template in RULES[rule].outputs.items():
-            if rule == "bbc_news_data":
-                out[port] = f"{BBC_DIR}/{template}"
-            elif STAGES[RULES[rule].stage].port(port).many:
+        declared, out = RULES[rule], {}
+        for port, template in declared.outputs.items():
+            if declared.beside_results:
+                out[port] = template
+            elif declared.stage.port(port).many:
                 out[port] = [self.path(template, shard=s) for s in self.shards]
             else:
                 out[port] = self.path(template)
@@ -144,38 +143,19 @@ class Workflow(Slices):
         return torchrun_command(self.gpus(rule, wildcards))
 
     def threads(self, rule: str, wildcards) -> int:
-        """The job's threads (`threads:` of its rule; Snakemake sets OMP_NUM_THREADS and the like from them): the
-        corpus stage's processes, two for the learners that overlap reading and computing, and for the jobs of
-        the model stages one per process, two per GPU with CUDA (the process and its loader thread)."""
-        if rule in ("shard_corpus", "shard_corpus_phase"):
-            return self.config["corpus"]["threads"]
-        if rule in ("extract_activations", "fit_dictionary"):
-            return 2
-        if rule in ("pretrain_student", "pretrain_teacher", "precompute_targets", "finetune"):
-            return job_threads(self.gpus(rule, wildcards), int(self.device == "cuda"))
-        return 1
+        """The job's threads (its rule's declaration; Snakemake sets OMP_NUM_THREADS and the like from them)."""
+        return RULES[rule].job_threads(self, wildcards)
 
-    # ---- each rule's inputs: port -> path(s), for one job ----
+    def process_threads(self, processes: int) -> int:
+        """Threads of a job of a model stage: one per process, two per GPU with CUDA (the process and its
+        loader thread)."""
+        return job_threads(processes, int(self.device == "cuda"))
+
+    # ---- what the rules' inputs share ----
 
     def inputs(self, rule: str, wildcards) -> dict:
-        return getattr(self, f"_{rule}_inputs")(wildcards)
-
-    def _bbc_news_data_inputs(self, w) -> dict:
-        return {}
-
-    def _train_tokenizer_inputs(self, w) -> dict:
-        return {"text": self.corpus_inputs()}
-
-    def _shard_corpus_inputs(self, w) -> dict:
-        tokenizer = {"tokenizer_manifest": self.path(contract.TOKENIZER_MANIFEST)} if self.trained_tokenizer else {}
-        return {"text": self.corpus_inputs(), **tokenizer}
-
-    def _shard_corpus_phase_inputs(self, w) -> dict:
-        return self._shard_corpus_inputs(w)
-
-    def _pretrain_teacher_inputs(self, w) -> dict:
-        return {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                **self.phase_inputs(self.config["teachers"][w.teacher]["auxiliary"], None)}
+        """Port -> path(s) of one job (its rule's declaration)."""
+        return RULES[rule].inputs(self, wildcards)
 
     def teacher_model(self, teacher: str | None) -> dict:
         """The auxiliary teacher's model and record, which a job using the teacher reads."""
@@ -183,36 +163,6 @@ class Workflow(Slices):
             return {}
         return {"teacher_model": self.path(contract.AUXILIARY_TEACHER, teacher=teacher),
                 "teacher_summary": self.path(contract.AUXILIARY_SUMMARY, teacher=teacher)}
-
-    def _extract_activations_inputs(self, w) -> dict:
-        imported = self.config["teachers"][w.teacher].get("activations")  # states computed elsewhere (HDF5)
-        return {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS), **self.teacher_model(w.teacher),
-                **({"states": imported} if imported else {})}
-
-    def _fit_dictionary_inputs(self, w) -> dict:
-        return {"activations": self.path(contract.ACTIVATIONS, teacher=w.teacher),
-                "activations_manifest": self.path(contract.ACTIVATIONS_MANIFEST, teacher=w.teacher)}
-
-    def _precompute_targets_inputs(self, w) -> dict:
-        length = contract.phase_length(w.part)
-        manifest = contract.CORPUS_MANIFEST if length is None else contract.CORPUS_PHASE_MANIFEST
-        return {"corpus_part": self.path(contract.CORPUS_PART, part=w.part),
-                "corpus_manifest": self.path(manifest, length=length),
-                "dictionary": self.path(contract.DICTIONARY, teacher=w.teacher),
-                "dictionary_metrics": self.path(contract.DICTIONARY_METRICS, teacher=w.teacher),
-                **self.teacher_model(w.teacher)}
-
-    def _summarize_targets_inputs(self, w) -> dict:
-        # Each shard's record, in the order of the shards and the validation targets (the parts).
-        records = [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in self.parts]
-        return {"shards": self.target_shards(w.teacher),
-                "validation": self.path(contract.TARGET_VALIDATION, teacher=w.teacher), "records": records}
-
-    def _summarize_phase_targets_inputs(self, w) -> dict:
-        parts = contract.phase_part_names(len(self.shards), int(w.length))
-        return {"shards": self.phase_target_shards(w.teacher, int(w.length)),
-                "records": [self.path(contract.TARGET_PART_RECORD, teacher=w.teacher, part=part) for part in parts]}
 
     def phase_target_shards(self, teacher: str, length: int) -> list[str]:
         return [self.path(contract.TARGET_PHASE_SHARD, teacher=teacher, length=length, shard=s) for s in self.shards]
@@ -232,41 +182,6 @@ class Workflow(Slices):
                                                 for n in lengths]
         return inputs
 
-    def _pretrain_student_inputs(self, w) -> dict:
-        """Corpus and validation split; for MLSM objectives the targets of both and their record, or with
-        targets online the dictionary; a teacher the pipeline trained, with its record."""
-        inputs = {"corpus_shards": self.corpus_shards(), "corpus_manifest": self.path(contract.CORPUS_MANIFEST),
-                  "validation": self.path(contract.CORPUS_VALIDATION),
-                  "token_counts": self.path(contract.CORPUS_TOKEN_COUNTS)}
-        teacher = self.student_teacher(w.student)
-        if self.online_targets(w.student):
-            inputs["dictionary"] = self.path(contract.DICTIONARY, teacher=teacher)
-            inputs["dictionary_metrics"] = self.path(contract.DICTIONARY_METRICS, teacher=teacher)
-        elif objective(self.config["students"][w.student]["objective"]).targets:
-            inputs["target_shards"] = self.target_shards(teacher)
-            inputs["target_manifest"] = self.path(contract.TARGET_MANIFEST, teacher=teacher)
-            inputs["validation_targets"] = self.path(contract.TARGET_VALIDATION, teacher=teacher)
-            inputs["dictionary_metrics"] = self.path(contract.DICTIONARY_METRICS, teacher=teacher)  # model card
-        inputs.update(self.phase_inputs(self.student_options(w.student),
-                                        teacher if self.precomputed_targets(w.student) else None))
-        return {**inputs, **self.teacher_model(teacher)}
-
-    def _finetune_inputs(self, w) -> dict:
-        train, dev = task_files(self.config["tasks"][w.task])
-        model = contract.STUDENT_MODEL if w.snapshot == "final" else contract.STUDENT_CHECKPOINTS
-        return {"train": train, "dev": dev, "model": self.path(model, student=w.student),
-                "model_summary": self.path(contract.STUDENT_SUMMARY, student=w.student)}
-
-    def _report_inputs(self, w) -> dict:
-        return {"scores": self.finetune_scores(),
-                "students": [self.path(contract.STUDENT_SUMMARY, student=s) for s in self.students],
-                "dictionaries": [self.path(contract.DICTIONARY_METRICS, teacher=t) for t in self.teachers],
-                "atoms": [self.path(contract.DICTIONARY_ATOMS, teacher=t) for t in self.teachers],
-                "targets": [self.path(contract.TARGET_MANIFEST, teacher=t) for t in self.teachers],
-                "benchmarks": [self.benchmark(rule, **wildcards) for rule, wildcards in self.jobs()
-                               if rule != "report"],
-                "task_files": [path for task in self.tasks for path in task_files(self.config["tasks"][task])]}
-
     def finetuned_snapshots(self, student: str, task: str) -> list[str]:
         return cfg.finetuned_snapshots(self.config, student, task)
 
@@ -279,31 +194,15 @@ class Workflow(Slices):
     # ---- the jobs a config makes ----
 
     def jobs(self) -> list[tuple[str, dict]]:
-        """(rule, wildcards) of every job of the DAG, in the order the stages run."""
-        jobs = [("bbc_news_data", {})] if self.uses_demo_data() else []
-        jobs += [("train_tokenizer", {})] if self.trained_tokenizer else []
-        jobs.append(("shard_corpus", {}))
-        jobs += [("shard_corpus_phase", {"length": str(n)}) for n in self.extra_lengths()]
-        jobs += [("pretrain_teacher", {"teacher": t}) for t in self.auxiliary_teachers()]
-        for teacher in self.teachers:
-            jobs += [("extract_activations", {"teacher": teacher}), ("fit_dictionary", {"teacher": teacher})]
-            jobs += [("precompute_targets", {"teacher": teacher, "part": part}) for part in self.parts]
-            jobs.append(("summarize_targets", {"teacher": teacher}))
-            for n in self.target_lengths(teacher):
-                jobs += [("precompute_targets", {"teacher": teacher, "part": part})
-                         for part in contract.phase_part_names(len(self.shards), n)]
-                jobs.append(("summarize_phase_targets", {"teacher": teacher, "length": str(n)}))
-        jobs += [("pretrain_student", {"student": s}) for s in self.students]
-        jobs += [("finetune", {"student": s, "snapshot": c, "task": t, "seed": str(seed)})
-                 for s in self.students for t in self.tasks for c in self.finetuned_snapshots(s, t)
-                 for seed in self.seeds]
-        return jobs + [("report", {})]
+        """(rule, wildcards) of every job of the DAG, rule after rule in the order the stages run."""
+        return [(name, wildcards) for name, rule in RULES.items() if rule.enabled(self.config)
+                for wildcards in rule.jobs(self)]
 
     def uses_demo_data(self) -> bool:
         """Whether the DAG reads the demo data: a corpus input or a task lies under its directory."""
         if not self.config["demo_data"]["bbc_news"]["enabled"]:
             return False
-        made = {f"{BBC_DIR}/{p}" for p in RULES["bbc_news_data"].outputs.values()}
+        made = set(RULES["bbc_news_data"].outputs.values())
         read = set(self.corpus_inputs()) | {f for t in self.config["tasks"].values() for f in task_files(t)}
         return bool(made & read)
 

@@ -41,7 +41,7 @@ def run_stage(stage: str, args: list) -> None:
     """A stage as its command line runs it."""
     import importlib
 
-    from pipeline.stages import STAGES
+    from pipeline.wiring import STAGES
 
     run(stage, getattr(importlib.import_module(f"pipeline.{stage}"), STAGES[stage].entry), args)
 

@@ -123,20 +123,21 @@ def shell_blocks(text: str) -> list[str]:
 
 
 def test_rule_shell_commands_quote_every_field():
-    """Every rule's shell is the command pipeline.workflow builds for it, and that quotes every field."""
-    from pipeline.rules import RULES as WIRED
-    from pipeline.rules import command
+    """Every rule's shell is the command pipeline.wiring builds for it from the rule's declaration, and that
+    quotes every field."""
+    from pipeline.wiring import RULES as WIRED
+    from pipeline.wiring import command
 
     problems, seen = [], 0
     for path in RULES:
         for block in shell_blocks(path.read_text()):
             seen += 1
-            if not re.fullmatch(r'\s*command\("\w+"\)\s*', block):
+            if not re.fullmatch(r'\s*command\(("\w+"|rule)\)\s*', block):
                 problems.append(f"{path.name}: a shell that is not command(<rule>): {block.strip()}")
     for rule in WIRED:
         problems += [f"{rule}: {{{field}}} is not quoted with :q"
                      for field in unquoted_fields(f"  shell:\n    {command(rule)!r}\n")]
-    assert seen == len(WIRED) and not problems, problems
+    assert seen and not problems, problems
 
 
 def unquoted_fields(text: str) -> list[str]:

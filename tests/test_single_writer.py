@@ -141,7 +141,7 @@ def test_a_run_finds_live_writers_of_its_outputs_before_any_job(tmp_path, monkey
 
 def test_a_stage_holds_its_outputs_and_resume_directory_but_not_under_other_ranks(monkeypatch):
     from pipeline.cli import parse, written_paths
-    from pipeline.stages import STAGES
+    from pipeline.wiring import STAGES
 
     paths, _ = parse("targets", ["--corpus-part", "c.parquet", "--corpus-manifest", "m.json", "--dictionary", "D.npy",
                                  "--dictionary-metrics", "dm.json", "--targets", "t.parquet", "--record", "t.json",

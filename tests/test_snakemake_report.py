@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import contract
 from pipeline.report_html import blocks, render_html
-from pipeline.rules import RULES
+from pipeline.wiring import RULES
 
 from conftest import REPO, venv_env
 from test_workflow import SNAKEFILE

@@ -15,8 +15,7 @@ import yaml
 
 from pipeline import config as cfg
 from pipeline.objectives import OBJECTIVES
-from pipeline.rules import RULES, command, fill
-from pipeline.stages import INPUT, OUTPUT, STAGES
+from pipeline.wiring import INPUT, OUTPUT, RULES, STAGES, command, fill
 from pipeline.workflow import Workflow
 
 from conftest import REPO, venv_env
@@ -210,16 +209,16 @@ def test_the_kd_temperature_is_in_every_students_slice_but_only_kd_uses_it(tiny)
 def test_every_rule_is_wired_to_its_stage(tiny):
     workflow = Workflow(cfg.validate(tiny))
     for name, rule in RULES.items():
-        stage = STAGES[rule.stage]
+        stage = rule.stage
         ports = {p.name: p for p in stage.ports}
         assert set(rule.outputs) <= {n for n, p in ports.items() if p.role == OUTPUT}, name
         assert {n for n, p in ports.items() if p.role == OUTPUT and not p.optional} <= set(rule.outputs), name
-        assert set(rule.inputs) <= {n for n, p in ports.items() if p.role == INPUT}, name
-        assert {n for n, p in ports.items() if p.role == INPUT and not p.optional} <= set(rule.inputs), name
+        assert set(rule.uses) <= {n for n, p in ports.items() if p.role == INPUT}, name
+        assert {n for n, p in ports.items() if p.role == INPUT and not p.optional} <= set(rule.input_ports), name
         for job_rule, wildcards in workflow.jobs():
             if job_rule == name:
                 given = workflow.inputs(name, SimpleNamespace(**wildcards))
-                assert set(given) <= set(rule.inputs), (name, set(given) - set(rule.inputs))
+                assert set(given) <= set(rule.input_ports), (name, set(given) - set(rule.input_ports))
         assert f"-m pipeline.{stage.name} " in command(name)
 
 

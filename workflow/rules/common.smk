@@ -1,12 +1,12 @@
-# Shared by every rule: the validated config and, from pipeline/workflow.py, each rule's ports, paths,
-# params (its config slice) and command. Rules state only Snakemake facts; the wiring is tested Python.
+# The validated config, and what every rule takes from its declaration (pipeline/wiring/<stage>.py) through
+# the config's Workflow (pipeline/workflow.py): its inputs, outputs, logs, params, threads, resources and
+# command. The rules themselves are made from the declarations in pipeline.smk.
 import re as _re
 import sys as _sys
 
 from pipeline import config as cfg
 from pipeline import preflight
-from pipeline.stages import STAGES
-from pipeline.rules import RULES, command, optional_inputs, verbatim_inputs
+from pipeline.wiring import RULES, command, optional_inputs, verbatim_inputs
 from pipeline.workflow import Workflow
 
 try:
@@ -37,10 +37,6 @@ wildcard_constraints:
     snapshot=r"final|step\d+",
 
 
-def _stage(rule):
-    return STAGES[RULES[rule].stage]
-
-
 _OUTPUTS_CHECKED = []
 
 
@@ -64,7 +60,7 @@ def rule_inputs(rule):
 
 def rule_outputs(rule):
     """The rule's outputs; those it shows in `snakemake --report` marked with report() (captions in ../report/)."""
-    stage = _stage(rule)
+    stage = RULES[rule].stage
     outputs = {}
     for port, path in W.outputs(rule).items():
         outputs[port] = directory(path) if stage.port(port).directory else path
@@ -81,7 +77,7 @@ def rule_outputs(rule):
 
 
 def rule_logs(rule):
-    stage = _stage(rule)
+    stage = RULES[rule].stage
     return {
         port: directory(path) if port != "main" and stage.port(port).directory else path
         for port, path in W.logs(rule).items()
@@ -114,9 +110,23 @@ def job_attempt(wildcards, attempt):
     return attempt
 
 
-def attempt_runtime(minutes):
-    """A retried job (one stopped at a time limit, say) resumes and gets proportionally more time."""
-    return lambda wildcards, attempt: minutes * attempt
+def rule_resources(rule):
+    """What a job asks the scheduler for. A retried job (one stopped at a time limit, say) resumes and gets
+    proportionally more time; with device cuda a GPU rule's job asks for a GPU per process."""
+    declared = RULES[rule]
+    wanted = declared.resources
+    memory = wanted.mem_mb
+    resources = {"mem_mb": (lambda wildcards, threads: memory(threads)) if callable(memory) else memory}
+    if declared.resumable:
+        minutes = wanted.runtime
+        resources.update(attempt=job_attempt, runtime=lambda wildcards, attempt: minutes * attempt)
+    else:
+        resources["runtime"] = wanted.runtime
+    if wanted.gpu:
+        resources["gpu"] = lambda wildcards: GPU * W.gpus(rule, wildcards)
+    if "checkpoint_seconds" in declared.stage.settings:
+        resources["checkpoint_seconds"] = CHECKPOINT_SECONDS
+    return resources
 
 
 onstart:

@@ -1,0 +1,50 @@
+"""Stage 4b: the target shards' statistics, each verified against its own record, summed into the targets'
+record: of the corpus's parts, and of each other length's (pipeline/target_summary.py)."""
+
+from __future__ import annotations
+
+from .. import contract
+from .base import TARGETS, Resources, Rule, Shown, Stage, inp, out
+
+STAGE = Stage("target_summary", "the target shards' statistics summed into the targets' record", (
+    inp("shards", many=True), inp("validation", optional=True),
+    inp("records", many=True, optional=True, help="each shard's record, in the order of the shards and the "
+                                                  "validation targets (default: beside each, .json)"),
+    out("manifest")))
+
+
+def inputs(w, job):
+    # Each shard's record, in the order of the shards and the validation targets (the parts).
+    records = [w.path(contract.TARGET_PART_RECORD, teacher=job.teacher, part=part) for part in w.parts]
+    return {"shards": w.target_shards(job.teacher),
+            "validation": w.path(contract.TARGET_VALIDATION, teacher=job.teacher), "records": records}
+
+
+def phase_inputs(w, job):
+    parts = contract.phase_part_names(len(w.shards), int(job.length))
+    return {"shards": w.phase_target_shards(job.teacher, int(job.length)),
+            "records": [w.path(contract.TARGET_PART_RECORD, teacher=job.teacher, part=part) for part in parts]}
+
+
+def cost(plan, job):
+    """Reading every target shard back for its statistics (those of one length for a phase's summary)."""
+    from ..plan import BYTES, READ_BYTES_PER_SECOND, stored_atoms
+
+    tokens = plan.corpus.tokens + (plan.corpus.validation_tokens if not hasattr(job, "length") else 0)
+    stored = tokens * stored_atoms(plan.config) * BYTES["target_per_atom"]
+    return plan.rates.startup(False) + stored / READ_BYTES_PER_SECOND, BYTES["record"], 0
+
+
+RESOURCES = Resources(mem_mb=2000, runtime=10, local=True)
+
+SUMMARIZE_TARGETS = Rule(
+    "summarize_targets", STAGE, job="{teacher}", outputs={"manifest": contract.TARGET_MANIFEST},
+    inputs=inputs, params=lambda w, job: w.target_slice(), jobs=lambda w: [{"teacher": t} for t in w.teachers],
+    cost=cost, resources=RESOURCES,
+    shown={"manifest": Shown("target_manifest", TARGETS, (("teacher", "{teacher}"),))})
+
+SUMMARIZE_PHASE_TARGETS = Rule(
+    "summarize_phase_targets", STAGE, job="{teacher}_len{length}", uses=("shards", "records"),
+    outputs={"manifest": contract.TARGET_PHASE_MANIFEST}, inputs=phase_inputs, params=lambda w, job: w.target_slice(),
+    jobs=lambda w: [{"teacher": t, "length": str(n)} for t in w.teachers for n in w.target_lengths(t)],
+    cost=cost, resources=RESOURCES)
