@@ -19,15 +19,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .objectives import objective
+from .objectives import objective, reported_losses
 
 CARD = "README.md"
-LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")
+LOSSES = reported_losses()
 BASE_TAGS = ("mlsm-pipeline", "bert")
-OBJECTIVE_TAGS = {"mlsm": ["masked-latent-semantic-modeling"], "mlm": ["masked-language-modeling"],
-                  "kd": ["knowledge-distillation"],
-                  "mlsm+mlm": ["masked-latent-semantic-modeling", "masked-language-modeling"],
-                  "none": ["no-pretraining-control"]}
 
 
 def metadata(facts: dict, scores: list[dict] | None = None) -> dict:
@@ -36,7 +32,7 @@ def metadata(facts: dict, scores: list[dict] | None = None) -> dict:
     has_mlm_head = objective(facts["objective"]).mlm_head
     meta = {"license": chosen["license"], "language": chosen["language"], "library_name": "transformers",
             "pipeline_tag": "fill-mask" if has_mlm_head else "feature-extraction",
-            "tags": [*BASE_TAGS, *OBJECTIVE_TAGS[facts["objective"]],
+            "tags": [*BASE_TAGS, *objective(facts["objective"]).tags,
                      *(t for t in chosen["tags"] if t not in BASE_TAGS)],
             "datasets": chosen["datasets"]}
     if scores:

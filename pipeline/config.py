@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .objectives import ARCHITECTURE_KEYS, CONTROL, objective
+from .objectives import ARCHITECTURE_KEYS, CONTROL, OBJECTIVES, objective
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 TRAINED_TOKENIZER = "train"  # corpus.tokenizer: the train_tokenizer stage's output
@@ -30,7 +30,11 @@ class ConfigError(ValueError):
 
 
 def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The config's JSON schema, with the objectives of the registry (pipeline/objectives.py) as the choices of
+    students.<name>.objective."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema["properties"]["students"]["additionalProperties"]["properties"]["objective"]["enum"] = list(OBJECTIVES)
+    return schema
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -293,6 +297,13 @@ def _check_cross_keys(config: dict) -> None:
 def _check_students(config: dict) -> list[str]:
     """The pre-training options of every student and auxiliary teacher that the schema cannot check."""
     problems = []
+    specific = {key for o in OBJECTIVES.values() for key in o.options}
+    for name, student in config["students"].items():
+        unused = sorted(specific & set(student) - set(objective(student["objective"]).options))
+        if unused:
+            users = sorted(o.name for o in OBJECTIVES.values() if unused[0] in o.options)
+            problems.append(f"config key 'students.{name}.{unused[0]}': objective {student['objective']} does not "
+                            f"use it ({', '.join(users)} does); remove it, or set it in the pretrain section")
     trainees = {f"students.{name}": student_options(config, name) for name in config["students"]}
     trainees.update({f"teachers.{name}.auxiliary": teacher["auxiliary"]
                      for name, teacher in config["teachers"].items() if teacher["source"] == AUXILIARY_TEACHER})

@@ -23,6 +23,8 @@ import time
 from functools import cache
 from pathlib import Path
 
+from .objectives import objective as objective_named
+
 # Assumptions for a GPU class that is not measured (fractions of the dense bf16 peak, seconds).
 ASSUMPTIONS = {
     "training_mfu": {"tiny": 0.02, "small": 0.06, "medium": 0.2, "base": 0.3},  # small shapes cannot fill a GPU
@@ -176,7 +178,7 @@ class Measured:
         from .training import autocast
 
         clock = self._threads(threads)
-        objective = "mlm" if objective == "kd" else objective  # the same heads; the teacher is counted apart
+        objective = objective_named(objective).rate_as or objective  # the same heads; a teacher is counted apart
         o = {**dict(options), "objective": objective}
         model = Student(build_config(o, _Vocabulary(vocab), length), objective, atoms).to(self.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

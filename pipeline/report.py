@@ -25,6 +25,7 @@ from .common import StageError
 from .comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences, select
 from .health import bootstrap_ci
 from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
+from .objectives import reported_losses
 from .plots import curve_tasks, plot_sample_efficiency, plot_scores
 from .report_html import render_html
 
@@ -93,7 +94,7 @@ def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict |
 
 
 # The entries of a student's history that are losses.
-LOSSES = ("mlsm", "mlm", "kd", "validation_mlsm", "validation_mlm")
+LOSSES = reported_losses()
 
 
 def render(comparison: Comparison, dictionaries, atoms, targets, costs, plot_name, curve_name, cards=None) -> str:

@@ -16,7 +16,7 @@ class Slices:
 
     def params(self, rule: str, wildcards) -> str:
         declared = RULES[rule]
-        version = contract.FORMAT_VERSION[declared.stage.format_version]
+        version = contract.FORMAT_VERSION.get(declared.stage.format_version, 1)  # a new stage starts at 1
         return cfg.as_json({"format_version": version, **declared.params(self, wildcards)})
 
     def teacher_slice(self, teacher: str, *slices: dict) -> dict:

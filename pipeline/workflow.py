@@ -198,6 +198,11 @@ class Workflow(Slices):
         return [(name, wildcards) for name, rule in RULES.items() if rule.enabled(self.config)
                 for wildcards in rule.jobs(self)]
 
+    def final_outputs(self) -> list[str]:
+        """The outputs the workflow's target asks for besides the report's: those of rules declared final."""
+        return [fill(path, **wildcards) for rule, wildcards in self.jobs() if RULES[rule].final
+                for value in self.outputs(rule).values() for path in (value if isinstance(value, list) else [value])]
+
     def uses_demo_data(self) -> bool:
         """Whether the DAG reads the demo data: a corpus input or a task lies under its directory."""
         if not self.config["demo_data"]["bbc_news"]["enabled"]:

@@ -222,10 +222,20 @@ def test_every_rule_is_wired_to_its_stage(tiny):
         assert f"-m pipeline.{stage.name} " in command(name)
 
 
-def test_the_schema_names_the_objectives_of_the_table():
-    schema = cfg.load_schema()
-    student = schema["properties"]["students"]["additionalProperties"]
-    assert set(student["properties"]["objective"]["enum"]) == set(OBJECTIVES)
+def test_the_objectives_a_config_may_name_are_those_of_the_registry(tiny):
+    for name in OBJECTIVES:
+        students = {"s": {"objective": name, **({"teacher": "minilm"} if OBJECTIVES[name].teacher else {})}}
+        cfg.validate({**tiny, "students": students})
+    with pytest.raises(cfg.ConfigError, match="students.s.objective': 'mlx' is not one of"):
+        cfg.validate({**tiny, "students": {"s": {"objective": "mlx"}}})
+
+
+def test_a_student_option_its_objective_does_not_read_is_an_error(tiny):
+    """The registry names each objective's own options: mlm_weight on an mlm student was silently unused."""
+    with pytest.raises(cfg.ConfigError, match=r"students.m.mlm_weight': objective mlm does not use it "
+                                              r"\(mlsm\+mlm does\)"):
+        cfg.validate({**tiny, "students": {"m": {"objective": "mlm", "mlm_weight": 0.5}}})
+    cfg.validate({**tiny, "students": {"m": {"objective": "mlsm+mlm", "teacher": "minilm", "mlm_weight": 0.5}}})
 
 
 @pytest.mark.e2e

@@ -1,4 +1,5 @@
-"""The pre-training losses and how an objective adds them up (pipeline/objectives.py names its parts).
+"""The pre-training losses, registered by the loss part they implement (pipeline/objectives.py: LOSS_PARTS), and
+how an objective adds them up (each part times the option its entry names, else 1).
 
 Each loss returns its sum over this process's masked positions divided by a count over the global batch,
 so that the processes' shares add up to the mean over the whole global micro-batch.
@@ -10,6 +11,8 @@ so that the processes' shares add up to the mean over the whole global micro-bat
 - kd: KL(softmax(teacher MLM logits / T) || softmax(student logits / T)) * T^2 on the masked positions, the
   teacher given the masked input (kd_teacher_input: masked) or the original one (original: the reference);
 - mlsm+mlm: mlsm + mlm_weight * mlm.
+
+A new loss part is a function (out, batch, params, teacher) -> this process's share, in LOSSES.
 """
 
 from __future__ import annotations
@@ -44,24 +47,36 @@ def mlsm_count(batch: dict, params: dict) -> torch.Tensor:
     return batch["masked_count"] if params.get("zero_code_positions") == "count" else batch["with_target"]
 
 
+def mlsm_part(out: dict, batch: dict, params: dict, teacher) -> torch.Tensor:
+    return mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"], mlsm_count(batch, params))
+
+
+def mlm_part(out: dict, batch: dict, params: dict, teacher) -> torch.Tensor:
+    return F.cross_entropy(out["mlm_logits"].float(), batch["labels"], reduction="sum") \
+        / batch["masked_count"].clamp_min(1)
+
+
+def kd_part(out: dict, batch: dict, params: dict, teacher) -> torch.Tensor:
+    original = params.get("kd_teacher_input") == "original"
+    return kd_loss(out["mlm_logits"], teacher.logits(batch, original), params["kd_temperature"],
+                   batch["masked_count"])
+
+
+LOSSES = {"mlsm": mlsm_part, "mlm": mlm_part, "kd": kd_part}
+
+
 def loss_parts(out: dict, batch: dict, params: dict, teacher) -> dict[str, torch.Tensor]:
     """This process's share of each loss the objective uses."""
     parts = {}
     for part in objective(params["objective"]).losses:
-        if part == "mlsm":
-            parts["mlsm"] = mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"],
-                                      mlsm_count(batch, params))
-        elif part == "mlm":
-            parts["mlm"] = F.cross_entropy(out["mlm_logits"].float(), batch["labels"], reduction="sum") \
-                / batch["masked_count"].clamp_min(1)
-        else:
-            original = params.get("kd_teacher_input") == "original"
-            parts["kd"] = kd_loss(out["mlm_logits"], teacher.logits(batch, original), params["kd_temperature"],
-                                  batch["masked_count"])
+        if part not in LOSSES:
+            raise ValueError(f"objective {params['objective']}: no loss implements the part {part!r} "
+                             f"(pipeline/pretrain/losses.py: LOSSES has {sorted(LOSSES)})")
+        parts[part] = LOSSES[part](out, batch, params, teacher)
     return parts
 
 
 def total_loss(parts: dict[str, torch.Tensor], params: dict) -> torch.Tensor:
-    if "mlsm" in parts and "mlm" in parts:
-        return parts["mlsm"] + params["mlm_weight"] * parts["mlm"]
-    return parts[params["objective"]]
+    """The parts added up, each times the option the objective's entry names for it (else 1)."""
+    weights = objective(params["objective"]).weights
+    return sum(params[weights[name]] * part if name in weights else part for name, part in parts.items())

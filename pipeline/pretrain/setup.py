@@ -14,7 +14,7 @@ from ..common import StageError, log
 from ..config import option_defaults, phase_lengths, phase_plan
 from ..integrity import CHECKSUM_KEY, read_verified
 from ..models import load_tokenizer, resolve_model_source, verify_model
-from ..objectives import objective
+from ..objectives import LOSS_PARTS, objective
 from ..resume import Resume
 from ..training import adamw, warmup_then_decay
 from . import card
@@ -185,6 +185,7 @@ def start_heads(model: Student, base: Baselines, params: dict) -> list[str]:
 
 
 def build_kd_teacher(params: dict, device, manifest: dict) -> KdTeacher | None:
-    if "kd" not in objective(params["objective"]).losses:
+    """The teacher whose logits a loss part reads in every step (kd), if the objective has one."""
+    if not any(LOSS_PARTS[part].teacher for part in objective(params["objective"]).losses):
         return None
     return KdTeacher(params["teacher_source"], device, manifest, params["teacher_trust_remote_code"])

@@ -113,6 +113,7 @@ class Rule:
     enabled: Callable = lambda config: True  # whether the config has this rule at all
     uses: tuple[str, ...] = ()           # the stage's input ports its jobs may be given (empty: all of them)
     beside_results: bool = False         # its outputs lie beside the results directory (the demo's data)
+    final: bool = False                  # its outputs are asked for by the workflow's target (as the report's)
 
     @property
     def input_ports(self) -> tuple[str, ...]:
