@@ -117,10 +117,10 @@ def test_each_stage_costs_its_work_at_the_rates(tiny, planned):
 def test_the_measured_rates_time_the_pipelines_own_code(tiny, encoder_teacher, monkeypatch):
     monkeypatch.setattr(plan_rates, "MEASURE_SECONDS", 0.05)
     rates = plan_rates.Measured("cpu")
-    options = Planner._key(cfg.student_options(tiny, "mlsm"))
-    solver = Planner._key({"solver": "fast", "max_iterations": 100, "tolerance": 1e-2, "precision": "fp32",
+    options = Planner.key(cfg.student_options(tiny, "mlsm"))
+    solver = Planner.key({"solver": "fast", "max_iterations": 100, "tolerance": 1e-2, "precision": "fp32",
                            "lambda": 0.05})
-    dictionary = Planner._key({**tiny["dictionary"], "batch_size": 64})
+    dictionary = Planner.key({**tiny["dictionary"], "batch_size": 64})
     figures = [rates.training(options, objective, 24, 32, 30522, 1) for objective in ("mlsm", "mlsm+mlm", "kd")]
     figures += [rates.finetuning("tiny", 4, 32, 30522, 1), rates.lasso(32, 24, solver, 1),
                 rates.teacher(str(encoder_teacher), -1, 4, 32, 1, False)[1]]
@@ -133,9 +133,9 @@ def test_a_gpu_class_uses_assumed_or_recorded_rates(tiny):
     options = {**cfg.student_options(tiny, "mlsm"), "size": "medium"}
     assumed = Assumed("h100")
     flops = student_training_flops(options, "mlsm", 3000, 128, 30522)
-    assert assumed.training(Planner._key(options), "mlsm", 3000, 128, 30522, 1) == pytest.approx(989e12 * 0.2 / flops)
+    assert assumed.training(Planner.key(options), "mlsm", 3000, 128, 30522, 1) == pytest.approx(989e12 * 0.2 / flops)
     recorded = Assumed("h100", {"pretrain": {"stage": 250_000.0}})  # the bench's medium mlsm student, K=3000
-    assert recorded.training(Planner._key(options), "mlsm", 3000, 128, 30522, 1) == pytest.approx(250_000.0)
+    assert recorded.training(Planner.key(options), "mlsm", 3000, 128, 30522, 1) == pytest.approx(250_000.0)
     assert "assumed fractions" in assumed.basis and "recorded benchmark rates" in recorded.basis
 
 
@@ -171,3 +171,46 @@ def test_the_check_names_jobs_without_a_benchmark_file():
     text = plan.render_check(costs, actual)
     assert "missing from the actual time: finetune (1 of 2)." in text
     assert "| total | 30.0 s | 20.0 s | 1.50 | 17.0 s | 1.76 |" in text
+
+
+def with_stand_ins(config: dict, model: str, glue) -> dict:
+    """A shipped config whose hub models, corpus and GLUE directories are local stand-ins: the tiny teacher
+    (MiniLM's vocabulary), the demo's text, the shared GLUE tasks."""
+    config = cfg.validate(config)
+
+    def local(source):
+        return source if source in (cfg.AUXILIARY_TEACHER, cfg.TRAINED_TOKENIZER, None) or \
+            source.startswith("package:") else model
+
+    config["corpus"]["inputs"] = [f"{contract.BBC_DIR}/pretrain.txt.gz"]
+    config["corpus"]["tokenizer"] = local(config["corpus"]["tokenizer"])
+    config["demo_data"]["bbc_news"]["enabled"] = True
+    for teacher in config["teachers"].values():
+        teacher["source"] = local(teacher["source"])
+    for options in [config["pretrain"], *config["students"].values()]:
+        for key in ("architecture", "init"):
+            if options.get(key):
+                options[key] = local(options[key])
+    for task in config["tasks"].values():
+        if task["format"] == "glue":
+            task["path"] = str(glue / (task.get("glue_task") or task["path"].rstrip("/").rsplit("/", 1)[-1]))
+    return cfg.validate(config)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+def test_every_config_in_the_repository_is_planned(name, mlm_teacher):
+    """Issue #29: the plan crashed on the paper preset (no cost for shard_corpus_phase and summarize_phase_targets,
+    no special-token count for reference_pairs, top_k none multiplied). Every job of every shipped config is
+    costed by its rule's declaration."""
+    from conftest import SHARED
+
+    if not (SHARED / "glue").is_dir():
+        pytest.skip("the GLUE tasks in ../shared/data stand in for the presets' tasks")
+    config = with_stand_ins(cfg.load_yaml(REPO / "config" / name), str(mlm_teacher), SHARED / "glue")
+    planner = Planner(config, FixedRates(), cores=2)
+    costs = {c.rule: c for c in planner.costs()}
+    jobs = {}
+    for rule, _ in planner.workflow.jobs():
+        jobs[rule] = jobs.get(rule, 0) + 1
+    assert {rule: c.jobs for rule, c in costs.items()} == jobs
+    assert all(c.seconds > 0 and c.disk > 0 for c in costs.values()), costs
