@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from pipeline.corpus import shard
-from pipeline.formats import flat_list, pad_rows, read_shard
-from pipeline.integrity import file_entries, write_record
-from pipeline.lasso import l2_normalise
+from pipeline.data.formats import flat_list, pad_rows, read_shard
+from pipeline.data.integrity import file_entries, write_record
 from pipeline.models import length_batches, load_encoder, load_tokenizer
+from pipeline.solvers.lasso import l2_normalise
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

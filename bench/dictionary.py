@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import CORPUS, MINILM, emit, real_shards, sync, teacher_states  # noqa: E402
 from pipeline.common import pick_device  # noqa: E402
 from pipeline.dictionary import evaluate, learn_sklearn, train_spams  # noqa: E402
-from pipeline.dictlearn import learn  # noqa: E402
+from pipeline.solvers.dictlearn import learn  # noqa: E402
 
 LAMBDA = 0.05
 

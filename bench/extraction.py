@@ -11,7 +11,7 @@ Memory: the same stage in a fresh process on a corpus and on one `--rss-factor` 
 number of shards, so each shard is larger too); the peak RSS of the two should be about equal (goal:
 ratio <= 1.05). The smaller corpus should fill what the stage holds at its largest: each shard at
 least one teacher batch (`--batch-size` sequences) and the store at least one zarr chunk
-(pipeline.formats.STORE_CHUNK_ROWS sampled states), or the ratio measures how full those are, not growth.
+(pipeline.data.formats.STORE_CHUNK_ROWS sampled states), or the ratio measures how full those are, not growth.
 
     python bench/extraction.py                       # on the device machine: --shape base
     python bench/extraction.py --shape tiny --sequences 4000 --positions 32 --batch-size 64 --device cpu
@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import MINILM as TOKENIZER  # noqa: E402
 from bench.common import SHAPES, emit, random_teacher, sync
-from pipeline import contract  # noqa: E402
-from pipeline.formats import write_parquet  # noqa: E402
-from pipeline.integrity import file_entries, write_record  # noqa: E402
+from pipeline.data import contract  # noqa: E402
+from pipeline.data.formats import write_parquet  # noqa: E402
+from pipeline.data.integrity import file_entries, write_record  # noqa: E402
 from pipeline.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 SEQ_LEN = 128

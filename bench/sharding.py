@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 from bench.common import CORPUS, emit, text_prefix  # noqa: E402
 from bench.common import MINILM as TOKENIZER  # noqa: E402
 from pipeline.corpus import shard  # noqa: E402
+from pipeline.data.text import input_files  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
-from pipeline.text import input_files  # noqa: E402
 
 
 def plain_tokenization(path: Path, batch_lines: int = 4096) -> float:

@@ -6,7 +6,7 @@ coded over the real SPAMS K=3000 dictionary (lambda 0.05) by the converged solve
 tokens of one corpus shard (`--text-mb` of the corpus), each token taking a random one of them with its
 atom ids cyclically shifted and its weights jittered by up to 10 % (a few thousand codes repeated would
 compress unrealistically well; random atom ids compress worse than real ones). Each checkout writes them
-with its own pipeline.formats.write_targets and reads them back with its own pipeline.pretrain.data.Shard
+with its own pipeline.data.formats.write_targets and reads them back with its own pipeline.pretrain.data.Shard
 (one CPU core, best of 5, in `--rounds` rounds that take the shards in turn): the baseline at `--top-k`,
 this checkout at `--top-k`, with the whole code (top_k none) and with top_mass 0.999. Printed: tokens/s of
 the read, bytes per token, and the ratios to the baseline.
@@ -105,7 +105,7 @@ def reader(shard_class):
 def prepare(root: Path, work: Path, shard: str, codes: torch.Tensor, cuts: list[tuple]) -> list[tuple]:
     """Write the shards of each cut with `root`'s writer: (name, path, `root`'s read_speed) for each."""
     use_checkout(root)
-    formats = importlib.import_module("pipeline.formats")
+    formats = importlib.import_module("pipeline.data.formats")
     targets_module = importlib.import_module("pipeline.targets")
     read_speed = reader(importlib.import_module("pipeline.pretrain.data").Shard)  # keeps its checkout's alive
     table = pq.read_table(shard)
@@ -143,7 +143,7 @@ def main() -> None:
     pa.set_cpu_count(1)  # every read on one core
     pa.set_io_thread_count(1)
     from bench.common import CORPUS, MINILM, SPAMS_DICTIONARY, real_shards, teacher_states
-    from pipeline.lasso import Lasso
+    from pipeline.solvers.lasso import Lasso
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

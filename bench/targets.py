@@ -16,7 +16,7 @@ Figures, in one run:
   CPU fast >= 5x the reference;
 - solver only: the same two solvers on states already on the device, FISTA-100 in bf16, and FISTA-100
   with the products the MLSM reference code uses (D^T (D y), 4dK flops a row, against the 2K^2 of
-  pipeline.lasso.fista's Gram products; the same iterates);
+  pipeline.solvers.lasso.fista's Gram products; the same iterates);
 - quality on `--quality-tokens` real states: mean objective of each solver, its excess over a tightly
   converged float64 solution, and the mean L1 distance between its normalised code and that solution's
   (goal: fast <= reference);
@@ -25,7 +25,7 @@ Figures, in one run:
 - read: tokens/s of reading a corpus shard with its target shard back into the trainer's flat arrays
   (pipeline.pretrain.data.Shard) on one CPU core (goal >= 2 M tokens per CPU second), on a pair of
   `--read-mb` MB of text whose targets are the fast stage's rows repeated (see read_speed), and of gathering
-  the targets of 15 % of its tokens as the trainer's batches do (pipeline.formats.gather_entries).
+  the targets of 15 % of its tokens as the trainer's batches do (pipeline.data.formats.gather_entries).
 
     python bench/targets.py --teacher base --text-mb 40              # on the device machine
     python bench/targets.py --text-mb 0.01 --quality-tokens 256 --repeats 1 --device cpu
@@ -58,9 +58,9 @@ from bench.common import (  # noqa: E402
     teacher_states,
 )
 from pipeline.common import pick_device  # noqa: E402
-from pipeline.formats import read_targets, shard_tokens, target_entries, target_stats, write_targets  # noqa: E402
-from pipeline.lasso import Lasso, fista, objective  # noqa: E402
+from pipeline.data.formats import read_targets, shard_tokens, target_entries, target_stats, write_targets  # noqa: E402
 from pipeline.pretrain.data import Shard  # noqa: E402
+from pipeline.solvers.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.stages import call  # noqa: E402
 from pipeline.targets import sparse_distribution  # noqa: E402
 
@@ -69,7 +69,7 @@ REFERENCE = {"solver": "fista", "max_iterations": 100, "tolerance": 0.0, "precis
 
 
 def fitted_dictionary(states: torch.Tensor, atoms: int) -> np.ndarray:
-    from pipeline.dictlearn import learn
+    from pipeline.solvers.dictlearn import learn
 
     started = time.perf_counter()
     dictionary = learn(states, atoms, LAMBDA, 1024, 2, 50, torch.Generator().manual_seed(0))
@@ -167,7 +167,7 @@ def read_speed(args, work: Path, target_shard: str, repeats: int = 5) -> dict:
 
 def reference_factored(x: torch.Tensor, dictionary: torch.Tensor, lip: float) -> torch.Tensor:
     """FISTA-100 as the MLSM reference code computes it, with D^T (D y) products (4dK flops a row) where
-    pipeline.lasso.fista multiplies by the Gram matrix (2K^2): the same iterates, for the record."""
+    pipeline.solvers.lasso.fista multiplies by the Gram matrix (2K^2): the same iterates, for the record."""
     correlation, codes = x @ dictionary, torch.zeros(len(x), dictionary.shape[1], device=x.device)
     momentum, t = codes, 1.0
     for _ in range(100):

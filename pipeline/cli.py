@@ -1,8 +1,9 @@
-"""The command line of every stage, derived from its declaration in pipeline/stages.py.
+"""The command line of every stage, derived from its declaration (its ports, pipeline/wiring/<stage>.py).
 
     python -m pipeline.<stage> --<port> PATH [PATH ...] ... [--<setting> VALUE] --params JSON|@file.json
 
-The Snakemake rules run exactly this command (pipeline/workflow.py builds it from the same declaration).
+The Snakemake rules run exactly this command (pipeline/wiring/__init__.py: command builds it from the same
+declaration).
 An optional port may be given without a value, which reads as absent (a rule passes the flag for every job
 and a value only where the job has that input).
 
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .common import StageError, log
-from .locks import holding
+from .data.locks import holding
 from .stages import paths
 from .wiring import OUTPUT, SETTINGS, STAGES, STATE, Stage
 

@@ -1,6 +1,6 @@
 """Small helpers every stage uses: errors, logging, seeds, devices, hashing.
 
-Writing outputs safely and verifying inputs lives in pipeline.integrity; models and tokenizers in
+Writing outputs safely and verifying inputs lives in pipeline.data.integrity; models and tokenizers in
 pipeline.models; the command line in pipeline.cli."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import contract
+from .data import contract
 
 VOLATILE_KEYS = {"seconds", "tokens_per_second", "checksum"}  # timings, and the checksums over them
 SKIPPED = (contract.LOGS, contract.BENCHMARKS, "resume")

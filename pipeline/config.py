@@ -1,9 +1,10 @@
-"""Load, validate and slice the pipeline configuration.
+"""Load and validate the pipeline configuration.
 
 The JSON schema (workflow/schemas/config.schema.yaml) is the single description of every key. This
 module validates a config against it, fills the schema's defaults, checks the cross-key rules a
-schema cannot express, and hands each stage only its own slice, so that an edit invalidates only the
-stages it concerns.
+schema cannot express, and adds the control students; it also holds what several rules' config slices
+derive from the config (a student's options, its phases and checkpoints). Each rule's slice is declared in
+its stage's home (pipeline/wiring/<stage>.py), so that an edit invalidates only the jobs it concerns.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage 1, shard_corpus: raw text -> tokenized, packed sequences in parquet shards, and a validation split.
 
-The text is read as documents by pipeline/text.py (formats, bad input) and cut into chunks of about
+The text is read as documents by pipeline/data/text.py (formats, bad input) and cut into chunks of about
 text.CHUNK_BYTES, which `workers` processes tokenize and pack in parallel. A document goes to the validation
 split with probability `validation_fraction` (drawn per chunk from the seed). Packing, per `packing`:
 - sentence_pairs (as the MLSM reference feeds BERT): consecutive sentences of a document as
@@ -31,15 +31,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import contract, text
 from .cli import run
 from .common import StageError, log
-from .formats import write_parquet, write_token_counts
-from .integrity import disk_full_error, file_entries, read_verified, write_record
-from .locks import locked_directory, remove_stale
+from .data import contract, text
+from .data.formats import write_parquet, write_token_counts
+from .data.integrity import disk_full_error, file_entries, read_verified, write_record
+from .data.locks import locked_directory, remove_stale
+from .data.packing import Packed, pack_reference_pairs, packed_table, sentence_windows
+from .data.text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, unread_files, validation_flags
 from .models import load_tokenizer, tokenizer_fingerprint
-from .packing import Packed, pack_reference_pairs, packed_table, sentence_windows
-from .text import DEFAULTS, Chunk, Skipped, input_files, read_chunks, unread_files, validation_flags
 
 ENCODE_SENTENCES = 4096  # sentences the tokenizer encodes a call
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cli import run
 from .common import StageError, log
-from .integrity import atomic_output, file_entries, write_record
+from .data.integrity import atomic_output, file_entries, write_record
 
 # A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by space and a capital,
 # digit or opening quote: good enough for edited news prose.

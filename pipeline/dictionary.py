@@ -3,7 +3,7 @@
     min_D,A  sum_i 1/2 ||x_i - D a_i||^2 + lambda ||a_i||_1,   a_i >= 0,   columns of D unit-norm
 
 Backends behind one interface (`backend`):
-- `torch` (default, CPU or GPU): online dictionary learning, pipeline/dictlearn.py (streams mini-batches
+- `torch` (default, CPU or GPU): online dictionary learning, pipeline/solvers/dictlearn.py (streams mini-batches
   from the store, block atom updates, resumable, stops on the held-out objective).
 - `sklearn`: scikit-learn's MiniBatchDictionaryLearning (positive codes), always installed.
 - `spams`: SPAMS trainDL with the MLSM reference's settings (posAlpha, SPAMS's mode 2 and lambda2 1e-9): `iterations`
@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import contract
 from .cli import run
 from .common import StageError, log, pick_device, set_cpu_threads
-from .dictlearn import StoreBatches, learn, read_rows
-from .formats import open_store, write_dictionary
-from .integrity import CHECKSUM_KEY, file_entries, read_verified, write_json, write_record
-from .lasso import Lasso, l2_normalise, objective
+from .data import contract
+from .data.formats import open_store, write_dictionary
+from .data.integrity import CHECKSUM_KEY, file_entries, read_verified, write_json, write_record
 from .models import load_tokenizer
 from .resume import Resume
+from .solvers.dictlearn import StoreBatches, learn, read_rows
+from .solvers.lasso import Lasso, l2_normalise, objective
 
 CONVERGED_ITERATIONS, CONVERGED_TOLERANCE = 3000, 1e-4  # held-out codes: relative duality gap 1e-4
 CHECK_TOKENS = 4096  # held-out states scored at each convergence check

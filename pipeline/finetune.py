@@ -1,6 +1,6 @@
 """Stage 6, finetune: one pre-trained model on one task with one seed -> dev scores per epoch.
 
-Tasks and their files: pipeline/tasks.py. The reported `score` is the GLUE convention: the task's official
+Tasks and their files: pipeline/data/tasks.py. The reported `score` is the GLUE convention: the task's official
 metric, or the mean of its two metrics (MRPC/QQP: F1 and accuracy; STS-B: Pearson and Spearman), at the
 last epoch. A student's intermediate checkpoint (params `snapshot`: step<N>, a directory of the
 checkpoints given as --model) is fine-tuned the same way, for the sample-efficiency curve; the record
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import contract
 from .cli import run
 from .common import StageError, log, pick_device, seed_everything, set_cpu_threads
 from .config import section_defaults
-from .integrity import CHECKSUM_KEY, read_verified, write_record
+from .data import contract
+from .data.integrity import CHECKSUM_KEY, read_verified, write_record
+from .data.tasks import TaskSpec, capped_examples, check_label_count, read_split, task_spec
 from .models import loading, saved_json
 from .resume import Resume, load_training, save_training
-from .tasks import TaskSpec, capped_examples, check_label_count, read_split, task_spec
 from .training import adamw, autocast, warmup_then_decay
 
 # Keys added after the first release: callers that predate them get the schema's defaults.

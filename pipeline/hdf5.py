@@ -2,7 +2,7 @@
 that MATLAB, Julia, R or SPAMS-era scripts read, and teacher states computed elsewhere read back as an
 activation store.
 
-The layout (pipeline/contract.py, "HDF5 interchange"; arrays as numpy shapes them, C order: MATLAB's
+The layout (pipeline/data/contract.py, "HDF5 interchange"; arrays as numpy shapes them, C order: MATLAB's
 h5read and Julia's HDF5.jl show them transposed):
 - activation store: /states float16 [N, d] (raw hidden states, rows chunked like the zarr store),
   /token_ids int32 [N], /seq_ids int64 [N], /positions int16 [N]; the store's attributes as root
@@ -17,7 +17,7 @@ h5read and Julia's HDF5.jl show them transposed):
   (token t's entries follow the counts of the tokens before it, Z their sum); the shard's statistics as
   JSON text in the group's `stats`.
 
-`open_store` gives an HDF5 activation store the interface of the zarr one (pipeline/formats.py:
+`open_store` gives an HDF5 activation store the interface of the zarr one (pipeline/data/formats.py:
 open_store dispatches here by suffix), so the dictionary stage reads either the same way.
 
     python -m pipeline.hdf5 store teachers/minilm/activations.zarr states.h5
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import StageError
-from .integrity import atomic_output, read_record, read_verified, verify_files
+from .data.integrity import atomic_output, read_record, read_verified, verify_files
 
 SUFFIXES = (".h5", ".hdf5")
 STORE_DEFAULTS = {"seq_ids": -1, "positions": -1}  # arrays states computed elsewhere may leave out
@@ -150,8 +150,8 @@ def unwritten_chunks(path: str | Path, name: str = "states") -> tuple[int, int]:
 
 
 def export_store(store: str | Path, out: str | Path, block_rows: int = 1 << 16) -> None:
-    """A zarr activation store (pipeline/formats.py) as one HDF5 file, copied a block of rows at a time."""
-    from .formats import open_store as open_any
+    """A zarr activation store (pipeline/data/formats.py) as one HDF5 file, copied a block of rows at a time."""
+    from .data.formats import open_store as open_any
 
     h5py = _h5py()
     attrs, arrays = open_any(store)
@@ -170,7 +170,7 @@ def export_store(store: str | Path, out: str | Path, block_rows: int = 1 << 16) 
 
 def export_dictionary(metrics: str | Path, out: str | Path) -> None:
     """A fitted dictionary (its metrics record, which lists dictionary.npy) as an HDF5 file."""
-    from .formats import load_dictionary
+    from .data.formats import load_dictionary
 
     h5py = _h5py()
     path = Path(metrics).parent / "dictionary.npy"
@@ -192,7 +192,7 @@ def read_dictionary(path: str | Path) -> tuple[np.ndarray, dict]:
 
 def export_targets(manifest: str | Path, out: str | Path) -> None:
     """Every target shard a targets record lists (the validation split's too) as groups of one HDF5 file."""
-    from .formats import flat_list, read_targets, target_stats
+    from .data.formats import flat_list, read_targets, target_stats
 
     h5py = _h5py()
     record = read_record(manifest)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .common import StageError, fingerprint
-from .integrity import read_verified, sha256_file
+from .data.integrity import read_verified, sha256_file
 from .training import autocast
 
 

@@ -5,7 +5,7 @@ class, and the total.
     python -m pipeline.plan --configfile config/paper.yaml --hardware h100 --corpus-tokens 3e9
     python -m pipeline.plan --configfile config/config.yaml --check results  # predicted / actual, after a run
 
-The jobs are the workflow's own (pipeline/workflow.py: Workflow.jobs). Their sizes come from the config
+The jobs are the workflow's own (pipeline/wiring/workflow.py: Workflow.jobs). Their sizes come from the config
 and its inputs (pipeline/plan_inputs.py: the corpus sampled and packed by the corpus stage's code, the
 tasks' examples); their speeds from pipeline/plan_rates.py: measured here with the pipeline's code at the
 config's shapes, or, for a GPU class this machine lacks, recorded benchmark rates (--bench) or the
@@ -29,7 +29,7 @@ from . import plan_inputs, plan_rates
 from .common import StageError
 from .objectives import objective
 from .wiring import RULES
-from .workflow import Workflow
+from .wiring.workflow import Workflow
 
 # Bytes on disk, measured on the demo's outputs (make demo; MiniLM vocabulary, BBC News text).
 BYTES = {"corpus_per_token": 1.9, "store_per_value": 1.84, "store_per_row": 14, "target_per_atom": 2.4,

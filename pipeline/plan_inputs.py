@@ -16,9 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .common import StageError
-from .contract import BBC_DIR
-from .hfdata import DatasetInput
-from .text import COMPRESSION, Skipped, file_format, input_files, read_documents
+from .data.contract import BBC_DIR
+from .data.hfdata import DatasetInput
+from .data.text import COMPRESSION, Skipped, file_format, input_files, read_documents
 
 SAMPLE_BYTES = 2_000_000  # text packed to measure tokens and sequences per byte
 SIZE_PROBE_BYTES = 8 << 20  # decompressed bytes read to estimate a compressed file's ratio
@@ -94,7 +94,7 @@ def corpus(config: dict, demo: DemoData, corpus_tokens: float | None = None) -> 
     """The corpus as shard_corpus will pack it: a sample of its first input packed by the stage's own code,
     extrapolated by the inputs' text bytes (or to --corpus-tokens)."""
     from .corpus import ChunkPacker
-    from .text import Chunk
+    from .data.text import Chunk
 
     options = dict(config["corpus"])
     stand_in = options["tokenizer"] == "train"  # not fitted yet: MiniLM's WordPiece measures instead
@@ -140,7 +140,7 @@ def corpus(config: dict, demo: DemoData, corpus_tokens: float | None = None) -> 
 
 def task(task_config: dict, demo: DemoData, options: dict, tokenizer) -> Task:
     """A task's example counts (the training set capped at max_train_examples) and mean truncated length."""
-    from .tasks import read_split, task_files, task_spec
+    from .data.tasks import read_split, task_files, task_spec
 
     spec = task_spec(task_config)
     train_path, dev_path = (demo.path(p) for p in task_files(task_config))

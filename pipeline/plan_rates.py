@@ -133,7 +133,7 @@ class Measured:
     @cache  # noqa: B019
     def lasso(self, hidden: int, atoms: int, solver: tuple, threads: int) -> float:
         """Tokens/s of the targets' solver (solver: the targets section's solver settings and lambda)."""
-        from .lasso import make_solver
+        from .solvers.lasso import make_solver
 
         clock = self._threads(threads)
         dictionary, x = _sparse_problem(hidden, atoms, 2048, self.device)
@@ -245,7 +245,7 @@ def _sparse_problem(hidden: int, atoms: int, rows: int, device):
     """A unit-norm dictionary and states that are sparse non-negative combinations of its atoms plus noise."""
     import torch
 
-    from .lasso import l2_normalise
+    from .solvers.lasso import l2_normalise
 
     generator = torch.Generator().manual_seed(0)
     dictionary = l2_normalise(torch.randn(atoms, hidden, generator=generator)).T.contiguous()

@@ -1,4 +1,4 @@
-"""Rebuild the outputs that went missing or changed after their jobs wrote them (pipeline/damage.py), rerunning
+"""Rebuild the outputs that went missing or changed after their jobs wrote them (pipeline/wiring/damage.py), rerunning
 only those jobs, so that nothing downstream reruns where the rebuilt files are the ones it read.
 
     python -m pipeline.repair [--configfile config/config.yaml] [--dry-run]
@@ -25,10 +25,10 @@ from types import SimpleNamespace
 
 from . import config as cfg
 from .compare import _without
-from .damage import Damage, damaged_outputs, job_outputs
-from .integrity import atomic_output, read_record, sha256_file
+from .data.integrity import atomic_output, read_record, sha256_file
 from .wiring import INPUT, LOG, OUTPUT, RULES, fill
-from .workflow import Workflow
+from .wiring.damage import Damage, damaged_outputs, job_outputs
+from .wiring.workflow import Workflow
 
 TIMESTAMP = ".snakemake_timestamp"  # what Snakemake reads a directory output's time from
 # What Snakemake sets from a job's threads (its shell.py): the stages' results may depend on the thread count.
@@ -37,7 +37,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS
 
 
 def job_argv(workflow: Workflow, rule: str, wildcards: dict) -> list[str]:
-    """The command line the rule runs for this job (pipeline/rules.py: command), as a list."""
+    """The command line the rule runs for this job (pipeline/wiring/__init__.py: command), as a list."""
     declared = RULES[rule]
     stage = declared.stage
     names = SimpleNamespace(**wildcards)

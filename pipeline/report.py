@@ -1,4 +1,4 @@
-"""Stage 7, report: compare the students -> report.md (and report.html, pipeline/report_html.py), results.csv,
+"""Stage 7, report: compare the students -> report.md (and report.html, pipeline/reporting/report_html.py), results.csv,
 scores.png, sample_efficiency.png, and each student's model card with its fine-tuning scores (cards/).
 
     python -m pipeline.report --scores finetune/*/*/*/seed*.json --students students/*/summary.json \
@@ -18,16 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cards as model_cards
-from . import contract, health
 from .cli import run
 from .common import StageError
-from .comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences, select
-from .health import bootstrap_ci
-from .integrity import atomic_output, file_entries, read_record, read_verified, write_record
+from .data import contract
+from .data.integrity import atomic_output, file_entries, read_record, read_verified, write_record
 from .objectives import reported_losses
-from .plots import curve_tasks, plot_sample_efficiency, plot_scores
-from .report_html import render_html
+from .reporting import cards as model_cards
+from .reporting import health
+from .reporting.comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences, select
+from .reporting.health import bootstrap_ci
+from .reporting.plots import curve_tasks, plot_sample_efficiency, plot_scores
+from .reporting.report_html import render_html
 
 ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
 # Rules whose jobs hold a GPU when the config's device is cuda (pretrain_student: its `gpus`).

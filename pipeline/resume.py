@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import fingerprint, log
-from .integrity import atomic_output, fsync_tree
+from .data.integrity import atomic_output, fsync_tree
 
 DEFAULT_INTERVAL_SECONDS = 300.0
 

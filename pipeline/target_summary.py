@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract
 from .cli import run
 from .common import StageError
-from .formats import target_stats, verified_target_shards
-from .integrity import write_record
+from .data import contract
+from .data.formats import target_stats, verified_target_shards
+from .data.integrity import write_record
 
 
 def summarize(shards: list[str], manifest: str, params: dict, validation: str | None = None,

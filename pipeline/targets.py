@@ -2,7 +2,7 @@
 the validation split), as one parquet shard.
 
 For every position of every sequence: the teacher's state of the configured layer, L2-normalised,
-coded with the non-negative lasso over the dictionary (pipeline.lasso: the reference `fista` or the
+coded with the non-negative lasso over the dictionary (pipeline.solvers.lasso: the reference `fista` or the
 converged `fast` solver), normalised to sum 1, cut to its top_k atoms (`none`: the whole code, as the
 reference) and to the first of them that hold top_mass of the mass, and renormalised. Only the kept
 non-zero (atom, weight) entries are stored, a variable number per position. A position whose code is all
@@ -26,14 +26,14 @@ import time
 import numpy as np
 import torch
 
-from . import contract
 from .cli import run
 from .common import StageError, log, pick_device, set_cpu_threads
-from .formats import load_dictionary, pad_rows, shard_tokens, write_targets
-from .integrity import CHECKSUM_KEY, read_verified
-from .lasso import Lasso, l2_normalise, make_solver
+from .data import contract
+from .data.formats import load_dictionary, pad_rows, shard_tokens, write_targets
+from .data.integrity import CHECKSUM_KEY, read_verified
 from .models import length_batches, load_encoder, verify_model
 from .resume import Resume
+from .solvers.lasso import Lasso, l2_normalise, make_solver
 
 
 def sparse_distribution(codes: torch.Tensor, top_k: int | None, top_mass: float = 1.0):

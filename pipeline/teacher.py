@@ -9,7 +9,8 @@ The sample: shard by shard, each shard's tokens in stored order (the corpus stag
 token is eligible unless special and kept with its subsampling probability (`subsample`: none, w2v or
 drop, from the corpus token counts), at most `positions_per_sequence` per sequence, until the shard
 holds its share of `sample_tokens`. Only sequences holding sampled tokens go through the teacher. The
-store (pipeline/formats.py) grows record batch by record batch in the job's resume directory; a checkpoint (the store's
+store (pipeline/data/formats.py) grows record batch by record batch in the job's resume directory; a
+checkpoint (the store's
 length, the shard, the batch and the sampler's RNG state) lets a killed extraction resume where it
 stopped, with the same result; finished, the store is moved into place and its record written.
 Memory holds one record batch of one shard, whatever the corpus size.
@@ -27,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract
 from .cli import run
 from .common import Progress, StageError, log, pick_device, set_cpu_threads
-from .formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, open_store, pad_rows, read_token_counts
+from .data import contract
+from .data.formats import STORE_CHUNK_ROWS, ActivationStore, iter_shard, open_store, pad_rows, read_token_counts
+from .data.integrity import CHECKSUM_KEY, read_verified, sha256_file
 from .hdf5 import unwritten_chunks
-from .integrity import CHECKSUM_KEY, read_verified, sha256_file
 from .memory import release_free_memory, streaming_allocators
 from .models import (
     TeacherEncoder,

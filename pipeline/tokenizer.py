@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from . import contract
 from .cli import run
 from .common import StageError, log
-from .integrity import atomic_output, file_entries, write_record
-from .text import DEFAULTS, Skipped, input_files, read_chunks, validation_flags
+from .data import contract
+from .data.integrity import atomic_output, file_entries, write_record
+from .data.text import DEFAULTS, Skipped, input_files, read_chunks, validation_flags
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 UNK, CLS, SEP = "[UNK]", "[CLS]", "[SEP]"

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from pipeline import contract
-from pipeline.formats import read_store
-from pipeline.integrity import read_record
+from pipeline.data import contract
+from pipeline.data.formats import read_store
+from pipeline.data.integrity import read_record
 from pipeline.models import tokenizer_fingerprint
 
 from test_workflow import planned_jobs, snakemake

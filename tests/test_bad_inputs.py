@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import contract
 from pipeline.cli import run
-from pipeline.formats import read_shard, write_store
-from pipeline.integrity import file_entries, write_record
+from pipeline.data import contract
+from pipeline.data.formats import read_shard, write_store
+from pipeline.data.integrity import file_entries, write_record
 from pipeline.stages import call
 
 from conftest import MINILM, save_tiny_teacher
@@ -353,7 +353,7 @@ def test_bad_user_task_file(case, work, caplog):
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     """Spreadsheets export CSV with a UTF-8 byte-order mark; its header still names the text column."""
-    from pipeline.tasks import read_split, task_spec
+    from pipeline.data.tasks import read_split, task_spec
 
     (tmp_path / "train.csv").write_bytes("text,label\nGood.,pos\nBad.,neg\n".encode("utf-8-sig"))
     spec = task_spec({"format": "csv", "path": str(tmp_path), "text_columns": ["text"], "label_column": "label"})
@@ -369,8 +369,8 @@ def corpus_config(inputs: list[str], **corpus) -> dict:
 
 def corpus_input_problem(config: dict) -> str:
     from pipeline import config as cfg
-    from pipeline.preflight import check_inputs
-    from pipeline.workflow import Workflow
+    from pipeline.wiring.preflight import check_inputs
+    from pipeline.wiring.workflow import Workflow
 
     with pytest.raises(cfg.ConfigError) as error:
         check_inputs(Workflow(cfg.validate(config)))
@@ -399,8 +399,8 @@ def test_a_missing_corpus_path_stops_the_config_unless_a_rule_writes_it(corpus_d
     message = corpus_input_problem(corpus_config(["data/b.txt"]))
     assert "corpus input 'data/b.txt': no such file or directory" in message
     from pipeline import config as cfg
-    from pipeline.preflight import check_inputs
-    from pipeline.workflow import Workflow
+    from pipeline.wiring.preflight import check_inputs
+    from pipeline.wiring.workflow import Workflow
 
     demo = {**corpus_config(["resources/bbc_news/pretrain.txt.gz"]), "demo_data": {"bbc_news": {"enabled": True}}}
     check_inputs(Workflow(cfg.validate(demo)))  # the bbc_news_data job writes it
@@ -414,8 +414,8 @@ def test_unknown_files_in_a_corpus_directory_stop_the_config_or_are_counted(corp
     assert "data/README.md" in message and "b.txt.xz" in message and ".hidden" not in message
     assert "corpus.unknown_files: skip" in message
     from pipeline import config as cfg
-    from pipeline.preflight import check_inputs
-    from pipeline.workflow import Workflow
+    from pipeline.wiring.preflight import check_inputs
+    from pipeline.wiring.workflow import Workflow
 
     skipping = Workflow(cfg.validate(corpus_config(["data/"], unknown_files="skip")))
     check_inputs(skipping)
@@ -457,8 +457,8 @@ def test_a_corpus_input_inside_the_results_stops_the_config(corpus_dir, inputs):
 def test_a_corpus_glob_beside_the_results_is_accepted(corpus_dir):
     """A glob whose directory also holds the results reads only what it matches there."""
     from pipeline import config as cfg
-    from pipeline.preflight import check_inputs
-    from pipeline.workflow import Workflow
+    from pipeline.wiring.preflight import check_inputs
+    from pipeline.wiring.workflow import Workflow
 
     check_inputs(Workflow(cfg.validate({**corpus_config(["data/*.txt"]), "results": "data/results"})))
 
@@ -641,7 +641,7 @@ def test_a_key_given_twice_in_the_config_file_stops_the_run(workflow_run, tmp_pa
 def test_records_and_manifests_name_what_is_wrong(tmp_path):
     """The helpers under every case above: a truncated or edited record, an altered listed file."""
     from pipeline.common import StageError
-    from pipeline.integrity import read_record, read_verified
+    from pipeline.data.integrity import read_record, read_verified
 
     (tmp_path / "data.bin").write_bytes(b"x" * 100)
     write_record(tmp_path / "manifest.json", {"files": file_entries(tmp_path, [tmp_path / "data.bin"])})

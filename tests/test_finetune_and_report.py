@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import health
 from pipeline.common import StageError
+from pipeline.data.integrity import read_record, write_record
+from pipeline.data.tasks import GLUE, read_split, task_spec
 from pipeline.finetune import compute_metrics
-from pipeline.integrity import read_record, write_record
 from pipeline.report import bootstrap_ci
+from pipeline.reporting import health
 from pipeline.stages import call
-from pipeline.tasks import GLUE, read_split, task_spec
 
 from conftest import SHARED, save_tiny_teacher
 

@@ -13,8 +13,8 @@ from test_teacher import extract, params
 
 from pipeline import hdf5
 from pipeline.common import StageError
-from pipeline.formats import flat_list, load_dictionary, open_store, read_store, write_store
-from pipeline.integrity import file_entries, read_record, read_verified, write_record
+from pipeline.data.formats import flat_list, load_dictionary, open_store, read_store, write_store
+from pipeline.data.integrity import file_entries, read_record, read_verified, write_record
 from pipeline.target_summary import summarize
 
 from conftest import MINILM

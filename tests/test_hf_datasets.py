@@ -1,4 +1,4 @@
-"""Hugging Face datasets as corpus input (pipeline/hfdata.py), on datasets the tests build locally: a
+"""Hugging Face datasets as corpus input (pipeline/data/hfdata.py), on datasets the tests build locally: a
 save_to_disk Dataset and DatasetDict, and a local dataset directory of parquet data files."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from pipeline import config as cfg
-from pipeline import hfdata
 from pipeline.common import StageError
 from pipeline.corpus import shard
-from pipeline.text import input_files, read_documents
-from pipeline.workflow import Workflow
+from pipeline.data import hfdata
+from pipeline.data.text import input_files, read_documents
+from pipeline.wiring.workflow import Workflow
 
 from conftest import MINILM, REPO, venv_env
 from test_workflow import tiny_config

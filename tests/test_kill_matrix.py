@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import contract
 from pipeline.compare import comparable, outputs
+from pipeline.data import contract
 
 from conftest import venv_env
 from test_workflow import snakemake, snakemake_command
@@ -191,7 +191,7 @@ def test_a_killed_job_is_retried_in_the_same_run_and_resumes(tmp_path, workflow_
     events = [json.loads(line) for line in journal.read_text().splitlines()]
     resumed = [e for e in events if e["event"] == "resume"]
     assert resumed and resumed[-1]["completed"] >= 2 and events[-1]["event"] == "done", events
-    from pipeline.integrity import read_record
+    from pipeline.data.integrity import read_record
 
     assert read_record(workdir / "results" / contract.STUDENT_SUMMARY.format(student="mlm"))["steps"] == 6
 

@@ -11,9 +11,10 @@ import pytest
 from test_pretrain import BASE, train
 from test_pretrain import targets as targets  # noqa: F401 (the fixture)
 
-from pipeline import cards, contract
-from pipeline.integrity import file_entries, read_record, write_record
+from pipeline.data import contract
+from pipeline.data.integrity import file_entries, read_record, write_record
 from pipeline.objectives import objective
+from pipeline.reporting import cards
 from pipeline.stages import call
 
 from test_dictionary_and_targets import random_dictionary

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from pipeline import config as cfg
-from pipeline import contract
-from pipeline.workflow import Workflow
+from pipeline.data import contract
+from pipeline.wiring.workflow import Workflow
 
 from conftest import REPO, venv_env
 from test_workflow import planned_jobs, tiny_config

@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 from pipeline import config as cfg
-from pipeline import contract, plan, plan_rates
+from pipeline import plan, plan_rates
 from pipeline.corpus import shard
+from pipeline.data import contract
+from pipeline.data.text import input_files
 from pipeline.plan import BYTES, Planner, actual_costs
 from pipeline.plan_rates import Assumed, student_training_flops
-from pipeline.text import input_files
-from pipeline.workflow import Workflow
+from pipeline.wiring.workflow import Workflow
 
 from conftest import MINILM, REPO, venv_env
 from test_workflow import tiny_config

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from pipeline import config as cfg
-from pipeline import contract
-from pipeline.integrity import read_record
+from pipeline.data import contract
+from pipeline.data.integrity import read_record
 
 from conftest import REPO
 from test_workflow import planned_jobs, snakemake

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import StageError
-from pipeline.integrity import read_record
+from pipeline.data.integrity import read_record
 from pipeline.pretrain import trainer
 from pipeline.pretrain.data import BatchStream, Shard, make_batch
 from pipeline.pretrain.losses import kd_loss, loss_parts, mlsm_loss, total_loss
@@ -102,7 +102,7 @@ def test_masking_touches_only_ordinary_tokens(sharded_corpus, tokenizer, strateg
 
 
 def test_batch_targets_are_those_of_the_masked_positions(sharded_corpus, targets, tokenizer):
-    from pipeline.formats import read_targets
+    from pipeline.data.formats import read_targets
 
     shard = Shard(sharded_corpus[0][1], targets[1])
     rows = np.array([5, 0, 3])
@@ -450,7 +450,7 @@ def test_diagnostic_statistics_match_direct_computations():
     assert summary["gain_se"] == pytest.approx(2 / 3) and summary["sequences"] == 2
 
 
-# What the workflow gives a control student's job (pipeline/workflow.py: its architecture and masking only).
+# What the workflow gives a control student's job (pipeline/wiring/workflow.py: its architecture and masking only).
 CONTROL = {"objective": "none", "student": "none", "size": "tiny", "dropout": 0.1, "seed": 0, "max_steps": 0,
            "checkpoint_fractions": [], "mask_fraction": 0.15, "mask_strategy": "all_mask", "device": "cpu"}
 

@@ -124,7 +124,7 @@ def test_an_objective_added_by_its_recipe_trains_and_is_reported(copy, tmp_path)
 def test_a_config_key_added_by_its_recipe_is_validated_and_sliced(copy, tmp_path):
     assert perform(copy, "key") == ["pipeline/wiring/teacher.py", "workflow/schemas/config.schema.yaml"]
     code = ("import json, sys, yaml; from types import SimpleNamespace; from pipeline import config as cfg\n"
-            "from pipeline.workflow import Workflow\nc = yaml.safe_load(open(sys.argv[1]))\n"
+            "from pipeline.wiring.workflow import Workflow\nc = yaml.safe_load(open(sys.argv[1]))\n"
             "c['activations']['note'] = sys.argv[2]\n"
             "try:\n    w = Workflow(cfg.validate(c))\n"
             "except cfg.ConfigError as e:\n    print('error:', e); sys.exit()\n"

@@ -147,7 +147,7 @@ def test_spams_runs_the_configured_iterations_as_the_reference_call():
     not epochs x states / batch_size."""
     spams = pytest.importorskip("spams")
     from pipeline.dictionary import learn_spams, spams_iterations
-    from pipeline.lasso import l2_normalise
+    from pipeline.solvers.lasso import l2_normalise
 
     x = l2_normalise(torch.randn(600, 16, generator=torch.Generator().manual_seed(0)))
     params = {"atoms": 20, "lambda": 0.05, "batch_size": 50, "epochs": 10, "iterations": 7, "seed": 0}
@@ -430,7 +430,7 @@ def test_the_reference_normalizer_keeps_case_and_accents_and_joins_quotes(tmp_pa
 def test_reference_pairs_are_the_reference_tokenizers_pairs(tokenizer):
     """Lines two by two, with the reference's filters, cut longest-first exactly as its fast tokenizer cuts a
     pair (tokenizer(A, B, truncation=True, max_length=L))."""
-    from pipeline.packing import pack_reference_pairs
+    from pipeline.data.packing import pack_reference_pairs
 
     texts = ["Hi.", "The first line of the document is here.", "And a second, somewhat longer line follows it.",
              "Short", "ok", "A third pair starts with this line", "and ends with this one, which is long enough.",
@@ -449,8 +449,9 @@ def test_reference_pairs_are_the_reference_tokenizers_pairs(tokenizer):
 def test_the_shard_stage_packs_reference_pairs_document_by_document(corpus_text, monkeypatch):
     """corpus.packing reference_pairs in the sharding stage: each kept document's lines (also those that
     encode to nothing) paired by pack_reference_pairs, held-out documents in the validation split."""
-    from pipeline import corpus, text
-    from pipeline.packing import pack_reference_pairs
+    from pipeline import corpus
+    from pipeline.data import text
+    from pipeline.data.packing import pack_reference_pairs
 
     monkeypatch.setattr(text, "CHUNK_BYTES", 4096)  # many chunks, some documents held out in each
     params = {"tokenizer": MINILM, "max_seq_len": 24, "seed": 0, "validation_fraction": 0.3,

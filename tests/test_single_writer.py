@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.common import StageError
-from pipeline.integrity import atomic_output, read_verified
-from pipeline.locks import holding, live_writer, lock_path
+from pipeline.data.integrity import atomic_output, read_verified
+from pipeline.data.locks import holding, live_writer, lock_path
 
 from conftest import MINILM, REPO, venv_env
 
@@ -39,7 +39,7 @@ def python(code: str, **kwargs) -> subprocess.Popen:
 def test_a_live_writers_temporary_is_never_removed_and_a_dead_ones_is(tmp_path):
     out = tmp_path / "weights.bin"
     first = python("import sys\n"
-                   "from pipeline.integrity import atomic_output\n"
+                   "from pipeline.data.integrity import atomic_output\n"
                    f"with atomic_output({str(out)!r}) as tmp:\n"
                    "    tmp.write_bytes(b'first')\n"
                    "    print('writing', flush=True)\n"
@@ -115,8 +115,8 @@ def test_a_killed_writers_lock_does_not_stop_the_rerun(tmp_path, corpus_command)
 
 def test_a_run_finds_live_writers_of_its_outputs_before_any_job(tmp_path, monkeypatch, mlm_teacher):
     from pipeline import config as cfg
-    from pipeline.preflight import check_no_live_writers
-    from pipeline.workflow import Workflow
+    from pipeline.wiring.preflight import check_no_live_writers
+    from pipeline.wiring.workflow import Workflow
 
     from test_workflow import tiny_config
 
@@ -125,7 +125,7 @@ def test_a_run_finds_live_writers_of_its_outputs_before_any_job(tmp_path, monkey
     check_no_live_writers(workflow)
     state = workflow.resume_dir("pretrain_student", student="mlm")
     holder = python("import sys\n"
-                    "from pipeline.locks import holding\n"
+                    "from pipeline.data.locks import holding\n"
                     f"with holding([{state!r}]):\n"
                     "    print('holding', flush=True)\n"
                     "    sys.stdin.readline()\n", stdin=subprocess.PIPE, stdout=subprocess.PIPE)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from pipeline import contract
-from pipeline.report_html import blocks, render_html
+from pipeline.data import contract
+from pipeline.reporting.report_html import blocks, render_html
 from pipeline.wiring import RULES
 
 from conftest import REPO, venv_env

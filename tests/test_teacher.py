@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.common import StageError
-from pipeline.formats import read_store
-from pipeline.integrity import read_verified
+from pipeline.data.formats import read_store
+from pipeline.data.integrity import read_verified
 from pipeline.models import load_encoder
 from pipeline.stages import call
 
@@ -152,7 +152,7 @@ def test_frequency_subsampling_and_the_per_sequence_cap(tmp_path, sharded_corpus
 
 def test_an_altered_auxiliary_teacher_is_refused(tmp_path):
     """The pipeline's own teacher (teachers/<t>/auxiliary/model) is verified against its record."""
-    from pipeline.integrity import file_entries, write_record
+    from pipeline.data.integrity import file_entries, write_record
     from pipeline.models import verify_model
 
     from conftest import save_tiny_teacher

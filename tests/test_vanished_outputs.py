@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pipeline.compare import differences
-from pipeline.locks import lock_path
+from pipeline.data.locks import lock_path
 
 from conftest import venv_env
 from test_workflow import planned_jobs, snakemake

@@ -1,4 +1,4 @@
-"""The workflow's wiring in Python (pipeline/workflow.py, pipeline/stages.py), without running Snakemake:
+"""The workflow's wiring in Python (pipeline/wiring/workflow.py, pipeline/stages.py), without running Snakemake:
 which jobs a config makes, and which of them an edit of each config key reruns."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from pipeline import config as cfg
 from pipeline.objectives import OBJECTIVES
 from pipeline.wiring import INPUT, OUTPUT, RULES, STAGES, command, fill
-from pipeline.workflow import Workflow
+from pipeline.wiring.workflow import Workflow
 
 from conftest import REPO, venv_env
 from test_workflow import planned_jobs, snakemake, tiny_config

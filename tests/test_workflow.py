@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import contract
+from pipeline.data import contract
 
 from conftest import REPO, SHARED, venv_env
 
@@ -93,7 +93,7 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 def test_every_declared_output_is_valid(workflow_run):
     from transformers import AutoModel
 
-    from pipeline.formats import read_store
+    from pipeline.data.formats import read_store
 
     workdir, _, config = workflow_run
     results = workdir / "results"

@@ -1,4 +1,4 @@
-"""The facts a pre-training run's model cards state (pipeline/cards.py renders them), gathered from its
+"""The facts a pre-training run's model cards state (pipeline/reporting/cards.py renders them), gathered from its
 verified inputs before the first update: the params, the corpus record, the dictionary record and the
 targets record."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import cards
-from ..integrity import read_verified
+from ..data.integrity import read_verified
 from ..objectives import objective
+from ..reporting import cards
 
 DICTIONARY_KEYS = ("atoms", "lambda", "backend", "train_tokens", "heldout_objective", "relative_residual", "mean_nnz",
                    "atoms_used_fraction")

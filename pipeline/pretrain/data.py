@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..common import StageError
-from ..formats import gather_entries, pad_rows, read_targets, shard_tokens, target_entries
+from ..data.formats import gather_entries, pad_rows, read_targets, shard_tokens, target_entries
 
 
 class Shard:

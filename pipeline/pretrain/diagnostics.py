@@ -1,5 +1,5 @@
 """Training-health measurements of a student on the held-out sequences (corpus/validation.parquet), taken
-at initialisation, at each saved checkpoint and at the end. The report judges them (pipeline/health.py);
+at initialisation, at each saved checkpoint and at the end. The report judges them (pipeline/reporting/health.py);
 here they are only measured, against baselines that need no training:
 
 - MLM: the student's loss on the masked held-out tokens against the loss of predicting every masked token
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..formats import read_token_counts
+from ..data.formats import read_token_counts
 from .data import Shard, make_batch
 
 VALIDATION_MASKS = 1  # the held-out sequences' masks come from (seed, VALIDATION_MASKS, first row)

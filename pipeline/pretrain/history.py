@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..common import log
-from ..integrity import atomic_output
+from ..data.integrity import atomic_output
 
 
 class Window:

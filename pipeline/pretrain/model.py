@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common import StageError
-from ..integrity import write_json
+from ..data.integrity import write_json
 from ..objectives import objective as objective_named
 
 MLSM_HEAD_FILE = "mlsm_head.safetensors"

@@ -12,7 +12,7 @@ import torch
 
 from ..common import StageError, log
 from ..config import option_defaults, phase_lengths, phase_plan
-from ..integrity import CHECKSUM_KEY, read_verified
+from ..data.integrity import CHECKSUM_KEY, read_verified
 from ..models import load_tokenizer, resolve_model_source, verify_model
 from ..objectives import LOSS_PARTS, objective
 from ..resume import Resume

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..common import StageError
-from ..formats import load_dictionary
-from ..integrity import read_verified
-from ..lasso import l2_normalise, make_solver
+from ..data.formats import load_dictionary
+from ..data.integrity import read_verified
 from ..models import check_vocabulary, load_encoder, loading, resolve_model_source
+from ..solvers.lasso import l2_normalise, make_solver
 from .distributed import all_ranks_sum
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import contract
 from ..common import StageError, log, seed_everything, set_cpu_threads
 from ..config import checkpoint_steps
-from ..integrity import atomic_output, file_entries, write_record
+from ..data import contract
+from ..data.integrity import atomic_output, file_entries, write_record
 from ..objectives import objective
 from ..resume import load_training, save_training
 from ..training import autocast, rng_states, set_rng_states

@@ -2,7 +2,7 @@
 rules that run it with their outputs, jobs, inputs, config slice, threads, resources and cost), and the
 registry below that lists the rules in the order the stages run. The Snakemake rules
 (workflow/rules/pipeline.smk), the command lines (`command`, pipeline/cli.py), the jobs of a config
-(pipeline/workflow.py) and the cost plan (pipeline/plan.py) are derived from it.
+(pipeline/wiring/workflow.py) and the cost plan (pipeline/plan.py) are derived from it.
 
 A new stage: a home module here (its Stage and Rule), its module pipeline/<stage>.py, and its rule in RULES.
 Nothing here imports torch: the workflow reads it at every parse.

@@ -3,7 +3,7 @@ with its outputs, how its jobs and inputs are found, its config slice, its threa
 cost for the plan. Everything else (the Snakemake rules, the command lines, the DAG the tests compare with
 Snakemake's, the plan) is derived from these declarations (pipeline/wiring/__init__.py).
 
-A Rule's functions take the Workflow of the config (pipeline/workflow.py: names, paths and the helpers the
+A Rule's functions take the Workflow of the config (pipeline/wiring/workflow.py: names, paths and the helpers the
 rules share) or the Planner (pipeline/plan.py), and the job's wildcards as attributes (job.teacher, ...).
 Nothing here imports torch: the workflow reads it at every parse.
 """

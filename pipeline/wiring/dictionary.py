@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import DICTIONARY, RESUME, Resources, Rule, Shown, Stage, inp, out
 
 STAGE = Stage("dictionary", "non-negative sparse dictionary learning on L2-normalised teacher states", (

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from .. import contract
-from ..tasks import task_files
+from ..data import contract
+from ..data.tasks import task_files
 from .base import RESUME, Resources, Rule, Stage, inp, out
 
 STAGE = Stage("finetune", "one pre-trained model on one task with one seed -> dev scores", (

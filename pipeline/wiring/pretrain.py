@@ -3,7 +3,7 @@ auxiliary teacher the pipeline pre-trains with MLM itself (the BabyLM variant), 
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from ..objectives import ARCHITECTURE_KEYS, objective
 from .base import LOG, RESUME, STUDENTS, Port, Resources, Rule, Shown, Stage, inp, out
 from .teacher import AUXILIARY

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from .. import contract
-from ..tasks import task_files
+from ..data import contract
+from ..data.tasks import task_files
 from .base import RESULTS, Resources, Rule, Shown, Stage, inp, out
 
 STAGE = Stage("report", "the students compared: report.md/.html, results.csv and plots", (

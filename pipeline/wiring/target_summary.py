@@ -3,7 +3,7 @@ record: of the corpus's parts, and of each other length's (pipeline/target_summa
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import TARGETS, Resources, Rule, Shown, Stage, inp, out
 
 STAGE = Stage("target_summary", "the target shards' statistics summed into the targets' record", (

@@ -3,7 +3,7 @@ length and at each other length of an MLSM student's seq_len_schedule (pipeline/
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import RESUME, Resources, Rule, Stage, inp, out
 from .teacher import AUXILIARY
 

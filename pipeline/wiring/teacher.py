@@ -3,7 +3,7 @@ states computed elsewhere (HDF5) imported."""
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import RESUME, Resources, Rule, Stage, inp, out
 
 AUXILIARY = (inp("teacher_model", directory=True, optional=True, help="an auxiliary teacher the pipeline trained"),

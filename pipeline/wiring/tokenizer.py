@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .. import contract
+from ..data import contract
 from .base import Resources, Rule, Stage, inp, out
 
 TEXT = inp("text", many=True, verbatim=True,

@@ -1,13 +1,13 @@
 # The validated config, and what every rule takes from its declaration (pipeline/wiring/<stage>.py) through
-# the config's Workflow (pipeline/workflow.py): its inputs, outputs, logs, params, threads, resources and
+# the config's Workflow (pipeline/wiring/workflow.py): its inputs, outputs, logs, params, threads, resources and
 # command. The rules themselves are made from the declarations in pipeline.smk.
 import re as _re
 import sys as _sys
 
 from pipeline import config as cfg
-from pipeline import preflight
+from pipeline.wiring import preflight
 from pipeline.wiring import RULES, command, optional_inputs, verbatim_inputs
-from pipeline.workflow import Workflow
+from pipeline.wiring.workflow import Workflow
 
 try:
     cfg.check_files(workflow.configfiles)
@@ -42,7 +42,7 @@ _OUTPUTS_CHECKED = []
 
 def _check_outputs_once():
     """Once per run or dry run, in the main Snakemake process (not for --report, --touch or inside a cluster
-    job): outputs that vanished or changed after later jobs used them stop the run (pipeline/damage.py)."""
+    job): outputs that vanished or changed after later jobs used them stop the run (pipeline/wiring/damage.py)."""
     if _OUTPUTS_CHECKED or not workflow.is_main_process:
         return
     _OUTPUTS_CHECKED.append(True)
@@ -101,7 +101,7 @@ def rule_benchmark(rule):
 
 
 def rule_threads(rule):
-    """The rule's threads per job (pipeline/workflow.py: Workflow.threads)."""
+    """The rule's threads per job (pipeline/wiring/workflow.py: Workflow.threads)."""
     return lambda wildcards: W.threads(rule, wildcards)
 
 

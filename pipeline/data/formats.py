@@ -1,7 +1,7 @@
-"""Readers and writers of the data files in the contract (pipeline/contract.py), one place for each format.
+"""Readers and writers of the data files in the contract (pipeline/data/contract.py), one place for each format.
 
 Stages never read each other's outputs with code of their own: a corpus shard, a target shard, the
-activation store and the dictionary are read and written here. Every writer is atomic (pipeline.integrity);
+activation store and the dictionary are read and written here. Every writer is atomic (pipeline.data.integrity);
 parquet files carry page checksums, so a reader detects a corrupt page as well as a truncated file.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..common import StageError
 from . import contract
-from .common import StageError
 from .integrity import atomic_output, file_entries, read_verified, write_record
 
 ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
@@ -256,7 +256,7 @@ def open_store(path: str | Path) -> tuple[dict, dict]:
     """The attributes and the (lazy) arrays of an activation store: zarr, or HDF5 (.h5, pipeline/hdf5.py)."""
     import zarr
 
-    from . import hdf5
+    from .. import hdf5
 
     if hdf5.is_hdf5(path):
         return hdf5.open_store(path)

@@ -5,7 +5,7 @@ stages write and the tests check, and the layout of the zarr store, the dictiona
 files. Bump a stage's FORMAT_VERSION when its code changes its output: the version is part of the
 rule's params, so Snakemake reruns that stage and everything downstream of it.
 
-Integrity (pipeline/integrity.py): every file is written atomically (temporary name, fsync, rename).
+Integrity (pipeline/data/integrity.py): every file is written atomically (temporary name, fsync, rename).
 Each stage writes one record, a JSON file with a `checksum` of its own content, which lists the data
 files the stage wrote under `files` ({name relative to the record's directory: {bytes, sha256}}):
 tokenizer/manifest.json, corpus/manifest.json, teachers/{teacher}/auxiliary/summary.json,
@@ -207,7 +207,7 @@ NNZ_BINS = (0, 1, 8, 16, 32, 64, 128, 256, 512, 1024)  # left edges of the nnz h
 # decoder; tied: decoder.weight [K, d] and decoder.bias [K], the K rows the MLM decoder and its bias gain in
 # the reference's layout, behind the MLM head's transform);
 # pretraining.json (params, steps, objective, atoms, world_size, tokens_seen); README.md, the model card
-# (pipeline/cards.py: Hugging Face YAML front matter, then the training details).
+# (pipeline/reporting/cards.py: Hugging Face YAML front matter, then the training details).
 # checkpoints/step{N}/: the same layout, saved after N updates (N = round(f * max_steps) for each
 # checkpoint_fractions entry f < 1; pretraining.json's steps is N); empty without checkpoint_fractions.
 # summary.json: the same plus seconds, tokens_per_second, parameters, checkpoints (names), card (the facts

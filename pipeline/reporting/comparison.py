@@ -1,5 +1,5 @@
 """The run as the report compares it: every fine-tuning score, the students' records, each pre-trained
-student's control and each task's majority-class score (pipeline/health.py judges them); the rows of
+student's control and each task's majority-class score (pipeline/reporting/health.py judges them); the rows of
 results.csv; the MLSM-against-MLM pairs."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import health, tasks
-from .objectives import objective
+from ..data import tasks
+from ..objectives import objective
+from . import health
 
 # A student's diagnostics (pipeline/pretrain/diagnostics.py) as results.csv columns.
 COSINES = ("masked_cosine", "real_cosine", "embedding_cosine")

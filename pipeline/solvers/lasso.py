@@ -23,7 +23,7 @@ solved for a batch of tokens (rows of x) at once. Two solvers behind one interfa
   as SPAMS's K=3000 one, L=75) the finish starts from zero codes instead (its first round solves on the
   FIRST_WIDTH atoms most correlated with the state, later ones add at most FINISH_ADD violators): 3-5
   rounds certify those states, where FISTA needs ~50 products to reach FINISH_FROM first. The exact solves are
-  batched by pipeline.nnls; on a CPU blocks of rows run one per thread (pipeline.parallel).
+  batched by pipeline.solvers.nnls; on a CPU blocks of rows run one per thread (pipeline.solvers.parallel).
 
 The duality gap: for residual r = x - D a, theta = s r with s = min(1, lam / max_j d_j^T r) is dual
 feasible (D^T theta <= lam), the dual objective is 1/2 ||x||^2 - 1/2 ||x - theta||^2, and primal minus
@@ -178,7 +178,7 @@ class Lasso:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Solution:
         # Bounded blocks: [rows, K] working arrays that fit the cache on a CPU, and memory on a GPU. On a
-        # CPU the blocks run one per thread (pipeline.parallel), as equal as the row count allows.
+        # CPU the blocks run one per thread (pipeline.solvers.parallel), as equal as the row count allows.
         if x.is_cuda:
             if len(x) <= ROWS_PER_SOLVE_CUDA:
                 return self._solve(x)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .objectives import objective, reported_losses
+from ..objectives import objective, reported_losses
 
 CARD = "README.md"
 LOSSES = reported_losses()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.integrity import atomic_output
 from .health import bootstrap_ci
-from .integrity import atomic_output
 
 
 def select(rows: list[dict], **where) -> list[dict]:

@@ -1,5 +1,5 @@
 """report.html: the Markdown report as one self-contained page, rendered by a Jinja2 template
-(pipeline/templates/report.html.j2).
+(pipeline/reporting/templates/report.html.j2).
 
 The page is made from report.md itself, block by block, so that every section the report's `render()`
 writes (and any section added to it later) shows up in the HTML without touching the template: headings,

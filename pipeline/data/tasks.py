@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import Progress, StageError, log
+from ..common import Progress, StageError, log
 
 csv.field_size_limit(sys.maxsize)
 LARGE_BYTES = 64 << 20  # task files at least this large are announced in the log (QQP's train.tsv: 40 MB)

@@ -10,16 +10,16 @@ torch or pyarrow: Snakemake reads it at every parse, also in every cluster job.
 
 from __future__ import annotations
 
-from . import config as cfg
-from . import contract
-from .hfdata import DatasetInput
-from .launch import torchrun_command
-from .objectives import objective
+from .. import config as cfg
+from ..data import contract
+from ..data.hfdata import DatasetInput
+from ..data.tasks import task_files
+from ..data.text import input_files
+from ..launch import torchrun_command
+from ..objectives import objective
+from ..slurm import job_threads
+from . import RULES, fill
 from .slices import Slices
-from .slurm import job_threads
-from .tasks import task_files
-from .text import input_files
-from .wiring import RULES, fill
 
 BBC_DIR = contract.BBC_DIR
 

@@ -2,7 +2,7 @@
 the activation store; the `torch` backend of the dictionary stage (CPU or GPU).
 
 Atoms start as states drawn k-means++-style (far from those already drawn); each mini-batch is coded with
-the fast non-negative lasso (pipeline.lasso, to a loose duality gap), the statistics A = sum a a^T and
+the fast non-negative lasso (pipeline.solvers.lasso, to a loose duality gap), the statistics A = sum a a^T and
 B = sum x a^T are accumulated with forgetting (weights of older batches shrink by (1 - b/seen)^rho, so
 codes of early, poor dictionaries fade), and the atoms are updated by block-coordinate descent
 (`atom_sweeps` passes over blocks of `atom_block` atoms, each block moved at once) and renormalised.
@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import StageError, log
+from ..common import StageError, log
+from ..resume import Resume
 from .lasso import Lasso, l2_normalise, objective, power_lipschitz
 from .parallel import small_work
-from .resume import Resume
 
 DEAD_USAGE = 1e-4  # an atom whose A_jj is below this fraction of the mean is dead
 

@@ -1,7 +1,7 @@
 """Corpus text as documents: which files an input names, how each format is read, what bad input is.
 
 Inputs are files, directories (read recursively) or globs; compression comes from the suffix (.gz, .zst,
-.bz2); or Hugging Face datasets (hf:<name>, or a directory saved with save_to_disk: pipeline/hfdata.py).
+.bz2); or Hugging Face datasets (hf:<name>, or a directory saved with save_to_disk: pipeline/data/hfdata.py).
 Formats:
 - text (the default, the MLSM reference format): one sentence per line, a blank line between documents;
 - jsonl: one JSON object per line, a document in its `text_field`;
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common import Progress, StageError, log
+from ..config import section_defaults
 from . import hfdata
-from .common import Progress, StageError, log
-from .config import section_defaults
 from .hfdata import DatasetInput, parse_input
 
 CHUNK_BYTES = 1 << 20  # text per unit of parallel work; a constant, so the output never depends on workers

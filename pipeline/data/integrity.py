@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import StageError
+from ..common import StageError
 from .locks import locked_directory, remove_stale
 
 CHECKSUM_KEY = "checksum"
@@ -55,7 +55,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
     A killed or failed stage never leaves a file or directory under the final name, and a full disk
     becomes a StageError naming the output. The temporary is locked while its writer lives: another
-    writer removes only the leftovers of writers that are gone (pipeline/locks.py)."""
+    writer removes only the leftovers of writers that are gone (pipeline/data/locks.py)."""
     path = Path(path)
     with contextlib.ExitStack() as temporary:
         try:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import StageError
+from ..common import StageError
 
 PREFIX = "hf:"
 BATCH_ROWS = 1024

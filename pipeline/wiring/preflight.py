@@ -12,11 +12,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import config as cfg
-from .common import StageError
-from .locks import live_writer
-from .text import input_files
-from .wiring import RULES, fill
+from .. import config as cfg
+from ..common import StageError
+from ..data.locks import live_writer
+from ..data.text import input_files
+from . import RULES, fill
 from .workflow import Workflow
 
 
@@ -66,7 +66,7 @@ def written_paths(workflow: Workflow) -> Iterator[str]:
 
 
 def check_no_live_writers(workflow: Workflow) -> None:
-    """No process holds the lock of an output of this DAG (pipeline/locks.py): a job orphaned by a killed
+    """No process holds the lock of an output of this DAG (pipeline/data/locks.py): a job orphaned by a killed
     Snakemake, or a run of another working directory with the same `results:`. Snakemake would delete
     outputs of the jobs it reruns under that process's feet."""
     busy = [(path, holder) for path in written_paths(workflow) if (holder := live_writer(path))]
@@ -83,7 +83,7 @@ def check_no_live_writers(workflow: Workflow) -> None:
 
 def check_outputs(snakemake_workflow, workflow: Workflow) -> None:
     """Before Snakemake plans a run or a dry run: no output that a later job reads has vanished or changed
-    (pipeline/damage.py), unless the command reruns its job (--forcerun, --forceall) or asks for the output
+    (pipeline/wiring/damage.py), unless the command reruns its job (--forcerun, --forceall) or asks for the output
     itself. SystemExit otherwise."""
     from . import damage
 
@@ -100,7 +100,7 @@ def check_tasks(workflow: Workflow, jobs: list[tuple[str, dict]]) -> None:
     the examples max_train_examples draws for each seed): a bad task file stops the run before Snakemake
     deletes the outputs of the jobs it reruns, instead of failing in each job. Task files a job of this run
     writes are checked by the fine-tuning jobs themselves."""
-    from .tasks import capped_examples, check_label_count, read_split, task_files, task_spec
+    from ..data.tasks import capped_examples, check_label_count, read_split, task_files, task_spec
 
     cap = workflow.config["finetune"]["max_train_examples"]
     for name, seeds in _task_seeds(jobs).items():
@@ -148,7 +148,7 @@ def check_cuda(snakemake_workflow, workflow: Workflow, jobs: list[tuple[str, dic
 
 def before_jobs(snakemake_workflow, workflow: Workflow) -> None:
     """The checks of Snakemake's onstart: one message and exit status 1 if a check fails."""
-    from . import slurm
+    from .. import slurm
 
     try:
         check_no_live_writers(workflow)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .objectives import ARCHITECTURE_KEYS, objective
+from ..objectives import ARCHITECTURE_KEYS, objective
 
 Z95 = 1.959964  # two-sided 95 % normal quantile
 COLLAPSE_SHARE = 0.5

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from .common import StageError
-from .integrity import read_record
-from .locks import lock_path
-from .wiring import fill
+from ..common import StageError
+from ..data.integrity import read_record
+from ..data.locks import lock_path
+from . import fill
 
 SHOWN = 12  # damaged outputs listed in the message
 

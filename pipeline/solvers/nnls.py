@@ -1,5 +1,5 @@
 """Batched exact solves of the non-negative lasso restricted to small per-row supports: the inner step
-of the fast solver's active-set finish (pipeline.lasso).
+of the fast solver's active-set finish (pipeline.solvers.lasso).
 
 For each row, given candidate atoms S, solve G_SS a_S = D_S^T x - lam (batched Cholesky), drop the
 atoms that come out negative and solve again on the rest. Two things keep this cheap on a CPU, where

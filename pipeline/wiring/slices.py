@@ -1,14 +1,14 @@
 """What the rules' config slices share (pipeline/wiring/<stage>.py declares each rule's own): a part of
-Workflow (pipeline/workflow.py). A job's params are its rule's slice and its stage's format version, and
+Workflow (pipeline/wiring/workflow.py). A job's params are its rule's slice and its stage's format version, and
 nothing else: changing a key reruns exactly the jobs whose slice holds it (tests/test_wiring.py checks it key
 by key).
 """
 
 from __future__ import annotations
 
-from . import config as cfg
-from . import contract
-from .wiring import RULES
+from .. import config as cfg
+from ..data import contract
+from . import RULES
 
 
 class Slices:
