@@ -323,3 +323,31 @@ def test_every_config_in_the_repository_is_wired(name):
     assert any(json.loads(facts["params"])["objective"] == "none" for (rule, _), facts in jobs.items()
                if rule == "pretrain_student"), "every shipped config has a control student"
     assert all(json.loads(facts["params"])["format_version"] for facts in jobs.values())
+
+
+def test_a_rule_or_an_objective_missing_a_piece_fails_when_declared():
+    """Issue #29: the plan looked its costs up by the rule's name and met rules it had none for; an unknown loss
+    part fell into the KD branch. A declaration now cannot leave out what the workflow, the plan or the losses
+    need, and an objective cannot name a loss part no loss implements."""
+    from pipeline.objectives import Objective
+    from pipeline.wiring import Resources, Rule
+
+    stage = STAGES["report"]
+    with pytest.raises(TypeError, match="cost"):
+        Rule("toy", stage, outputs={}, inputs=lambda w, j: {}, params=lambda w, j: {}, jobs=lambda w: [],
+             resources=Resources(mem_mb=1, runtime=1))
+    with pytest.raises(ValueError, match=r"objective toy: unknown loss part\(s\) \['mlm2'\]"):
+        Objective("toy", ("mlm2",), tags=())
+    for rule in RULES.values():
+        assert all(callable(f) for f in (rule.inputs, rule.params, rule.jobs, rule.cost)), rule.name
+
+
+def test_a_loss_part_no_loss_implements_stops_training(monkeypatch):
+    pytest.importorskip("torch")
+    from pipeline import objectives
+    from pipeline.pretrain import losses
+
+    monkeypatch.setitem(objectives.LOSS_PARTS, "new", objectives.LossPart("new", head="mlm"))
+    monkeypatch.setitem(objectives.OBJECTIVES, "new", objectives.Objective("new", ("new",), tags=()))
+    with pytest.raises(ValueError, match="no loss implements the part 'new'"):
+        losses.loss_parts({}, {}, {"objective": "new"}, None)
