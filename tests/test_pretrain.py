@@ -227,9 +227,12 @@ def test_training_is_reproducible(tmp_path, sharded_corpus, targets):
     assert learning_curve(a) == learning_curve(b)
 
 
-def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_corpus, targets):
+@pytest.mark.parametrize("head", ["separate", "tied"])
+def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_corpus, targets, head):
     """The rule's own launcher (torchrun, 2 processes, gloo) with half the batch each follows the same loss
-    curve as one process with the whole batch; ranks stay in sync and rank 0 saves once."""
+    curve as one process with the whole batch; ranks stay in sync and rank 0 saves once. With the tied MLSM
+    head (the paper preset), the MLM head's vocabulary bias has no gradient under objective mlsm (issue #32:
+    DDP stopped at update 2)."""
     import shlex
     import subprocess
 
@@ -241,7 +244,7 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_c
 
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm", "student": "ddp", "atoms": 24, "dropout": 0.0, "max_steps": 4,
-              "batch_size": 3}
+              "batch_size": 3, "mlsm_head": head}
     # Checkpoints after every update: the collective save (every rank's random states) runs too.
     command = shlex.split(torchrun_command(2)) + [
         "-m", "pipeline.pretrain", "--corpus-shards", *shards, "--target-shards", *targets,

@@ -75,6 +75,10 @@ class Student(torch.nn.Module):
         self.mlsm_head = None
         if self.tied:
             self.mlsm_head = TiedMlsmHead(config.hidden_size, atoms, config.initializer_range)
+            if not self.objective.mlm_head:
+                # MLSM alone reads the MLM head's transform, never its vocabulary bias: it takes no gradient
+                # (under DDP, a parameter that never gets one stops the second update).
+                self.backbone.cls.predictions.bias.requires_grad_(False)
         elif self.objective.mlsm_head:
             self.mlsm_head = MlsmHead(config.hidden_size, atoms, config.layer_norm_eps)
 
