@@ -549,3 +549,21 @@ def test_start_heads_at_priors_sets_each_heads_output_bias(tokenizer, head):
                               atol=1e-5)
     assert Student(build_config({**BASE, "size": "tiny"}, tokenizer, 64), "mlsm", 24).start_heads_at_priors(
         None, atoms) == ["mlsm"]  # no MLM head to set
+
+
+def test_every_tensor_collective_goes_through_the_device_aware_helpers():
+    """Issue #32: under NCCL every collective's tensor must be on the rank's GPU; CPU tensors were all-reduced,
+    which gloo accepts (so the CPU tests passed) and NCCL does not. Only pipeline/pretrain/distributed.py calls
+    a tensor collective, and it moves the tensor to the process group's device (tests/test_gpu.py runs it)."""
+    import ast
+
+    from conftest import REPO
+
+    tensor_collectives = {"all_reduce", "broadcast", "all_gather", "reduce", "reduce_scatter", "all_to_all"}
+    found = []
+    for path in (REPO / "pipeline").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in tensor_collectives and getattr(node.func.value, "id", "") == "dist":
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found and all(f.startswith("pipeline/pretrain/distributed.py:") for f in found), found

@@ -1,4 +1,6 @@
-"""Data parallelism under torchrun: which process this is, and sums over all of them."""
+"""Data parallelism under torchrun: which process this is, and the collectives every rank joins. A collective's
+tensors must lie where its backend works: the rank's GPU under NCCL, the CPU under gloo; every collective of
+pre-training goes through the helpers here, which put them there (tests/test_gpu.py runs them under NCCL)."""
 
 from __future__ import annotations
 
@@ -23,10 +25,29 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives take their tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_ranks_sum(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(values)
-    return values
+    """The sum over the ranks, where `values` lies."""
+    if world == 1:
+        return values
+    moved = values.to(collective_device())
+    dist.all_reduce(moved)
+    return moved.to(values.device)
+
+
+def first_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    """Rank 0's values on every rank (its decisions: checkpoint now, stop)."""
+    if world == 1:
+        return values
+    moved = values.to(collective_device())
+    dist.broadcast(moved, src=0)
+    return moved.to(values.device)
 
 
 def check_ranks_agree(model: torch.nn.Module, world: int) -> None:

@@ -31,7 +31,7 @@ from ..training import autocast, rng_states, set_rng_states
 from . import card
 from .data import Prefetcher, Shard, rank_share
 from .diagnostics import measure
-from .distributed import all_ranks_sum, check_ranks_agree, init_distributed
+from .distributed import all_ranks_sum, check_ranks_agree, first_ranks, init_distributed
 from .history import TrainingLog, Window
 from .losses import loss_parts, total_loss
 from .model import flops_per_token, peak_flops
@@ -175,8 +175,7 @@ class Trainer:
         """(save now, stop after saving): rank 0's clock and stop request decide, so that every rank joins
         the collective save and stops with it."""
         decision = torch.tensor([self.s.resume.due() or self.stop_requested, self.stop_requested], dtype=torch.uint8)
-        if self.s.world > 1:
-            dist.broadcast(decision, src=0)
+        decision = first_ranks(decision, self.s.world)
         return bool(decision[0]), bool(decision[1])
 
     def _request_stop(self, signum, frame) -> None:
