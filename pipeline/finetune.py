@@ -27,7 +27,7 @@ from .data.integrity import CHECKSUM_KEY, read_verified, write_record
 from .data.tasks import TaskSpec, capped_examples, check_label_count, read_split, task_spec
 from .models import loading, saved_json
 from .resume import Resume, load_training, save_training
-from .training import adamw, autocast, warmup_then_decay
+from .training import adamw, autocast, rng_states, set_rng_states, warmup_then_decay
 
 # Keys added after the first release: callers that predate them get the schema's defaults.
 NEW_KEYS = ("lr_schedule", "max_grad_norm", "classifier_init", "shuffle_seed", "precision")
@@ -204,16 +204,18 @@ class Epochs:
         return torch.cat(predictions).cpu().numpy()
 
     def _save_state(self, unit: int, rng_at_epoch_start: dict) -> None:
+        # The CUDA generator's state too: dropout on a GPU draws from it (issue #32: a resumed GPU run differed).
         save_training(self.resume, unit, self.model, self.optimizer, self.scheduler,
                       {"rng_at_epoch_start": rng_at_epoch_start, "progress": self.progress},
-                      {"torch_rng": torch.get_rng_state()})
+                      {f"rng.{name}": state for name, state in rng_states().items()})
 
     def _load_state(self) -> None:
         saved = load_training(self.resume, self.model, self.optimizer, self.scheduler)
         if saved is None:
             return
         meta, tensors = saved
-        torch.set_rng_state(tensors["torch_rng"])
+        states = {key.removeprefix("rng."): state for key, state in tensors.items() if key.startswith("rng.")}
+        set_rng_states(states or {"torch": tensors["torch_rng"]})  # or a state saved before the CUDA one was
         self.rng.bit_generator.state = meta["rng_at_epoch_start"]
         self.progress = meta["progress"]
 

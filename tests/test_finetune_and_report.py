@@ -320,3 +320,27 @@ def test_thresholds_of_the_health_checks():
     student["diagnostics"][1] = diagnostics(8, mlm=(0.03, 0.02), cosines=(0.5, 0.2, 0.0))
     assert health.failed(student)[0].name == "MLM loss"
     assert health.health_cell({"params": {"objective": "none"}}) == "control (no pre-training)"
+
+
+def test_a_fine_tuning_checkpoint_holds_every_random_generators_state(tmp_path, monkeypatch):
+    """Issue #32: only the CPU generator's state was saved; on a GPU dropout draws from the CUDA generator, so a
+    resumed run differed. The checkpoint holds what training.rng_states gives (the CUDA state where there is a
+    GPU) and a resume restores all of it (tests/test_gpu.py resumes on a GPU)."""
+    import torch
+
+    from pipeline import finetune
+    from pipeline.resume import Resume
+
+    fake_cuda = torch.arange(16, dtype=torch.uint8)
+    monkeypatch.setattr(finetune, "rng_states", lambda: {"torch": torch.get_rng_state(), "cuda": fake_cuda})
+    restored = {}
+    monkeypatch.setattr(finetune, "set_rng_states", restored.update)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    params = {"seed": 1, "shuffle_seed": None}
+    epochs = finetune.Epochs(model, None, optimizer, scheduler, Resume(str(tmp_path), {"p": 1}), "cpu", params)
+    epochs._save_state(3, epochs.rng.bit_generator.state)
+    again = finetune.Epochs(model, None, optimizer, scheduler, Resume(str(tmp_path), {"p": 1}), "cpu", params)
+    again._load_state()
+    assert set(restored) == {"torch", "cuda"} and torch.equal(restored["cuda"], fake_cuda)
