@@ -141,17 +141,26 @@ def _code_batch(ids, types, valid, encoder, solver: Lasso, params, corpus_shard)
     solution = solver(x)
     codes = solution.codes
     counts, atoms, weights, lost = sparse_distribution(codes, *cut(params))
-    usage = torch.zeros(codes.shape[1], dtype=torch.float64, device=codes.device).index_add_(
-        0, atoms, weights.double())
-    owner = torch.repeat_interleave(torch.arange(len(codes), device=codes.device), counts)
-    entropy = torch.zeros(len(codes), device=codes.device).index_add_(
-        0, owner, -(weights * weights.clamp_min(1e-30).log()))
+    usage, entropy = code_sums(counts.cpu().numpy(), atoms.cpu().numpy(), weights.float().cpu().numpy(),
+                               (-(weights * weights.clamp_min(1e-30).log())).float().cpu().numpy(), codes.shape[1])
     return {
         "counts": counts.cpu().numpy().astype(np.uint16), "atoms": atoms.int().cpu().numpy().astype(np.uint16),
         "weights": weights.half().cpu().numpy(), "nnz": (codes > 0).sum(1).int().cpu().numpy(),
-        "lost": lost.cpu().numpy(), "entropy": entropy.cpu().numpy(),
-        "iterations": solution.iterations.cpu().numpy(), "usage": usage.cpu().numpy(),
+        "lost": lost.cpu().numpy(), "entropy": entropy,
+        "iterations": solution.iterations.cpu().numpy(), "usage": usage,
     }
+
+
+def code_sums(counts: np.ndarray, atoms: np.ndarray, weights: np.ndarray, plogp: np.ndarray,
+              n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each atom's summed weight (float64) and each token's entropy (float32), added on the CPU entry by entry
+    in a fixed order: on a GPU, index_add_ adds in no fixed order, and the sums (and through them the atom
+    usage, the MLSM head's prior bias) differed from run to run (issue #32)."""
+    usage = np.zeros(n_atoms, np.float64)
+    np.add.at(usage, atoms.astype(np.int64), weights.astype(np.float64))
+    entropy = np.zeros(len(counts), np.float32)
+    np.add.at(entropy, np.repeat(np.arange(len(counts)), counts), plogp.astype(np.float32))
+    return usage, entropy
 
 
 def statistics(results: list[dict], atoms: int) -> dict:

@@ -501,3 +501,20 @@ def test_power_iteration_bounds_the_lipschitz_constant_from_above():
         cold, vector = power_lipschitz(dictionary, torch.full((k,), k ** -0.5), 100)
         warm, _ = power_lipschitz(dictionary, vector)
         assert exact <= cold <= 1.011 * exact and exact <= warm <= 1.011 * exact
+
+
+def test_the_code_sums_are_torchs_on_the_cpu_in_a_fixed_order():
+    """Issue #32: the atom usage and entropies were index_add_ sums, in no fixed order on a GPU. They are added on
+    the CPU entry by entry now: the same sums as torch's sequential CPU index_add_, so CPU runs keep their bytes."""
+    from pipeline.targets import code_sums
+
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 9, (50,), generator=generator)
+    atoms = torch.randint(0, 30, (int(counts.sum()),), generator=generator)
+    weights = torch.rand(int(counts.sum()), generator=generator)
+    plogp = -(weights * weights.log())
+    usage, entropy = code_sums(counts.numpy(), atoms.numpy(), weights.numpy(), plogp.numpy(), 30)
+    expected_usage = torch.zeros(30, dtype=torch.float64).index_add_(0, atoms, weights.double())
+    owner = torch.repeat_interleave(torch.arange(50), counts)
+    expected_entropy = torch.zeros(50).index_add_(0, owner, plogp)
+    assert np.array_equal(usage, expected_usage.numpy()) and np.array_equal(entropy, expected_entropy.numpy())
