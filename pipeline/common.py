@@ -36,13 +36,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def nvidia_gpus() -> int:
+    """NVIDIA GPUs this machine's driver shows (without importing torch: the workflow asks at every parse)."""
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
 def pick_device(name: str = "auto"):
+    """The torch device of `device` (auto: CUDA when torch sees it; said in the log where the machine has a GPU
+    that torch cannot use)."""
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
         raise StageError("device: cuda was asked for but torch sees no CUDA device", transient=True)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu" and nvidia_gpus():
+            log.warning("device auto: this machine has %d NVIDIA GPU(s) but torch sees none (a CPU build of torch, "
+                        "or a driver it cannot use): running on the CPU", nvidia_gpus())
     return torch.device(name)
 
 

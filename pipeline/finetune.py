@@ -27,7 +27,7 @@ from .data.integrity import CHECKSUM_KEY, read_verified, write_record
 from .data.tasks import TaskSpec, capped_examples, check_label_count, read_split, task_spec
 from .models import loading, saved_json
 from .resume import Resume, load_training, save_training
-from .training import adamw, autocast, rng_states, set_rng_states, warmup_then_decay
+from .training import adamw, autocast, rng_states, set_rng_states, training_precision, warmup_then_decay
 
 # Keys added after the first release: callers that predate them get the schema's defaults.
 NEW_KEYS = ("lr_schedule", "max_grad_norm", "classifier_init", "shuffle_seed", "precision")
@@ -114,6 +114,7 @@ def finetune(paths, params: dict) -> dict:
     set_cpu_threads()
     seed_everything(params["seed"])
     device = pick_device(params.get("device", "auto"))
+    training_precision(device)
     model_dir = model_directory(paths, params)
     student = read_verified(paths.model_summary, [model_dir]) if paths.model_summary else {}
     spec = task_spec(params["task"])

@@ -66,3 +66,15 @@ def set_rng_states(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def training_precision(device) -> None:
+    """On a GPU, the float32 matrix products left outside autocast (the heads' float() logits, the losses) use
+    TensorFloat-32, as BERT pre-training recipes do: off by default in torch, they ran at a fraction of the
+    tensor cores' speed. The solvers (lasso, dictionary) keep their own precision setting and never train
+    under this."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

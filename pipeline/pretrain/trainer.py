@@ -27,7 +27,7 @@ from ..data import contract
 from ..data.integrity import atomic_output, file_entries, write_record
 from ..objectives import objective
 from ..resume import load_training, save_training
-from ..training import autocast, rng_states, set_rng_states
+from ..training import autocast, rng_states, set_rng_states, training_precision
 from . import card
 from .data import Prefetcher, Shard, rank_share
 from .diagnostics import measure
@@ -45,6 +45,7 @@ def train(paths, params: dict) -> dict:
     set_cpu_threads()
     seed_everything(params["seed"])
     rank, world, device = init_distributed(params.get("device", "auto"))
+    training_precision(device)
     try:
         return Trainer(build(rank, world, device, paths, params)).run()
     finally:

@@ -177,6 +177,20 @@ class Lasso:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> Solution:
+        with self._exact():
+            return self._solve_blocks(x)
+
+    @contextmanager
+    def _exact(self):
+        """Exact float32 products (no TensorFloat-32) unless the low-precision pass asks for them."""
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+
+    def _solve_blocks(self, x: torch.Tensor) -> Solution:
         # Bounded blocks: [rows, K] working arrays that fit the cache on a CPU, and memory on a GPU. On a
         # CPU the blocks run one per thread (pipeline.solvers.parallel), as equal as the row count allows.
         if x.is_cuda:
@@ -272,11 +286,10 @@ class Lasso:
 
     @contextmanager
     def _low_precision(self):
-        if self.precision != "tf32":
-            yield
-            return
+        """TensorFloat-32 products for the low-precision pass of precision tf32; otherwise exact float32, also
+        where the process allows TF32 elsewhere (pre-training does, and makes online targets here)."""
         previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
         try:
             yield
         finally:

@@ -146,10 +146,17 @@ class Workflow(Slices):
         """The job's threads (its rule's declaration; Snakemake sets OMP_NUM_THREADS and the like from them)."""
         return RULES[rule].job_threads(self, wildcards)
 
+    def gpu_requests(self) -> int:
+        """GPUs a GPU rule's job asks for per process: 1 with device cuda, and with auto where this machine's
+        driver shows a GPU (a workstation); 0 on the CPU."""
+        from ..common import nvidia_gpus
+
+        return int(self.device == "cuda" or (self.device == "auto" and nvidia_gpus() > 0))
+
     def process_threads(self, processes: int) -> int:
         """Threads of a job of a model stage: one per process, two per GPU with CUDA (the process and its
         loader thread)."""
-        return job_threads(processes, int(self.device == "cuda"))
+        return job_threads(processes, self.gpu_requests())
 
     # ---- what the rules' inputs share ----
 

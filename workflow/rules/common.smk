@@ -16,7 +16,9 @@ try:
     preflight.check_inputs(W)
 except cfg.ConfigError as _err:
     _sys.exit(f"Error: {_err}")
-GPU = 1 if CONFIG["device"] == "cuda" else 0
+# A GPU rule's job asks for a GPU per process with device cuda, and with auto where this machine has one
+# (else several GPU jobs would share one GPU at once); on a cluster set device: cuda.
+GPU = W.gpu_requests()
 # How often long stages save resumable state: a resource, not a param, so changing it reruns nothing.
 CHECKPOINT_SECONDS = str(CONFIG["checkpoint_seconds"])
 RETRIES = CONFIG["retries"]
