@@ -13,7 +13,7 @@ IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
 CONFIG ?= config/config.yaml
 
-.PHONY: setup demo test bench lint dry-run plan clean
+.PHONY: setup demo test bench gpu-check wheels lint dry-run plan clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,18 @@ bench: $(VENV)/.bench-installed
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[demo,test,spams]'
 	touch $@
+
+# The first command on a GPU node (bench/gpu_check.py): the GPU tests, every stage's GPU figures and the
+# workflow on the GPU, 8 minutes in all; DEVICE=cpu runs the same at tiny shapes. On a node without internet,
+# `make wheels` here first (WHEEL_PYTHON: the node's Python), copy .whl/ along, and give WHEELS=.whl there.
+DEVICE ?= cuda
+WHEELS ?=
+WHEEL_PYTHON ?= 3.12
+gpu-check:
+	$(IN_VENV) python bench/gpu_check.py --out results/gpu-check --device $(DEVICE) $(if $(WHEELS),--wheels $(WHEELS))
+
+wheels: setup
+	$(IN_VENV) python bench/wheels.py --out .whl --python-version $(WHEEL_PYTHON)
 
 lint: setup
 	$(IN_VENV) python -m pytest -q tests/test_lint.py

@@ -8,8 +8,6 @@ import re
 
 import numpy as np
 import pytest
-from test_pretrain import BASE, train
-from test_pretrain import targets as targets  # noqa: F401 (the fixture)
 
 from pipeline.data import contract
 from pipeline.data.integrity import file_entries, read_record, write_record
@@ -18,6 +16,8 @@ from pipeline.reporting import cards
 from pipeline.stages import call
 
 from test_dictionary_and_targets import random_dictionary
+from test_pretrain import BASE, train
+from test_pretrain import targets as targets  # noqa: F401 (the fixture)
 
 METADATA = {"license": "apache-2.0", "language": ["en"], "tags": ["babylm"], "datasets": ["wikitext"]}
 
