@@ -2,6 +2,12 @@
 (and the checksums over them) and the report's cost table and throughput column.
 
     python -m pipeline.compare results/ ../other-checkout/results/
+    python -m pipeline.compare results/ gpu-rerun/results/ --rtol 1e-4     # numbers within a tolerance
+
+With --rtol, outputs that differ in their bytes are compared as numbers: the arrays of .npy, .safetensors,
+parquet and zarr stores, and the numbers in JSON records, each within the relative tolerance (and an
+absolute one of rtol times the array's largest magnitude); integers and text must still be equal. A GPU
+adds in no fixed order, so its reruns agree to a tolerance, not byte for byte; the CPU's do byte for byte.
 
 Prints each output that differs (and each that only one side has) and exits 1 if any does. Logs,
 benchmarks and resumable state are not outputs and are not compared.
@@ -52,21 +58,25 @@ def _without(obj):
     return obj
 
 
-def differences(ours: Path, theirs: Path) -> list[str]:
+def differences(ours: Path, theirs: Path, rtol: float = 0.0) -> list[str]:
     a, b = outputs(ours), outputs(theirs)
     problems = [f"only in {ours}: {rel}" for rel in sorted(a.keys() - b.keys())]
     problems += [f"only in {theirs}: {rel}" for rel in sorted(b.keys() - a.keys())]
-    problems += [f"differs: {rel}" for rel in sorted(a.keys() & b.keys())
-                 if comparable(a[rel], ours) != comparable(b[rel], theirs)]
-    return problems
+    differ = [rel for rel in sorted(a.keys() & b.keys()) if comparable(a[rel], ours) != comparable(b[rel], theirs)]
+    if rtol:
+        from .data.numbers import close
+
+        differ = [rel for rel in differ if not close(a[rel], b[rel], rtol, ours, theirs)]
+    return problems + [f"differs: {rel}" for rel in differ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ours", type=Path)
     p.add_argument("theirs", type=Path)
+    p.add_argument("--rtol", type=float, default=0.0, help="compare differing outputs as numbers to this tolerance")
     args = p.parse_args()
-    problems = differences(args.ours, args.theirs)
+    problems = differences(args.ours, args.theirs, args.rtol)
     print("\n".join(problems) or f"{len(outputs(args.ours))} outputs, all equal")
     sys.exit(1 if problems else 0)
 
