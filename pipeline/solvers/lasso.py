@@ -106,17 +106,20 @@ def _gap(x_sq, residual_sq, correlation, codes, lam) -> torch.Tensor:
 
 def fista(x: torch.Tensor, dictionary: torch.Tensor, lam: float, max_iterations: int = 100,
           tolerance: float = 0.0, gram: torch.Tensor | None = None, lip: float | None = None,
-          init: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+          init: torch.Tensor | None = None, factored: bool = False) -> tuple[torch.Tensor, int]:
     """The reference solver: codes [n, K] for rows of x [n, d], and the iterations run. With tolerance > 0
-    it stops once the relative change of the whole batch's codes falls below it."""
-    gram = dictionary.T @ dictionary if gram is None else gram
-    lip = lipschitz(gram) if lip is None else lip
+    it stops once the relative change of the whole batch's codes falls below it. `factored`: the gradient's
+    product as (y D^T) D, two products with the dictionary, instead of y G with the K x K Gram matrix: half
+    the work where K > 2d (K = 3000 atoms of a 768-wide teacher), the same iterations."""
+    if not factored:
+        gram = dictionary.T @ dictionary if gram is None else gram
+    lip = (lipschitz(gram) if not factored else dictionary_lipschitz(dictionary)) if lip is None else lip
     correlation = x @ dictionary  # [n, K]
     codes = torch.zeros_like(correlation) if init is None else init.clone()
     momentum, t = codes.clone(), 1.0
     shrink = lam / lip
     for iteration in range(1, max_iterations + 1):  # noqa: B007 (returned: the iterations run)
-        gradient = momentum @ gram - correlation
+        gradient = ((momentum @ dictionary.T) @ dictionary if factored else momentum @ gram) - correlation
         new = torch.clamp_min(momentum - gradient / lip - shrink, 0.0)
         t_next = (1.0 + (1.0 + 4.0 * t * t) ** 0.5) / 2.0
         momentum = new + ((t - 1.0) / t_next) * (new - codes)
@@ -170,7 +173,7 @@ class Lasso:
     def _build_shared(self) -> None:
         """The lazy matrices this call needs, built once before the blocks' threads would each build them."""
         needed = []
-        if self.solver == "fista" or not self.factored or self.tolerance < FINISH_FROM:
+        if not self.factored or (self.solver == "fast" and self.tolerance < FINISH_FROM):
             needed.append(self.gram)
         if self.precision == "bf16" and not self.factored and self.solver == "fast":
             needed.append(self.low_gram)
@@ -214,7 +217,7 @@ class Lasso:
         x = x.to(self.dictionary.dtype)
         if self.solver == "fista":
             codes, used = fista(x, self.dictionary, self.lam, self.max_iterations, self.tolerance,
-                                gram=self.gram, lip=self.lip)
+                                gram=None if self.factored else self.gram, lip=self.lip, factored=self.factored)
             return Solution(codes, torch.full((len(x),), used, dtype=torch.int32, device=x.device), None)
         return self._fast(x)
 
