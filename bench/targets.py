@@ -60,6 +60,7 @@ from bench.common import (  # noqa: E402
 from pipeline.common import pick_device  # noqa: E402
 from pipeline.data.formats import read_targets, shard_tokens, target_entries, target_stats, write_targets  # noqa: E402
 from pipeline.pretrain.data import Shard  # noqa: E402
+from pipeline.solvers import fista_steps  # noqa: E402
 from pipeline.solvers.lasso import Lasso, fista, objective  # noqa: E402
 from pipeline.stages import call  # noqa: E402
 from pipeline.targets import sparse_distribution  # noqa: E402
@@ -212,6 +213,11 @@ def solvers_alone(args, dictionary: torch.Tensor, x: torch.Tensor, fast: dict) -
     solvers = {"fast": Lasso(dictionary, LAMBDA, **fast), "reference": Lasso(dictionary, LAMBDA, **REFERENCE)}
     figures = {"solver_fast": solver_speed("fast", solvers["fast"], x, args.repeats),
                "solver_reference": solver_speed("reference", solvers["reference"], x, args.repeats)}
+    if x.is_cuda:  # the fast solver's elementwise steps compiled into fused kernels, against eager ones
+        fista_steps.FUSE_ON_GPU = False
+        figures["solver_fast_eager_steps"] = solver_speed("fast eager", solvers["fast"], x, args.repeats)
+        fista_steps.FUSE_ON_GPU = True
+        figures["ratio_fused_steps_to_eager"] = figures["solver_fast"] / figures["solver_fast_eager_steps"]
     lip = solvers["reference"].lip
     figures["solver_reference_factored"] = solver_speed(
         "ref. D^T(Dy)", lambda v: reference_factored(v, dictionary, lip), x, args.repeats)

@@ -192,18 +192,35 @@ class TeacherEncoder:
     @torch.inference_mode()
     def hidden(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         """The chosen layer's states [batch, width, d] (on the device) of right-padded id arrays."""
-        mask = np.arange(ids.shape[1]) < np.asarray(lengths)[:, None]
+        lengths = np.asarray(lengths)
+        mask = attention_mask_for(self.model, self._to_device(np.arange(ids.shape[1]) < lengths[:, None]),
+                                  bool((lengths < ids.shape[1]).any()))
         with self.autocast():
             return self.model(input_ids=self._to_device(ids), token_type_ids=self._to_device(types),
-                              attention_mask=self._to_device(mask)).last_hidden_state
+                              attention_mask=mask).last_hidden_state
 
     @torch.inference_mode()
-    def gather(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
-               positions: np.ndarray) -> np.ndarray:
-        """States float16 [n, d] at (rows, positions) of a padded batch; only those leave the device."""
+    def launch_gather(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+                      positions: np.ndarray) -> tuple[torch.Tensor, object]:
+        """Start computing the states float16 [n, d] at (rows, positions) of a padded batch; only those leave
+        the device. On a GPU this returns at once, the copy to the host under way: the caller prepares the
+        next batch meanwhile and then reads this one with `collect`."""
         out = self.hidden(ids, types, lengths)
-        picked = out[self._to_device(rows), self._to_device(positions)]
-        return picked.to(torch.float16).cpu().numpy()
+        picked = out[self._to_device(rows), self._to_device(positions)].to(torch.float16)
+        if self.device.type != "cuda":
+            return picked, None
+        host = torch.empty(picked.shape, dtype=torch.float16, pin_memory=True)
+        host.copy_(picked, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def collect(pending: tuple[torch.Tensor, object]) -> np.ndarray:
+        host, done = pending
+        if done is not None:
+            done.synchronize()
+        return host.numpy()
 
     def states(self, sequences: list[np.ndarray], type_ids: list[np.ndarray]) -> list[np.ndarray]:
         """Hidden states [len, d] float32 for each sequence of one batch."""
@@ -220,6 +237,19 @@ class TeacherEncoder:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+
+def attention_mask_for(model, attention_mask: torch.Tensor, padded: bool) -> torch.Tensor | None:
+    """The mask to give a transformers encoder, where the host knows whether any row is padded. Given a [batch,
+    width] mask, transformers' SDPA path asks the device whether every entry is 1 (a host sync each forward)
+    and then passes no mask or a [batch, 1, width, width] boolean one; this builds the same without asking."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return attention_mask
+    if not padded:
+        return None
+    keep = attention_mask.bool()
+    rows, width = keep.shape
+    return keep[:, None, None, :].expand(rows, 1, width, width).contiguous()
 
 
 def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None,

@@ -273,14 +273,19 @@ def extract_batch(encoder: TeacherEncoder, batch, store: ActivationStore, keep: 
     needed = np.unique(rows)
     states = np.empty((len(rows), encoder.hidden_size), dtype=np.float16)
     lengths = np.diff(ids.offsets.to_numpy())[needed]
-    slot_of = np.full(len(batch), -1)
+    slot_of, in_flight = np.full(len(batch), -1), None
+    # One group ahead: the next group is padded and sent while the device runs this one, which is read after.
     for group in length_batches(lengths, params["batch_size"]):
         seqs = needed[group]
         slot_of[seqs] = np.arange(len(seqs))
         where = np.flatnonzero(slot_of[rows] >= 0)
-        states[where] = encoder.gather(padded(ids, seqs, encoder.pad_id), padded(types, seqs, 0), lengths[group],
-                                       slot_of[rows[where]], positions[where])
+        launched = where, encoder.launch_gather(padded(ids, seqs, encoder.pad_id), padded(types, seqs, 0),
+                                                lengths[group], slot_of[rows[where]], positions[where])
         slot_of[seqs] = -1
+        if in_flight is not None:
+            states[in_flight[0]] = encoder.collect(in_flight[1])
+        in_flight = launched
+    states[in_flight[0]] = encoder.collect(in_flight[1])
     if not np.isfinite(states).all():
         bad = int(np.flatnonzero(~np.isfinite(states).all(1))[0])
         raise StageError(f"teacher {params['source']!r} produced non-finite hidden states (sequence "

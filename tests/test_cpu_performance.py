@@ -81,7 +81,7 @@ def drop_and_resolve_row_by_row(gram, rhs_all, support, counts, drops):
     return codes, solved
 
 
-def test_bucketed_restricted_solves_match_a_row_by_row_solve():
+def restricted_problem():
     dictionary = random_dictionary(40, 160, seed=2)
     gram = dictionary.T @ dictionary
     x = sparse_states(dictionary, 150, 10, seed=3)
@@ -89,7 +89,13 @@ def test_bucketed_restricted_solves_match_a_row_by_row_solve():
     g = torch.Generator().manual_seed(4)
     support = torch.stack([torch.randperm(160, generator=g)[:30] for _ in range(len(x))])
     counts = torch.randint(0, 31, (len(x),), generator=g)  # widths 0..30: several buckets of rows
-    atoms, values, solved = restricted_codes(gram, rhs_all, support, counts, lasso.FINISH_DROPS)
+    return x, gram, rhs_all, support, counts
+
+
+@pytest.mark.parametrize("bucket", [None, 8, 150])  # the CPU's, smaller, all rows at once (a GPU before #32)
+def test_bucketed_restricted_solves_match_a_row_by_row_solve(bucket):
+    x, gram, rhs_all, support, counts = restricted_problem()
+    atoms, values, solved = restricted_codes(gram, rhs_all, support, counts, lasso.FINISH_DROPS, bucket)
     expected, expected_solved = drop_and_resolve_row_by_row(gram, rhs_all, support, counts, lasso.FINISH_DROPS)
     assert solved.tolist() == expected_solved
     for row in range(len(x)):
@@ -98,6 +104,32 @@ def test_bucketed_restricted_solves_match_a_row_by_row_solve():
         if solved[row]:
             assert got.keys() == expected[row].keys()
             assert np.allclose([got[a] for a in sorted(got)], [expected[row][a] for a in sorted(got)], atol=1e-4)
+
+
+def test_the_finishs_largest_array_is_bounded_by_its_bucket_not_by_the_rows():
+    """On a GPU the finish solved all rows of a 16384-row block at once: [rows, width, width] systems and their
+    int64 gather index peaked at 10-15 GB. It now solves buckets of nnls.BUCKET_ROWS_CUDA rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor):
+                    self.elements = max(self.elements, tensor.untyped_storage().nbytes() // 4)  # views: no memory
+            return out
+
+    x, gram, rhs_all, support, counts = restricted_problem()
+    largest = {}
+    for bucket in (150, 10):
+        with Largest() as seen:
+            restricted_codes(gram, rhs_all, support, counts, lasso.FINISH_DROPS, bucket)
+        largest[bucket] = seen.elements
+    width = int(counts.max())
+    assert largest[150] >= 150 * width * width  # all rows' systems at once (in float32 elements)
+    assert largest[10] <= max(2 * 10 * width * width, rhs_all.numel(), gram.numel())  # int64 index: 2 x 4 bytes
 
 
 @pytest.mark.skipif(not SPAMS_K3000.exists(), reason="the shared reference dictionary is not beside this checkout")

@@ -567,3 +567,29 @@ def test_every_tensor_collective_goes_through_the_device_aware_helpers():
                     and node.func.attr in tensor_collectives and getattr(node.func.value, "id", "") == "dist":
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert found and all(f.startswith("pipeline/pretrain/distributed.py:") for f in found), found
+
+
+@pytest.mark.parametrize("objective,more", [("mlsm+mlm", {"mlsm_head": "tied"}),
+                                            ("kd", {"kd_teacher_input": "original"})])
+def test_an_update_waits_for_the_device_once(tmp_path, sharded_corpus, targets, mlm_teacher, monkeypatch, objective,
+                                             more):
+    """A GPU run waited for the device on every micro-batch (boolean-mask indexing of the states and the input)
+    and twice an update (the losses, the gradient norm); now once an update, to read the values that decide
+    whether it is applied."""
+    from host_syncs import HostSyncs
+
+    seen, real = [], trainer.Trainer._update
+
+    def counted(self, prefetch, accumulation):
+        with HostSyncs() as syncs:
+            result = real(self, prefetch, accumulation)
+        seen.append(dict(syncs.counts))
+        return result
+
+    monkeypatch.setattr(trainer.Trainer, "_update", counted)
+    shards, manifest = sharded_corpus
+    params = {**BASE, "objective": objective, "student": objective, "atoms": 24, "teacher_source": str(mlm_teacher),
+              "grad_accumulation": 3, **more}
+    train(shards, targets if "mlsm" in objective else None, manifest, str(tmp_path / "model"),
+          str(tmp_path / "summary.json"), params)
+    assert seen == [{"tolist": 1}] * BASE["max_steps"]

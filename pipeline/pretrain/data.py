@@ -19,6 +19,7 @@ import torch
 
 from ..common import StageError
 from ..data.formats import gather_entries, pad_rows, read_targets, shard_tokens, target_entries
+from ..models import attention_mask_for
 
 
 class Shard:
@@ -210,7 +211,8 @@ def make_batch(pieces: list[tuple[Shard, np.ndarray]], tokenizer, params: dict, 
     generator = torch.Generator().manual_seed(int(np.random.default_rng(mask_seed).integers(2**62)))
     masked, chosen = mask_tokens(ids, special, params, len(tokenizer), tokenizer.mask_token_id, generator)
     batch = {"input_ids": masked, "token_type_ids": types, "attention_mask": attention.long(), "masked": chosen,
-             "labels": ids[chosen], "lengths": attention.sum(1), "masked_count": chosen.sum()}
+             "masked_positions": masked_positions(chosen), "labels": ids[chosen], "lengths": attention.sum(1),
+             "masked_count": chosen.sum()}
     if pieces[0][0].atoms is not None:
         atoms, weights, row = [], [], 0
         for (shard, rows), (piece_index, _, _) in zip(pieces, padded):
@@ -224,6 +226,30 @@ def make_batch(pieces: list[tuple[Shard, np.ndarray]], tokenizer, params: dict, 
             np.concatenate([_widen(w, width) for w in weights]).astype(np.float32))
         batch["with_target"] = (batch["target_weights"].sum(1) > 0).sum()
     return batch
+
+
+def masked_positions(masked: torch.Tensor) -> torch.Tensor:
+    """The masked positions as indices into the flattened [rows x width] batch, found here on the CPU: a
+    boolean mask indexing a GPU tensor waits for the GPU to count its entries (a host sync per micro-batch),
+    a gather by these indices does not."""
+    return torch.nonzero(masked.flatten()).flatten()
+
+
+def gather_masked(states: torch.Tensor, batch: dict) -> torch.Tensor:
+    """states[batch["masked"]] ([rows, width, ...] -> [masked, ...]) without a host sync."""
+    return states.flatten(0, 1).index_select(0, batch["masked_positions"])
+
+
+def with_labels(ids: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The input ids with every masked position given back its label: the input before masking."""
+    return ids.flatten().index_copy(0, batch["masked_positions"], batch["labels"]).view_as(ids)
+
+
+def encoder_mask(model, batch: dict) -> torch.Tensor | None:
+    """The attention mask for `model` (pipeline.models.attention_mask_for), from the host's flag `padded`
+    that the training loop sets; a batch without it (a test's, the diagnostics') is asked."""
+    padded = batch["padded"] if "padded" in batch else bool((batch["attention_mask"] == 0).any())
+    return attention_mask_for(model, batch["attention_mask"], padded)
 
 
 def _widen(array: np.ndarray, width: int) -> np.ndarray:
@@ -241,6 +267,7 @@ def rank_share(batch: dict, rank: int, world: int) -> dict:
     width = int(batch["lengths"][first:last].max())
     share = {k: batch[k][first:last, :width] for k in ("input_ids", "token_type_ids", "attention_mask", "masked")}
     share["labels"], share["lengths"] = batch["labels"][positions], batch["lengths"][first:last]
+    share["masked_positions"] = masked_positions(share["masked"])
     for k in ("target_atoms", "target_weights"):
         if k in batch:
             share[k] = batch[k][positions]
@@ -251,7 +278,8 @@ def rank_share(batch: dict, rank: int, world: int) -> dict:
 
 
 class Prefetcher:
-    """Builds micro-batches start, start+1, ... in a background thread, a few ahead of training."""
+    """Builds micro-batches start, start+1, ... in a background thread, a few ahead of training. `build(index)`
+    returns a tuple whose first item is a dict of tensors (pinned when `pin`), the rest what the host needs."""
 
     def __init__(self, build, start: int, pin: bool, depth: int = 4):
         self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
@@ -263,7 +291,8 @@ class Prefetcher:
             try:
                 batch = build(index)
                 if pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    tensors, *extras = batch
+                    batch = ({k: v.pin_memory() for k, v in tensors.items()}, *extras)
             except BaseException as err:  # handed to the training thread, which raises it
                 batch = err
             while not self.stop.is_set():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..common import StageError
 from ..data.integrity import write_json
 from ..objectives import objective as objective_named
+from .data import encoder_mask, gather_masked
 
 MLSM_HEAD_FILE = "mlsm_head.safetensors"
 PRESETS = {
@@ -95,8 +96,8 @@ class Student(torch.nn.Module):
         """The last layer's states at the masked positions (the only ones the heads need)."""
         encode = getattr(self, "_encode", self.encoder)
         hidden = encode(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                        attention_mask=batch["attention_mask"]).last_hidden_state
-        return hidden[batch["masked"]]
+                        attention_mask=encoder_mask(self.encoder, batch)).last_hidden_state
+        return gather_masked(hidden, batch)
 
     def heads(self, hidden: torch.Tensor) -> dict:
         """The logits the objective needs at these states: mlm_logits (the vocabulary), mlsm_logits (K)."""

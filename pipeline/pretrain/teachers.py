@@ -10,6 +10,7 @@ from ..data.formats import load_dictionary
 from ..data.integrity import read_verified
 from ..models import check_vocabulary, load_encoder, loading, resolve_model_source
 from ..solvers.lasso import l2_normalise, make_solver
+from .data import encoder_mask, gather_masked, with_labels
 from .distributed import all_ranks_sum
 
 
@@ -36,11 +37,10 @@ class KdTeacher:
         as the reference, whose teacher runs before the masking) the input before masking."""
         ids = batch["input_ids"]
         if original:
-            ids = ids.clone()
-            ids[batch["masked"]] = batch["labels"]
+            ids = with_labels(ids, batch)
         hidden = self.model.bert(input_ids=ids, token_type_ids=batch["token_type_ids"],
-                                 attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.model.cls(hidden[batch["masked"]])
+                                 attention_mask=encoder_mask(self.model.bert, batch)).last_hidden_state
+        return self.model.cls(gather_masked(hidden, batch))
 
 
 class OnlineTargets:
@@ -62,12 +62,11 @@ class OnlineTargets:
 
     @torch.no_grad()
     def add_to(self, batch: dict, world: int) -> None:
-        original = batch["input_ids"].clone()
-        original[batch["masked"]] = batch["labels"]
+        original = with_labels(batch["input_ids"], batch)
         with self.encoder.autocast():
             hidden = self.encoder.model(input_ids=original, token_type_ids=batch["token_type_ids"],
-                                        attention_mask=batch["attention_mask"]).last_hidden_state
-        codes = self.solver(l2_normalise(hidden[batch["masked"]].float())).codes
+                                        attention_mask=encoder_mask(self.encoder.model, batch)).last_hidden_state
+        codes = self.solver(l2_normalise(gather_masked(hidden, batch).float())).codes
         total = codes.sum(1, keepdim=True)
         batch["target_weights"] = torch.where(total > 0, codes / total.clamp_min(1e-30), codes)
         batch["target_atoms"] = torch.arange(codes.shape[1], device=codes.device).expand_as(codes)

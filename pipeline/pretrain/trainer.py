@@ -79,9 +79,13 @@ class Trainer:
         s, params = self.s, self.params
         total, accumulation, saves = params["max_steps"], params["grad_accumulation"], checkpoint_steps(params)
 
-        def build(index: int) -> dict:
+        def build(index: int) -> tuple[dict, int, int, bool]:
+            """This rank's share of micro-batch `index`, its tokens, the global masked count and whether a row
+            is padded: counted here, in the loader's thread on the host's copy, so that no step asks the GPU."""
             batch = s.stream.micro_batch(index, params["batch_size"] * s.world, s.tokenizer, params)
-            return rank_share(batch, s.rank, s.world)
+            share = rank_share(batch, s.rank, s.world)
+            lengths = share["lengths"]
+            return share, int(lengths.sum()), int(batch["masked_count"]), bool((lengths < lengths.max()).any())
 
         prefetch = Prefetcher(build, self.step * accumulation, pin=s.device.type == "cuda")
         logger = TrainingLog(s.paths, total, s.rank == 0)
@@ -116,10 +120,10 @@ class Trainer:
         """One optimizer update over `accumulation` micro-batches; its global mean losses and grad norm."""
         s, sums, masked = self.s, {}, 0
         for micro in range(accumulation):
-            cpu = prefetch.next()
-            self.tokens_seen += int(cpu["lengths"].sum())
-            masked += int(cpu["masked_count"])  # a global count: the same on every rank
+            cpu, tokens, global_masked, padded = prefetch.next()
+            self.tokens_seen, masked = self.tokens_seen + tokens, masked + global_masked
             batch = {k: v.to(s.device, non_blocking=True) for k, v in cpu.items()}
+            batch["padded"] = padded
             if s.online is not None:
                 s.online.add_to(batch, s.world)
             # Gradients are averaged across ranks once per update, on its last micro-batch.
@@ -132,8 +136,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach() / accumulation
         grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), self.params["max_grad_norm"])
         global_means = all_ranks_sum(torch.stack([*sums.values()]).float(), s.world)
-        values = dict(zip(sums, global_means.tolist()))
-        values["grad_norm"] = float(grad_norm)
+        # One wait for the GPU an update: whether to apply it depends on these values being finite.
+        read = torch.cat([global_means, grad_norm.detach().float().reshape(1).to(global_means.device)]).tolist()
+        values = dict(zip([*sums, "grad_norm"], read))
         if all(math.isfinite(v) for v in values.values()):
             s.optimizer.step()
             s.scheduler.step()

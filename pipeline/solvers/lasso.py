@@ -38,6 +38,7 @@ from functools import cached_property
 
 import torch
 
+from .fista_steps import steps
 from .nnls import restricted_codes
 from .parallel import map_blocks
 
@@ -321,30 +322,29 @@ class Lasso:
         a_product = self._product(a, low) if bool(a.any()) else torch.zeros_like(a)
         y, y_product = a, a_product
         t = torch.ones(n, 1, dtype=x.dtype, device=x.device)
-        step, shrink = 1.0 / self.lip, self.lam / self.lip
+        proximal, momentum, scalar = steps(x.is_cuda)
+        step, shrink = scalar(1.0 / self.lip, x), scalar(self.lam / self.lip, x)
         for iteration in range(1, budget + 1):
-            new = torch.clamp_min(y - step * (y_product - correlation) - shrink, 0.0)
+            new = proximal(y, y_product, correlation, step, shrink)
             new_product = self._product(new, low)
-            # Restart the momentum of rows where it points uphill (the gradient-mapping test).
-            restart = ((y - new) * (new - a)).sum(1, keepdim=True) > 0
-            t_next = (1.0 + torch.sqrt(1.0 + 4.0 * t * t)) / 2.0
-            beta = torch.where(restart, 0.0, (t - 1.0) / t_next)
-            t = torch.where(restart, 1.0, t_next)
-            y, y_product = new + beta * (new - a), new_product + beta * (new_product - a_product)
+            y, y_product, t = momentum(y, new, a, new_product, a_product, t)
             a, a_product = new, new_product
             if iteration % GAP_CHECK_EVERY and iteration != budget:
                 continue
             residual_sq = x_sq[rows] + (a * (a_product - 2 * correlation)).sum(1)
             gap = _gap(x_sq[rows], residual_sq.clamp_min(0), correlation - a_product, a, self.lam)
             done = (gap <= tolerance) | (iteration == budget)
-            finished = rows[done]
-            out_codes[finished], out_gap[finished] = a[done], gap[done]
-            out_iterations[finished] += iteration
-            if bool(done.all()):
+            # One wait for the device a check: the count of rows done. The rows kept and those done are then
+            # taken by index (a boolean mask would ask the device again for every array it selects from).
+            finished_count = int(done.sum())
+            order = torch.argsort(done.to(torch.uint8), stable=True)
+            kept, finished = order[: len(done) - finished_count], order[len(done) - finished_count :]
+            out_codes[rows[finished]], out_gap[rows[finished]] = a[finished], gap[finished]
+            out_iterations[rows[finished]] += iteration
+            if not len(kept):
                 break
-            keep = ~done
-            rows, t, correlation = rows[keep], t[keep], correlation[keep]
-            a, a_product, y, y_product = a[keep], a_product[keep], y[keep], y_product[keep]
+            rows, t, correlation = rows[kept], t[kept], correlation[kept]
+            a, a_product, y, y_product = a[kept], a_product[kept], y[kept], y_product[kept]
         return out_codes, out_iterations, out_gap
 
 

@@ -5,8 +5,8 @@ For each row, given candidate atoms S, solve G_SS a_S = D_S^T x - lam (batched C
 atoms that come out negative and solve again on the rest. Two things keep this cheap on a CPU, where
 the first version spent most of its time moving [rows, width, width] arrays rather than factorising:
 
-- rows are solved in buckets of similar support size (on a CPU), so a row with a wide support does
-  not make every row of the batch factorise a padded system of that width;
+- rows are solved in buckets of similar support size (32 rows on a CPU, 2048 on a GPU), so a row with a wide
+  support does not make every row of the batch factorise a padded system of that width;
 - the Gram entries are gathered from the [K, K] Gram matrix once per bucket, with each row's atoms in
   ascending order (neighbouring reads share cache lines and pages: about 2x faster than arbitrary
   order at K=3000), and the re-solves after drops take their systems from that small copy, compacted
@@ -18,11 +18,13 @@ from __future__ import annotations
 import torch
 
 BUCKET_ROWS_CPU = 32  # rows factorised together; sorted by support size, so little width is padding
-# A GPU factorises all rows at once: a Python loop over buckets would leave it waiting on launches.
+# A GPU factorises many rows at once (a loop over small buckets would leave it waiting on launches), but not all
+# of a 16384-row block: its [rows, width, width] systems and their int64 gather index peaked at 10-15 GB.
+BUCKET_ROWS_CUDA = 2048
 
 
 def restricted_codes(gram: torch.Tensor, rhs_all: torch.Tensor, support: torch.Tensor, counts: torch.Tensor,
-                     drops: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     drops: int, bucket: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The non-negative codes of each row on its first counts[i] atoms of `support` [n, w], for the
     right-hand sides rhs_all [n, K] (D^T x - lam). Returns (support [n, w] with each row's atoms
     reordered, codes [n, w] aligned with it, zero outside the atoms solved for, and which rows ended
@@ -32,7 +34,7 @@ def restricted_codes(gram: torch.Tensor, rhs_all: torch.Tensor, support: torch.T
     values = torch.zeros(n, width, dtype=gram.dtype, device=gram.device)
     solved = torch.ones(n, dtype=torch.bool, device=gram.device)
     order = torch.argsort(counts, stable=True)
-    bucket = n if gram.is_cuda else BUCKET_ROWS_CPU
+    bucket = bucket or (BUCKET_ROWS_CUDA if gram.is_cuda else BUCKET_ROWS_CPU)
     for start in range(0, n, bucket):
         rows = order[start : start + bucket]
         counts_here = counts[rows]
