@@ -360,6 +360,13 @@ def phase_plan(options: dict, main_length: int) -> list[tuple[int, int, int]]:
     return plan
 
 
+def model_max_length(options: dict, main_length: int) -> int:
+    """The longest sequence a trainee's position embeddings hold: its phases' longest; for the control (no
+    update, no phase) its schedule's longest, so that it has the trained students' architecture."""
+    lengths = [length for _, _, length in phase_plan(options, main_length)]
+    return max(lengths or [phase["max_seq_len"] for phase in options.get("seq_len_schedule") or []] or [main_length])
+
+
 def checkpoint_steps(options: dict) -> list[int]:
     """The updates after which a student's model is saved besides the final one: round(f * max_steps) for
     each of its checkpoint_fractions f, those before the last update only."""

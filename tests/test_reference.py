@@ -261,6 +261,24 @@ def test_phase_plan():
                                                             {"fraction": 0.99, "max_seq_len": 64}]}, 64) == [(0, 4, 64)]
 
 
+def test_the_control_of_a_scheduled_preset_has_the_students_architecture(tmp_path, sharded_corpus, corpus_at_32):
+    """Issue #34: the paper preset's control (no update, so no phase) failed with 'max() arg is an empty
+    sequence'; it now has the position embeddings of the schedule's longest phase, as the trained students."""
+    from transformers import AutoConfig
+
+    shards, manifest = sharded_corpus
+    schedule = [{"fraction": 0.5, "max_seq_len": 32}, {"fraction": 0.5, "max_seq_len": 64}]
+    phase = {"phase_shards": corpus_at_32[0], "phase_manifests": [corpus_at_32[1]]}
+    control = pretrain(tmp_path / "control", shards, manifest, {"objective": "none", "max_steps": 0,
+                                                               "seq_len_schedule": schedule}, **phase)
+    student = pretrain(tmp_path / "mlm", shards, manifest, {"objective": "mlm", "max_steps": 2,
+                                                           "seq_len_schedule": schedule}, **phase)
+    assert control["steps"] == 0 and student["steps"] == 2
+    widths = {AutoConfig.from_pretrained(tmp_path / name / "model").max_position_embeddings for name in ("control",
+                                                                                                        "mlm")}
+    assert len(widths) == 1
+
+
 @pytest.fixture(scope="module")
 def corpus_at_32(tmp_path_factory, corpus_text):
     """The sharded_corpus's text packed at length 32 (what shard_corpus_phase writes)."""

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from ..common import StageError, log
-from ..config import option_defaults, phase_lengths, phase_plan
+from ..config import model_max_length, option_defaults, phase_lengths, phase_plan
 from ..data.integrity import CHECKSUM_KEY, read_verified
 from ..models import load_tokenizer, resolve_model_source, verify_model
 from ..objectives import LOSS_PARTS, objective
@@ -151,7 +151,7 @@ def build_model(params: dict, tokenizer, manifest: dict, device, world: int) -> 
     same on every rank, and the same encoder for every objective (the control `none` included), whatever was
     drawn before (an online student's teacher, say)."""
     atoms = params.get("atoms") if objective(params["objective"]).mlsm_head else None
-    max_len = max(length for _, _, length in phase_plan(params, manifest["params"]["max_seq_len"]))
+    max_len = model_max_length(params, manifest["params"]["max_seq_len"])
     if params["init"]:
         tied = objective(params["objective"]).mlsm_head and params["mlsm_head"] == "tied"
         backbone = load_backbone(params, max_len, objective(params["objective"]).mlm_head or tied, manifest)
