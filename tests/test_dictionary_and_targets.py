@@ -518,3 +518,37 @@ def test_the_code_sums_are_torchs_on_the_cpu_in_a_fixed_order():
     owner = torch.repeat_interleave(torch.arange(50), counts)
     expected_entropy = torch.zeros(50).index_add_(0, owner, plogp)
     assert np.array_equal(usage, expected_usage.numpy()) and np.array_equal(entropy, expected_entropy.numpy())
+
+
+def test_the_summary_reads_each_shards_statistics_from_its_footer_and_hashes_shards_in_parallel(
+        tmp_path, sharded_corpus, encoder_teacher, monkeypatch):
+    """Issue #34: summarize_targets decoded every target shard to read the statistics in its metadata (45 MB/s,
+    four hours on the paper preset's 648 GB) and hashed them one after another. The statistics now come from the
+    footer; the hashes (which still catch any changed byte, test_bad_inputs) run OMP_NUM_THREADS at a time."""
+    import threading
+
+    from pipeline.data import integrity
+
+    shards, manifest = sharded_corpus
+    save_dictionary(tmp_path, random_dictionary(32, 40))
+    params = {"source": str(encoder_teacher), "layer": -1, "batch_size": 8, "lambda": 0.05, "top_k": 6,
+              "solver": "fast", "max_iterations": 300, "tolerance": 1e-2, "device": "cpu", "trust_remote_code": False}
+    targets = [str(tmp_path / f"t{i}.parquet") for i in range(len(shards))]
+    for shard, out in zip(shards, targets):
+        code_targets(shard, manifest, tmp_path, out, params)
+    expected = sum(len(ids) for shard in shards for ids in pq.read_table(shard)["input_ids"].to_pylist())
+    hashing, real_hash = set(), integrity.sha256_file
+
+    def hash_file(path):
+        hashing.add(threading.get_ident())
+        return real_hash(path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a target shard's table was read to summarize it")
+
+    monkeypatch.setattr(integrity, "sha256_file", hash_file)
+    monkeypatch.setattr(pq, "read_table", never)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    summary = summarize(targets, str(tmp_path / "manifest.json"), params)
+    assert summary["tokens"] == expected and len(summary["files"]) == len(targets)
+    assert threading.get_ident() not in hashing and len(shards) >= 2

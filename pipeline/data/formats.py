@@ -135,15 +135,19 @@ def target_record_path(shard: str | Path) -> Path:
     return Path(shard).with_suffix(".json")
 
 
-def verified_target_shards(shards: list[str], base: str | Path, records: list[str] | None = None) -> dict[str, dict]:
+def verified_target_shards(shards: list[str], base: str | Path, records: list[str] | None = None,
+                           threads: int = 1) -> dict[str, dict]:
     """Check each target shard against the record its job wrote (`records`, in the order of the shards, or
-    the one beside each); their entries ({bytes, sha256}) by path relative to `base`, for a record that
-    lists them."""
-    entries = {}
-    for shard, record_path in zip(map(Path, shards), records or map(target_record_path, shards), strict=True):
-        record = read_verified(record_path, [shard])
-        entries[shard.relative_to(base).as_posix()] = record["files"][shard.name]
-    return entries
+    the one beside each), `threads` shards at a time (hashing releases the GIL: it scales with the cores
+    until the disk is the limit); their entries ({bytes, sha256}) by path relative to `base`, for a record
+    that lists them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = list(zip(map(Path, shards), records or map(target_record_path, shards), strict=True))
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        records_read = list(pool.map(lambda pair: read_verified(pair[1], [pair[0]]), pairs))
+    return {shard.relative_to(base).as_posix(): record["files"][shard.name]
+            for (shard, _), record in zip(pairs, records_read)}
 
 
 def target_entries(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -178,8 +182,15 @@ def read_targets(path: str | Path) -> pa.Table:
 
 
 def target_stats(path: str | Path) -> dict:
-    """The statistics a target shard carries in its metadata."""
-    metadata = read_targets(path).schema.metadata or {}
+    """The statistics a target shard carries in its metadata, read from the file's footer alone (reading the
+    table decoded every entry: 45 MB/s, four hours for the paper preset's 648 GB of targets)."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise StageError(f"target shard {path} is unreadable: {err}") from None
+    if not schema.remove_metadata().equals(contract.TARGET_SCHEMA):
+        raise StageError(f"target shard {path} does not have the target shard schema")
+    metadata = schema.metadata or {}
     if TARGET_STATS_KEY not in metadata:
         raise StageError(f"target shard {path} has no statistics; it was not written by this stage")
     return json.loads(metadata[TARGET_STATS_KEY])

@@ -27,24 +27,27 @@ def phase_inputs(w, job):
 
 
 def cost(plan, job):
-    """Reading every target shard back for its statistics (those of one length for a phase's summary)."""
-    from ..plan import BYTES, READ_BYTES_PER_SECOND, stored_atoms
+    """Hashing every target shard against its record, THREADS at a time (those of one length for a phase's
+    summary); the statistics come from the shards' footers."""
+    from ..plan import BYTES, DISK_READ_BYTES_PER_SECOND, HASH_BYTES_PER_SECOND, stored_atoms
 
     tokens = plan.corpus.tokens + (plan.corpus.validation_tokens if not hasattr(job, "length") else 0)
     stored = tokens * stored_atoms(plan.config) * BYTES["target_per_atom"]
-    return plan.rates.startup(False) + stored / READ_BYTES_PER_SECOND, BYTES["record"], 0
+    rate = min(HASH_BYTES_PER_SECOND * min(THREADS, plan.cores), DISK_READ_BYTES_PER_SECOND)
+    return plan.rates.startup(False) + stored / rate, BYTES["record"], 0
 
 
+THREADS = 4  # shards hashed at a time
 RESOURCES = Resources(mem_mb=2000, runtime=10, local=True)
 
 SUMMARIZE_TARGETS = Rule(
     "summarize_targets", STAGE, job="{teacher}", outputs={"manifest": contract.TARGET_MANIFEST},
     inputs=inputs, params=lambda w, job: w.target_slice(), jobs=lambda w: [{"teacher": t} for t in w.teachers],
-    cost=cost, resources=RESOURCES,
+    cost=cost, threads=THREADS, resources=RESOURCES,
     shown={"manifest": Shown("target_manifest", TARGETS, (("teacher", "{teacher}"),))})
 
 SUMMARIZE_PHASE_TARGETS = Rule(
     "summarize_phase_targets", STAGE, job="{teacher}_len{length}", uses=("shards", "records"),
     outputs={"manifest": contract.TARGET_PHASE_MANIFEST}, inputs=phase_inputs, params=lambda w, job: w.target_slice(),
     jobs=lambda w: [{"teacher": t, "length": str(n)} for t in w.teachers for n in w.target_lengths(t)],
-    cost=cost, resources=RESOURCES)
+    cost=cost, threads=THREADS, resources=RESOURCES)
