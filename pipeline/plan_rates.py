@@ -257,17 +257,20 @@ def _sparse_problem(hidden: int, atoms: int, rows: int, device):
 def _student_batch(rows: int, length: int, vocab: int, mask_fraction: float, atoms: int | None, device) -> dict:
     import torch
 
+    from .pretrain.data import masked_positions
+
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab, (rows, length), generator=generator)
     masked = torch.rand(rows, length, generator=generator) < mask_fraction
     batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
-             "masked": masked, "labels": ids[masked], "masked_count": masked.sum()}
+             "masked": masked, "masked_positions": masked_positions(masked), "labels": ids[masked],
+             "masked_count": masked.sum()}
     if atoms:
         k = min(32, atoms)
         weights = torch.rand(int(masked.sum()), k, generator=generator)
         batch.update(target_atoms=torch.randint(0, atoms, (int(masked.sum()), k), generator=generator),
                      target_weights=weights / weights.sum(1, keepdim=True), with_target=masked.sum())
-    return {k: v.to(device) for k, v in batch.items()}
+    return {**{k: v.to(device) for k, v in batch.items()}, "padded": False}
 
 
 class Assumed:

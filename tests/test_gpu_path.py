@@ -113,9 +113,9 @@ def test_extraction_pads_the_next_group_while_the_device_runs_this_one(monkeypat
 def test_the_fast_solver_waits_for_the_device_once_a_gap_check():
     """Each gap check of the fast solver selected the rows kept and done with boolean masks: on a GPU a wait for
     the device for every array selected from (about ten a check). Now one a check, and the codes are the same."""
-    from host_syncs import HostSyncs
-
     from pipeline.solvers import lasso
+
+    from host_syncs import HostSyncs
 
     g = torch.Generator().manual_seed(0)
     dictionary = lasso.l2_normalise(torch.randn(64, 16, generator=g)).T  # [d, K], unit columns
