@@ -283,7 +283,7 @@ def _check_cross_keys(config: dict) -> None:
         problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below "
                         f"activations.sample_tokens ({sample})")
     for name, task in config["tasks"].items():
-        if task["format"] != "glue":
+        if task["format"] not in ("glue", "conll"):
             for key in ("text_columns", "label_column"):
                 if key not in task:
                     problems.append(f"config key 'tasks.{name}.{key}': required for format {task['format']}")

@@ -23,8 +23,9 @@ from .cli import run
 from .common import StageError, log, pick_device, seed_everything, set_cpu_threads
 from .config import section_defaults
 from .data import contract
+from .data.conll import encode_words, entity_scores
 from .data.integrity import CHECKSUM_KEY, read_verified, write_record
-from .data.tasks import TaskSpec, capped_examples, check_label_count, read_split, task_spec
+from .data.tasks import TaskSpec, capped_examples, check_label_count, evaluation_names, read_split, task_spec
 from .models import loading, saved_json
 from .resume import Resume, load_training, save_training
 from .training import adamw, autocast, rng_states, set_rng_states, training_precision, warmup_then_decay
@@ -33,9 +34,18 @@ from .training import adamw, autocast, rng_states, set_rng_states, training_prec
 NEW_KEYS = ("lr_schedule", "max_grad_norm", "classifier_init", "shuffle_seed", "precision")
 
 
-def encode_labels(train: list[str], dev: list[str], spec: TaskSpec, dev_path: str):
+def encode_labels(train: list, dev: list, spec: TaskSpec, dev_path: str):
     if spec.regression:
         return np.array(train, np.float32), np.array(dev, np.float32), None
+    if spec.token_level:  # a tag per word: arrays of tag ids, the tags named by the training set's
+        names = sorted({tag for tags in train for tag in tags})
+        index = {name: i for i, name in enumerate(names)}
+        for sentence, tags in enumerate(dev, start=1):
+            if unknown := sorted(set(tags) - set(index)):
+                raise StageError(f"{dev_path}, sentence {sentence}: tag(s) {unknown} are not among the training "
+                                 f"tags {names}")
+        return ([np.array([index[t] for t in tags]) for tags in train],
+                [np.array([index[t] for t in tags]) for tags in dev], names)
     names = sorted(spec.labels or set(train))
     index = {name: i for i, name in enumerate(names)}
     for example, label in enumerate(dev, start=1):
@@ -77,14 +87,24 @@ def model_directory(paths, params: dict) -> str:
 
 
 def read_task(paths, params: dict, spec: TaskSpec) -> dict:
-    """The task's examples (the training set capped at max_train_examples, drawn with the seed) and labels."""
+    """The task's examples (the training set capped at max_train_examples, drawn with the seed) and labels; its
+    dev sets (one, or MNLI's two), each under the name the report gives it."""
+    devs = [paths.dev] if isinstance(paths.dev, str) else list(paths.dev)
+    names = evaluation_names(params.get("task_name", "task"), params["task"])
+    if len(devs) != len(names):
+        raise StageError(f"task {params.get('task_name', params['task'].get('path'))}: {len(devs)} dev file(s) given "
+                         f"({', '.join(devs)}), the task has {len(names)} dev set(s)")
     train_texts, train_labels = read_split(Path(paths.train), spec)
-    dev_texts, dev_labels = read_split(Path(paths.dev), spec)
-    train_texts, train_labels = capped_examples(train_texts, train_labels, dev_labels, spec, paths.train,
+    dev_sets = [(name, path, *read_split(Path(path), spec)) for name, path in zip(names, devs)]
+    all_dev_labels = [label for *_, labels in dev_sets for label in labels]
+    train_texts, train_labels = capped_examples(train_texts, train_labels, all_dev_labels, spec, paths.train,
                                                 params["max_train_examples"], params["seed"])
     check_label_count(train_labels, spec, paths.train)
-    y_train, y_dev, label_names = encode_labels(train_labels, dev_labels, spec, paths.dev)
-    return {"train": train_texts, "dev": dev_texts, "y_train": y_train, "y_dev": y_dev, "labels": label_names}
+    task = {"train": train_texts, "dev_sets": []}
+    for name, path, texts, labels in dev_sets:  # every dev set's labels among the training set's
+        task["y_train"], y_dev, task["labels"] = encode_labels(train_labels, labels, spec, path)
+        task["dev_sets"].append({"name": name, "texts": texts, "y": y_dev})
+    return task
 
 
 HEAD_STD = 0.02  # BERT's initializer_range, which the reference's copied head was drawn with
@@ -108,7 +128,7 @@ def shared_head(model, seed: int, missing: list[str]) -> None:
 
 
 def finetune(paths, params: dict) -> dict:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     params = {**section_defaults("finetune", NEW_KEYS), **params}  # for callers outside the workflow
     set_cpu_threads()
@@ -121,15 +141,16 @@ def finetune(paths, params: dict) -> dict:
     task = read_task(paths, params, spec)
     with loading(f"model {model_dir}"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=1 if spec.regression else len(task["labels"]),
-            problem_type="regression" if spec.regression else "single_label_classification",
-            attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True)
+        head = {"num_labels": len(task["labels"])} if spec.token_level else {
+            "num_labels": 1 if spec.regression else len(task["labels"]),
+            "problem_type": "regression" if spec.regression else "single_label_classification"}
+        model, info = (AutoModelForTokenClassification if spec.token_level else AutoModelForSequenceClassification
+                       ).from_pretrained(model_dir, **head, attn_implementation="sdpa", trust_remote_code=False,
+                                         output_loading_info=True)
     if params["classifier_init"] == "per_seed":
         shared_head(model, params["seed"], info["missing_keys"])
     model.to(device)
-    encoded = {split: tokenizer(*list(zip(*task[split])), truncation=True, max_length=params["max_seq_len"])
-               for split in ("train", "dev")}
+    encoded = encode_task(tokenizer, task, spec, params["max_seq_len"])
     steps = params["epochs"] * -(-len(task["train"]) // params["batch_size"])
     optimizer = adamw(model, params["learning_rate"], params["weight_decay"], exempt_biases_and_norms=False)
     scheduler = warmup_then_decay(optimizer, steps, params["warmup_fraction"], params["lr_schedule"])
@@ -139,16 +160,38 @@ def finetune(paths, params: dict) -> dict:
     epochs = Epochs(model, tokenizer, optimizer, scheduler, resume, device, params)
     progress = epochs.run(encoded, task, spec)
     final = progress["epochs"][-1]
+    dev_sets = task["dev_sets"]
     result = {
         "format_version": contract.FORMAT_VERSION["finetune"], "params": params, "task": params["task"],
         "pretrain_steps": (saved_json(model_dir, "pretraining.json") or {}).get("steps"),
-        "metrics": list(spec.metrics), "score": float(np.mean([final[m] for m in spec.metrics[:2]])),
+        "metrics": list(spec.metrics), "score": task_score(final, spec),
         "final": final, "epochs": progress["epochs"], "train_examples": len(task["train"]),
-        "dev_examples": len(task["dev"]), "labels": task["labels"], "seconds": time.perf_counter() - started,
+        "dev_examples": len(dev_sets[0]["y"]), "labels": task["labels"], "seconds": time.perf_counter() - started,
     }
+    if len(dev_sets) > 1:  # the top-level score and metrics are the first dev set's
+        result["evaluations"] = [{"name": dev["name"], "dev_examples": len(dev["y"]), "final": metrics,
+                                  "score": task_score(metrics, spec)}
+                                 for dev in dev_sets for metrics in [final["dev_sets"][dev["name"]]]]
     write_record(paths.scores, result)
     resume.finish()
     return result
+
+
+def encode_task(tokenizer, task: dict, spec: TaskSpec, max_length: int) -> dict:
+    """The training set and each dev set, tokenised (a token task's words with their tags on first sub-tokens)."""
+    if spec.token_level:
+        return {"train": encode_words(tokenizer, task["train"], task["y_train"], max_length),
+                "dev": [encode_words(tokenizer, dev["texts"], None, max_length) for dev in task["dev_sets"]]}
+
+    def encode(texts):
+        return tokenizer(*list(zip(*texts)), truncation=True, max_length=max_length)
+
+    return {"train": encode(task["train"]), "dev": [encode(dev["texts"]) for dev in task["dev_sets"]]}
+
+
+def task_score(metrics: dict, spec: TaskSpec) -> float:
+    """The GLUE convention: the task's official metric, or the mean of its two."""
+    return float(np.mean([metrics[m] for m in spec.metrics[:2]]))
 
 
 class Epochs:
@@ -164,9 +207,16 @@ class Epochs:
         self.progress = {"epoch": 0, "batch": 0, "epochs": [], "loss": None}
 
     def collate(self, encoding, rows, labels=None) -> dict:
-        features = [{k: encoding[k][i] for k in encoding.keys()} for i in rows]
+        """A padded batch of `rows`; with labels, an example's label, or a token task's tag ids (the encoding's
+        "labels", padded with -100: no loss there)."""
+        features = [{k: encoding[k][i] for k in encoding.keys() if k not in ("labels", "first_tokens")} for i in rows]
         batch = self.tokenizer.pad(features, return_tensors="pt")
-        if labels is not None:
+        if labels is not None and "labels" in encoding.keys():
+            width, left = batch["input_ids"].shape[1], self.tokenizer.padding_side == "left"
+            tags = [encoding["labels"][i] for i in rows]
+            batch["labels"] = torch.tensor([[-100] * (width - len(t)) + t if left else t + [-100] * (width - len(t))
+                                            for t in tags])
+        elif labels is not None:
             batch["labels"] = torch.as_tensor(labels[rows])
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -189,20 +239,39 @@ class Epochs:
                 progress.update(epoch=epoch, batch=index + 1, loss=loss.item())
                 if self.resume.due():
                     self._save_state(epoch * len(order) + index + 1, rng_at_epoch_start)
-            metrics = compute_metrics(spec.metrics, self.predict(encoded["dev"], spec), task["y_dev"], task["labels"])
-            progress["epochs"].append({"epoch": epoch + 1, "last_train_loss": progress["loss"], **metrics})
+            scored = {dev["name"]: self.score(encoding, dev, spec, task["labels"])
+                      for dev, encoding in zip(task["dev_sets"], encoded["dev"])}
+            metrics = next(iter(scored.values()))  # a task with one dev set: its record as before MNLI's two
+            extra = {"dev_sets": scored} if len(scored) > 1 else {}
+            progress["epochs"].append({"epoch": epoch + 1, "last_train_loss": progress["loss"], **metrics, **extra})
             progress.update(epoch=epoch + 1, batch=0)
             log.info("epoch %d: %s", epoch + 1, metrics)
         return progress
 
-    def predict(self, encoding, spec: TaskSpec) -> np.ndarray:
+    def score(self, encoding, dev: dict, spec: TaskSpec, label_names) -> dict:
+        """The official metrics on one dev set (a token task's: entity-level F1, with every word the truncation
+        cut predicted O)."""
+        if not spec.token_level:
+            return compute_metrics(spec.metrics, self.predict(encoding, spec), dev["y"], label_names)
+        outside = label_names.index("O") if "O" in label_names else 0
+        predicted = [[label_names[i] for i in words] + [label_names[outside]] * (len(gold) - len(words))
+                     for words, gold in zip(self.predict(encoding, spec), dev["y"], strict=True)]
+        return entity_scores([[label_names[i] for i in gold] for gold in dev["y"]], predicted)
+
+    def predict(self, encoding, spec: TaskSpec):
+        """Each example's prediction (an array); a token task's, a list of each sentence's predicted tag ids at
+        the first sub-token of every word the truncation kept."""
         self.model.eval()
         predictions = []
         with torch.inference_mode(), autocast(self.device, self.params["precision"]):
             for rows in batches(len(encoding["input_ids"]), self.params["batch_size"] * 2, None):
                 logits = self.model(**self.collate(encoding, rows)).logits.float()
-                predictions.append(logits.squeeze(-1) if spec.regression else logits.argmax(-1))
-        return torch.cat(predictions).cpu().numpy()
+                if spec.token_level:
+                    best = logits.argmax(-1).cpu().numpy()
+                    predictions += [best[n][encoding["first_tokens"][row]] for n, row in enumerate(rows)]
+                else:
+                    predictions.append(logits.squeeze(-1) if spec.regression else logits.argmax(-1))
+        return predictions if spec.token_level else torch.cat(predictions).cpu().numpy()
 
     def _save_state(self, unit: int, rng_at_epoch_start: dict) -> None:
         # The CUDA generator's state too: dropout on a GPU draws from it (issue #32: a resumed GPU run differed).

@@ -143,11 +143,15 @@ def task(task_config: dict, demo: DemoData, options: dict, tokenizer) -> Task:
     from .data.tasks import read_split, task_files, task_spec
 
     spec = task_spec(task_config)
-    train_path, dev_path = (demo.path(p) for p in task_files(task_config))
-    train, _ = read_split(train_path, spec)
-    dev, _ = read_split(dev_path, spec)
+    train_path, dev_paths = task_files(task_config)
+    train, _ = read_split(demo.path(train_path), spec)
+    dev = [text for path in dev_paths for text in read_split(demo.path(path), spec)[0]]  # every dev set is scored
     sample = train[:: max(1, len(train) // TASK_SAMPLE)][:TASK_SAMPLE]
-    encoded = tokenizer(*list(zip(*sample)), truncation=True, max_length=options["max_seq_len"])
+    if spec.token_level:  # a sentence's words
+        encoded = tokenizer([list(words) for words in sample], is_split_into_words=True, truncation=True,
+                            max_length=options["max_seq_len"])
+    else:
+        encoded = tokenizer(*list(zip(*sample)), truncation=True, max_length=options["max_seq_len"])
     length = sum(map(len, encoded["input_ids"])) / len(sample)
     cap = options["max_train_examples"]
     return Task(min(len(train), cap) if cap else len(train), len(dev), length)

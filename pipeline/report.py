@@ -22,6 +22,7 @@ from .cli import run
 from .common import StageError
 from .data import contract
 from .data.integrity import atomic_output, file_entries, read_record, read_verified, write_record
+from .data.tasks import glue_task
 from .objectives import reported_losses
 from .reporting import cards as model_cards
 from .reporting import health
@@ -48,19 +49,23 @@ def ci_cell(low: float, high: float) -> str:
     return "–" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
 
 
-def collect_scores(paths: list[str]) -> tuple[list[dict], dict[str, dict]]:
-    """Each fine-tuning run's row, and each task's config (from the runs' params)."""
-    rows, task_configs = [], {}
+def collect_scores(paths: list[str]) -> tuple[list[dict], dict[str, tuple[dict, int]]]:
+    """Each fine-tuning run's row per dev set it was scored on (MNLI: MNLI-m and MNLI-mm), and each reported
+    task's config and dev set (from the runs' params)."""
+    rows, evaluations = [], {}
     for path in paths:
         result = read_record(path)
         params = result["params"]
-        if "task" in params:
-            task_configs[params["task_name"]] = params["task"]
-        rows.append({"student": params["student"], "objective": params["objective"],
-                     "snapshot": params.get("snapshot", "final"), "pretrain_steps": result.get("pretrain_steps"),
-                     "task": params["task_name"], "seed": params["seed"], "score": result["score"],
-                     **{m: result["final"][m] for m in result["metrics"]}})
-    return sorted(rows, key=lambda r: (r["student"], r["task"], r["pretrain_steps"] or 0, r["seed"])), task_configs
+        scored = result.get("evaluations") or [{"name": params["task_name"], "score": result["score"],
+                                                "final": result["final"]}]
+        for dev_set, evaluation in enumerate(scored):
+            if "task" in params:
+                evaluations[evaluation["name"]] = params["task"], dev_set
+            rows.append({"student": params["student"], "objective": params["objective"],
+                         "snapshot": params.get("snapshot", "final"), "pretrain_steps": result.get("pretrain_steps"),
+                         "task": evaluation["name"], "seed": params["seed"], "score": evaluation["score"],
+                         **{m: evaluation["final"][m] for m in result["metrics"]}})
+    return sorted(rows, key=lambda r: (r["student"], r["task"], r["pretrain_steps"] or 0, r["seed"])), evaluations
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -142,7 +147,24 @@ def scores_section(comparison: Comparison, plot_name: str) -> list[str]:
                   f"{', '.join(f'`{name}`' for name in unhealthy)}. Comparisons involving them are marked "
                   "below, not presented as findings."]
         lines += [line for warning in warnings for line in ("", warning)]
-    return lines + ["", f"![scores]({plot_name})"]
+    return lines + glue_section(c) + ["", f"![scores]({plot_name})"]
+
+
+def glue_section(c: Comparison) -> list[str]:
+    """The GLUE score of each student (and of the majority class), where the run has GLUE tasks."""
+    if not c.glue:
+        return []
+    rows = [(name, c.glue_score(lambda task, name=name: np.mean(v) if (v := c.values(name, task)) else None))
+            for name in c.names]
+    rows.append(("majority class", c.glue_score(c.majority.get)))
+    counted = max((score[1] for _, score in rows if score), default=0)
+    lines = ["", "### GLUE score", "",
+             f"The GLUE benchmark's score over the {counted} GLUE task(s) of this run (of GLUE's nine): the unweighted "
+             "mean of the tasks' scores (each the mean of its official metrics, over seeds), MNLI counted once as "
+             "the mean of MNLI-m and MNLI-mm. It equals the benchmark's only with all nine tasks; a row with "
+             "fewer tasks scored says how many.", "", "| student | GLUE score | tasks |", "|---|---:|---:|"]
+    lines += [f"| {name} | {score[0]:.3f} | {score[1]} |" if score else f"| {name} | – | 0 |" for name, score in rows]
+    return lines
 
 
 def health_section(comparison: Comparison) -> list[str]:
@@ -327,7 +349,7 @@ def costs_section(costs: list[dict]) -> list[str]:
 
 
 def report(paths, params: dict) -> None:
-    scores, task_configs = collect_scores(paths.scores)
+    scores, evaluations = collect_scores(paths.scores)
     summaries = {p: read_record(p) for p in paths.students}
     students = {s["params"]["student"]: s for s in sorted(summaries.values(), key=lambda s: s["params"]["student"])}
     dictionaries = {Path(p).parent.name: read_record(p) for p in paths.dictionaries}
@@ -339,7 +361,8 @@ def report(paths, params: dict) -> None:
         read_verified(records[Path(path).parent], [path])
         atoms[Path(path).parent.name] = json.loads(Path(path).read_text())
     targets = {Path(p).parent.name: read_record(p) for p in paths.targets}
-    comparison = Comparison(scores, students, majority_scores(task_configs, paths.task_files))
+    glue = {name: glue_task(task) for name, (task, _) in evaluations.items() if glue_task(task)}
+    comparison = Comparison(scores, students, majority_scores(evaluations, paths.task_files), glue)
     write_csv(paths.csv, csv_rows(comparison))
     plot_scores(paths.scores_plot, scores, comparison.names, comparison.tasks, comparison.majority)
     plot_sample_efficiency(paths.curve_plot, scores, comparison.names, sorted(set(comparison.controls.values())))

@@ -386,6 +386,9 @@ def corpus_dir(tmp_path, monkeypatch, corpus_text) -> Path:
     (tmp_path / "data" / "README.md").write_text("not corpus text")
     (tmp_path / "data" / "part" / "b.txt.xz").write_bytes(b"\xfd7zXZ\x00")
     (tmp_path / "data" / ".hidden").write_text("never read")
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)  # the task of corpus_config: its files are checked too
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "glue" / "RTE" / name).write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
     return tmp_path / "data"
 
 

@@ -174,9 +174,9 @@ def test_the_check_names_jobs_without_a_benchmark_file():
     assert "| total | 30.0 s | 20.0 s | 1.50 | 17.0 s | 1.76 |" in text
 
 
-def with_stand_ins(config: dict, model: str, glue) -> dict:
-    """A shipped config whose hub models, corpus and GLUE directories are local stand-ins: the tiny teacher
-    (MiniLM's vocabulary), the demo's text, the shared GLUE tasks."""
+def with_stand_ins(config: dict, model: str, glue, ner=None) -> dict:
+    """A shipped config whose hub models, corpus and task directories are local stand-ins: the tiny teacher
+    (MiniLM's vocabulary), the demo's text, GLUE tasks (glue/<task>), a CoNLL task (ner)."""
     config = cfg.validate(config)
 
     def local(source):
@@ -195,11 +195,13 @@ def with_stand_ins(config: dict, model: str, glue) -> dict:
     for task in config["tasks"].values():
         if task["format"] == "glue":
             task["path"] = str(glue / (task.get("glue_task") or task["path"].rstrip("/").rsplit("/", 1)[-1]))
+        elif task["format"] == "conll":
+            task["path"] = str(ner)
     return cfg.validate(config)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
-def test_every_config_in_the_repository_is_planned(name, mlm_teacher):
+def test_every_config_in_the_repository_is_planned(name, mlm_teacher, tmp_path):
     """Issue #29: the plan crashed on the paper preset (no cost for shard_corpus_phase and summarize_phase_targets,
     no special-token count for reference_pairs, top_k none multiplied). Every job of every shipped config is
     costed by its rule's declaration."""
@@ -207,7 +209,11 @@ def test_every_config_in_the_repository_is_planned(name, mlm_teacher):
 
     if not (SHARED / "glue").is_dir():
         pytest.skip("the GLUE tasks in ../shared/data stand in for the presets' tasks")
-    config = with_stand_ins(cfg.load_yaml(REPO / "config" / name), str(mlm_teacher), SHARED / "glue")
+    import glue_fixtures
+
+    glue = glue_fixtures.all_of_glue(tmp_path / "glue", SHARED / "glue")
+    config = with_stand_ins(cfg.load_yaml(REPO / "config" / name), str(mlm_teacher), glue,
+                            SHARED / "ner" / "conll2002-esp")
     planner = Planner(config, FixedRates(), cores=2)
     costs = {c.rule: c for c in planner.costs()}
     jobs = {}

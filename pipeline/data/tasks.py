@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common import Progress, StageError, log
+from .conll import read_conll
 
 csv.field_size_limit(sys.maxsize)
 LARGE_BYTES = 64 << 20  # task files at least this large are announced in the log (QQP's train.tsv: 40 MB)
@@ -30,6 +31,11 @@ class TaskSpec:
     dev_file: str = "dev.tsv"
     labels: tuple | None = None  # the task's label set, where it is fixed (GLUE classification tasks)
     train_file: str = "train.tsv"
+    # Further dev sets scored by the same fine-tuning, each reported as its own entry "<task>-<suffix>" (MNLI:
+    # matched and mismatched genres); with them, dev_file's entry is "<task>-<dev_suffix>".
+    more_dev: tuple = ()  # ((suffix, file), ...)
+    dev_suffix: str = ""
+    token_level: bool = False  # a tag per word (format conll: pipeline/data/conll.py), not one per example
 
     @property
     def regression(self) -> bool:
@@ -44,9 +50,11 @@ GLUE = {
     "MRPC": TaskSpec(("#1 String", "#2 String"), "Quality", ("f1", "accuracy"), labels=BINARY),
     "QQP": TaskSpec(("question1", "question2"), "is_duplicate", ("f1", "accuracy"), labels=BINARY),
     "STS-B": TaskSpec(("sentence1", "sentence2"), "score", ("pearson", "spearman")),
+    # One fine-tuning scored on both dev sets, GLUE's two entries MNLI-m and MNLI-mm.
     "MNLI": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_matched.tsv",
-                     labels=("contradiction", "entailment", "neutral")),
-    # The same training set, scored on the mismatched-genre dev set (a separate entry in GLUE's table).
+                     labels=("contradiction", "entailment", "neutral"), dev_suffix="m",
+                     more_dev=(("mm", "dev_mismatched.tsv"),)),
+    # The mismatched dev set alone (a fine-tuning of its own).
     "MNLI-mm": TaskSpec(("sentence1", "sentence2"), "gold_label", ("accuracy",), dev_file="dev_mismatched.tsv",
                         labels=("contradiction", "entailment", "neutral")),
     "QNLI": TaskSpec(("question", "sentence"), "label", ("accuracy",), labels=ENTAILMENT),
@@ -56,6 +64,14 @@ GLUE = {
 METRICS_OF = {"accuracy": ("accuracy",), "f1": ("f1", "accuracy"), "mcc": ("mcc",), "pearson": ("pearson", "spearman")}
 
 
+def glue_task(task: dict) -> str | None:
+    """The GLUE task a task config names (MNLI-mm scores MNLI), or None for another format."""
+    if task["format"] != "glue":
+        return None
+    name = task.get("glue_task") or Path(task["path"]).name
+    return "MNLI" if name == "MNLI-mm" else name
+
+
 def task_spec(task: dict) -> TaskSpec:
     if task["format"] == "glue":
         name = task.get("glue_task") or Path(task["path"]).name
@@ -63,6 +79,8 @@ def task_spec(task: dict) -> TaskSpec:
             raise StageError(f"GLUE task directory {task['path']!r}: unknown task {name!r} "
                              f"(set glue_task to one of {', '.join(GLUE)})")
         return GLUE[name]
+    if task["format"] == "conll":
+        return TaskSpec((), "", ("f1",), train_file="train.txt", dev_file="dev.txt", token_level=True)
     suffix = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}[task["format"]]
     return TaskSpec(tuple(task["text_columns"]), task["label_column"], METRICS_OF[task.get("metric", "accuracy")],
                     train_file=f"train.{suffix}", dev_file=f"dev.{suffix}")
@@ -75,6 +93,11 @@ def read_split(path: Path, spec: TaskSpec) -> tuple[list[tuple[str, ...]], list[
     size = path.stat().st_size
     if size >= LARGE_BYTES:
         log.info("task file %s: %d bytes, read whole (its examples are held in memory)", path, size)
+    if spec.token_level:
+        texts, labels = read_conll(path)
+        if not texts:
+            raise StageError(f"task file {path} has no sentences")
+        return texts, labels
     progress = Progress(f"reading task file {path}", unit="examples")
     texts, labels = [], []
     try:
@@ -197,6 +220,8 @@ def _check_label(label: str, spec: TaskSpec, where: str) -> None:
 def check_label_count(labels: list[str], spec: TaskSpec, path) -> None:
     """A classification task's training examples carry at least two labels (with one, the model would have a
     single output, which transformers trains as a regression)."""
+    if spec.token_level:
+        labels = [tag for tags in labels for tag in tags]
     if not spec.regression and len(set(labels)) < 2:
         raise StageError(f"{path}: every training example has the label {labels[0]!r}; a classification task "
                          f"needs at least two (check label_column, or raise max_train_examples)")
@@ -212,8 +237,11 @@ def capped_examples(texts: list, labels: list[str], dev_labels: list[str], spec:
 
     keep = np.random.default_rng(seed).permutation(len(texts))[:cap]
     drawn = [labels[i] for i in keep]
+    every, kept, dev = labels, drawn, dev_labels
+    if spec.token_level:  # the tags of the sentences
+        every, kept, dev = ([tag for tags in split for tag in tags] for split in (labels, drawn, dev_labels))
     if not spec.regression:
-        lost = sorted((set(labels) - set(drawn)) & set(dev_labels))
+        lost = sorted((set(every) - set(kept)) & set(dev))
         if lost:
             raise StageError(f"{path}: the {len(keep)} training examples that finetune.max_train_examples ({cap}) "
                              f"draws with seed {seed} hold no example of label(s) {lost}, which the file's "
@@ -221,7 +249,35 @@ def capped_examples(texts: list, labels: list[str], dev_labels: list[str], spec:
     return [texts[i] for i in keep], drawn
 
 
-def task_files(task: dict) -> tuple[str, str]:
-    """The paths of a task's training and dev files."""
+def task_files(task: dict) -> tuple[str, list[str]]:
+    """The paths of a task's training file and of its dev files (one, or MNLI's two)."""
     spec = task_spec(task)
-    return f"{task['path']}/{spec.train_file}", f"{task['path']}/{spec.dev_file}"
+    return f"{task['path']}/{spec.train_file}", [f"{task['path']}/{name}" for _, name in dev_sets(spec)]
+
+
+def dev_sets(spec: TaskSpec) -> list[tuple[str, str]]:
+    """(suffix, file) of each dev set a fine-tuning is scored on; the suffix is "" for a task with one."""
+    return [(spec.dev_suffix, spec.dev_file), *spec.more_dev]
+
+
+def evaluation_names(name: str, task: dict) -> list[str]:
+    """The report's entries of a task: its name, or one per dev set (MNLI-m, MNLI-mm)."""
+    return [f"{name}-{suffix}" if suffix else name for suffix, _ in dev_sets(task_spec(task))]
+
+
+def expected_layout(task: dict) -> str:
+    """What a task's directory holds, in words: its files and their columns."""
+    spec = task_spec(task)
+    files = " and ".join([spec.train_file, *(name for _, name in dev_sets(spec))])
+    if task["format"] == "glue":
+        name = task.get("glue_task") or Path(task["path"]).name
+        columns = ("no header row; columns: source, label, original label, sentence" if not spec.header else
+                   f"a header naming {', '.join((*spec.text_columns, spec.label_column))}")
+        return f"GLUE {name} as the GLUE distribution lays it out: {files}, tab-separated, {columns}"
+    if spec.token_level:
+        return (f"{files}: CoNLL layout, one token a line with its tag (O, B-<type>, I-<type>) in the last column, "
+                "a blank line between sentences")
+    fields = ", ".join((*spec.text_columns, spec.label_column))
+    kind = {"jsonl": "JSON lines with the fields", "csv": "CSV with a header naming",
+            "tsv": "TSV with a header naming"}[task["format"]]
+    return f"{files}: {kind} {fields}"

@@ -4,7 +4,7 @@ results.csv; the MLSM-against-MLM pairs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import tasks
@@ -29,6 +29,7 @@ class Comparison:
     scores: list[dict]
     students: dict[str, dict]
     majority: dict[str, float | None]
+    glue: dict[str, str] = field(default_factory=dict)  # reported task -> the GLUE task it scores (MNLI-m: MNLI)
 
     def __post_init__(self):
         self.controls = health.controls_of(self.students)
@@ -41,6 +42,18 @@ class Comparison:
     def values(self, student: str, task: str) -> list[float]:
         """The final model's scores over seeds."""
         return [r["score"] for r in select(self.final, student=student, task=task)]
+
+    def glue_score(self, score_of) -> tuple[float, int] | None:
+        """The GLUE benchmark's score over the GLUE tasks here, and their number: the unweighted mean of each
+        task's score (the mean of its official metrics), MNLI counted once as the mean of MNLI-m and MNLI-mm.
+        `score_of(reported task)` gives a score or None."""
+        by_task: dict[str, list[float]] = {}
+        for name, task in self.glue.items():
+            if (score := score_of(name)) is not None:
+                by_task.setdefault(task, []).append(score)
+        if not by_task:
+            return None
+        return float(sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)), len(by_task)
 
     def against_control(self, student: str, task: str) -> dict | None:
         control = self.controls.get(student)
@@ -101,13 +114,15 @@ def paired_differences(comparison: Comparison) -> list[dict]:
     return out
 
 
-def majority_scores(task_configs: dict[str, dict], task_files: list[str]) -> dict[str, float | None]:
-    """Each task's majority-class score, from its training and dev files where the report is given them."""
+def majority_scores(evaluations: dict[str, tuple[dict, int]], task_files: list[str]) -> dict[str, float | None]:
+    """Each reported task's majority-class score (MNLI's per dev set), from its training and dev files where the
+    report is given them; `evaluations` maps a reported name to its task's config and dev set."""
     out = {}
-    for name, task in sorted(task_configs.items()):
-        train, dev = tasks.task_files(task)
-        if {train, dev} <= set(task_files):
-            spec = tasks.task_spec(task)
+    for name, (task, dev_set) in sorted(evaluations.items()):
+        train, devs = tasks.task_files(task)
+        dev = devs[dev_set]
+        spec = tasks.task_spec(task)
+        if {train, dev} <= set(task_files) and not spec.token_level:  # entity F1 has no majority class
             out[name] = health.majority_score(spec.metrics, tasks.read_split(Path(train), spec)[1],
                                               tasks.read_split(Path(dev), spec)[1])
     return out

@@ -8,7 +8,8 @@ from ..data.tasks import task_files
 from .base import RESUME, Resources, Rule, Stage, inp, out
 
 STAGE = Stage("finetune", "one pre-trained model on one task with one seed -> dev scores", (
-    inp("train", help="the task's training file"), inp("dev", help="the task's dev file"),
+    inp("train", help="the task's training file"),
+    inp("dev", many=True, help="the task's dev file (MNLI: matched and mismatched, scored by one fine-tuning)"),
     inp("model", directory=True, help="a model directory, or a student's checkpoints (params snapshot)"),
     inp("model_summary", optional=True, help="the pre-training record listing the model's files"),
     out("scores"), RESUME), settings=("checkpoint_seconds",), entry="finetune")

@@ -23,7 +23,8 @@ from .workflow import Workflow
 def check_inputs(workflow: Workflow) -> None:
     """The corpus inputs name files: every glob and directory matches some, a literal path exists or a
     rule of the workflow writes it, no file is named twice, and no directory holds files of unknown
-    format unless corpus.unknown_files says skip. ConfigError naming the input otherwise."""
+    format unless corpus.unknown_files says skip; and every task's files are there. ConfigError naming the
+    input otherwise."""
     corpus = workflow.config["corpus"]
     produced = set()
     if workflow.config["demo_data"]["bbc_news"]["enabled"]:
@@ -33,6 +34,26 @@ def check_inputs(workflow: Workflow) -> None:
         input_files(corpus["inputs"], unknown_files=corpus["unknown_files"], produced=frozenset(produced))
     except StageError as err:
         raise cfg.ConfigError(f"invalid configuration:\n  config key 'corpus.inputs': {err}") from None
+    _check_task_data(workflow, produced)
+
+
+def _check_task_data(workflow: Workflow, produced: set[str]) -> None:
+    """Every task's training and dev files exist (or a rule of the workflow writes them): one message for all
+    the tasks that lack some, with what each directory should hold, instead of Snakemake's error for the first
+    fine-tuning job that misses one (a preset names nine GLUE tasks and a CoNLL one)."""
+    from ..data.tasks import expected_layout, task_files
+
+    missing = []
+    for name in workflow.tasks:
+        task = workflow.config["tasks"][name]
+        train, devs = task_files(task)
+        absent = [Path(p).name for p in (train, *devs) if not os.path.isfile(p) and os.path.normpath(p) not in produced]
+        if absent:
+            where = "does not exist" if not os.path.isdir(task["path"]) else f"lacks {', '.join(absent)}"
+            missing.append(f"tasks.{name}: {task['path']} {where}; it should hold {expected_layout(task)}")
+    if missing:
+        raise cfg.ConfigError(f"invalid configuration: the files of {len(missing)} task(s) are missing (put them in "
+                              "place, point the task's path at them, or remove the task):\n  " + "\n  ".join(missing))
 
 
 def _results_outside_inputs(patterns: list[str], results: str) -> None:
@@ -106,11 +127,12 @@ def check_tasks(workflow: Workflow, jobs: list[tuple[str, dict]]) -> None:
     for name, seeds in _task_seeds(jobs).items():
         task = workflow.config["tasks"][name]
         spec = task_spec(task)
-        train, dev = (Path(p) for p in task_files(task))
-        if not (train.is_file() and dev.is_file()):  # written by a job of this run (the demo's): checked there
-            continue
+        train, devs = task_files(task)
+        train, devs = Path(train), [Path(dev) for dev in devs]
+        if not (train.is_file() and all(dev.is_file() for dev in devs)):  # a job of this run writes them (the
+            continue  # demo's): checked there
         texts, labels = read_split(train, spec)
-        _, dev_labels = read_split(dev, spec)
+        dev_labels = [label for dev in devs for label in read_split(dev, spec)[1]]
         for seed in sorted(seeds):
             _, drawn = capped_examples(texts, labels, dev_labels, spec, train, cap, seed)
             check_label_count(drawn, spec, train)

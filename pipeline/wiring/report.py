@@ -24,7 +24,8 @@ def inputs(w, job):
             "atoms": [w.path(contract.DICTIONARY_ATOMS, teacher=t) for t in w.teachers],
             "targets": [w.path(contract.TARGET_MANIFEST, teacher=t) for t in w.teachers],
             "benchmarks": [w.benchmark(rule, **wildcards) for rule, wildcards in w.jobs() if rule != "report"],
-            "task_files": [path for task in w.tasks for path in task_files(w.config["tasks"][task])]}
+            "task_files": [path for task in w.tasks for train, devs in [task_files(w.config["tasks"][task])]
+                           for path in (train, *devs)]}
 
 
 def cost(plan, job):

@@ -215,7 +215,8 @@ class Workflow(Slices):
         if not self.config["demo_data"]["bbc_news"]["enabled"]:
             return False
         made = set(RULES["bbc_news_data"].outputs.values())
-        read = set(self.corpus_inputs()) | {f for t in self.config["tasks"].values() for f in task_files(t)}
+        read = set(self.corpus_inputs()) | {f for t in self.config["tasks"].values()
+                                            for train, devs in [task_files(t)] for f in (train, *devs)}
         return bool(made & read)
 
     def phase_lengths(self, options: dict) -> list[int]:
