@@ -24,6 +24,7 @@ from .common import StageError, log, pick_device, seed_everything, set_cpu_threa
 from .config import section_defaults
 from .data import contract
 from .data.conll import encode_words, entity_scores
+from .data.encoded import encode_in_chunks
 from .data.integrity import CHECKSUM_KEY, read_verified, write_record
 from .data.tasks import TaskSpec, capped_examples, check_label_count, evaluation_names, read_split, task_spec
 from .models import loading, saved_json
@@ -178,15 +179,21 @@ def finetune(paths, params: dict) -> dict:
 
 
 def encode_task(tokenizer, task: dict, spec: TaskSpec, max_length: int) -> dict:
-    """The training set and each dev set, tokenised (a token task's words with their tags on first sub-tokens)."""
+    """The training set and each dev set, tokenised a chunk at a time into compact arrays (pipeline/data/
+    encoded.py: MNLI's 393 k pairs); a token task's words with their tags on first sub-tokens."""
     if spec.token_level:
-        return {"train": encode_words(tokenizer, task["train"], task["y_train"], max_length),
-                "dev": [encode_words(tokenizer, dev["texts"], None, max_length) for dev in task["dev_sets"]]}
+        def tagged(rows):
+            return encode_words(tokenizer, [words for words, _ in rows], [tags for _, tags in rows], max_length)
+
+        return {"train": encode_in_chunks(tagged, list(zip(task["train"], task["y_train"]))),
+                "dev": [encode_in_chunks(lambda rows: encode_words(tokenizer, rows, None, max_length), dev["texts"])
+                        for dev in task["dev_sets"]]}
 
     def encode(texts):
         return tokenizer(*list(zip(*texts)), truncation=True, max_length=max_length)
 
-    return {"train": encode(task["train"]), "dev": [encode(dev["texts"]) for dev in task["dev_sets"]]}
+    return {"train": encode_in_chunks(encode, task["train"]),
+            "dev": [encode_in_chunks(encode, dev["texts"]) for dev in task["dev_sets"]]}
 
 
 def task_score(metrics: dict, spec: TaskSpec) -> float:
