@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +15,9 @@ import yaml
 from pipeline import config as cfg
 from pipeline.data import contract
 from pipeline.data.integrity import read_record
+from pipeline.data.tasks import task_files
 
+import glue_fixtures
 from conftest import REPO
 from test_workflow import planned_jobs, snakemake
 
@@ -22,7 +25,8 @@ GLUE_ROWS = {"CoLA": "gj04\t1\t\tA sentence .\n", "SST-2": "sentence\tlabel\na f
              "MRPC": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b .\tA b .\n",
              "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
                       "0\tg\tf\t2012\t0\ts\ts\tA b .\tA c .\t3.0\n",
-             "RTE": "index\tsentence1\tsentence2\tlabel\n0\tA b .\tA .\tentailment\n"}
+             "RTE": "index\tsentence1\tsentence2\tlabel\n0\tA b .\tA .\tentailment\n",
+             "WNLI": "index\tsentence1\tsentence2\tlabel\n0\tA b .\tA .\t1\n"}
 
 
 def preset(name: str) -> dict:
@@ -58,6 +62,19 @@ def test_the_paper_preset_holds_the_reference_recipe():
                                                                      "per_seed", "hf_linear")
 
 
+def test_the_presets_evaluate_as_the_paper_with_a_sample_efficiency_curve():
+    """Issue #34: the paper preset offered five GLUE tasks and no curve. The paper's: all nine GLUE tasks and
+    CoNLL-2003 NER; BabyLM's GLUE tasks; every task fine-tuned on the 10/25/50 % checkpoints too."""
+    paper, babylm = cfg.validate(preset("paper")), cfg.validate(preset("babylm"))
+    glue = {"CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI"}
+    assert {name for name, task in paper["tasks"].items() if task["format"] == "glue"} == glue
+    assert [task["format"] for name, task in paper["tasks"].items() if name not in glue] == ["conll"]
+    assert set(babylm["tasks"]) == {"CoLA", "SST-2", "MRPC", "QQP", "MNLI", "QNLI", "RTE"}
+    for config in (paper, babylm):
+        assert sorted(config["finetune"]["checkpoint_tasks"]) == sorted(config["tasks"])
+        assert config["pretrain"]["checkpoint_fractions"] == [0.1, 0.25, 0.5]
+
+
 def test_the_babylm_preset_holds_the_strict_small_recipe():
     babylm = cfg.validate(preset("babylm"))
     assert (babylm["corpus"]["tokenizer"], babylm["corpus"]["packing"]) == ("train", "reference_pairs")
@@ -78,12 +95,19 @@ def workdir_for(tmp_path, config: dict):
     for path in config["corpus"]["inputs"]:
         (tmp_path / path).mkdir(parents=True, exist_ok=True)
         (tmp_path / path / "corpus.txt").write_text("A first sentence here .\nA second one .\n\nAnother text .\n")
+    glue_fixtures.make(tmp_path / "fixtures", train=3, dev=3)  # MNLI, QQP, QNLI in their official layouts
     for task in config["tasks"].values():
         directory = tmp_path / task["path"]
         directory.mkdir(parents=True, exist_ok=True)
         name = directory.name
-        for split in ("train.tsv", "dev.tsv"):
-            (directory / split).write_text(GLUE_ROWS[name])
+        train, devs = task_files(task)
+        for split in (train, *devs):
+            split = Path(split).name
+            fixture = tmp_path / "fixtures" / name / split
+            if task["format"] == "conll":
+                (directory / split).write_text("EU B-ORG\nrejects O\n\nPeter B-PER\n")
+            else:
+                (directory / split).write_text(fixture.read_text() if fixture.exists() else GLUE_ROWS[name])
     configfile = tmp_path / "preset.yaml"
     configfile.write_text(yaml.safe_dump(config))
     return configfile
@@ -167,3 +191,32 @@ def test_the_paper_recipe_runs_end_to_end_scaled_down(tmp_path, mlm_teacher):
     assert scores["params"]["classifier_init"] == "per_seed"
     again = snakemake(tmp_path, configfile, "--dry-run")
     assert planned_jobs(again) == {}, again.stdout[-2000:]  # nothing left to do
+
+
+@pytest.mark.e2e
+def test_the_paper_evaluation_runs_to_its_report_scaled_down(tmp_path):
+    """Issue #34: the paper preset's evaluation (tools/paper_small.py at three of its ten tasks): a real GLUE task,
+    MNLI (one fine-tuning, both dev sets) and NER (CoNLL layout), with the checkpoints' sample-efficiency curve,
+    through snakemake to the report."""
+    import importlib.util
+
+    from conftest import SHARED
+
+    if not (SHARED / "glue" / "CoLA").is_dir() or not (SHARED / "ner" / "conll2002-esp").is_dir():
+        pytest.skip("the real GLUE and CoNLL tasks of ../shared/data")
+    spec = importlib.util.spec_from_file_location("paper_small", REPO / "tools" / "paper_small.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    configfile = tool.prepare(tmp_path, ["CoLA", "MNLI", "NER"])
+    run = snakemake(tmp_path, configfile)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    report = (tmp_path / "results" / contract.REPORT_MD).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| student | objective |"))
+    assert [c.strip() for c in header.split("|")[3:7]] == ["CoLA", "MNLI-m", "MNLI-mm", "NER"]
+    assert "### GLUE score" in report and "over the 2 GLUE task(s) of this run" in report
+    curve = report[report.index("## Sample efficiency"):]
+    for task in ("CoLA", "MNLI-m", "MNLI-mm", "NER"):
+        assert f"| mlsm | {task} |" in curve
+    assert "updates 0 | updates 2 | updates 4" in curve
+    again = snakemake(tmp_path, configfile, "--dry-run")
+    assert planned_jobs(again) == {}, again.stdout[-2000:]
