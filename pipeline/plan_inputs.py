@@ -78,7 +78,11 @@ def text_bytes(path: Path | DatasetInput, fmt: str) -> float:
         return float(sum(f.stat().st_size for f in local.rglob("*.arrow")) or
                      sum(f.stat().st_size for f in local.rglob("*") if f.is_file()))
     if file_format(path, fmt) == "parquet":
-        meta = pq.ParquetFile(path).metadata
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as err:
+            raise StageError(f"corpus input {path} is not a readable parquet file (corpus.format {fmt!r}): {err}") \
+                from None
         return float(sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)))
     size = path.stat().st_size
     if path.suffix not in COMPRESSION:
@@ -125,7 +129,11 @@ def corpus(config: dict, demo: DemoData, corpus_tokens: float | None = None) -> 
     pack_rate = sampled / max(time.process_time() - started, 1e-9)
     table = packed["tables"]["train"]
     tokens = float(sum(len(x) for x in table["input_ids"].to_numpy(zero_copy_only=False)))
-    mean_length = tokens / max(1, len(table))
+    if not tokens:
+        raise StageError(f"the corpus inputs {options['inputs']} gave no text to plan with: {len(documents)} documents "
+                         f"read as corpus.format {options.get('format')!r} packed to no sequence (is that the inputs' "
+                         f"format?)")
+    mean_length = tokens / len(table)
     if corpus_tokens:
         total, basis = float(corpus_tokens), f"{corpus_tokens:,.0f} tokens (given)"
         size = total * sampled / max(tokens, 1)

@@ -11,6 +11,7 @@ import yaml
 
 from pipeline import config as cfg
 from pipeline import plan, plan_rates
+from pipeline.common import StageError
 from pipeline.corpus import shard
 from pipeline.data import contract
 from pipeline.data.text import input_files
@@ -221,3 +222,55 @@ def test_every_config_in_the_repository_is_planned(name, mlm_teacher, tmp_path):
         jobs[rule] = jobs.get(rule, 0) + 1
     assert {rule: c.jobs for rule, c in costs.items()} == jobs
     assert all(c.seconds > 0 and c.disk > 0 for c in costs.values()), costs
+
+
+def enum_options(schema: dict, path: tuple = ()) -> list[tuple[tuple, object]]:
+    """(key path, value) for every value of every enumerated option under the schema's sections."""
+    found = []
+    for key, spec in (schema.get("properties") or {}).items():
+        if "enum" in spec:
+            found += [((*path, key), value) for value in spec["enum"]]
+        elif "oneOf" in spec:  # a number or a named value (targets.top_k: none)
+            found += [((*path, key), choice["const"]) for choice in spec["oneOf"] if "const" in choice]
+        elif spec.get("type") == "object":
+            found += enum_options(spec, (*path, key))
+    return found
+
+
+def test_every_value_of_every_option_is_planned(tiny):
+    """Issue #34: the plan crashed on option values it had no cost for (packing reference_pairs, top_k none).
+    Each enumerated option of the schema, at each of its values, is planned on the tiny config (the values a
+    config may not combine with the rest of it are counted apart), and every job gets a finite cost."""
+    import copy
+    import math
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    options = [(path, value) for path, value in enum_options(schema) if path[0] not in ("tasks", "students")]
+    from pipeline.objectives import OBJECTIVES  # the schema's objective enum is made from this registry
+
+    student = next(iter(tiny["students"]))
+    options += [(("students", student, "objective"), name) for name in OBJECTIVES]
+    planned, refused = [], []
+    for path, value in options:
+        config = copy.deepcopy(tiny)
+        where = config
+        for key in path[:-1]:
+            where = where.setdefault(key, {})
+        where[path[-1]] = value
+        try:
+            config = cfg.validate(config)
+        except cfg.ConfigError:
+            refused.append((path, value))
+            continue
+        try:
+            costs = Planner(config, FixedRates(), cores=2).costs()
+        except StageError:  # a clear message: the inputs cannot be read so (corpus.format jsonl of a text file)
+            refused.append((path, value))
+            continue
+        except Exception as err:
+            raise AssertionError(f"{'.'.join(path)} = {value!r}: the plan failed") from err
+        bad = [c.rule for c in costs if not (math.isfinite(c.seconds) and math.isfinite(c.disk) and c.seconds >= 0)]
+        assert not bad, f"{'.'.join(path)} = {value!r}: no finite cost for {bad}"
+        planned.append((path, value))
+    assert (("targets", "top_k"), "none") in planned and (("corpus", "packing"), "reference_pairs") in planned
+    assert len(planned) >= 40 and len(refused) < len(planned), (len(planned), refused)
