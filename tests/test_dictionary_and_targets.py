@@ -552,3 +552,32 @@ def test_the_summary_reads_each_shards_statistics_from_its_footer_and_hashes_sha
     summary = summarize(targets, str(tmp_path / "manifest.json"), params)
     assert summary["tokens"] == expected and len(summary["files"]) == len(targets)
     assert threading.get_ident() not in hashing and len(shards) >= 2
+
+
+def test_a_records_files_are_hashed_in_parallel_and_the_first_bad_one_is_named(tmp_path, monkeypatch):
+    """A student verifies every target shard it reads (1.3 TB at paper scale) against the targets' record; the
+    files are now hashed several at a time, and a corrupt file is still named: the first in the record's order."""
+    import threading
+
+    from pipeline.common import StageError
+    from pipeline.data import integrity
+
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"shard-{i}.bin")
+        files[-1].write_bytes(bytes([i]) * 1000)
+    integrity.write_record(tmp_path / "record.json", {"files": integrity.file_entries(tmp_path, files)})
+    threads, real_hash = set(), integrity.sha256_file
+
+    def hash_file(path):
+        threads.add(threading.get_ident())
+        return real_hash(path)
+
+    monkeypatch.setattr(integrity, "sha256_file", hash_file)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    integrity.read_verified(tmp_path / "record.json", files)
+    assert threading.get_ident() not in threads and threads
+    for i in (4, 2):
+        files[i].write_bytes(bytes([9]) * 1000)
+    with pytest.raises(StageError, match="shard-2.bin is corrupt"):
+        integrity.read_verified(tmp_path / "record.json", files)
