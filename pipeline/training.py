@@ -49,10 +49,21 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup_fract
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, total, warmup))
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DEVICES = ("cuda",)  # where autocast and the gradient scaler apply: the CPU trains in full precision
+
+
 def autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on a GPU (precision bf16); full precision on the CPU, or with precision fp32."""
-    use = device.type == "cuda" and precision == "bf16"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use else nullcontext()
+    """bf16 or fp16 autocast on a GPU; full precision on the CPU, or with precision fp32."""
+    if device.type not in AMP_DEVICES or precision not in AUTOCAST_DTYPES:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler fp16 needs (its gradients underflow unscaled), as the reference trains; inactive (a
+    pass-through) otherwise. It skips an update whose gradients overflowed and lowers its scale."""
+    return torch.amp.GradScaler(device.type, enabled=device.type in AMP_DEVICES and precision == "fp16")
 
 
 def rng_states() -> dict[str, torch.Tensor]:

@@ -220,3 +220,63 @@ def test_the_paper_evaluation_runs_to_its_report_scaled_down(tmp_path):
     assert "updates 0 | updates 2 | updates 4" in curve
     again = snakemake(tmp_path, configfile, "--dry-run")
     assert planned_jobs(again) == {}, again.stdout[-2000:]
+
+
+# The reference's values (github szegedai/MLSM at ed9a781), each with the file and line it comes from; the
+# presets must carry them. Written out here, not read from the presets (a mis-transcribed value fails).
+REFERENCE_VALUES = [
+    (("pretrain", "learning_rate"), 1e-4, "pretrainer.py:292 --lr default"),
+    (("pretrain", "max_grad_norm"), 1.0, "pretrainer.py:293 --max_grad_norm default"),
+    (("pretrain", "seed"), 42, "pretrainer.py:294, 316-320 --seed default, seeded everywhere"),
+    (("pretrain", "mask_fraction"), 0.15, "pretrainer.py:255 --learning_fraction default"),
+    (("pretrain", "mask_strategy"), "all_mask", "pretrainer.py:206 every selected token becomes [MASK]"),
+    (("pretrain", "mask_unknown"), True, "pretrainer.py:162-165 special_tokens_mask: [CLS], [SEP], padding only"),
+    (("pretrain", "precision"), "fp16", "pretrainer.py:272-275, 99-101, 365 --amp default, dtype None, GradScaler"),
+    (("pretrain", "weight_decay"), 0.01, "pretrainer.py:344 AdamW(lr=args.lr): torch's default decay"),
+    (("pretrain", "decay_biases_and_norms"), True, "pretrainer.py:344 AdamW over every parameter"),
+    (("pretrain", "warmup_fraction"), 0.01, "pretrainer.py:367-369 num_warmup_steps=updates_to_perform//100"),
+    (("pretrain", "lr_schedule"), "hf_linear", "pretrainer.py:367 transformers' get_scheduler('linear')"),
+    (("pretrain", "checkpoint_fractions"), [0.1, 0.25, 0.5], "pretrainer.py:396 saves at 0.1, 0.25, 0.5, 1.0"),
+    (("dictionary", "atoms"), 3000, "train_dict.py:25 --num_dict_atoms default"),
+    (("dictionary", "lambda"), 0.05, "train_dict.py:104 lambda1"),
+    (("dictionary", "backend"), "spams", "train_dict.py:107 spams.trainDL"),
+    (("dictionary", "iterations"), 1000, "train_dict.py:104 iter"),
+    (("dictionary", "batch_size"), 400, "train_dict.py:104 batchsize"),
+    (("activations", "sample_tokens"), 1000000, "train_dict.py:28 --tokens_used default"),
+    (("finetune", "learning_rate"), 2e-5, "finetune_eval.py:272 --lr default"),
+    (("finetune", "weight_decay"), 0.01, "finetune_eval.py:21 AdamW weight_decay"),
+    (("finetune", "warmup_fraction"), 0.0, "finetune_eval.py:24-28 get_scheduler('linear', num_warmup_steps=0)"),
+    (("finetune", "lr_schedule"), "hf_linear", "finetune_eval.py:24 transformers' get_scheduler"),
+    (("finetune", "epochs"), 3, "finetune_eval.py:267 --epochs default"),
+    (("finetune", "batch_size"), 32, "finetune_eval.py:269 --batch_size default"),
+    (("finetune", "seeds"), [0, 1, 2], "finetune_eval.py:268, 304-308 runs 0..num_experiments-1, each its seed"),
+    (("finetune", "shuffle_seed"), 42, "finetune_eval.py:67, 81 np.random.seed(shuffle_seed=42)"),
+    (("finetune", "max_seq_len"), 512, "finetune_eval.py:280 model_max_length=512"),
+    (("finetune", "max_grad_norm"), 0, "finetune_eval.py: no clipping in train()"),
+    (("finetune", "precision"), "fp32", "finetune_eval.py: no autocast"),
+    (("finetune", "classifier_init"), "per_seed", "finetune_eval.py:264 --reference_model's head in every student"),
+]
+BABYLM_OWN = {("dictionary", "backend"), ("dictionary", "iterations"), ("dictionary", "batch_size"),
+              ("dictionary", "atoms"), ("dictionary", "lambda"), ("activations", "sample_tokens")}
+
+
+@pytest.mark.parametrize("name", ["paper", "babylm"])
+def test_the_presets_carry_the_reference_values(name):
+    """Issue #30: the preset tests were snapshots of the YAML. Each value is now checked against the reference's,
+    cited by file and line."""
+    config = cfg.validate(preset(name))
+    wrong = []
+    for path, expected, where in REFERENCE_VALUES:
+        if name == "babylm" and path in BABYLM_OWN:
+            continue
+        value = config
+        for key in path:
+            value = value[key]
+        if value != expected:
+            wrong.append(f"{'.'.join(path)} = {value!r}, the reference's {expected!r} ({where})")
+    if name == "babylm":  # its auxiliary teacher is pre-trained by the same pretrainer.py
+        auxiliary = config["teachers"]["aux"]["auxiliary"]
+        wrong += [f"auxiliary.{key} = {auxiliary[key]!r}" for key, value in
+                  (("precision", "fp16"), ("mask_unknown", True), ("head_bias_init", "zero"), ("seed", 42), ("warmup_fraction", 0.01), ("lr_schedule", "hf_linear"),
+                   ("learning_rate", 1e-4), ("decay_biases_and_norms", True)) if auxiliary[key] != value]
+    assert not wrong, "\n".join(wrong)

@@ -509,3 +509,99 @@ def test_a_compiled_student_trains_across_the_phase_switch_as_the_eager_one(
     for ours, theirs in zip(compiled["history"], eager["history"], strict=True):
         assert ours["mlsm"] == pytest.approx(theirs["mlsm"], rel=1e-4)
         assert ours["mlm"] == pytest.approx(theirs["mlm"], rel=1e-4)
+
+
+# ---- precision: the reference's fp16 with a loss scaler ---------------------------------------------------
+
+@pytest.fixture
+def amp_on_the_cpu(monkeypatch):
+    """Autocast and the scaler where they otherwise apply on a GPU only: fp16 on the CPU."""
+    from pipeline import training
+
+    monkeypatch.setattr(training, "AMP_DEVICES", ("cuda", "cpu"))
+
+
+def test_fp16_trains_with_a_loss_scaler_that_skips_overflowing_updates(tmp_path, sharded_corpus, amp_on_the_cpu,
+                                                                      monkeypatch):
+    """The reference trains with fp16 autocast and a GradScaler (pretrainer.py: --amp, its default; scaler.step
+    skips an update whose gradients overflowed). precision: fp16 does the same: its losses follow fp32's, and
+    an overflow (a scale far too high) skips updates and lowers the scale instead of stopping the run, which
+    bf16 does at a non-finite gradient norm."""
+    from safetensors.torch import load_file
+
+    from pipeline import training
+
+    shards, manifest = sharded_corpus
+    fp32 = pretrain(tmp_path / "fp32", shards, manifest, {"objective": "mlm", "precision": "fp32"})
+    fp16 = pretrain(tmp_path / "fp16", shards, manifest, {"objective": "mlm", "precision": "fp16"})
+    for a, b in zip(fp32["history"], fp16["history"], strict=True):
+        assert b["mlm"] == pytest.approx(a["mlm"], rel=2e-2)
+
+    real = training.grad_scaler
+    monkeypatch.setattr("pipeline.pretrain.trainer.grad_scaler",
+                        lambda device, precision: torch.amp.GradScaler("cpu", init_scale=2.0 ** 100,
+                                                                       enabled=precision == "fp16"))
+    skipped = pretrain(tmp_path / "overflow", shards, manifest, {"objective": "mlm", "precision": "fp16",
+                                                                 "max_steps": 2})
+    assert [entry["grad_norm"] for entry in skipped["history"]] == [None, None]
+    assert [entry["loss_scale"] for entry in skipped["history"]] == [2.0 ** 100, 2.0 ** 99]  # the scale each ran with
+    pretrain(tmp_path / "initial", shards, manifest, {"objective": "mlm", "max_steps": 0})
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("overflow", "initial"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)  # no update applied
+    assert real is training.grad_scaler and "loss_scale" not in fp32["history"][0]
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path, sharded_corpus, amp_on_the_cpu, monkeypatch):
+    """The scaler's scale and growth count are part of the saved state: a killed fp16 run resumes to the same
+    weights (a fresh scale would change which updates overflow)."""
+    from safetensors.torch import load_file
+
+    from pipeline.pretrain import trainer
+
+    shards, manifest = sharded_corpus
+    monkeypatch.setattr(trainer, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        "cpu", init_scale=2.0 ** 20, growth_interval=1, enabled=precision == "fp16"))  # the scale moves every update
+    params = {"objective": "mlm", "precision": "fp16"}
+    straight = pretrain(tmp_path / "straight", shards, manifest, params)
+    real_log = trainer.Trainer._log
+
+    def killed(self, *args):
+        real_log(self, *args)
+        if self.step == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer.Trainer, "_log", killed)
+    state = str(tmp_path / "state")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tmp_path / "resumed", shards, manifest, params, resume_dir=state, checkpoint_seconds=0)
+    monkeypatch.setattr(trainer.Trainer, "_log", real_log)
+    resumed = pretrain(tmp_path / "resumed", shards, manifest, params, resume_dir=state, checkpoint_seconds=0)
+    assert [e["loss_scale"] for e in resumed["history"]] == [e["loss_scale"] for e in straight["history"]]
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_tokens_are_maskable_as_in_the_reference(sharded_corpus, tokenizer):
+    """The reference masks every token but [CLS], [SEP] and padding (pretrainer.py:162-165: the tokenizer's
+    special_tokens_mask), so [UNK] is masked and predicted; the pipeline left every special token out. With
+    mask_unknown, the reference's rule, written out here: every real token but [CLS] and [SEP] may be chosen."""
+    shard = Shard(sharded_corpus[0][0])
+    tokens = shard.tokens.copy()
+    ordinary = np.flatnonzero(~np.isin(tokens, tokenizer.all_special_ids))
+    tokens[ordinary[::7]] = tokenizer.unk_token_id  # every 7th ordinary token unknown
+    shard.tokens = tokens
+    rows = np.arange(8)
+    for mask_unknown in (False, True):
+        params = {"mask_fraction": 1.0, "mask_strategy": "all_mask", "mask_unknown": mask_unknown}
+        batch = make_batch([(shard, rows)], tokenizer, params, (0, 0))
+        originals = torch.full_like(batch["input_ids"], -1)
+        for b in rows:
+            sequence = tokens[shard.offsets[b]:shard.offsets[b + 1]]
+            originals[b, : len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
+        unknown = originals == tokenizer.unk_token_id
+        assert unknown.any()
+        reference = (originals >= 0) & (originals != tokenizer.cls_token_id) & (originals != tokenizer.sep_token_id)
+        if mask_unknown:
+            assert torch.equal(batch["masked"], reference)
+        else:
+            assert torch.equal(batch["masked"], reference & ~unknown)

@@ -136,6 +136,14 @@ class BatchStream:
         return pieces
 
 
+def unmaskable_ids(tokenizer, params: dict) -> list[int]:
+    """The ids masking leaves out: every special token, or (mask_unknown, the reference) all but [UNK]."""
+    ids = tokenizer.all_special_ids
+    if params.get("mask_unknown"):
+        ids = [i for i in ids if i != tokenizer.unk_token_id]
+    return ids
+
+
 def mask_tokens(ids: torch.Tensor, special: torch.Tensor, params: dict, vocab_size: int, mask_id: int,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked input, chosen positions): mask_fraction of the ordinary tokens, all replaced by [MASK]
@@ -207,7 +215,7 @@ def make_batch(pieces: list[tuple[Shard, np.ndarray]], tokenizer, params: dict, 
     types = torch.from_numpy(np.concatenate([p[2] for p in padded]).astype(np.int64))
     attention = torch.from_numpy(flat_index >= 0)
     ids[~attention] = tokenizer.pad_token_id
-    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | ~attention
+    special = torch.isin(ids, torch.tensor(unmaskable_ids(tokenizer, params))) | ~attention
     generator = torch.Generator().manual_seed(int(np.random.default_rng(mask_seed).integers(2**62)))
     masked, chosen = mask_tokens(ids, special, params, len(tokenizer), tokenizer.mask_token_id, generator)
     batch = {"input_ids": masked, "token_type_ids": types, "attention_mask": attention.long(), "masked": chosen,

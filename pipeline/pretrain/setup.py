@@ -18,7 +18,7 @@ from ..objectives import LOSS_PARTS, objective
 from ..resume import Resume
 from ..training import adamw, warmup_then_decay
 from . import card
-from .data import BatchStream, PhasedStream
+from .data import BatchStream, PhasedStream, unmaskable_ids
 from .diagnostics import Baselines, baselines
 from .model import Student, build_config, load_backbone
 from .teachers import KdTeacher, OnlineTargets
@@ -71,7 +71,8 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
         optimizer = adamw(model, params["learning_rate"], params["weight_decay"],
                           exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
         scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
-    base = baselines(paths.token_counts, tokenizer.all_special_ids, (target_record or {}).get("atom_usage"))
+    # The tokens that are never a label (the special ones masking leaves out) have no share of the prior.
+    base = baselines(paths.token_counts, unmaskable_ids(tokenizer, params), (target_record or {}).get("atom_usage"))
     heads_at_prior = start_heads(model, base, params)
     resume = Resume(paths.resume_dir, {"params": params, "corpus": manifest[CHECKSUM_KEY], "world_size": world,
                                        "targets": target_record[CHECKSUM_KEY] if target_record else None,

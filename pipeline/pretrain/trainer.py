@@ -27,7 +27,7 @@ from ..data import contract
 from ..data.integrity import atomic_output, file_entries, write_record
 from ..objectives import objective
 from ..resume import load_training, save_training
-from ..training import autocast, rng_states, set_rng_states, training_precision
+from ..training import autocast, grad_scaler, rng_states, set_rng_states, training_precision
 from . import card
 from .data import Prefetcher, Shard, rank_share
 from .diagnostics import measure
@@ -64,6 +64,8 @@ class Trainer:
         self.saved_models = Path(paths.resume_dir or f"{paths.model}.checkpoints.tmp") / "models"
         longest = max(length for _, _, length, _ in setup.stream.phases) if setup.stream else 0  # 0: the control
         self.flops_per_token = flops_per_token(setup.model, self.params, longest)
+        self.precision = self.params.get("precision", "bf16")  # on a GPU; the CPU trains in fp32
+        self.scaler = grad_scaler(setup.device, self.precision)
         self.peak_flops = peak_flops(setup.device)
 
     def run(self) -> dict:
@@ -97,7 +99,7 @@ class Trainer:
             while self.step < total:
                 before = rng_states(), self.tokens_seen
                 values, masked = self._update(prefetch, accumulation)
-                if not all(math.isfinite(v) for v in values.values()):
+                if self._non_finite(values):
                     self._stop_on_non_finite(values, *before)
                 self.step, self.seconds = self.step + 1, time.perf_counter() - started
                 if self.step % s.paths.log_every == 0 or self.step == total or self.step in saves:
@@ -128,22 +130,33 @@ class Trainer:
                 s.online.add_to(batch, s.world)
             # Gradients are averaged across ranks once per update, on its last micro-batch.
             sync = s.world == 1 or micro == accumulation - 1
-            with (nullcontext() if sync else s.forward.no_sync()), autocast(s.device):
+            with (nullcontext() if sync else s.forward.no_sync()), autocast(s.device, self.precision):
                 parts = loss_parts(s.forward(batch), batch, self.params, s.teacher)
             # DDP averages gradients over ranks; the shares are already parts of the global mean.
-            (total_loss(parts, self.params) * (s.world / accumulation)).backward()
+            self.scaler.scale(total_loss(parts, self.params) * (s.world / accumulation)).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / accumulation
+        self.scaler.unscale_(s.optimizer)  # the norm and its clipping on the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), self.params["max_grad_norm"])
         global_means = all_ranks_sum(torch.stack([*sums.values()]).float(), s.world)
         # One wait for the GPU an update: whether to apply it depends on these values being finite.
         read = torch.cat([global_means, grad_norm.detach().float().reshape(1).to(global_means.device)]).tolist()
         values = dict(zip([*sums, "grad_norm"], read))
-        if all(math.isfinite(v) for v in values.values()):
-            s.optimizer.step()
+        if self.scaler.is_enabled():  # fp16: an overflow skips the update (its norm is logged as null)
+            values["loss_scale"] = self.scaler.get_scale()
+            values["grad_norm"] = values["grad_norm"] if math.isfinite(values["grad_norm"]) else None
+        if not self._non_finite(values):
+            self.scaler.step(s.optimizer)  # fp16: skipped where the gradients overflowed, as the reference's
+            self.scaler.update()
             s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         return values, masked
+
+    @staticmethod
+    def _non_finite(values: dict[str, float | None]) -> list[str]:
+        """The values that stop the run: a non-finite loss or gradient norm (under fp16's scaler an overflowing
+        norm is None: the scaler skips that update and lowers its scale, as routine at a high scale)."""
+        return [k for k, v in values.items() if v is not None and not math.isfinite(v)]
 
     # ---- state ----
 
@@ -159,7 +172,7 @@ class Trainer:
             return
         rngs = {f"rng.{r}.{k}": v for r, theirs in enumerate(everyone) for k, v in theirs["rngs"].items()}
         meta = {"seconds": self.seconds, "history": self.history, "diagnostics": self.diagnostics,
-                "tokens_seen": [theirs["tokens_seen"] for theirs in everyone]}
+                "tokens_seen": [theirs["tokens_seen"] for theirs in everyone], "grad_scaler": self.scaler.state_dict()}
         save_training(s.resume, self.step, s.model, s.optimizer, s.scheduler, meta, rngs)
 
     def load_state(self) -> None:
@@ -174,6 +187,8 @@ class Trainer:
         self.step, self.seconds, self.history = meta["unit"], meta["seconds"], meta["history"]
         self.diagnostics = meta["diagnostics"]
         self.tokens_seen = meta["tokens_seen"][s.rank]
+        if meta.get("grad_scaler"):  # its scale and growth count: an fp16 run resumes exactly
+            self.scaler.load_state_dict(meta["grad_scaler"])
         if s.rank == 0:
             log.info("resuming at update %d of %d", self.step, self.params["max_steps"])
 
@@ -230,7 +245,8 @@ class Trainer:
             self.validation = Shard(s.paths.validation, targets)
         measured = {"step": self.step}
         if len(self.validation):
-            measured.update(measure(s.model, self.validation, s.tokenizer, self.params, s.device, autocast(s.device),
+            measured.update(measure(s.model, self.validation, s.tokenizer, self.params, s.device,
+                                    autocast(s.device, self.precision),
                                     s.baselines, objective(self.params["objective"]).mlm_head, bool(targets)))
         self.diagnostics.append(measured)
         return measured
