@@ -274,6 +274,9 @@ def _check_cross_keys(config: dict) -> None:
     atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
     if top_k != "none" and top_k > atoms:
         problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")
+    if config["dictionary"]["spams_call"] != "pipeline" and config["dictionary"]["backend"] != "spams":
+        problems.append("config key 'dictionary.spams_call': applies to backend spams only; remove it or set "
+                        "dictionary.backend: spams")
     if config["dictionary"]["iterations"] is not None and config["dictionary"]["backend"] != "spams":
         problems.append("config key 'dictionary.iterations': applies to backend spams only (the torch and sklearn "
                         "backends run `epochs` passes); remove it or set dictionary.backend: spams")

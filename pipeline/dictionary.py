@@ -59,25 +59,31 @@ def spams_iterations(params: dict, states: int) -> int:
     return math.ceil(params["epochs"] * states / params["batch_size"])
 
 
+REFERENCE_SPAMS_THREADS = 8  # train_dict.py's numThreads
+
+
 def learn_spams(x: torch.Tensor, params: dict, threads: int | None = None) -> torch.Tensor:
     iterations = spams_iterations(params, len(x))
-    return train_spams(x, params["atoms"], params["lambda"], iterations, params["batch_size"], threads)
+    reference = params.get("spams_call", "pipeline") == "reference"
+    return train_spams(x, params["atoms"], params["lambda"], iterations, params["batch_size"],
+                       REFERENCE_SPAMS_THREADS if reference else threads, reference)
 
 
 def train_spams(x: torch.Tensor, atoms: int, lam: float, iterations: int, batch_size: int,
-                threads: int | None = None) -> torch.Tensor:
-    """SPAMS trainDL called as the MLSM reference's train_dict.py calls it (K, lambda1, iter, batchsize,
-    posAlpha; SPAMS's defaults for the rest: mode 2, lambda2 1e-9) on rows of x; the dictionary [d, K],
-    unit columns."""
+                threads: int | None = None, as_the_reference: bool = False) -> torch.Tensor:
+    """SPAMS trainDL called with the MLSM reference's train_dict.py's settings (K, lambda1, iter, batchsize,
+    posAlpha; SPAMS's defaults for the rest: mode 2, lambda2 1e-9) on rows of x; the dictionary [d, K]: on
+    float64 data with its columns scaled to unit norm after, or (as_the_reference) on float32 data as returned."""
     try:
         import spams
     except ImportError:
         raise StageError("dictionary backend spams needs SPAMS: pip install spams-bin "
                          "(or the extra mlsm-pipeline[spams])") from None
-    data = np.asfortranarray(x.cpu().numpy().T.astype(np.float64))
+    data = np.asfortranarray(x.cpu().numpy().T.astype(np.float32 if as_the_reference else np.float64))
     dictionary = spams.trainDL(data, K=atoms, lambda1=lam, posAlpha=True, iter=iterations, batchsize=batch_size,
                                numThreads=threads or os.cpu_count() or 1, verbose=False)
-    return l2_normalise(torch.from_numpy(np.asarray(dictionary).T).float()).T.contiguous().to(x.device)
+    dictionary = torch.from_numpy(np.asarray(dictionary).T).float()
+    return (dictionary if as_the_reference else l2_normalise(dictionary)).T.contiguous().to(x.device)
 
 
 def evaluate(x: torch.Tensor, dictionary: torch.Tensor, lam: float) -> tuple[dict, torch.Tensor]:

@@ -163,6 +163,27 @@ def test_spams_runs_the_configured_iterations_as_the_reference_call():
     assert not torch.allclose(learn_spams(x, {**params, "iterations": 8}, threads=1), reference, atol=1e-3)
 
 
+def test_spams_called_as_the_reference_calls_it():
+    """dictionary.spams_call: reference is train_dict.py's call, written out here (lines 102-107): sklearn's
+    normalize on float32 states, trainDL with numThreads 8, the dictionary kept as trainDL returns it. The
+    pipeline's default calls it on float64 with every core and scales the columns to unit norm after."""
+    spams = pytest.importorskip("spams")
+    from sklearn.preprocessing import normalize
+
+    from pipeline.dictionary import learn_spams
+
+    states = np.random.default_rng(3).standard_normal((800, 16)).astype(np.float32)
+    params = {"atoms": 20, "lambda": 0.05, "batch_size": 400, "epochs": 1, "iterations": 5, "seed": 0}
+    reference = spams.trainDL(normalize(states).T, K=20, lambda1=0.05, numThreads=8, iter=5, batchsize=400,
+                              posAlpha=True, verbose=False)
+    x = torch.from_numpy(normalize(states))
+    ours = learn_spams(x, {**params, "spams_call": "reference"})
+    assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(np.asarray(reference)))
+    pipeline_call = learn_spams(x, params)
+    assert torch.allclose(torch.linalg.vector_norm(pipeline_call, dim=0), torch.ones(20), atol=1e-6)
+    assert not torch.equal(pipeline_call, ours)
+
+
 # ---- optimizer and schedules ------------------------------------------------------------------------------
 
 def test_weight_decay_on_every_parameter_as_the_reference():
