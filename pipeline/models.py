@@ -185,9 +185,10 @@ class TeacherEncoder:
     hidden_size: int
     layer_index: int  # index into hidden_states: 1 = first transformer layer
     pad_id: int
+    precision: str = "bf16"  # of the forward pass on a GPU (pipeline.training.autocast)
 
     def autocast(self):
-        return autocast(self.device)
+        return autocast(self.device, self.precision)
 
     @torch.inference_mode()
     def hidden(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
@@ -253,7 +254,7 @@ def attention_mask_for(model, attention_mask: torch.Tensor, padded: bool) -> tor
 
 
 def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest: dict | None = None,
-                 trust_remote_code: bool = False) -> TeacherEncoder:
+                 trust_remote_code: bool = False, precision: str = "bf16") -> TeacherEncoder:
     """The teacher's layers up to `layer` (counted from the last, as in the MLSM reference: -1 is the
     last), in eval mode with SDPA attention; checked against the corpus vocabulary when given its manifest."""
     from transformers import AutoConfig, AutoModel
@@ -274,7 +275,7 @@ def load_encoder(source: str, layer: int, device: torch.device, corpus_manifest:
                                           trust_remote_code=trust_remote_code)
     model.eval().to(device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    return TeacherEncoder(model, device, config.hidden_size, keep, pad_id)
+    return TeacherEncoder(model, device, config.hidden_size, keep, pad_id, precision)
 
 
 def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -72,7 +72,8 @@ def compute(paths, params: dict) -> dict:
     manifest = read_verified(paths.corpus_manifest, [paths.corpus_part])
     dictionary_record = read_verified(paths.dictionary_metrics, [paths.dictionary])
     verify_model(paths.teacher_model, paths.teacher_summary)
-    encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"])
+    encoder = load_encoder(params["source"], params["layer"], device, manifest, params["trust_remote_code"],
+                           params.get("teacher_precision", "bf16"))
     dictionary = torch.from_numpy(load_dictionary(paths.dictionary)).float().to(device)
     if dictionary.shape[0] != encoder.hidden_size:
         raise StageError(f"dictionary {paths.dictionary} has atoms of size {dictionary.shape[0]} but teacher "

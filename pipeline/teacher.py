@@ -112,7 +112,7 @@ def extract(paths, params: dict) -> dict:
     if paths.states:
         return import_states(paths, params, manifest)
     encoder = load_encoder(params["source"], params["layer"], pick_device(params.get("device", "auto")), manifest,
-                           params["trust_remote_code"])
+                           params["trust_remote_code"], params.get("teacher_precision", "bf16"))
     counts = read_token_counts(paths.token_counts) if paths.token_counts else None
     keep = keep_probabilities(params, manifest["vocab_size"], counts)
     by_name = {s["path"]: s["tokens"] for s in manifest["shards"]}

@@ -244,6 +244,8 @@ REFERENCE_VALUES = [
     (("dictionary", "batch_size"), 400, "train_dict.py:104 batchsize"),
     (("dictionary", "spams_call"), "reference", "train_dict.py:102-107 float32 normalize(X).T, numThreads 8, D as is"),
     (("activations", "sample_tokens"), 1000000, "train_dict.py:28 --tokens_used default"),
+    (("activations", "teacher_precision"), "fp32", "train_dict.py:82-84 the teacher's forward without autocast"),
+    (("targets", "teacher_precision"), "fp16", "pretrainer.py:451 the teacher's forward under amp (fp16)"),
     (("finetune", "learning_rate"), 2e-5, "finetune_eval.py:272 --lr default"),
     (("finetune", "weight_decay"), 0.01, "finetune_eval.py:21 AdamW weight_decay"),
     (("finetune", "warmup_fraction"), 0.0, "finetune_eval.py:24-28 get_scheduler('linear', num_warmup_steps=0)"),

@@ -626,3 +626,40 @@ def test_unknown_tokens_are_maskable_as_in_the_reference(sharded_corpus, tokeniz
             assert torch.equal(batch["masked"], reference)
         else:
             assert torch.equal(batch["masked"], reference & ~unknown)
+
+
+def test_the_teachers_precision_in_extraction_and_targets_as_the_reference(tmp_path, encoder_teacher, amp_on_the_cpu):
+    """The reference fits the dictionary on fp32 states (train_dict.py: no autocast) and codes targets under its fp16
+    autocast (pretrainer.py:451); the pipeline's teacher ran bf16 autocast in both. activations.teacher_precision
+    and targets.teacher_precision reach each stage's teacher; fp32 is the plain forward pass, computed here with
+    transformers directly."""
+    from transformers import AutoModel
+
+    from pipeline import config as cfg
+    from pipeline.models import load_encoder
+    from pipeline.wiring import RULES
+    from pipeline.wiring.workflow import Workflow
+
+    from test_workflow import tiny_config
+
+    config = tiny_config(tmp_path)
+    config["activations"] = {**config.get("activations", {}), "teacher_precision": "fp32"}
+    config["targets"] = {**config.get("targets", {}), "teacher_precision": "fp16"}
+    workflow = Workflow(cfg.validate(config))
+    teacher = next(iter(workflow.teachers))
+    job = type("Job", (), {"teacher": teacher, "part": "shard-000"})()
+    assert RULES["extract_activations"].params(workflow, job)["teacher_precision"] == "fp32"
+    assert RULES["precompute_targets"].params(workflow, job)["teacher_precision"] == "fp16"
+
+    ids = np.array([[101, 2023, 2003, 1037, 3231, 102], [101, 2178, 102, 0, 0, 0]])
+    types, lengths = np.zeros_like(ids), np.array([6, 3])
+    plain = AutoModel.from_pretrained(encoder_teacher, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        expected = plain(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy((ids > 0).astype(np.int64)),
+                         token_type_ids=torch.from_numpy(types)).last_hidden_state
+    cpu = torch.device("cpu")
+    fp32 = load_encoder(str(encoder_teacher), -1, cpu, precision="fp32").hidden(ids, types, lengths)
+    bf16 = load_encoder(str(encoder_teacher), -1, cpu, precision="bf16").hidden(ids, types, lengths)
+    real = torch.from_numpy(ids > 0)
+    assert torch.allclose(fp32[real], expected[real], atol=1e-6)
+    assert not torch.allclose(bf16[real].float(), expected[real], atol=1e-4)

@@ -53,7 +53,7 @@ class OnlineTargets:
     def __init__(self, settings: dict, device: torch.device, corpus_manifest: dict, dictionary: str, metrics: str):
         self.record = read_verified(metrics, [dictionary])
         self.encoder = load_encoder(settings["source"], settings["layer"], device, corpus_manifest,
-                                    settings["trust_remote_code"])
+                                    settings["trust_remote_code"], settings.get("teacher_precision", "bf16"))
         atoms = torch.from_numpy(load_dictionary(dictionary)).float().to(device)
         if atoms.shape[0] != self.encoder.hidden_size:
             raise StageError(f"dictionary {dictionary} has atoms of size {atoms.shape[0]} but teacher "

@@ -43,4 +43,5 @@ class Slices:
             solver = {k: self.config["targets"][k] for k in cfg.SOLVER_KEYS}
         return {**solver, "lambda": self.config["dictionary"]["lambda"], "source": self.teacher_source(teacher),
                 "layer": self.config["teachers"][teacher]["layer"],
+                "teacher_precision": self.config["targets"]["teacher_precision"],
                 "trust_remote_code": self.config["teachers"][teacher]["trust_remote_code"]}

@@ -28,7 +28,8 @@ def inputs(w, job):
 def params(w, job):
     a = w.config["activations"]
     sample = {"sample_tokens": a["sample_tokens"], "sample_seed": a["seed"], "subsample": a["subsample"],
-              "subsample_threshold": a["subsample_threshold"], "positions_per_sequence": a["positions_per_sequence"]}
+              "subsample_threshold": a["subsample_threshold"], "positions_per_sequence": a["positions_per_sequence"],
+              "teacher_precision": a["teacher_precision"]}
     return w.teacher_slice(job.teacher, sample)
 
 
