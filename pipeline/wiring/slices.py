@@ -10,6 +10,28 @@ from .. import config as cfg
 from ..data import contract
 from . import RULES
 
+# Keys added after results were first made, at the value that does what the pipeline did before the key existed:
+# left out of a job's params at that value, so that upgrading the pipeline reruns no job whose behaviour it did
+# not change; set to anything else, the key enters the params and reruns the jobs that read it. The stages
+# read each with that value as its default. (key: (value, the rules it applies to; None: every rule))
+ADDED_AT_DEFAULT = {
+    "teacher_precision": ("bf16", None),
+    "spams_call": ("pipeline", None),
+    "mask_unknown": (False, None),
+    "precision": ("bf16", ("pretrain_student", "pretrain_teacher")),  # finetune's precision is not new
+}
+
+
+def without_added_defaults(rule: str, params: dict) -> dict:
+    """params (and the dicts inside them) without the ADDED_AT_DEFAULT keys at their old behaviour's value."""
+    def keep(key, value) -> bool:
+        if key not in ADDED_AT_DEFAULT:
+            return True
+        default, rules = ADDED_AT_DEFAULT[key]
+        return value != default or (rules is not None and rule not in rules)
+
+    return {k: without_added_defaults(rule, v) if isinstance(v, dict) else v for k, v in params.items() if keep(k, v)}
+
 
 class Slices:
     """The params of every rule's jobs, and the slices several rules share."""
@@ -17,7 +39,8 @@ class Slices:
     def params(self, rule: str, wildcards) -> str:
         declared = RULES[rule]
         version = contract.FORMAT_VERSION.get(declared.stage.format_version, 1)  # a new stage starts at 1
-        return cfg.as_json({"format_version": version, **declared.params(self, wildcards)})
+        params = {"format_version": version, **declared.params(self, wildcards)}
+        return cfg.as_json(without_added_defaults(rule, params))
 
     def teacher_slice(self, teacher: str, *slices: dict) -> dict:
         """A teacher's options (not its auxiliary pre-training's), its source and the corpus tokenizer."""
