@@ -132,6 +132,20 @@ def test_the_tied_head_is_k_extra_rows_of_the_mlm_decoder(tmp_path, sharded_corp
                        tied.backbone.bert.embeddings.word_embeddings.weight)
 
 
+def test_the_tied_heads_rows_start_as_the_references_added_rows(tokenizer):
+    """The reference adds the K [MASK-i] tokens and resizes the embeddings (pretrainer.py:141-145); transformers
+    (4.34, when the reference ran) drew the added rows from N(0, initializer_range) with its _init_weights and
+    padded the decoder bias with zeros. The tied head's K rows start so, for any initializer_range."""
+    for std in (0.02, 0.05):
+        params = {**BASE, "objective": "mlsm"}
+        config = build_config(params, tokenizer, 64)
+        config.initializer_range = std
+        torch.manual_seed(0)
+        head = Student(config, "mlsm", 3000, "tied").mlsm_head.decoder
+        assert head.weight.shape == (3000, config.hidden_size) and torch.equal(head.bias, torch.zeros(3000))
+        assert float(head.weight.std()) == pytest.approx(std, rel=0.02) and abs(float(head.weight.mean())) < std / 50
+
+
 def test_a_tied_mlsm_mlm_student_trains_and_saves(tmp_path, sharded_corpus, targets_by_length):
     shards, manifest = sharded_corpus
     summary = pretrain(tmp_path / "tied", shards, manifest, {"objective": "mlsm+mlm", "mlsm_head": "tied",
