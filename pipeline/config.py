@@ -306,8 +306,9 @@ def _check_students(config: dict) -> list[str]:
         unused = sorted(specific & set(student) - set(objective(student["objective"]).options))
         if unused:
             users = sorted(o.name for o in OBJECTIVES.values() if unused[0] in o.options)
+            verb = "do" if len(users) > 1 else "does"
             problems.append(f"config key 'students.{name}.{unused[0]}': objective {student['objective']} does not "
-                            f"use it ({', '.join(users)} does); remove it, or set it in the pretrain section")
+                            f"use it ({', '.join(users)} {verb}); remove it, or set it in the pretrain section")
     trainees = {f"students.{name}": student_options(config, name) for name in config["students"]}
     trainees.update({f"teachers.{name}.auxiliary": teacher["auxiliary"]
                      for name, teacher in config["teachers"].items() if teacher["source"] == AUXILIARY_TEACHER})

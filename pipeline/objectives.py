@@ -78,6 +78,10 @@ OBJECTIVES = {o.name: o for o in (
               rate_as="mlm"),
     Objective("mlsm+mlm", ("mlsm", "mlm"), tags=("masked-latent-semantic-modeling", "masked-language-modeling"),
               weights={"mlm": "mlm_weight"}, options=("mlm_weight",)),
+    # The reference's distillation with --mlm_weight > 0 (pretrainer.py: the KL term plus mlm_weight x MLM).
+    Objective("kd+mlm", ("kd", "mlm"), tags=("knowledge-distillation", "masked-language-modeling"),
+              weights={"mlm": "mlm_weight"}, options=("kd_temperature", "kd_teacher_input", "mlm_weight"),
+              rate_as="mlm"),
     Objective("none", (), tags=("no-pretraining-control",)),
 )}
 CONTROL = "none"

@@ -690,3 +690,27 @@ def test_the_teachers_precision_in_extraction_and_targets_as_the_reference(tmp_p
     real = torch.from_numpy(ids > 0)
     assert torch.allclose(fp32[real], expected[real], atol=1e-6)
     assert not torch.allclose(bf16[real].float(), expected[real], atol=1e-4)
+
+
+def test_kd_with_mlm_as_the_reference_adds_them(tmp_path, sharded_corpus, mlm_teacher, tokenizer):
+    """The reference's distillation with --mlm_weight > 0 adds mlm_weight x the MLM cross-entropy to the KL term
+    (pretrainer.py: kl_loss_val, ce_loss_val += args.mlm_weight * ce_loss(...)). Objective kd+mlm: its loss is
+    that sum, written out here from the KL and the cross-entropy of the same logits, and it trains."""
+    from pipeline.pretrain.losses import total_loss
+
+    params = {**BASE, "objective": "kd+mlm", "mlm_weight": 0.3, "kd_temperature": 1.0, "kd_teacher_input": "masked"}
+    torch.manual_seed(0)
+    student = Student(build_config(params, tokenizer, 64), "kd+mlm", None)
+    teacher = KdTeacher(str(mlm_teacher), torch.device("cpu"), json.loads(Path(sharded_corpus[1]).read_text()))
+    batch = batch_of(Shard(sharded_corpus[0][0]), tokenizer)
+    out = student(batch)
+    parts = loss_parts(out, batch, params, teacher)
+    assert set(parts) == {"kd", "mlm"}
+    with torch.no_grad():
+        teacher_logits = teacher.logits(batch)
+    kl = F.kl_div(F.log_softmax(out["mlm_logits"], -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                  reduction="sum") / batch["masked_count"]
+    cross_entropy = F.cross_entropy(out["mlm_logits"], batch["labels"])
+    assert float(total_loss(parts, params)) == pytest.approx(float(kl + 0.3 * cross_entropy), rel=1e-5)
+    summary = pretrain(tmp_path / "kd_mlm", *sharded_corpus, {**params, "teacher_source": str(mlm_teacher)})
+    assert {"kd", "mlm"} <= set(summary["final"]) and summary["steps"] == 4

@@ -72,8 +72,8 @@ def _training_lines(facts: dict, training: dict) -> list[str]:
     t = facts["training"]
     losses = ", ".join(f"{k} {v:.4f}" for k, v in training["losses"].items()) or "–"
     tokens = f"{training['tokens']:,}" if training.get("tokens") is not None else "–"
-    return [f"- objective: `{facts['objective']}`" + (f" (MLM weight {t['mlm_weight']})"
-                                                      if facts["objective"] == "mlsm+mlm" else ""),
+    weighed = "mlm_weight" in objective(facts["objective"]).weights.values() and "mlm_weight" in t
+    return [f"- objective: `{facts['objective']}`" + (f" (MLM weight {t['mlm_weight']})" if weighed else ""),
             f"- updates: {training['updates']:,} of {t['max_steps']:,}; batch size {t['batch_size']} sequences, "
             f"gradient accumulation {t['grad_accumulation']}, world size {t['world_size']}; peak learning rate "
             f"{t['learning_rate']}; masking {t['mask_fraction']} ({t['mask_strategy']}); seed {t['seed']}",
