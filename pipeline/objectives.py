@@ -72,12 +72,12 @@ class Objective:
 
 
 OBJECTIVES = {o.name: o for o in (
-    Objective("mlsm", ("mlsm",), tags=("masked-latent-semantic-modeling",)),
+    Objective("mlsm", ("mlsm",), tags=("masked-latent-semantic-modeling",), options=("mlsm_loss",)),
     Objective("mlm", ("mlm",), tags=("masked-language-modeling",)),
     Objective("kd", ("kd",), tags=("knowledge-distillation",), options=("kd_temperature", "kd_teacher_input"),
               rate_as="mlm"),
     Objective("mlsm+mlm", ("mlsm", "mlm"), tags=("masked-latent-semantic-modeling", "masked-language-modeling"),
-              weights={"mlm": "mlm_weight"}, options=("mlm_weight",)),
+              weights={"mlm": "mlm_weight"}, options=("mlm_weight", "mlsm_loss")),
     # The reference's distillation with --mlm_weight > 0 (pretrainer.py: the KL term plus mlm_weight x MLM).
     Objective("kd+mlm", ("kd", "mlm"), tags=("knowledge-distillation", "masked-language-modeling"),
               weights={"mlm": "mlm_weight"}, options=("kd_temperature", "kd_teacher_input", "mlm_weight"),

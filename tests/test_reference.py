@@ -714,3 +714,46 @@ def test_kd_with_mlm_as_the_reference_adds_them(tmp_path, sharded_corpus, mlm_te
     assert float(total_loss(parts, params)) == pytest.approx(float(kl + 0.3 * cross_entropy), rel=1e-5)
     summary = pretrain(tmp_path / "kd_mlm", *sharded_corpus, {**params, "teacher_source": str(mlm_teacher)})
     assert {"kd", "mlm"} <= set(summary["final"]) and summary["steps"] == 4
+
+
+def test_the_argmax_cross_entropy_as_the_reference_computes_it():
+    """--not-kl_loss in the reference: CrossEntropyLoss (the mean) of the K logits against argmax of each masked
+    token's code, an all-zero code's argmax being atom 0 (pretrainer.py: max_positions = torch.argmax(...)).
+    Written out here from dense codes; mlsm_loss: argmax with zero_code_positions count is that mean, with
+    exclude the mean over the positions that have a target."""
+    from pipeline.pretrain.losses import argmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.rand(12, 10, generator=g) * (torch.rand(12, 10, generator=g) < 0.3)
+    dense[[2, 7]] = 0  # two all-zero codes
+    dense = dense / dense.sum(1, keepdim=True).clamp_min(1e-30)
+    logits = torch.randn(12, 10, generator=g)
+    width = int((dense > 0).sum(1).max())
+    atoms = torch.zeros(12, width, dtype=torch.long)  # the sparse layout of the target shards
+    weights = torch.zeros(12, width)
+    for row in range(12):
+        nonzero = torch.nonzero(dense[row]).flatten()
+        atoms[row, : len(nonzero)], weights[row, : len(nonzero)] = nonzero, dense[row, nonzero]
+    reference = F.cross_entropy(logits, dense.argmax(1))
+    assert float(argmax_loss(logits, atoms, weights, torch.tensor(12), True)) == pytest.approx(float(reference))
+    has = dense.sum(1) > 0
+    excluded = F.cross_entropy(logits[has], dense[has].argmax(1))
+    assert float(argmax_loss(logits, atoms, weights, has.sum(), False)) == pytest.approx(float(excluded))
+
+
+def test_unmasked_chosen_tokens_as_the_reference_without_masking(sharded_corpus, tokenizer):
+    """--not_use_masking in the reference: the tokens are chosen as before but stay in the input."""
+    shard = Shard(sharded_corpus[0][0])
+    rows = np.arange(8)
+    masked = make_batch([(shard, rows)], tokenizer, {"mask_fraction": 0.15, "mask_strategy": "all_mask"}, (0, 0))
+    unmasked = make_batch([(shard, rows)], tokenizer, {"mask_fraction": 0.15, "mask_strategy": "unmasked"}, (0, 0))
+    assert torch.equal(unmasked["masked"], masked["masked"]) and torch.equal(unmasked["labels"], masked["labels"])
+    originals = masked["input_ids"].clone()
+    originals[masked["masked"]] = masked["labels"]
+    assert torch.equal(unmasked["input_ids"], originals)
+
+
+def test_an_argmax_student_trains(tmp_path, sharded_corpus, targets_by_length):
+    summary = pretrain(tmp_path / "argmax", *sharded_corpus, {"objective": "mlsm", "mlsm_loss": "argmax",
+                                                               "mask_strategy": "unmasked"}, targets_by_length[64])
+    assert summary["steps"] == 4 and np.isfinite(summary["final"]["mlsm"])

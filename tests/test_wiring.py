@@ -134,6 +134,8 @@ EDITS = [
     # Keys issue #30 added: at their default left out of the params (below), at another value in them.
     ("pretrain.precision", "fp16", STUDENTS),
     ("pretrain.mask_unknown", True, STUDENTS),
+    ("pretrain.mlsm_loss", "argmax", STUDENTS),
+    ("pretrain.mask_strategy", "unmasked", STUDENTS),
     ("activations.teacher_precision", "fp32", {"extract_activations"} | MLSM),
     ("targets.teacher_precision", "fp16", {"precompute_targets", "summarize_targets"} | STUDENTS),
 ]

@@ -154,6 +154,8 @@ def mask_tokens(ids: torch.Tensor, special: torch.Tensor, params: dict, vocab_si
         pick = candidates[torch.randint(len(candidates), (1,), generator=generator)][0]
         chosen[pick[0], pick[1]] = True
     masked = ids.clone()
+    if params["mask_strategy"] == "unmasked":  # the reference's --not_use_masking: chosen, but left visible
+        return masked, chosen
     if params["mask_strategy"] == "all_mask":
         masked[chosen] = mask_id
     else:

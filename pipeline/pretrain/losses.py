@@ -48,7 +48,24 @@ def mlsm_count(batch: dict, params: dict) -> torch.Tensor:
 
 
 def mlsm_part(out: dict, batch: dict, params: dict, teacher) -> torch.Tensor:
+    if params.get("mlsm_loss", "kl") == "argmax":
+        return argmax_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"],
+                           mlsm_count(batch, params),
+                           params.get("zero_code_positions") == "count")
     return mlsm_loss(out["mlsm_logits"], batch["target_atoms"], batch["target_weights"], mlsm_count(batch, params))
+
+
+def argmax_loss(logits: torch.Tensor, atoms: torch.Tensor, weights: torch.Tensor, count: torch.Tensor,
+                zero_codes_as_atom_0: bool) -> torch.Tensor:
+    """The cross-entropy of each position's largest target atom (the reference's --not-kl_loss), summed and divided
+    by `count`. A position without a target has atom 0 as its largest (the argmax of a zero vector), as the
+    reference has it, or is left out."""
+    largest = atoms.gather(1, weights.argmax(1, keepdim=True)).squeeze(1)
+    has_target = weights.sum(1) > 0
+    largest = torch.where(has_target, largest, torch.zeros_like(largest))
+    losses = F.cross_entropy(logits.float(), largest, reduction="none")
+    counted = has_target | zero_codes_as_atom_0
+    return torch.where(counted, losses, torch.zeros_like(losses)).sum() / count.clamp_min(1)
 
 
 def mlm_part(out: dict, batch: dict, params: dict, teacher) -> torch.Tensor:

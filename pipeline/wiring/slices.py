@@ -18,6 +18,7 @@ ADDED_AT_DEFAULT = {
     "teacher_precision": ("bf16", None),
     "spams_call": ("pipeline", None),
     "mask_unknown": (False, None),
+    "mlsm_loss": ("kl", None),
     "precision": ("bf16", ("pretrain_student", "pretrain_teacher")),  # finetune's precision is not new
 }
 
