@@ -211,7 +211,7 @@ class Trainer:
         if where:
             self.tokens_seen = tokens_seen
             self.save_state(rngs)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        shown = " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=skipped" for k, v in values.items())
         raise StageError(f"the loss became non-finite at update {self.step + 1} ({shown}); training stopped. "
                          + (f"The state before this update is saved in {where}: a rerun with the same params "
                             "repeats it, other params (e.g. a lower learning_rate or more warm-up) start over."
