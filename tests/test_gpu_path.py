@@ -133,9 +133,7 @@ def test_the_fast_solver_waits_for_the_device_once_a_gap_check():
                           lasso.objective(x, dictionary, reference, 0.05), rtol=2e-3)
 
 
-def test_the_compiled_fista_steps_equal_the_eager_ones():
-    """On a GPU the fast solver's two elementwise steps run compiled into fused kernels (pipeline/solvers/
-    fista_steps.py); compiled here on the CPU, they give the eager steps' values for any rows and any step size."""
+def compiled_steps_check() -> None:
     from pipeline.solvers import fista_steps
 
     fused = [fista_steps._Fused(fista_steps.proximal_step), fista_steps._Fused(fista_steps.momentum_step)]
@@ -151,3 +149,20 @@ def test_the_compiled_fista_steps_equal_the_eager_ones():
                         fista_steps.momentum_step(y, eager, a, new_product, a_product, t), strict=True):
             assert torch.allclose(c, e, atol=1e-6)
     assert all(f.compiled is not None for f in fused), "the steps fell back to eager: compiling failed"
+
+
+def test_the_compiled_fista_steps_equal_the_eager_ones():
+    """On a GPU the fast solver's two elementwise steps run compiled into fused kernels (pipeline/solvers/
+    fista_steps.py); compiled here on the CPU, they give the eager steps' values for any rows and any step size.
+    In a process of its own: the compiled kernels stay out of the test session's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO, venv_env
+
+    here = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", "import test_gpu_path; test_gpu_path.compiled_steps_check()"],
+                         cwd=here, capture_output=True, text=True, timeout=600,
+                         env=venv_env(PYTHONPATH=f"{REPO}:{here}"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
