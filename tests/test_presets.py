@@ -145,24 +145,20 @@ def test_the_paper_preset_dry_runs_with_a_local_teacher(tmp_path, mlm_teacher):
     assert str(mlm_teacher) in result.stdout and "bert-base-cased" not in result.stdout
 
 
+def paper_small():
+    """tools/paper_small.py: the presets scaled down to a CPU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_small", REPO / "tools" / "paper_small.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def scaled_down(config: dict, model) -> dict:
-    """The paper's recipe, every reference option kept, at a size a CPU runs in minutes on the demo data."""
-    config = substituted(config, model)
-    config.update({"results": "results", "device": "cpu"})
-    config["demo_data"] = {"bbc_news": {"enabled": True, "dev_fraction": 0.1, "pretrain_articles": 30, "seed": 13}}
-    config["corpus"].update({"inputs": ["resources/bbc_news/pretrain.txt.gz"], "max_seq_len": 32, "shards": 2,
-                             "threads": 2})
-    config["teachers"]["bert_base_cased"]["batch_size"] = 8
-    config["activations"]["sample_tokens"] = 1500
-    config["dictionary"].update({"atoms": 24, "iterations": 20, "batch_size": 64, "heldout_tokens": 300,
-                                 "browse_atoms": 3})
-    config["targets"]["batch_size"] = 16
-    config["pretrain"].update({"size": "tiny", "max_steps": 4, "batch_size": 8, "grad_accumulation": 1,
-                               "compile": False, "warmup_fraction": 0.25, "checkpoint_fractions": [],
-                               "seq_len_schedule": [{"fraction": 0.5, "max_seq_len": 32},
-                                                    {"fraction": 0.5, "max_seq_len": 64}]})
-    config["finetune"].update({"seeds": [0], "epochs": 1, "batch_size": 16, "max_seq_len": 64,
-                               "max_train_examples": 32, "checkpoint_tasks": []})
+    """The paper's recipe, every reference option kept, at a size a CPU runs in minutes on the demo data, fine-tuned
+    on the demo's task."""
+    config = paper_small().scaled_down(config, str(model))
     config["tasks"] = {"bbc_topic": {"format": "tsv", "path": "resources/bbc_news/topic", "text_columns": ["text"],
                                      "label_column": "label", "metric": "accuracy"}}
     return config
@@ -198,16 +194,12 @@ def test_the_paper_evaluation_runs_to_its_report_scaled_down(tmp_path):
     """Issue #34: the paper preset's evaluation (tools/paper_small.py at three of its ten tasks): a real GLUE task,
     MNLI (one fine-tuning, both dev sets) and NER (CoNLL layout), with the checkpoints' sample-efficiency curve,
     through snakemake to the report."""
-    import importlib.util
 
     from conftest import SHARED
 
     if not (SHARED / "glue" / "CoLA").is_dir() or not (SHARED / "ner" / "conll2002-esp").is_dir():
         pytest.skip("the real GLUE and CoNLL tasks of ../shared/data")
-    spec = importlib.util.spec_from_file_location("paper_small", REPO / "tools" / "paper_small.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    configfile = tool.prepare(tmp_path, ["CoLA", "MNLI", "NER"])
+    configfile = paper_small().prepare(tmp_path, ["CoLA", "MNLI", "NER"])
     run = snakemake(tmp_path, configfile)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     report = (tmp_path / "results" / contract.REPORT_MD).read_text()
