@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.pretrain import trainer
 from pipeline.pretrain.data import Shard, make_batch
 from pipeline.pretrain.losses import loss_parts, total_loss
 from pipeline.pretrain.model import Student, build_config
@@ -22,7 +21,7 @@ from pipeline.solvers.lasso import Lasso, objective
 
 from conftest import venv_env
 from test_dictionary_and_targets import random_dictionary
-from test_pretrain import BASE, targets, train  # noqa: F401 (targets: a fixture)
+from test_pretrain import BASE, kill_at_update, targets, train  # noqa: F401 (targets: a fixture)
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = [pytest.mark.gpu,
@@ -94,15 +93,7 @@ def test_a_killed_run_on_the_device_resumes_to_the_same_weights(tmp_path, sharde
     shards, manifest = sharded_corpus
     params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4, "device": DEVICE}
     train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), params)
-    original_log, calls = trainer.Trainer._log, []
-
-    def killed_after_two_updates(self, *args):
-        original_log(self, *args)
-        calls.append(self.step)
-        if calls == [1, 2]:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(trainer.Trainer, "_log", killed_after_two_updates)
+    kill_at_update(monkeypatch, 2)
     state = str(tmp_path / "state")
     with pytest.raises(KeyboardInterrupt):
         train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state,

@@ -270,6 +270,25 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, sharded_c
             assert one[key] == pytest.approx(two[key], rel=1e-4), (key, one, two)
 
 
+def kill_at_update(monkeypatch, update: int) -> list[int]:
+    """The trainer killed (KeyboardInterrupt) while it logs `update` for the first time, so before that update's
+    checkpoint; a rerun goes through. Returns the updates logged, in order, across the runs."""
+    real = trainer.Trainer._log
+    real = getattr(real, "unkilled", real)
+    logged = []
+
+    def killed(self, *args):
+        real(self, *args)
+        first = self.step not in logged
+        logged.append(self.step)
+        if self.step == update and first:
+            raise KeyboardInterrupt("killed")
+
+    killed.unkilled = real
+    monkeypatch.setattr(trainer.Trainer, "_log", killed)
+    return logged
+
+
 def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, targets, monkeypatch):
     from safetensors.torch import load_file
 
@@ -277,15 +296,7 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, sharded_corpus, t
     params = {**BASE, "objective": "mlsm+mlm", "student": "s", "atoms": 24, "max_steps": 4}
     straight = train(shards, targets, manifest, str(tmp_path / "a"), str(tmp_path / "a.json"), params)
 
-    original_log, calls = trainer.Trainer._log, []
-
-    def killed_after_two_updates(self, *args):
-        original_log(self, *args)
-        calls.append(self.step)
-        if calls == [1, 2]:  # killed while logging update 2, before its checkpoint
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(trainer.Trainer, "_log", killed_after_two_updates)
+    calls = kill_at_update(monkeypatch, 2)
     state = str(tmp_path / "state")
     with pytest.raises(KeyboardInterrupt):
         train(shards, targets, manifest, str(tmp_path / "b"), str(tmp_path / "b.json"), params, state,

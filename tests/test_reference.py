@@ -23,6 +23,7 @@ from pipeline.training import adamw, warmup_then_decay
 
 from conftest import MINILM
 from test_dictionary_and_targets import code_targets, random_dictionary, save_dictionary, summarize
+from test_pretrain import kill_at_update
 
 BASE = {"size": "tiny", "max_steps": 4, "batch_size": 4, "grad_accumulation": 1, "learning_rate": 1e-3,
         "weight_decay": 0.01, "warmup_fraction": 0.25, "max_grad_norm": 1.0, "mask_fraction": 0.15,
@@ -361,7 +362,7 @@ def test_the_sequence_length_switches_at_the_phase_boundary_and_resumes_exactly(
     killed at the boundary or inside the second phase resumes to bit-identical weights."""
     from safetensors.torch import load_file
 
-    from pipeline.pretrain import data, trainer
+    from pipeline.pretrain import data
 
     shards, manifest = sharded_corpus
     schedule = {"objective": "mlsm+mlm", "seq_len_schedule": [{"fraction": 0.5, "max_seq_len": 32},
@@ -376,17 +377,8 @@ def test_the_sequence_length_switches_at_the_phase_boundary_and_resumes_exactly(
     assert max(lengths[:2]) <= 32 < max(lengths[2:])
     assert all(b["target_atoms"].shape[0] == b["masked_count"] for b in widths[:4])
 
-    original_log = trainer.Trainer._log
     for kill_after in (2, 3):
-        calls = []
-
-        def killed(self, *args, kill_after=kill_after, calls=calls):
-            original_log(self, *args)
-            calls.append(self.step)
-            if self.step == kill_after and len(calls) == kill_after:
-                raise KeyboardInterrupt("killed")
-
-        monkeypatch.setattr(trainer.Trainer, "_log", killed)
+        calls = kill_at_update(monkeypatch, kill_after)
         out, state = tmp_path / f"killed{kill_after}", str(tmp_path / f"state{kill_after}")
         with pytest.raises(KeyboardInterrupt):
             pretrain(out, shards, manifest, schedule, targets_by_length[64], resume_dir=state, checkpoint_seconds=0,
@@ -397,7 +389,6 @@ def test_the_sequence_length_switches_at_the_phase_boundary_and_resumes_exactly(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kill_after
         assert resumed["history"][-1]["mlsm"] == straight["history"][-1]["mlsm"]
         assert calls[kill_after] == kill_after  # resumed from the checkpoint before the kill
-    monkeypatch.setattr(trainer.Trainer, "_log", original_log)
 
 
 def test_a_schedule_without_its_phase_corpus_is_refused(tmp_path, sharded_corpus):
@@ -611,18 +602,10 @@ def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path, sharded_corpus, amp_o
         "cpu", init_scale=2.0 ** 20, growth_interval=1, enabled=precision == "fp16"))  # the scale moves every update
     params = {"objective": "mlm", "precision": "fp16"}
     straight = pretrain(tmp_path / "straight", shards, manifest, params)
-    real_log = trainer.Trainer._log
-
-    def killed(self, *args):
-        real_log(self, *args)
-        if self.step == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(trainer.Trainer, "_log", killed)
+    kill_at_update(monkeypatch, 2)
     state = str(tmp_path / "state")
     with pytest.raises(KeyboardInterrupt):
         pretrain(tmp_path / "resumed", shards, manifest, params, resume_dir=state, checkpoint_seconds=0)
-    monkeypatch.setattr(trainer.Trainer, "_log", real_log)
     resumed = pretrain(tmp_path / "resumed", shards, manifest, params, resume_dir=state, checkpoint_seconds=0)
     assert [e["loss_scale"] for e in resumed["history"]] == [e["loss_scale"] for e in straight["history"]]
     a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("straight", "resumed"))
