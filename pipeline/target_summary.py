@@ -7,7 +7,6 @@ summed into targets/{teacher}/manifest.json, with the validation targets' listed
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ def summarize(shards: list[str], manifest: str, params: dict, validation: str | 
     """The stage's record: the training shards' statistics summed, and the validation targets' apart. Each
     shard is first verified against the record its own job wrote, so only the bytes that job wrote are
     listed."""
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1  # the cores Snakemake granted
-    files = verified_target_shards([*shards, *filter(None, [validation])], Path(manifest).parent, records, threads)
+    files = verified_target_shards([*shards, *filter(None, [validation])], Path(manifest).parent, records)
     per_shard = [target_stats(path) for path in shards]
     tokens = np.array([s["tokens"] for s in per_shard], dtype=float)
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..common import StageError
 from . import contract
-from .integrity import atomic_output, file_entries, read_verified, write_record
+from .integrity import atomic_output, file_entries, hash_threads, read_verified, write_record
 
 ROW_GROUP_ROWS = 8192  # sequences per parquet row group: later stages stream shards group by group
 STORE_CHUNK_ROWS = 16384  # rows per zarr chunk of the store: large sequential reads for the dictionary stage
@@ -135,16 +135,14 @@ def target_record_path(shard: str | Path) -> Path:
     return Path(shard).with_suffix(".json")
 
 
-def verified_target_shards(shards: list[str], base: str | Path, records: list[str] | None = None,
-                           threads: int = 1) -> dict[str, dict]:
+def verified_target_shards(shards: list[str], base: str | Path, records: list[str] | None = None) -> dict[str, dict]:
     """Check each target shard against the record its job wrote (`records`, in the order of the shards, or
-    the one beside each), `threads` shards at a time (hashing releases the GIL: it scales with the cores
-    until the disk is the limit); their entries ({bytes, sha256}) by path relative to `base`, for a record
-    that lists them."""
+    the one beside each), integrity.hash_threads() shards at a time; their entries ({bytes, sha256}) by path
+    relative to `base`, for a record that lists them."""
     from concurrent.futures import ThreadPoolExecutor
 
     pairs = list(zip(map(Path, shards), records or map(target_record_path, shards), strict=True))
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(hash_threads()) as pool:
         records_read = list(pool.map(lambda pair: read_verified(pair[1], [pair[0]]), pairs))
     return {shard.relative_to(base).as_posix(): record["files"][shard.name]
             for (shard, _), record in zip(pairs, records_read)}
