@@ -64,17 +64,22 @@ GLUE = {
 METRICS_OF = {"accuracy": ("accuracy",), "f1": ("f1", "accuracy"), "mcc": ("mcc",), "pearson": ("pearson", "spearman")}
 
 
+def glue_name(task: dict) -> str:
+    """The GLUE entry a `format: glue` task config names: glue_task, else its directory's name."""
+    return task.get("glue_task") or Path(task["path"]).name
+
+
 def glue_task(task: dict) -> str | None:
     """The GLUE task a task config names (MNLI-mm scores MNLI), or None for another format."""
     if task["format"] != "glue":
         return None
-    name = task.get("glue_task") or Path(task["path"]).name
+    name = glue_name(task)
     return "MNLI" if name == "MNLI-mm" else name
 
 
 def task_spec(task: dict) -> TaskSpec:
     if task["format"] == "glue":
-        name = task.get("glue_task") or Path(task["path"]).name
+        name = glue_name(task)
         if name not in GLUE:
             raise StageError(f"GLUE task directory {task['path']!r}: unknown task {name!r} "
                              f"(set glue_task to one of {', '.join(GLUE)})")
@@ -270,7 +275,7 @@ def expected_layout(task: dict) -> str:
     spec = task_spec(task)
     files = " and ".join([spec.train_file, *(name for _, name in dev_sets(spec))])
     if task["format"] == "glue":
-        name = task.get("glue_task") or Path(task["path"]).name
+        name = glue_name(task)
         columns = ("no header row; columns: source, label, original label, sentence" if not spec.header else
                    f"a header naming {', '.join((*spec.text_columns, spec.label_column))}")
         return f"GLUE {name} as the GLUE distribution lays it out: {files}, tab-separated, {columns}"
