@@ -35,25 +35,29 @@ from .training import adamw, autocast, rng_states, set_rng_states, training_prec
 NEW_KEYS = ("lr_schedule", "max_grad_norm", "classifier_init", "shuffle_seed", "precision")
 
 
-def encode_labels(train: list, dev: list, spec: TaskSpec, dev_path: str):
+def encode_labels(train: list, devs: list[tuple[str, list]], spec: TaskSpec):
+    """The training labels and each dev set's ((path, labels) pairs) as numbers, and the label names (None for a
+    regression); a dev label the training set lacks is an error naming its file and example."""
     if spec.regression:
-        return np.array(train, np.float32), np.array(dev, np.float32), None
+        return np.array(train, np.float32), [np.array(dev, np.float32) for _, dev in devs], None
     if spec.token_level:  # a tag per word: arrays of tag ids, the tags named by the training set's
         names = sorted({tag for tags in train for tag in tags})
         index = {name: i for i, name in enumerate(names)}
-        for sentence, tags in enumerate(dev, start=1):
-            if unknown := sorted(set(tags) - set(index)):
-                raise StageError(f"{dev_path}, sentence {sentence}: tag(s) {unknown} are not among the training "
-                                 f"tags {names}")
+        for path, dev in devs:
+            for sentence, tags in enumerate(dev, start=1):
+                if unknown := sorted(set(tags) - set(index)):
+                    raise StageError(f"{path}, sentence {sentence}: tag(s) {unknown} are not among the training "
+                                     f"tags {names}")
         return ([np.array([index[t] for t in tags]) for tags in train],
-                [np.array([index[t] for t in tags]) for tags in dev], names)
+                [[np.array([index[t] for t in tags]) for tags in dev] for _, dev in devs], names)
     names = sorted(spec.labels or set(train))
     index = {name: i for i, name in enumerate(names)}
-    for example, label in enumerate(dev, start=1):
-        if label not in index:
-            raise StageError(f"{dev_path}, example {example}: label {label!r} is not among the training labels "
-                             f"{names}")
-    return np.array([index[x] for x in train]), np.array([index[x] for x in dev]), names
+    for path, dev in devs:
+        for example, label in enumerate(dev, start=1):
+            if label not in index:
+                raise StageError(f"{path}, example {example}: label {label!r} is not among the training labels "
+                                 f"{names}")
+    return np.array([index[x] for x in train]), [np.array([index[x] for x in dev]) for _, dev in devs], names
 
 
 def compute_metrics(names: tuple, predictions: np.ndarray, gold: np.ndarray, label_names) -> dict:
@@ -101,11 +105,9 @@ def read_task(paths, params: dict, spec: TaskSpec) -> dict:
     train_texts, train_labels = capped_examples(train_texts, train_labels, all_dev_labels, spec, paths.train,
                                                 params["max_train_examples"], params["seed"])
     check_label_count(train_labels, spec, paths.train)
-    task = {"train": train_texts, "dev_sets": []}
-    for name, path, texts, labels in dev_sets:  # every dev set's labels among the training set's
-        task["y_train"], y_dev, task["labels"] = encode_labels(train_labels, labels, spec, path)
-        task["dev_sets"].append({"name": name, "texts": texts, "y": y_dev})
-    return task
+    y_train, y_devs, names = encode_labels(train_labels, [(path, labels) for _, path, _, labels in dev_sets], spec)
+    return {"train": train_texts, "y_train": y_train, "labels": names,
+            "dev_sets": [{"name": name, "texts": texts, "y": y} for (name, _, texts, _), y in zip(dev_sets, y_devs)]}
 
 
 HEAD_STD = 0.02  # BERT's initializer_range, which the reference's copied head was drawn with
