@@ -12,14 +12,15 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
+from . import ablation
 from .objectives import ARCHITECTURE_KEYS, CONTROL, OBJECTIVES, objective
+from .results_dir import results_problem
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 TRAINED_TOKENIZER = "train"  # corpus.tokenizer: the train_tokenizer stage's output
@@ -186,41 +187,38 @@ def validate(config: dict) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    _expand_grids(config, validator)
     _fill_defaults(_schema(), config)
     _check_cross_keys(config)
     add_controls(config)
     return config
 
 
-# Where `results:` must not point: the system's own trees (and what lies under them), and directories
-# that hold other things than one run's results (themselves only).
-SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
-                "/sys", "/usr", "/var")
-SYSTEM_TREE_EXCEPTIONS = ("/var/tmp",)
-SHARED_ROOTS = ("/", "/home", "/tmp", "/opt", "/mnt", "/media", "/srv", "/root")
+def _expand_grids(config: dict, validator) -> None:
+    """The grids' students added to the config's, each checked as a student the config lists."""
+    try:
+        made = ablation.expand_grids(config)
+    except ablation.GridError as err:
+        raise ConfigError(f"invalid configuration:\n  {err}") from None
+    problems = {}
+    for student, (grid, swept) in made.items():
+        for error in validator.iter_errors({"students": {student: config["students"][student]}}):
+            path = list(error.absolute_path)[2:]
+            if path and error.validator != "unevaluatedProperties":
+                where = f"grids.{grid}.{'sweep' if path[0] in swept else 'student'}.{_key(path)}"
+                problems.setdefault(where, f"config key '{where}': {error.message} (student {student})")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems.values()))
 
 
-def results_problem(results: str) -> str | None:
-    """Why `results` is no place to write a run's outputs, or None."""
-    if "{" in results or "}" in results:
-        return "braces are Snakemake wildcards; name a plain directory"
-    normal = os.path.normpath(results)
-    if not os.path.isabs(normal) and (normal == ".." or normal.startswith("../")):
-        return "it leads out of the working directory (..); give an absolute path if you mean one"
-    if normal == ".":
-        return "it is the working directory itself; name a directory of its own, e.g. results"
-    workdir = os.path.realpath(".")
-    for where in {os.path.abspath(normal), os.path.realpath(normal)}:
-        if not os.path.isabs(normal) and where.startswith(workdir + os.sep):
-            continue  # inside the working directory, wherever that lies
-        if where in SHARED_ROOTS:
-            return f"{where} is not a directory of its own; name one under it"
-        inside = [tree for tree in SYSTEM_TREES if where == tree or where.startswith(tree + "/")]
-        if inside and not any(where == ok or where.startswith(ok + "/") for ok in SYSTEM_TREE_EXCEPTIONS):
-            return f"{where} lies in the system directory {inside[0]}"
-    if os.path.exists(normal) and not os.path.isdir(normal):
-        return "it is an existing file, not a directory"
-    return None
+def _section_problems(section: str, values: dict, where: str) -> list[str]:
+    """The schema's complaints about one section's values (a dictionary variant's), keys prefixed by where."""
+    schema = {"$defs": _schema()["$defs"], **_schema()["properties"][section]}
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(values)
+    return [f"config key '{where}{section}.{_key(e.absolute_path)}': {e.message}"
+            if e.absolute_path else f"config key '{where}{section}': {e.message}" for e in errors]
+
+
 def architecture(config: dict, student: str) -> tuple:
     """The options that fix a student's initial weights and shape (objectives.ARCHITECTURE_KEYS)."""
     options = student_options(config, student)
@@ -271,20 +269,10 @@ def _check_cross_keys(config: dict) -> None:
     if "hf:" in config["corpus"]["inputs"]:
         problems.append("config key 'corpus.inputs': 'hf:' names no dataset (hf:<a save_to_disk directory, a "
                         "dataset directory or a hub id>)")
-    atoms, top_k = config["dictionary"]["atoms"], config["targets"]["top_k"]
-    if top_k != "none" and top_k > atoms:
-        problems.append(f"config key 'targets.top_k': {top_k} is larger than dictionary.atoms ({atoms})")
-    if config["dictionary"]["spams_call"] != "pipeline" and config["dictionary"]["backend"] != "spams":
-        problems.append("config key 'dictionary.spams_call': applies to backend spams only; remove it or set "
-                        "dictionary.backend: spams")
-    if config["dictionary"]["iterations"] is not None and config["dictionary"]["backend"] != "spams":
-        problems.append("config key 'dictionary.iterations': applies to backend spams only (the torch and sklearn "
-                        "backends run `epochs` passes); remove it or set dictionary.backend: spams")
+    problems += ablation.coding_problems("", config["dictionary"], config["targets"],
+                                         config["activations"]["sample_tokens"])
+    problems += ablation.variant_problems(config, _section_problems)
     problems += _check_students(config)
-    sample, heldout = config["activations"]["sample_tokens"], config["dictionary"]["heldout_tokens"]
-    if heldout >= sample:
-        problems.append(f"config key 'dictionary.heldout_tokens': {heldout} must be below "
-                        f"activations.sample_tokens ({sample})")
     for name, task in config["tasks"].items():
         if task["format"] not in ("glue", "conll"):
             for key in ("text_columns", "label_column"):

@@ -117,10 +117,14 @@ class Planner:
 
         return model_hidden_size(teacher["source"], teacher["trust_remote_code"])
 
-    def solver(self, settings: dict) -> dict:
-        return {**{k: settings[k] for k in cfg.SOLVER_KEYS}, "lambda": self.config["dictionary"]["lambda"]}
+    @staticmethod
+    def solver(settings: dict, lambda_: float) -> dict:
+        return {**{k: settings[k] for k in cfg.SOLVER_KEYS}, "lambda": lambda_}
 
-    def pretraining(self, options: dict, name: str, atoms: int | None, teacher: str | None):
+    def pretraining(self, options: dict, name: str, teacher: str | None, coding: str | None = None):
+        """A trainee's job; `coding` names the dictionary an MLSM objective's targets come from."""
+        dictionary, targets = self.workflow.coding(coding)[1:] if coding else (None, None)
+        atoms = dictionary["atoms"] if dictionary else None
         gpus = options["gpus"]
         tokens = options["max_steps"] * options["batch_size"] * options["grad_accumulation"] * gpus * self.length
         rate = self.rates.training(self.key(options), name, atoms, self.length, self.vocab, 1) * gpus
@@ -128,10 +132,10 @@ class Planner:
         if "kd" in objective(name).losses or (atoms and options["targets"] == "online"):
             seconds += tokens / (self.teacher(teacher, 1)[1] * gpus)  # the teacher's forward in every step
         if atoms and options["targets"] == "online":
-            solver = cfg.REFERENCE_SOLVER if options["online_solver"] == "reference" else self.config["targets"]
+            solver = cfg.REFERENCE_SOLVER if options["online_solver"] == "reference" else targets
             masked = tokens * options["mask_fraction"]
-            seconds += masked / (self.rates.lasso(self.hidden(teacher), atoms, self.key(self.solver(solver)), 1)
-                                 * gpus)
+            settings = self.key(self.solver(solver, dictionary["lambda"]))
+            seconds += masked / (self.rates.lasso(self.hidden(teacher), atoms, settings, 1) * gpus)
         saves = 1 + len(cfg.checkpoint_steps(options))
         return self.rates.startup(True) + seconds, saves * self.model_bytes(options["size"], name, atoms), gpus
 
@@ -155,10 +159,10 @@ def specials(packing: str) -> float:
     return SPECIALS[packing]
 
 
-def stored_atoms(config: dict) -> float:
-    """Atoms stored per token in the target shards: top_k, or with the whole code its assumed non-zeros."""
-    top_k = config["targets"]["top_k"]
-    return min(config["dictionary"]["atoms"], ASSUMED_NONZEROS) if top_k == "none" else top_k
+def stored_atoms(dictionary: dict, targets: dict) -> float:
+    """Atoms stored per token in a coding's target shards: top_k, or with the whole code its assumed non-zeros."""
+    top_k = targets["top_k"]
+    return min(dictionary["atoms"], ASSUMED_NONZEROS) if top_k == "none" else top_k
 
 
 def actual_costs(config: dict, results: Path, cores: int) -> dict[str, Cost]:

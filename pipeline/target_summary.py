@@ -1,5 +1,5 @@
 """Stage 4's record, summarize_targets: the target shards' statistics (carried in each shard's metadata)
-summed into targets/{teacher}/manifest.json, with the validation targets' listed apart.
+summed into targets/{dictionary}/manifest.json, with the validation targets' listed apart.
 
     python -m pipeline.target_summary --shards t0.parquet t1.parquet --validation v.parquet \
         [--records t0.json t1.json v.json] --manifest manifest.json --params '{...}'

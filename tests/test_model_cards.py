@@ -100,7 +100,7 @@ def test_the_report_writes_each_students_card_with_its_scores_and_links_it(tmp_p
 def test_the_workflow_writes_a_card_for_every_student_and_checkpoint(workflow_run):
     workdir, _, config = workflow_run
     results = workdir / "results"
-    digest = hashlib.sha256((results / contract.DICTIONARY.format(teacher="minilm")).read_bytes()).hexdigest()
+    digest = hashlib.sha256((results / contract.DICTIONARY.format(dictionary="minilm")).read_bytes()).hexdigest()
     for student, options in config["students"].items():
         model = results / contract.STUDENT_MODEL.format(student=student)
         checkpoint = results / contract.STUDENT_CHECKPOINTS.format(student=student) / "step2"

@@ -194,7 +194,7 @@ def test_a_schedule_phase_at_another_length_adds_its_corpus_and_targets(tiny):
     added = {rule: [json.loads(w) for r, w in jobs if r == rule]
              for rule in ("shard_corpus_phase", "summarize_phase_targets")}
     assert added == {"shard_corpus_phase": [{"length": "32"}],
-                     "summarize_phase_targets": [{"length": "32", "teacher": "minilm"}]}
+                     "summarize_phase_targets": [{"length": "32", "dictionary": "minilm"}]}
     phase_targets = [json.loads(w)["part"] for r, w in jobs if r == "precompute_targets" and "len" in w]
     assert phase_targets == ["len32/shard-000", "len32/shard-001"]
     student = jobs["pretrain_student", json.dumps({"student": "both"})]["inputs"]

@@ -105,12 +105,12 @@ def test_every_declared_output_is_valid(workflow_run):
     assert arrays["states"].shape == (1500, 384) and attrs["layer"] == -1
     assert not (results / "teachers" / "tiny_mlm").exists()  # the kd teacher needs no activations
 
-    dictionary = np.load(results / contract.DICTIONARY.format(teacher="minilm"))
+    dictionary = np.load(results / contract.DICTIONARY.format(dictionary="minilm"))
     assert dictionary.shape == (384, 24)
     np.testing.assert_allclose(np.linalg.norm(dictionary, axis=0), 1, atol=1e-4)
 
     for s in contract.shard_names(2):
-        targets = pq.read_table(results / contract.TARGET_SHARD.format(teacher="minilm", shard=s))
+        targets = pq.read_table(results / contract.TARGET_SHARD.format(dictionary="minilm", shard=s))
         counts = np.concatenate([np.asarray(c, np.int64) for c in targets["atom_counts"].to_pylist()])
         weights = np.concatenate([np.asarray(w, np.float32) for w in targets["weights"].to_pylist()])
         sums = np.add.reduceat(weights, (np.cumsum(counts) - counts)[counts > 0])

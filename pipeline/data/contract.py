@@ -9,8 +9,8 @@ Integrity (pipeline/data/integrity.py): every file is written atomically (tempor
 Each stage writes one record, a JSON file with a `checksum` of its own content, which lists the data
 files the stage wrote under `files` ({name relative to the record's directory: {bytes, sha256}}):
 tokenizer/manifest.json, corpus/manifest.json, teachers/{teacher}/auxiliary/summary.json,
-teachers/{teacher}/manifest.json, dictionaries/{teacher}/metrics.json,
-targets/{teacher}/manifest.json, students/{student}/summary.json, report/manifest.json (and the demo
+teachers/{teacher}/manifest.json, dictionaries/{dictionary}/metrics.json,
+targets/{dictionary}/manifest.json, students/{student}/summary.json, report/manifest.json (and the demo
 data's manifest.json). Fine-tuning scores are records themselves. A consumer verifies the files it reads
 against their record and refuses a missing, truncated or altered one, naming it. Parquet files also
 carry page checksums. Data files hold no timings, so a stage's output depends only on its inputs and
@@ -51,20 +51,20 @@ AUXILIARY_TEACHER = "teachers/{teacher}/auxiliary/model"  # an auxiliary teacher
 AUXILIARY_SUMMARY = "teachers/{teacher}/auxiliary/summary.json"
 ACTIVATIONS = "teachers/{teacher}/activations.zarr"
 ACTIVATIONS_MANIFEST = "teachers/{teacher}/manifest.json"
-DICTIONARY = "dictionaries/{teacher}/dictionary.npy"
-DICTIONARY_METRICS = "dictionaries/{teacher}/metrics.json"
-DICTIONARY_ATOMS = "dictionaries/{teacher}/atoms.json"
-TARGET_SHARD = "targets/{teacher}/shard-{shard}.parquet"
-TARGET_VALIDATION = "targets/{teacher}/validation.parquet"  # targets of corpus/validation.parquet
+DICTIONARY = "dictionaries/{dictionary}/dictionary.npy"
+DICTIONARY_METRICS = "dictionaries/{dictionary}/metrics.json"
+DICTIONARY_ATOMS = "dictionaries/{dictionary}/atoms.json"
+TARGET_SHARD = "targets/{dictionary}/shard-{shard}.parquet"
+TARGET_VALIDATION = "targets/{dictionary}/validation.parquet"  # targets of corpus/validation.parquet
 # A corpus part (a training shard "shard-{shard}" or "validation") and its targets, by the part's name.
 CORPUS_PART = "corpus/{part}.parquet"
-TARGET_PART = "targets/{teacher}/{part}.parquet"
-TARGET_PART_RECORD = "targets/{teacher}/{part}.json"  # its bytes and sha256, written with it
+TARGET_PART = "targets/{dictionary}/{part}.parquet"
+TARGET_PART_RECORD = "targets/{dictionary}/{part}.json"  # its bytes and sha256, written with it
 VALIDATION_PART = "validation"
-TARGET_MANIFEST = "targets/{teacher}/manifest.json"
+TARGET_MANIFEST = "targets/{dictionary}/manifest.json"
 # Targets of the corpus packed at another length (its parts are "len{length}/shard-{shard}"), and their record.
-TARGET_PHASE_SHARD = "targets/{teacher}/len{length}/shard-{shard}.parquet"
-TARGET_PHASE_MANIFEST = "targets/{teacher}/len{length}/manifest.json"
+TARGET_PHASE_SHARD = "targets/{dictionary}/len{length}/shard-{shard}.parquet"
+TARGET_PHASE_MANIFEST = "targets/{dictionary}/len{length}/manifest.json"
 STUDENT_MODEL = "students/{student}/model"
 STUDENT_CHECKPOINTS = "students/{student}/checkpoints"  # step{N}/ per checkpoint_fractions entry
 STUDENT_SUMMARY = "students/{student}/summary.json"
@@ -137,7 +137,7 @@ def _corpus_schema(pa):  # contract.CORPUS_SCHEMA
 # validation.parquet: the held-out documents' sequences, same schema (possibly no rows).
 # corpus/len{length}/ (shard_corpus_phase, for a seq_len_schedule phase at another length): the same files,
 # the same documents packed at max_seq_len = length (the same seed, validation split and shard assignment
-# rule); its targets lie in targets/{teacher}/len{length}/ with their own manifest.json.
+# rule); its targets lie in targets/{dictionary}/len{length}/ with their own manifest.json.
 # token_counts.npy: int64 [vocab_size], how often each id occurs in the training shards.
 # corpus/manifest.json: documents (training), sentences, sequences and tokens (training shards),
 # validation {documents, sequences, tokens, path}, text_tokens {read: the text's tokens (no special

@@ -11,15 +11,16 @@ STAGE = Stage("dictionary", "non-negative sparse dictionary learning on L2-norma
 
 
 def inputs(w, job):
-    return {"activations": w.path(contract.ACTIVATIONS, teacher=job.teacher),
-            "activations_manifest": w.path(contract.ACTIVATIONS_MANIFEST, teacher=job.teacher)}
+    teacher = w.coding_teacher(job.dictionary)
+    return {"activations": w.path(contract.ACTIVATIONS, teacher=teacher),
+            "activations_manifest": w.path(contract.ACTIVATIONS_MANIFEST, teacher=teacher)}
 
 
 def cost(plan, job):
     from ..plan import EARLY_STOP
 
-    d = plan.config["dictionary"]
-    hidden = plan.hidden(job.teacher)
+    teacher, d, _ = plan.workflow.coding(job.dictionary)
+    hidden = plan.hidden(teacher)
     rows = plan.config["activations"]["sample_tokens"] - d["heldout_tokens"]
     batches = d["epochs"] * max(1, rows // d["batch_size"]) * (EARLY_STOP if d["convergence_tolerance"] else 1)
     keys = ("atoms", "lambda", "batch_size", "code_iterations", "forgetting", "code_tolerance", "atom_block",
@@ -30,11 +31,11 @@ def cost(plan, job):
 
 
 FIT_DICTIONARY = Rule(
-    "fit_dictionary", STAGE, job="{teacher}",
+    "fit_dictionary", STAGE, job="{dictionary}",
     outputs={"dictionary": contract.DICTIONARY, "metrics": contract.DICTIONARY_METRICS,
              "atoms": contract.DICTIONARY_ATOMS},
-    inputs=inputs, params=lambda w, job: {**w.config["dictionary"], "device": w.device},
-    jobs=lambda w: [{"teacher": t} for t in w.teachers], cost=cost,
+    inputs=inputs, params=lambda w, job: {**w.coding(job.dictionary)[1], "device": w.device},
+    jobs=lambda w: [{"dictionary": c} for c in w.codings], cost=cost,
     threads=2, resources=Resources(mem_mb=8000, runtime=120, gpu=True), resumable=True,
-    shown={"metrics": Shown("dictionary_metrics", DICTIONARY, (("teacher", "{teacher}"), ("record", "metrics"))),
-           "atoms": Shown("dictionary_atoms", DICTIONARY, (("teacher", "{teacher}"), ("record", "atoms")))})
+    shown={"metrics": Shown("dictionary_metrics", DICTIONARY, (("dictionary", "{dictionary}"), ("record", "metrics"))),
+           "atoms": Shown("dictionary_atoms", DICTIONARY, (("dictionary", "{dictionary}"), ("record", "atoms")))})

@@ -45,7 +45,7 @@ PRETRAIN_TEACHER = Rule(
     params=lambda w, job: {**teacher_options(w, job), "student": f"auxiliary teacher {job.teacher}",
                            "device": w.device, "model_card": w.model_card()},
     jobs=lambda w: [{"teacher": t} for t in w.auxiliary_teachers()],
-    cost=lambda plan, job: plan.pretraining(teacher_options(plan.workflow, job), "mlm", None, None),
+    cost=lambda plan, job: plan.pretraining(teacher_options(plan.workflow, job), "mlm", None),
     threads=lambda w, job: w.process_threads(w.gpus("pretrain_teacher", job)), resources=RESOURCES,
     resumable=True, gpus_key="teacher")
 
@@ -55,17 +55,17 @@ def student_inputs(w, job):
     online the dictionary; a teacher the pipeline trained, with its record."""
     inputs = {"corpus_shards": w.corpus_shards(), "corpus_manifest": w.path(contract.CORPUS_MANIFEST),
               "validation": w.path(contract.CORPUS_VALIDATION), "token_counts": w.path(contract.CORPUS_TOKEN_COUNTS)}
-    teacher = w.student_teacher(job.student)
+    teacher, coding = w.student_teacher(job.student), w.student_coding(job.student)
     if w.online_targets(job.student):
-        inputs["dictionary"] = w.path(contract.DICTIONARY, teacher=teacher)
-        inputs["dictionary_metrics"] = w.path(contract.DICTIONARY_METRICS, teacher=teacher)
-    elif objective(w.config["students"][job.student]["objective"]).targets:
-        inputs["target_shards"] = w.target_shards(teacher)
-        inputs["target_manifest"] = w.path(contract.TARGET_MANIFEST, teacher=teacher)
-        inputs["validation_targets"] = w.path(contract.TARGET_VALIDATION, teacher=teacher)
-        inputs["dictionary_metrics"] = w.path(contract.DICTIONARY_METRICS, teacher=teacher)  # model card
+        inputs["dictionary"] = w.path(contract.DICTIONARY, dictionary=coding)
+        inputs["dictionary_metrics"] = w.path(contract.DICTIONARY_METRICS, dictionary=coding)
+    elif coding is not None:
+        inputs["target_shards"] = w.target_shards(coding)
+        inputs["target_manifest"] = w.path(contract.TARGET_MANIFEST, dictionary=coding)
+        inputs["validation_targets"] = w.path(contract.TARGET_VALIDATION, dictionary=coding)
+        inputs["dictionary_metrics"] = w.path(contract.DICTIONARY_METRICS, dictionary=coding)  # model card
     inputs.update(w.phase_inputs(w.student_options(job.student),
-                                 teacher if w.precomputed_targets(job.student) else None))
+                                 coding if w.precomputed_targets(job.student) else None))
     return {**inputs, **w.teacher_model(teacher)}
 
 
@@ -83,11 +83,11 @@ def student_params(w, job):
         extra["teacher_source"] = w.teacher_source(teacher)
         extra["teacher_trust_remote_code"] = w.config["teachers"][teacher]["trust_remote_code"]
     if needs.targets:
-        extra["atoms"] = w.config["dictionary"]["atoms"]
+        extra["atoms"] = w.coding(w.student_coding(student))[1]["atoms"]
     else:
         options.pop("targets")  # an option of MLSM students only: changing it must not rerun the others
     if w.online_targets(student):
-        extra["online"] = w.online_settings(options, teacher)
+        extra["online"] = w.online_settings(options, w.student_coding(student))
     else:
         options.pop("online_solver")  # only online students use it
     return {**options, **extra}
@@ -98,8 +98,8 @@ def student_cost(plan, job):
     needs = objective(options["objective"])
     if not needs.trains:  # the control: initialised, measured and saved
         return plan.rates.startup(True), plan.model_bytes(options["size"], options["objective"], None), 0
-    atoms = plan.config["dictionary"]["atoms"] if needs.targets else None
-    return plan.pretraining(options, options["objective"], atoms, plan.workflow.student_teacher(job.student))
+    student, w = job.student, plan.workflow
+    return plan.pretraining(options, options["objective"], w.student_teacher(student), w.student_coding(student))
 
 
 PRETRAIN_STUDENT = Rule(

@@ -20,9 +20,9 @@ STAGE = Stage("report", "the students compared: report.md/.html, results.csv and
 def inputs(w, job):
     return {"scores": w.finetune_scores(),
             "students": [w.path(contract.STUDENT_SUMMARY, student=s) for s in w.students],
-            "dictionaries": [w.path(contract.DICTIONARY_METRICS, teacher=t) for t in w.teachers],
-            "atoms": [w.path(contract.DICTIONARY_ATOMS, teacher=t) for t in w.teachers],
-            "targets": [w.path(contract.TARGET_MANIFEST, teacher=t) for t in w.teachers],
+            "dictionaries": [w.path(contract.DICTIONARY_METRICS, dictionary=c) for c in w.codings],
+            "atoms": [w.path(contract.DICTIONARY_ATOMS, dictionary=c) for c in w.codings],
+            "targets": [w.path(contract.TARGET_MANIFEST, dictionary=c) for c in w.codings],
             "benchmarks": [w.benchmark(rule, **wildcards) for rule, wildcards in w.jobs() if rule != "report"],
             "task_files": [path for task in w.tasks for train, devs in [task_files(w.config["tasks"][task])]
                            for path in (train, *devs)]}

@@ -45,14 +45,16 @@ class Slices:
 
     def teacher_slice(self, teacher: str, *slices: dict) -> dict:
         """A teacher's options (not its auxiliary pre-training's), its source and the corpus tokenizer."""
-        merged = {k: v for k, v in self.config["teachers"][teacher].items() if k != "auxiliary"}
+        merged = {k: v for k, v in self.config["teachers"][teacher].items() if k not in ("auxiliary", "dictionaries")}
         for part in slices:
             merged.update(part)
         return {**merged, "teacher": teacher, "source": self.teacher_source(teacher), "tokenizer": self.tokenizer,
                 "device": self.device}
 
-    def target_slice(self) -> dict:
-        return {**self.config["targets"], "lambda": self.config["dictionary"]["lambda"]}
+    def target_slice(self, coding: str) -> dict:
+        """A coding's targets section and its dictionary's lambda."""
+        _, dictionary, targets = self.coding(coding)
+        return {**targets, "lambda": dictionary["lambda"]}
 
     def model_card(self) -> dict:
         """The metadata of the model cards pre-training writes into the model directories."""
@@ -60,12 +62,14 @@ class Slices:
         hub = [d for d in self.hub_datasets() if d not in chosen["datasets"]]
         return {**chosen, "datasets": [*chosen["datasets"], *hub]}
 
-    def online_settings(self, options: dict, teacher: str) -> dict:
-        """What an online student's step codes targets with: the reference solver or the targets section's."""
+    def online_settings(self, options: dict, coding: str) -> dict:
+        """What an online student's step codes targets with: the reference solver or its coding's targets
+        section's."""
+        teacher, dictionary, targets = self.coding(coding)
         solver = cfg.REFERENCE_SOLVER
         if options["online_solver"] == "targets":
-            solver = {k: self.config["targets"][k] for k in cfg.SOLVER_KEYS}
-        return {**solver, "lambda": self.config["dictionary"]["lambda"], "source": self.teacher_source(teacher),
+            solver = {k: targets[k] for k in cfg.SOLVER_KEYS}
+        return {**solver, "lambda": dictionary["lambda"], "source": self.teacher_source(teacher),
                 "layer": self.config["teachers"][teacher]["layer"],
-                "teacher_precision": self.config["targets"]["teacher_precision"],
+                "teacher_precision": targets["teacher_precision"],
                 "trust_remote_code": self.config["teachers"][teacher]["trust_remote_code"]}

@@ -19,37 +19,40 @@ def inputs(w, job):
     manifest = contract.CORPUS_MANIFEST if length is None else contract.CORPUS_PHASE_MANIFEST
     return {"corpus_part": w.path(contract.CORPUS_PART, part=job.part),
             "corpus_manifest": w.path(manifest, length=length),
-            "dictionary": w.path(contract.DICTIONARY, teacher=job.teacher),
-            "dictionary_metrics": w.path(contract.DICTIONARY_METRICS, teacher=job.teacher),
-            **w.teacher_model(job.teacher)}
+            "dictionary": w.path(contract.DICTIONARY, dictionary=job.dictionary),
+            "dictionary_metrics": w.path(contract.DICTIONARY_METRICS, dictionary=job.dictionary),
+            **w.teacher_model(w.coding_teacher(job.dictionary))}
 
 
 def jobs(w):
-    """Every part of the corpus, then of each other length an MLSM student of the teacher trains at."""
+    """Every part of the corpus, then of each other length an MLSM student of the coding trains at."""
     found = []
-    for teacher in w.teachers:
-        parts = list(w.parts) + [p for n in w.target_lengths(teacher)
+    for coding in w.codings:
+        parts = list(w.parts) + [p for n in w.target_lengths(coding)
                                  for p in contract.phase_part_names(len(w.shards), n)]
-        found += [{"teacher": teacher, "part": part} for part in parts]
+        found += [{"dictionary": coding, "part": part} for part in parts]
     return found
+
+
+def params(w, job):
+    return w.teacher_slice(w.coding_teacher(job.dictionary), w.target_slice(job.dictionary))
 
 
 def cost(plan, job):
     from ..plan import BYTES, stored_atoms
 
-    t = plan.config["targets"]
+    teacher, d, t = plan.workflow.coding(job.dictionary)
     tokens = plan.corpus.validation_tokens if job.part == "validation" else \
         plan.corpus.tokens / plan.config["corpus"]["shards"]
-    load, forward = plan.teacher(job.teacher, 1)
-    solve = plan.rates.lasso(plan.hidden(job.teacher), plan.config["dictionary"]["atoms"], plan.key(plan.solver(t)),
-                             1)
+    load, forward = plan.teacher(teacher, 1)
+    solve = plan.rates.lasso(plan.hidden(teacher), d["atoms"], plan.key(plan.solver(t, d["lambda"])), 1)
     seconds = plan.rates.startup(True) + load + tokens / forward + tokens / solve
-    return seconds, tokens * stored_atoms(plan.config) * BYTES["target_per_atom"], 1
+    return seconds, tokens * stored_atoms(d, t) * BYTES["target_per_atom"], 1
 
 
 PRECOMPUTE_TARGETS = Rule(
-    "precompute_targets", STAGE, job="{teacher}_{part}",
+    "precompute_targets", STAGE, job="{dictionary}_{part}",
     outputs={"targets": contract.TARGET_PART, "record": contract.TARGET_PART_RECORD},
-    inputs=inputs, params=lambda w, job: w.teacher_slice(job.teacher, w.target_slice()), jobs=jobs, cost=cost,
+    inputs=inputs, params=params, jobs=jobs, cost=cost,
     threads=lambda w, job: w.process_threads(1), resources=Resources(mem_mb=8000, runtime=240, gpu=True),
     resumable=True)

@@ -10,6 +10,7 @@ torch or pyarrow: Snakemake reads it at every parse, also in every cluster job.
 
 from __future__ import annotations
 
+from .. import ablation
 from .. import config as cfg
 from ..data import contract
 from ..data.hfdata import DatasetInput
@@ -35,7 +36,8 @@ class Workflow(Slices):
         self.students = sorted(config["students"])
         self.tasks = sorted(config["tasks"])
         self.seeds = config["finetune"]["seeds"]
-        self.teachers = cfg.teachers_in_use(config)  # teachers whose activations, dictionary and targets run
+        self.teachers = cfg.teachers_in_use(config)  # teachers whose activations run
+        self.codings = ablation.codings_in_use(config)  # their dictionaries whose targets some student learns
         self.trained_tokenizer = config["corpus"]["tokenizer"] == cfg.TRAINED_TOKENIZER
         self.tokenizer = self.path(contract.TOKENIZER) if self.trained_tokenizer else config["corpus"]["tokenizer"]
         self.device = config["device"]
@@ -79,8 +81,8 @@ class Workflow(Slices):
     def corpus_shards(self) -> list[str]:
         return [self.path(contract.CORPUS_SHARD, shard=s) for s in self.shards]
 
-    def target_shards(self, teacher: str) -> list[str]:
-        return [self.path(contract.TARGET_SHARD, teacher=teacher, shard=s) for s in self.shards]
+    def target_shards(self, coding: str) -> list[str]:
+        return [self.path(contract.TARGET_SHARD, dictionary=coding, shard=s) for s in self.shards]
 
     def corpus_inputs(self) -> list[str]:
         """The corpus files (and local dataset directories) Snakemake tracks. Missing files stay in the list,
@@ -125,6 +127,17 @@ class Workflow(Slices):
     def student_teacher(self, student: str) -> str | None:
         options = self.config["students"][student]
         return options.get("teacher") if objective(options["objective"]).teacher else None
+
+    def student_coding(self, student: str) -> str | None:
+        """The dictionary (a teacher's, or one of its variants) whose targets an MLSM student learns."""
+        return ablation.student_coding(self.config, student)
+
+    def coding(self, name: str) -> tuple[str, dict, dict]:
+        """(teacher, dictionary section, targets section) of a dictionary: a variant's keys over the sections."""
+        return ablation.coding_sections(self.config, name)
+
+    def coding_teacher(self, name: str) -> str:
+        return ablation.coding_parts(name)[0]
 
     def online_targets(self, student: str) -> bool:
         """Whether the student makes its MLSM targets in the step (from the dictionary) instead of reading them."""
@@ -171,11 +184,11 @@ class Workflow(Slices):
         return {"teacher_model": self.path(contract.AUXILIARY_TEACHER, teacher=teacher),
                 "teacher_summary": self.path(contract.AUXILIARY_SUMMARY, teacher=teacher)}
 
-    def phase_target_shards(self, teacher: str, length: int) -> list[str]:
-        return [self.path(contract.TARGET_PHASE_SHARD, teacher=teacher, length=length, shard=s) for s in self.shards]
+    def phase_target_shards(self, coding: str, length: int) -> list[str]:
+        return [self.path(contract.TARGET_PHASE_SHARD, dictionary=coding, length=length, shard=s) for s in self.shards]
 
-    def phase_inputs(self, options: dict, teacher: str | None) -> dict:
-        """The corpus (and, given the teacher, the targets) at the other lengths of a seq_len_schedule, length
+    def phase_inputs(self, options: dict, coding: str | None) -> dict:
+        """The corpus (and, given a dictionary, its targets) at the other lengths of a seq_len_schedule, length
         after length in the order of phase_lengths."""
         lengths = self.phase_lengths(options)
         if not lengths:
@@ -183,9 +196,9 @@ class Workflow(Slices):
         inputs = {"phase_shards": [self.path(contract.CORPUS_PHASE_SHARD, length=n, shard=s)
                                    for n in lengths for s in self.shards],
                   "phase_manifests": [self.path(contract.CORPUS_PHASE_MANIFEST, length=n) for n in lengths]}
-        if teacher is not None:
-            inputs["phase_target_shards"] = [p for n in lengths for p in self.phase_target_shards(teacher, n)]
-            inputs["phase_target_manifests"] = [self.path(contract.TARGET_PHASE_MANIFEST, teacher=teacher, length=n)
+        if coding is not None:
+            inputs["phase_target_shards"] = [p for n in lengths for p in self.phase_target_shards(coding, n)]
+            inputs["phase_target_manifests"] = [self.path(contract.TARGET_PHASE_MANIFEST, dictionary=coding, length=n)
                                                 for n in lengths]
         return inputs
 
@@ -232,9 +245,9 @@ class Workflow(Slices):
         trainees += [self.config["teachers"][t]["auxiliary"] for t in self.auxiliary_teachers()]
         return sorted({n for options in trainees for n in self.phase_lengths(options)})
 
-    def target_lengths(self, teacher: str) -> list[int]:
-        """The other lengths at which a teacher's targets are computed: those of its MLSM students' schedules."""
-        return sorted({n for s in self.students if self.student_teacher(s) == teacher and self.precomputed_targets(s)
+    def target_lengths(self, coding: str) -> list[int]:
+        """The other lengths at which a dictionary's targets are computed: those of its MLSM students' schedules."""
+        return sorted({n for s in self.students if self.student_coding(s) == coding and self.precomputed_targets(s)
                        for n in self.phase_lengths(self.student_options(s))})
 
     def auxiliary_teachers(self) -> list[str]:

@@ -33,6 +33,7 @@ wildcard_constraints:
     part=r"shard-\d{3}|validation|len\d+/shard-\d{3}",
     length=r"\d+",
     teacher=_names(CONFIG["teachers"]),
+    dictionary=_names(W.codings),
     student=_names(W.students),
     task=_names(W.tasks),
     seed=r"\d+",

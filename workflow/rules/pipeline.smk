@@ -29,19 +29,19 @@
 #     writes: teachers/{teacher}/activations.zarr, teachers/{teacher}/manifest.json
 # fit_dictionary
 #     reads:  activations (extract_activations), activations_manifest (extract_activations)
-#     writes: dictionaries/{teacher}/dictionary.npy, dictionaries/{teacher}/metrics.json,
-#             dictionaries/{teacher}/atoms.json
+#     writes: dictionaries/{dictionary}/dictionary.npy, dictionaries/{dictionary}/metrics.json,
+#             dictionaries/{dictionary}/atoms.json
 # precompute_targets
 #     reads:  corpus_part (shard_corpus/shard_corpus_phase), corpus_manifest
 #             (shard_corpus/shard_corpus_phase), dictionary (fit_dictionary), dictionary_metrics
 #             (fit_dictionary), teacher_model (pretrain_teacher), teacher_summary (pretrain_teacher)
-#     writes: targets/{teacher}/{part}.parquet, targets/{teacher}/{part}.json
+#     writes: targets/{dictionary}/{part}.parquet, targets/{dictionary}/{part}.json
 # summarize_targets
 #     reads:  shards (precompute_targets), validation (precompute_targets), records (precompute_targets)
-#     writes: targets/{teacher}/manifest.json
+#     writes: targets/{dictionary}/manifest.json
 # summarize_phase_targets
 #     reads:  shards (precompute_targets), records (precompute_targets)
-#     writes: targets/{teacher}/len{length}/manifest.json
+#     writes: targets/{dictionary}/len{length}/manifest.json
 # pretrain_student
 #     reads:  corpus_shards (shard_corpus), corpus_manifest (shard_corpus), validation (shard_corpus),
 #             token_counts (shard_corpus), target_shards (precompute_targets), target_manifest
