@@ -80,6 +80,8 @@ STUDENTS = {"pretrain_student", "finetune", "report"}
 # key, new value, the rules whose jobs rerun (None: check the students too, below).
 EDITS = [
     ("checkpoint_seconds", 7, set()),
+    ("grid_limit", 10, set()),  # it only stops a run with a larger grid
+    ("teachers.minilm.dictionaries", {"k8": {"dictionary": {"atoms": 8}}}, set()),  # a variant no student uses
     ("control", False, set()),  # the tiny config lists its control student, which stays (see below)
     ("retries", 0, set()),
     ("corpus.threads", 1, set()),
