@@ -24,10 +24,10 @@ from .data import contract
 from .data.integrity import atomic_output, file_entries, read_record, read_verified, write_record
 from .data.tasks import glue_task
 from .objectives import reported_losses
+from .reporting import ablation, health
 from .reporting import cards as model_cards
-from .reporting import health
 from .reporting.comparison import COSINES, Comparison, csv_rows, majority_scores, paired_differences, select
-from .reporting.health import bootstrap_ci
+from .reporting.health import ci_cell, summary_cell
 from .reporting.plots import curve_tasks, plot_sample_efficiency, plot_scores
 from .reporting.report_html import render_html
 
@@ -35,18 +35,6 @@ ATOMS_SHOWN, TOKENS_SHOWN = 12, 8
 # Rules whose jobs hold a GPU when the config's device is cuda (pretrain_student: its `gpus`).
 GPU_RULES = ("pretrain_teacher", "extract_activations", "fit_dictionary", "precompute_targets", "pretrain_student",
              "finetune")
-
-
-def summary_cell(values) -> str:
-    """mean ± sample std [95 % bootstrap CI] over seeds."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    low, high = bootstrap_ci(values)
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} [{low:.3f}, {high:.3f}]"
-
-
-def ci_cell(low: float, high: float) -> str:
-    return "–" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
 
 
 def collect_scores(paths: list[str]) -> tuple[list[dict], dict[str, tuple[dict, int]]]:
@@ -103,9 +91,10 @@ def stage_costs(benchmarks: list[str], device: str = "cpu", student_gpus: dict |
 LOSSES = reported_losses()
 
 
-def render(comparison: Comparison, dictionaries, atoms, targets, costs, plot_name, curve_name, cards=None) -> str:
+def render(comparison: Comparison, dictionaries, atoms, targets, costs, plot_name, curve_name, cards=None,
+           grids=()) -> str:
     lines = scores_section(comparison, plot_name) + health_section(comparison) + control_section(comparison)
-    lines += pairs_section(comparison) + curve_section(comparison, curve_name)
+    lines += pairs_section(comparison) + list(grids) + curve_section(comparison, curve_name)
     lines += students_section(list(comparison.students.values())) + cards_section(cards or {})
     for teacher, metrics in dictionaries.items():
         lines += dictionary_section(teacher, metrics, atoms.get(teacher, []), targets.get(teacher))
@@ -348,6 +337,18 @@ def costs_section(costs: list[dict]) -> list[str]:
               for c in costs)]
 
 
+def grid_sections(comparison: Comparison, plot_dir: str | None) -> tuple[list[str], dict[str, str]]:
+    """The ablation grids' sections, and their plots (written into plot_dir, which holds nothing else)."""
+    if not comparison.members:
+        return [], {}
+    if plot_dir is None:
+        return ablation.sections(comparison, comparison.members, None)
+    with atomic_output(plot_dir) as tmp:
+        tmp.mkdir()
+        lines, plots = ablation.sections(comparison, comparison.members, str(tmp))
+    return lines, {name: str(Path(plot_dir) / Path(path).name) for name, path in plots.items()}
+
+
 def report(paths, params: dict) -> None:
     scores, evaluations = collect_scores(paths.scores)
     summaries = {p: read_record(p) for p in paths.students}
@@ -362,21 +363,24 @@ def report(paths, params: dict) -> None:
         atoms[Path(path).parent.name] = json.loads(Path(path).read_text())
     targets = {Path(p).parent.name: read_record(p) for p in paths.targets}
     glue = {name: glue_task(task) for name, (task, _) in evaluations.items() if glue_task(task)}
-    comparison = Comparison(scores, students, majority_scores(evaluations, paths.task_files), glue)
+    comparison = Comparison(scores, students, majority_scores(evaluations, paths.task_files), glue,
+                            params.get("grids", {}))
     write_csv(paths.csv, csv_rows(comparison))
     plot_scores(paths.scores_plot, scores, comparison.names, comparison.tasks, comparison.majority)
     plot_sample_efficiency(paths.curve_plot, scores, comparison.names, sorted(set(comparison.controls.values())))
     costs = stage_costs(paths.benchmarks, params.get("device", "cpu"), params.get("student_gpus"))
     report_dir = Path(paths.md).parent
     cards = write_cards(paths.cards, summaries, scores, report_dir) if paths.cards else {}
+    grids, grid_plots = grid_sections(comparison, paths.ablation)
     text = render(comparison, dictionaries, atoms, targets, costs, Path(paths.scores_plot).name,
-                  Path(paths.curve_plot).name, cards)
+                  Path(paths.curve_plot).name, cards, grids)
     with atomic_output(paths.md) as tmp:
         tmp.write_text(text)
     with atomic_output(paths.html) as tmp:
         tmp.write_text(render_html(text, {Path(paths.scores_plot).name: paths.scores_plot,
-                                      Path(paths.curve_plot).name: paths.curve_plot}))
-    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html, *filter(None, [paths.cards])]
+                                      Path(paths.curve_plot).name: paths.curve_plot, **grid_plots}))
+    outputs = [paths.md, paths.csv, paths.scores_plot, paths.curve_plot, paths.html,
+               *filter(None, [paths.cards, paths.ablation])]
     write_record(paths.manifest, {"format_version": contract.FORMAT_VERSION["report"],
                                   "files": file_entries(Path(paths.manifest).parent, outputs)})
 

@@ -11,8 +11,8 @@ from pipeline.common import StageError
 from pipeline.data.integrity import read_record, write_record
 from pipeline.data.tasks import GLUE, read_split, task_spec
 from pipeline.finetune import compute_metrics
-from pipeline.report import bootstrap_ci
 from pipeline.reporting import health
+from pipeline.reporting.health import bootstrap_ci
 from pipeline.stages import call
 
 from conftest import SHARED, save_tiny_teacher

@@ -72,6 +72,7 @@ FINETUNE_SCORES = "finetune/{student}/{snapshot}/{task}/seed{seed}.json"  # snap
 LOGS = "logs"
 BENCHMARKS = "benchmarks"
 REPORT_MD = "report/report.md"
+REPORT_ABLATION = "report/ablation"  # the plots of the ablation grids (config `grids`)
 REPORT_HTML = "report/report.html"  # the same, one self-contained page (plots embedded)
 REPORT_CSV = "report/results.csv"
 REPORT_PLOT = "report/scores.png"

@@ -39,6 +39,18 @@ def bootstrap_ci(values, level: float = 0.95, seed: int = 0) -> tuple[float, flo
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
+def summary_cell(values) -> str:
+    """mean ± sample std [95 % bootstrap CI] over seeds."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    low, high = bootstrap_ci(values)
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} [{low:.3f}, {high:.3f}]"
+
+
+def ci_cell(low: float, high: float) -> str:
+    return "–" if np.isnan(low) else f"[{low:+.3f}, {high:+.3f}]"
+
+
 # ---- pre-training diagnostics ------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .. import ablation
 from ..data import contract
 from ..data.tasks import task_files
 from .base import RESULTS, Resources, Rule, Shown, Stage, inp, out
@@ -14,6 +15,7 @@ STAGE = Stage("report", "the students compared: report.md/.html, results.csv and
     inp("task_files", many=True, optional=True, help="the tasks' train and dev files: majority-class scores"),
     out("md"), out("html"), out("csv"), out("scores_plot"), out("curve_plot"),
     out("cards", directory=True, optional=True, help="model cards with the fine-tuning scores, one per student"),
+    out("ablation", directory=True, optional=True, help="a plot per grid and swept key (with config grids)"),
     out("manifest")), entry="report")
 
 
@@ -28,6 +30,13 @@ def inputs(w, job):
                            for path in (train, *devs)]}
 
 
+def params(w, job):
+    """The device and the students' processes (the cost table); the grids' students and their swept values."""
+    grids = ablation.grid_members(w.config)
+    return {"device": w.device, "student_gpus": {s: w.student_options(s)["gpus"] for s in w.students},
+            **({"grids": grids} if grids else {})}
+
+
 def cost(plan, job):
     from ..plan import BYTES, REPORT_SECONDS
 
@@ -38,9 +47,10 @@ REPORT = Rule(
     "report", STAGE,
     outputs={"md": contract.REPORT_MD, "html": contract.REPORT_HTML, "csv": contract.REPORT_CSV,
              "scores_plot": contract.REPORT_PLOT, "curve_plot": contract.REPORT_CURVE,
-             "cards": contract.REPORT_CARDS, "manifest": contract.REPORT_MANIFEST},
-    inputs=inputs, params=lambda w, job: {"device": w.device,
-                                          "student_gpus": {s: w.student_options(s)["gpus"] for s in w.students}},
+             "cards": contract.REPORT_CARDS, "ablation": contract.REPORT_ABLATION,
+             "manifest": contract.REPORT_MANIFEST},
+    writes_when={"ablation": lambda w: bool(w.config.get("grids"))},
+    inputs=inputs, params=params,
     jobs=lambda w: [{}], cost=cost, resources=Resources(mem_mb=2000, runtime=10, local=True),
     shown={"html": Shown("report_html", RESULTS, (("output", "report page"),)),
            "scores_plot": Shown("scores_plot", RESULTS, (("output", "scores plot"),)),

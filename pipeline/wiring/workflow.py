@@ -65,6 +65,8 @@ class Workflow(Slices):
         """Port -> path template (a list for a port of many files)."""
         declared, out = RULES[rule], {}
         for port, template in declared.outputs.items():
+            if port in declared.writes_when and not declared.writes_when[port](self):
+                continue
             if declared.beside_results:
                 out[port] = template
             elif declared.stage.port(port).many:
