@@ -231,10 +231,31 @@ def render(config_path: str, planner: Planner, costs: list[Cost]) -> str:
                  sum(c.gpu_seconds for c in costs), sum(c.disk for c in costs))
     lines.append(f"| **total** | {total.jobs} | {human_bytes(total.disk)} | {human_seconds(total.seconds)} | | "
                  f"{total.gpu_seconds / 3600:,.2f} |")
+    lines += ablation_lines(planner)
     lines += ["", "Compute is the sum of the jobs' wall times (jobs run side by side as cores and GPUs allow); disk "
               "is the outputs (resumable state and logs aside). Assumed where not measured: bytes per token "
               f"{BYTES}, share of the dictionary's epochs run {EARLY_STOP}, subsampling keeps {SUBSAMPLE_KEEP}."]
     return "\n".join(lines)
+
+
+def ablation_lines(planner: Planner) -> list[str]:
+    """The dictionaries besides the teachers' own, and each grid's students with their pre-training cost."""
+    from . import ablation
+
+    lines = []
+    codings = planner.workflow.codings
+    if any(ablation.coding_parts(c)[1] for c in codings):
+        shown = [f"{c} (K {planner.workflow.coding(c)[1]['atoms']}, lambda {planner.workflow.coding(c)[1]['lambda']})"
+                 for c in codings]
+        lines += ["", f"Dictionaries, each with its own fit_dictionary and targets jobs: {', '.join(shown)}."]
+    for name, grid in (planner.config.get("grids") or {}).items():
+        students = ablation.grid_students(name, grid)
+        seconds = {s: RULES["pretrain_student"].cost(planner, SimpleNamespace(student=s))[0] for s in students}
+        shape = " x ".join(f"{k} {len(v)}" for k, v in grid["sweep"].items())
+        total = human_seconds(sum(seconds.values()))
+        each = ", ".join(f"{s} ({human_seconds(t)})" for s, t in seconds.items())
+        lines += ["", f"Grid {name}: {len(students)} students ({shape}), pre-training {total} in all: {each}."]
+    return lines
 
 
 def render_check(costs: list[Cost], actual: dict[str, Cost]) -> str:

@@ -9,9 +9,14 @@ import pytest
 
 from pipeline import ablation
 from pipeline import config as cfg
+from pipeline.data.integrity import read_record, write_record
+from pipeline.plan import Planner, render
+from pipeline.stages import call
 
+from test_finetune_and_report import diagnostics
+from test_plan import FixedRates
 from test_wiring import dag, edited, reruns
-from test_workflow import tiny_config
+from test_workflow import snakemake, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +127,84 @@ def test_a_grid_student_named_as_a_listed_student_is_refused(ablation_config):
                                                   "g.dictionary-k12.mlm_weight-0.5": {"objective": "mlm"}})
     with pytest.raises(cfg.ConfigError, match="its student 'g.dictionary-k12.mlm_weight-0.5' is also a student of"):
         cfg.validate(config)
+
+
+def grid_report(tmp_path, with_plots: bool = True):
+    """A 2 x 2 grid (dictionary k64/k512 x mlm_weight 0.2/1.0) whose scores on t1 are 0.6 + seed/100, +0.05 with
+    k512 and +0.02 with weight 1.0; an MLM student; the control at 0.55 + seed/100. Every student learned."""
+    members, scores, students = {}, [], []
+    rows = [(f"g.dictionary-{k}.mlm_weight-{w}", "mlsm+mlm", 0.6 + 0.05 * (k == "k512") + 0.02 * (w == 1.0),
+             {"dictionary": k, "mlm_weight": w}) for k in ("k64", "k512") for w in (0.2, 1.0)]
+    rows += [("mlm", "mlm", 0.58, None), ("none", "none", 0.55, None)]
+    for student, objective, base, keys in rows:
+        if keys:
+            members[student] = {"grid": "g", "keys": keys}
+        for seed in (1, 2, 3):
+            path = tmp_path / f"{student}-{seed}.json"
+            write_record(path, {"params": {"student": student, "objective": objective, "task_name": "t1",
+                                           "seed": seed, "snapshot": "final"},
+                                "pretrain_steps": 8, "score": base + seed / 100, "metrics": ["accuracy"],
+                                "final": {"accuracy": base + seed / 100}})
+            scores.append(str(path))
+        gains = {"mlm": (1.0, 0.05)} if objective == "mlm" else {"mlm": (1.0, 0.05), "mlsm": (0.5, 0.02)}
+        measured = [diagnostics(0, cosines=(0.53, 0.45, 0.0))]
+        if objective != "none":
+            measured.append(diagnostics(8, **gains))
+        path = tmp_path / f"{student}.json"
+        write_record(path, {"params": {"student": student, "objective": objective, "size": "tiny", "dropout": 0.1,
+                                       "seed": 0}, "steps": 8, "final": {"step": 8}, "parameters": 10,
+                            "tokens_per_second": 5.0, "diagnostics": measured})
+        students.append(str(path))
+    out = tmp_path / "report"
+    call("report", {"device": "cpu", "grids": members}, scores=scores, students=students, md=out / "r.md",
+         csv=out / "r.csv", scores_plot=out / "r.png", curve_plot=out / "curve.png", manifest=out / "manifest.json",
+         html=out / "r.html", **({"ablation": out / "ablation"} if with_plots else {}))
+    return out
+
+
+def test_the_report_reads_a_grid_by_its_swept_keys(tmp_path):
+    import matplotlib.image
+
+    out = grid_report(tmp_path)
+    text = (out / "r.md").read_text()
+    assert "## Ablation grid `g`: dictionary × mlm_weight" in text
+    assert "### Against `dictionary`" in text and "### Against `mlm_weight`" in text
+    # k64, weight 0.2: 0.61, 0.62, 0.63 over seeds; k512, weight 1.0: 0.68, 0.69, 0.70.
+    assert "| mlm_weight 0.2 | k64 | 0.620 ± 0.010" in text and "| mlm_weight 1.0 | k512 | 0.690 ± 0.010" in text
+    assert "| control `none` | – | 0.570 ± 0.010" in text
+    # The pairs that differ in one key only, by seed: k512 - k64 = +0.05, weight 1.0 - 0.2 = +0.02, on every seed.
+    assert text.count("| k64 → k512 | t1 | +0.050 | [+0.050, +0.050] | 3/3 | dictionary k512 higher |") == 2
+    assert text.count("| 0.2 → 1.0 | t1 | +0.020 | [+0.020, +0.020] | 3/3 | mlm_weight 1.0 higher |") == 2
+    assert "k64 → k512 | t1 | +0.070" not in text  # students that differ in both keys are no pair
+    # MLSM against MLM: the grid's students are compared in one key at a time, not with the MLM student.
+    assert "## MLSM against MLM" not in text
+    listed = set(read_record(out / "manifest.json")["files"])
+    assert listed >= {"ablation/g.dictionary.png", "ablation/g.mlm_weight.png"}
+    for name in ("g.dictionary.png", "g.mlm_weight.png"):
+        assert f"![g: {name[2:-4]}](ablation/{name})" in text
+        image = matplotlib.image.imread(out / "ablation" / name)
+        assert image.shape[1] > 600 and image[..., :3].std() > 0.05
+    # The scores and the two keys' plots (no checkpoint was fine-tuned: no sample-efficiency plot).
+    assert (out / "r.html").read_text().count('src="data:image/png;base64,') == 3
+
+
+def test_without_the_plots_directory_the_grid_tables_stay(tmp_path):
+    text = (grid_report(tmp_path, with_plots=False) / "r.md").read_text()
+    assert "### Against `dictionary`" in text and "](ablation/" not in text
+
+
+def test_the_plan_and_a_dry_run_show_the_grid_before_anything_runs(ablation_config, tmp_path):
+    config = cfg.validate(ablation_config)
+    planner = Planner(config, FixedRates(), cores=2)
+    text = render("ablation.yaml", planner, planner.costs())
+    assert "Dictionaries, each with its own fit_dictionary and targets jobs: minilm (K 24, lambda 0.05), " \
+           "minilm@k12 (K 12, lambda 0.05)." in text
+    assert "Grid g: 2 students (dictionary 1 x mlm_weight 2), pre-training " in text
+    assert "g.dictionary-k12.mlm_weight-0.5 (" in text and "g.dictionary-k12.mlm_weight-1.0 (" in text
+    configfile = tmp_path / "ablation.yaml"
+    configfile.write_text(json.dumps(ablation_config))
+    dry = snakemake(tmp_path, configfile, "--dry-run", "--quiet", "rules")
+    assert dry.returncode == 0, dry.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in dry.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert (counts["pretrain_student"], counts["fit_dictionary"], counts["extract_activations"]) == (5, 2, 1)

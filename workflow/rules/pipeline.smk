@@ -60,7 +60,7 @@
 #             etune/fit_dictionary/precompute_targets/pretrain_student/pretrain_teacher/shard_corpus/shard_cor
 #             pus_phase/summarize_phase_targets/summarize_targets/train_tokenizer), task_files (bbc_news_data)
 #     writes: report/report.md, report/report.html, report/results.csv, report/scores.png,
-#             report/sample_efficiency.png, report/cards, report/manifest.json
+#             report/sample_efficiency.png, report/cards, report/ablation, report/manifest.json
 
 
 for _rule in RULES.values():
