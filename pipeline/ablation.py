@@ -151,6 +151,36 @@ def expand_grids(config: dict) -> dict[str, tuple[str, dict]]:
     return made
 
 
+# ---- budgets ----
+
+def budget_independent(options: dict) -> bool:
+    """Whether no update of a trainee depends on its max_steps: its state after N updates is that of every run
+    with more updates and the same options, so a longer budget continues from a shorter one's final state."""
+    warmup_fixed = options.get("warmup_steps") is not None or options["warmup_fraction"] == 0
+    return (options.get("lr_schedule") == "constant" and warmup_fixed and not options.get("seq_len_schedule")
+            and not options.get("checkpoint_fractions") and objective(options["objective"]).trains)
+
+
+def budget_chain(config: dict, student_options) -> dict[str, str]:
+    """Student -> the student of the next shorter budget it continues from: students of a grid that sweeps
+    max_steps and differ in nothing else, where both are budget_independent (student_options(name) gives
+    a student's options)."""
+    chain = {}
+    for name, grid in (config.get("grids") or {}).items():
+        if "max_steps" not in grid["sweep"]:
+            continue
+        lines: dict[tuple, list[tuple[int, str]]] = {}
+        for student, keys in grid_students(name, grid).items():
+            others = tuple((k, value_label(v)) for k, v in keys.items() if k != "max_steps" and k in grid["sweep"])
+            lines.setdefault(others, []).append((keys["max_steps"], student))
+        for line in lines.values():
+            ordered = sorted(line)
+            for (_, shorter), (_, longer) in zip(ordered, ordered[1:]):
+                if budget_independent(student_options(shorter)) and budget_independent(student_options(longer)):
+                    chain[longer] = shorter
+    return chain
+
+
 def grid_members(config: dict) -> dict[str, dict]:
     """Student -> {"grid": name, "keys": its swept values}, for the students the config's grids make."""
     members = {}

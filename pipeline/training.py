@@ -36,13 +36,20 @@ def hf_linear_schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-SCHEDULES = {"linear": linear_schedule, "hf_linear": hf_linear_schedule}
+def constant_schedule(step: int, total: int, warmup: int) -> float:
+    """linear's warm-up, then the peak learning rate: the factor of an update does not depend on `total`."""
+    return (step + 1) / warmup if step < warmup else 1.0
 
 
-def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float, schedule: str = "linear"):
-    """Warm-up over int(warmup_fraction * total) updates (the reference's `updates // 100` for 0.01), then
-    decay; `linear` warms up for at least one update, `hf_linear` as transformers does."""
-    warmup = int(warmup_fraction * total)
+SCHEDULES = {"linear": linear_schedule, "hf_linear": hf_linear_schedule, "constant": constant_schedule}
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float, schedule: str = "linear",
+                      warmup_steps: int | None = None):
+    """Warm-up over warmup_steps, or int(warmup_fraction * total) updates (the reference's `updates // 100` for
+    0.01), then decay (none for constant); `linear` warms up for at least one update, `hf_linear` as
+    transformers does."""
+    warmup = int(warmup_fraction * total) if warmup_steps is None else warmup_steps
     factor = SCHEDULES[schedule]
     if schedule == "linear":
         warmup = max(1, warmup)

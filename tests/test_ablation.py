@@ -4,17 +4,23 @@ they make and which of them an edit reruns (the jobs, not only their rules)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from pipeline import ablation
 from pipeline import config as cfg
+from pipeline.common import StageError
 from pipeline.data.integrity import read_record, write_record
 from pipeline.plan import Planner, render
 from pipeline.stages import call
+from pipeline.wiring import RULES
 
+from conftest import MINILM
 from test_finetune_and_report import diagnostics
 from test_plan import FixedRates
+from test_pretrain import BASE, learning_curve
 from test_wiring import dag, edited, reruns
 from test_workflow import snakemake, tiny_config
 
@@ -208,3 +214,73 @@ def test_the_plan_and_a_dry_run_show_the_grid_before_anything_runs(ablation_conf
     counts = {line.split()[0]: int(line.split()[1]) for line in dry.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert (counts["pretrain_student"], counts["fit_dictionary"], counts["extract_activations"]) == (5, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def corpus_with_validation(tmp_path_factory, corpus_text):
+    from pipeline.corpus import shard
+
+    out = tmp_path_factory.mktemp("corpus")
+    shards, manifest, validation = [str(out / "shard-000.parquet")], str(out / "manifest.json"), str(
+        out / "validation.parquet")
+    shard([corpus_text], shards, manifest, {"tokenizer": MINILM, "max_seq_len": 64, "seed": 0,
+                                            "validation_fraction": 0.2}, validation)
+    return shards, manifest, validation
+
+
+def pretrain(corpus, tmp_path, name: str, params: dict, log_every: int, **more) -> dict:
+    shards, manifest, validation = corpus
+    return call("pretrain", {**params, "student": name}, corpus_shards=shards, corpus_manifest=manifest,
+                validation=validation, model=tmp_path / name / "model", checkpoints=tmp_path / name / "checkpoints",
+                summary=tmp_path / name / "summary.json", log_every=log_every, **more)
+
+
+CONSTANT = {**BASE, "objective": "mlm", "lr_schedule": "constant", "warmup_steps": 2, "dropout": 0.1}
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_a_longer_budget_continues_a_shorter_one_to_the_weights_of_a_run_from_scratch(
+        tmp_path, corpus_with_validation, log_every):
+    """Budgets under a constant schedule: 5 updates continued from a 3-update run end where 5 from scratch do
+    (weights bit for bit on the CPU, losses, diagnostics, tokens), the shorter run's end leaving no trace."""
+    from safetensors.torch import load_file
+
+    straight = pretrain(corpus_with_validation, tmp_path, "straight", {**CONSTANT, "max_steps": 5}, log_every)
+    pretrain(corpus_with_validation, tmp_path, "short", {**CONSTANT, "max_steps": 3}, log_every)
+    assert (tmp_path / "short" / "checkpoints" / "state" / "state.safetensors").is_file()
+    continued = pretrain(corpus_with_validation, tmp_path, "long", {**CONSTANT, "max_steps": 5}, log_every,
+                         continue_from=tmp_path / "short" / "checkpoints",
+                         continue_summary=tmp_path / "short" / "summary.json")
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("straight", "long"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert learning_curve(continued) == learning_curve(straight)
+    assert [d["step"] for d in continued["diagnostics"]] == [0, 5]
+    assert continued["diagnostics"] == straight["diagnostics"]
+    assert continued["tokens_seen"] == straight["tokens_seen"]
+
+
+def test_a_run_that_differs_in_more_than_its_budget_is_not_continued(tmp_path, corpus_with_validation):
+    pretrain(corpus_with_validation, tmp_path, "short", {**CONSTANT, "max_steps": 2}, 10)
+    with pytest.raises(StageError, match="differs from this one in more than its budget"):
+        pretrain(corpus_with_validation, tmp_path, "long", {**CONSTANT, "max_steps": 4, "learning_rate": 5e-4}, 10,
+                 continue_from=tmp_path / "short" / "checkpoints", continue_summary=tmp_path / "short" / "summary.json")
+    # A schedule that decays by max_steps keeps no final state: nothing to continue from.
+    pretrain(corpus_with_validation, tmp_path, "linear", {**CONSTANT, "lr_schedule": "linear", "max_steps": 2}, 10)
+    assert not (tmp_path / "linear" / "checkpoints" / "state").exists()
+
+
+def test_a_grid_over_budgets_chains_them_only_where_the_schedule_allows(ablation_config):
+    config = edited(ablation_config, "grids.g.sweep", {"max_steps": [8, 2, 4]})
+    config["grids"]["g"]["student"].update(lr_schedule="constant", warmup_steps=1, checkpoint_fractions=[])
+    jobs = dag(config)
+    inputs = {s: jobs["pretrain_student", json.dumps({"student": f"g.max_steps-{s}"})]["inputs"] for s in (2, 4, 8)}
+    assert "continue_from" not in inputs[2]
+    assert inputs[4]["continue_from"] == "results/students/g.max_steps-2/checkpoints"
+    assert inputs[8]["continue_summary"] == "results/students/g.max_steps-4/summary.json"
+    planner = Planner(cfg.validate(config), FixedRates(), cores=2)
+    cost = {s: RULES["pretrain_student"].cost(planner, SimpleNamespace(student=f"g.max_steps-{s}"))[0]
+            for s in (2, 4, 8)}
+    assert cost[8] - planner.rates.startup(True) == pytest.approx(2 * (cost[4] - planner.rates.startup(True)))
+    for key, value in (("lr_schedule", "linear"), ("warmup_steps", None), ("checkpoint_fractions", [0.5])):
+        other = edited(config, f"grids.g.student.{key}", value)
+        assert not any("continue_from" in job["inputs"] for job in dag(other).values()), key

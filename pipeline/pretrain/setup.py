@@ -70,7 +70,8 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
     if trains:
         optimizer = adamw(model, params["learning_rate"], params["weight_decay"],
                           exempt_biases_and_norms=not params["decay_biases_and_norms"], fused=device.type == "cuda")
-        scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"])
+        scheduler = warmup_then_decay(optimizer, params["max_steps"], params["warmup_fraction"], params["lr_schedule"],
+                                      params.get("warmup_steps"))
     # The tokens that are never a label (the special ones masking leaves out) have no share of the prior.
     base = baselines(paths.token_counts, unmaskable_ids(tokenizer, params), (target_record or {}).get("atom_usage"))
     heads_at_prior = start_heads(model, base, params)

@@ -6,6 +6,10 @@ grad_accumulation of them. A non-finite loss stops the run with the state before
 SIGTERM (a SLURM preemption or time limit) saves the state at the end of the update in progress and stops;
 a rerun resumes from it. Models saved after checkpoint_fractions of the updates wait in the resume
 directory (so that a killed run keeps them) until the final model is written.
+
+A run whose updates do not depend on max_steps (ablation.budget_independent) keeps its final state in
+checkpoints/state/; the same student with a longer budget (a grid sweeping max_steps) continues from it
+(--continue-from) instead of repeating those updates, and ends with the weights of a run from scratch.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..ablation import budget_independent
 from ..common import StageError, log, seed_everything, set_cpu_threads
 from ..config import checkpoint_steps
 from ..data import contract
-from ..data.integrity import atomic_output, file_entries, write_record
+from ..data.integrity import atomic_output, file_entries, read_verified, write_record
 from ..objectives import objective
-from ..resume import load_training, save_training
+from ..resume import Resume, load_training, save_training
 from ..training import autocast, grad_scaler, rng_states, set_rng_states, training_precision
 from . import card
 from .data import Prefetcher, Shard, rank_share
@@ -38,6 +43,9 @@ from .model import flops_per_token, peak_flops
 from .setup import Setup, build
 
 VALIDATION_LOSSES = ("validation_mlm", "validation_mlsm")  # of the diagnostics, logged in the history
+FINAL_STATE = "state"  # in the checkpoints directory: the final state a longer budget continues from
+# What may differ between a student and the same student with another budget.
+BUDGET_KEYS = ("max_steps", "student")
 
 
 def train(paths, params: dict) -> dict:
@@ -59,6 +67,7 @@ class Trainer:
         self.step, self.tokens_seen, self.seconds, self.history = 0, 0, 0.0, []
         self.diagnostics: list[dict] = []  # at initialisation and at each save (pretrain/diagnostics.py)
         self.stop_requested = False
+        self.final_rngs: dict[str, torch.Tensor] | None = None
         self.validation: Shard | None = None
         paths = setup.paths
         self.saved_models = Path(paths.resume_dir or f"{paths.model}.checkpoints.tmp") / "models"
@@ -102,6 +111,8 @@ class Trainer:
                 if self._non_finite(values):
                     self._stop_on_non_finite(values, *before)
                 self.step, self.seconds = self.step + 1, time.perf_counter() - started
+                if self.step == total:  # before the final measurement: what a longer run has at this update
+                    self.final_rngs = rng_states()
                 if self.step % s.paths.log_every == 0 or self.step == total or self.step in saves:
                     self._log(logger, window, values, masked)
                 if self.step in saves:
@@ -160,8 +171,9 @@ class Trainer:
 
     # ---- state ----
 
-    def save_state(self, rngs: dict[str, torch.Tensor] | None = None) -> None:
-        """Collective under torchrun: every rank sends its random states, rank 0 writes."""
+    def save_state(self, rngs: dict[str, torch.Tensor] | None = None, into: Resume | None = None) -> None:
+        """Collective under torchrun: every rank sends its random states, rank 0 writes (into the job's
+        resumable state, or `into`)."""
         s = self.s
         mine = {"rngs": rngs or rng_states(), "tokens_seen": self.tokens_seen}
         everyone = [mine]
@@ -173,16 +185,48 @@ class Trainer:
         rngs = {f"rng.{r}.{k}": v for r, theirs in enumerate(everyone) for k, v in theirs["rngs"].items()}
         meta = {"seconds": self.seconds, "history": self.history, "diagnostics": self.diagnostics,
                 "tokens_seen": [theirs["tokens_seen"] for theirs in everyone], "grad_scaler": self.scaler.state_dict()}
-        save_training(s.resume, self.step, s.model, s.optimizer, s.scheduler, meta, rngs)
+        save_training(into or s.resume, self.step, s.model, s.optimizer, s.scheduler, meta, rngs)
 
     def load_state(self) -> None:
+        """The job's own resumable state; else, given one, the final state of a shorter budget."""
         s = self.s
         if s.world > 1:
             dist.barrier()  # rank 0 has discarded stale state before anyone reads it
         saved = load_training(s.resume, s.model, s.optimizer, s.scheduler)
-        if saved is None:
+        if saved is None and s.paths.continue_from:
+            saved = load_training(self._shorter_budget(), s.model, s.optimizer, s.scheduler)
+            if saved is None:
+                raise StageError(f"{s.paths.continue_from} holds no training state to continue from")
+            self._restore(*saved)
+            self._as_if_from_scratch(saved[0]["unit"])
+        elif saved is not None:
+            self._restore(*saved)
+
+    def _shorter_budget(self) -> Resume:
+        """The final state of the same student with a shorter budget, checked against its record."""
+        state = Path(self.s.paths.continue_from) / FINAL_STATE / "state.safetensors"
+        record = read_verified(self.s.paths.continue_summary, [str(state)])
+        theirs, mine = ({k: v for k, v in p.items() if k not in BUDGET_KEYS} for p in (record["params"], self.params))
+        if theirs != mine or not budget_independent(self.params):
+            raise StageError(f"{self.s.paths.continue_from}: a run that differs from this one in more than its "
+                             "budget, or a schedule that depends on max_steps; it cannot be continued")
+        return Resume(state.parent, None, writer=False)
+
+    def _as_if_from_scratch(self, step: int) -> None:
+        """Drop what the shorter run recorded only because it ended at `step`: its diagnostics there, and its
+        log entry unless this run logs that update too (then without the validation losses)."""
+        if step in checkpoint_steps(self.params):
             return
-        meta, tensors = saved
+        self.diagnostics = [d for d in self.diagnostics if d["step"] != step]
+        kept = []
+        for entry in self.history:
+            if entry["step"] == step and step % self.s.paths.log_every:
+                continue
+            kept.append({k: v for k, v in entry.items() if entry["step"] != step or k not in VALIDATION_LOSSES})
+        self.history = kept
+
+    def _restore(self, meta: dict, tensors: dict) -> None:
+        s = self.s
         set_rng_states({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{s.rank}.")})
         self.step, self.seconds, self.history = meta["unit"], meta["seconds"], meta["history"]
         self.diagnostics = meta["diagnostics"]
@@ -279,6 +323,9 @@ class Trainer:
                    "checkpoints": [f"step{step}" for step in checkpoint_steps(self.params)],
                    "final": self.history[-1] if self.history else {"step": 0}, "history": self.history,
                    "baselines": self.s.baselines.record(), "diagnostics": self.diagnostics, "card": s.card}
+        if budget_independent(self.params):  # collective: every rank's random states
+            (self.saved_models / FINAL_STATE).mkdir(parents=True, exist_ok=True)
+            self.save_state(self.final_rngs, into=Resume(self.saved_models / FINAL_STATE, None, writer=False))
         if s.rank == 0:
             self._publish(summary)
         if s.world > 1:
@@ -301,6 +348,8 @@ class Trainer:
                     if not saved.is_dir():
                         raise StageError(f"the model saved at {name} is missing from {self.saved_models}")
                     shutil.copytree(saved, tmp / name)
+                if budget_independent(self.params):  # a longer budget continues from here
+                    shutil.copytree(self.saved_models / FINAL_STATE, tmp / FINAL_STATE)
             outputs.append(paths.checkpoints)
         summary["files"] = file_entries(Path(paths.summary).parent, outputs)
         write_record(paths.summary, summary)

@@ -21,6 +21,10 @@ STAGE = Stage("pretrain", "a BERT-style model pre-trained with its objective (fr
     inp("phase_target_shards", many=True, optional=True, help="their target shards, length after length"),
     inp("phase_target_manifests", many=True, optional=True, help="their records, one per length"),
     *AUXILIARY,
+    inp("continue_from", directory=True, optional=True,
+        help="the checkpoints of the same student with a shorter budget, whose final state this run continues "
+             "(a grid's budgets under a schedule that does not depend on max_steps)"),
+    inp("continue_summary", optional=True, help="that student's record, which lists the state's checksum"),
     out("model", directory=True), out("checkpoints", directory=True, optional=True), out("summary"),
     Port("metrics_csv", LOG, optional=True, help="the training log as CSV"),
     Port("tensorboard", LOG, directory=True, optional=True, help="TensorBoard events, if installed"),
@@ -66,6 +70,10 @@ def student_inputs(w, job):
         inputs["dictionary_metrics"] = w.path(contract.DICTIONARY_METRICS, dictionary=coding)  # model card
     inputs.update(w.phase_inputs(w.student_options(job.student),
                                  coding if w.precomputed_targets(job.student) else None))
+    shorter = w.budget_chain().get(job.student)
+    if shorter is not None:
+        inputs["continue_from"] = w.path(contract.STUDENT_CHECKPOINTS, student=shorter)
+        inputs["continue_summary"] = w.path(contract.STUDENT_SUMMARY, student=shorter)
     return {**inputs, **w.teacher_model(teacher)}
 
 
@@ -99,6 +107,9 @@ def student_cost(plan, job):
     if not needs.trains:  # the control: initialised, measured and saved
         return plan.rates.startup(True), plan.model_bytes(options["size"], options["objective"], None), 0
     student, w = job.student, plan.workflow
+    shorter = w.budget_chain().get(student)
+    if shorter is not None:  # it trains the updates beyond the shorter budget only
+        options = {**options, "max_steps": options["max_steps"] - w.student_options(shorter)["max_steps"]}
     return plan.pretraining(options, options["objective"], w.student_teacher(student), w.student_coding(student))
 
 

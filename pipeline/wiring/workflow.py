@@ -138,6 +138,12 @@ class Workflow(Slices):
         """(teacher, dictionary section, targets section) of a dictionary: a variant's keys over the sections."""
         return ablation.coding_sections(self.config, name)
 
+    def budget_chain(self) -> dict[str, str]:
+        """Student -> the shorter budget's student whose final state it continues (ablation.budget_chain)."""
+        if not hasattr(self, "_chain"):
+            self._chain = ablation.budget_chain(self.config, self.student_options)
+        return self._chain
+
     def coding_teacher(self, name: str) -> str:
         return ablation.coding_parts(name)[0]
 
