@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ablation import coding_parts
 from .cli import run
 from .common import StageError
 from .data import contract
@@ -306,8 +307,9 @@ def write_cards(out: str, summaries: dict[str, dict], scores: list[dict], report
     return links
 
 
-def dictionary_section(teacher: str, metrics: dict, atoms: list[dict], targets: dict | None) -> list[str]:
-    lines = ["", f"## Dictionary of teacher `{teacher}`", "",
+def dictionary_section(coding: str, metrics: dict, atoms: list[dict], targets: dict | None) -> list[str]:
+    teacher, variant = coding_parts(coding)
+    lines = ["", f"## Dictionary {f'`{variant}` ' if variant else ''}of teacher `{teacher}`", "",
              f"K = {metrics['atoms']}, λ = {metrics['lambda']}, layer {metrics['layer']}, "
              f"fitted on {metrics['train_tokens']:,} tokens.", "",
              "| held-out objective | relative residual | mean nnz | p99 nnz | atoms used | mutual coherence |",
