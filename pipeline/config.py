@@ -187,7 +187,11 @@ def validate(config: dict) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    config.setdefault("students", {})
     _expand_grids(config, validator)
+    if not config["students"]:
+        raise ConfigError("invalid configuration:\n  config key 'students': no student; list students, or give "
+                          "grids that make them")
     _fill_defaults(_schema(), config)
     _check_cross_keys(config)
     add_controls(config)
@@ -202,11 +206,14 @@ def _expand_grids(config: dict, validator) -> None:
         raise ConfigError(f"invalid configuration:\n  {err}") from None
     problems = {}
     for student, (grid, swept) in made.items():
+        prefix = f"'students.{student}."
         for error in validator.iter_errors({"students": {student: config["students"][student]}}):
-            path = list(error.absolute_path)[2:]
-            if path and error.validator != "unevaluatedProperties":
-                where = f"grids.{grid}.{'sweep' if path[0] in swept else 'student'}.{_key(path)}"
-                problems.setdefault(where, f"config key '{where}': {error.message} (student {student})")
+            text = _describe(error)
+            if prefix not in text:  # about the student as a whole: a key's own error says more
+                continue
+            key = text.split(prefix, 1)[1].split("'")[0].split(".")[0]
+            text = text.replace(prefix, f"'grids.{grid}.{'sweep' if key in swept else 'student'}.")
+            problems.setdefault(text.split("'")[1], f"{text} (student {student})")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems.values()))
 

@@ -111,6 +111,8 @@ def test_a_variant_no_student_uses_makes_no_job(ablation_config):
                                                    "dictionary': teacher minilm has no dictionary 'k99'"),
     (("grids.g.sweep.mlm_weight", [0.5, "heavy"]), "config key 'grids.g.sweep.mlm_weight': 'heavy' is not of "
                                                    "type 'number'"),
+    (("grids.g.student.lerning_rate", 2.0), "config key 'grids.g.student.lerning_rate': unknown key (allowed here:"),
+    (("grids.g.sweep.lerning_rate", [2.0]), "config key 'grids.g.sweep.lerning_rate': unknown key (allowed here:"),
     (("grids.g.student.mlm_weight", 2.0), "config key 'grids.g.student.mlm_weight': the grid also sweeps it"),
     (("grids.g.sweep.mlm_weight", [0.5, 0.5]), "config key 'grids.g.sweep': a value is listed twice"),
     (("grids.g.sweep.init", ["a b"]), "the student name 'g.dictionary-k12.mlm_weight-0.5.init-a b' is not a "
@@ -284,3 +286,11 @@ def test_a_grid_over_budgets_chains_them_only_where_the_schedule_allows(ablation
     for key, value in (("lr_schedule", "linear"), ("warmup_steps", None), ("checkpoint_fractions", [0.5])):
         other = edited(config, f"grids.g.student.{key}", value)
         assert not any("continue_from" in job["inputs"] for job in dag(other).values()), key
+
+
+def test_a_config_of_grids_alone_needs_no_students_section(ablation_config):
+    config = {k: v for k, v in ablation_config.items() if k != "students"}
+    assert sorted(cfg.validate(config)["students"]) == ["g.dictionary-k12.mlm_weight-0.5",
+                                                        "g.dictionary-k12.mlm_weight-1.0", "none"]
+    with pytest.raises(cfg.ConfigError, match="config key 'students': no student; list students, or give grids"):
+        cfg.validate({k: v for k, v in config.items() if k != "grids"})
