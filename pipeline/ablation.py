@@ -181,10 +181,10 @@ def budget_chain(config: dict, student_options) -> dict[str, str]:
     return chain
 
 
-def grid_members(config: dict) -> dict[str, dict]:
-    """Student -> {"grid": name, "keys": its swept values}, for the students the config's grids make."""
-    members = {}
-    for name, grid in (config.get("grids") or {}).items():
-        for student, keys in grid_students(name, grid).items():
-            members[student] = {"grid": name, "keys": {k: keys[k] for k in grid["sweep"]}}
-    return members
+def grid_layout(config: dict) -> dict[str, dict]:
+    """Grid -> {"keys": the swept keys, "students": [[student, its values of them], ...]}, in the grid's order
+    (lists, which keep it through the params' sorted JSON)."""
+    return {name: {"keys": list(grid["sweep"]),
+                   "students": [[student, [keys[k] for k in grid["sweep"]]]
+                                for student, keys in grid_students(name, grid).items()]}
+            for name, grid in (config.get("grids") or {}).items()}

@@ -341,13 +341,13 @@ def costs_section(costs: list[dict]) -> list[str]:
 
 def grid_sections(comparison: Comparison, plot_dir: str | None) -> tuple[list[str], dict[str, str]]:
     """The ablation grids' sections, and their plots (written into plot_dir, which holds nothing else)."""
-    if not comparison.members:
+    if not comparison.grids:
         return [], {}
     if plot_dir is None:
-        return ablation.sections(comparison, comparison.members, None)
+        return ablation.sections(comparison, None)
     with atomic_output(plot_dir) as tmp:
         tmp.mkdir()
-        lines, plots = ablation.sections(comparison, comparison.members, str(tmp))
+        lines, plots = ablation.sections(comparison, str(tmp))
     return lines, {name: str(Path(plot_dir) / Path(path).name) for name, path in plots.items()}
 
 

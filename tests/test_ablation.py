@@ -49,8 +49,8 @@ def test_a_grid_becomes_named_students_with_their_control(ablation_config):
                                           "mlm", "mlsm", "none"]
     assert config["students"]["g.dictionary-k12.mlm_weight-1.0"] == {
         "objective": "mlsm+mlm", "teacher": "minilm", "dictionary": "k12", "mlm_weight": 1.0}
-    assert ablation.grid_members(config)["g.dictionary-k12.mlm_weight-0.5"] == {
-        "grid": "g", "keys": {"dictionary": "k12", "mlm_weight": 0.5}}
+    assert ablation.grid_layout(config) == {"g": {"keys": ["dictionary", "mlm_weight"], "students": [
+        ["g.dictionary-k12.mlm_weight-0.5", ["k12", 0.5]], ["g.dictionary-k12.mlm_weight-1.0", ["k12", 1.0]]]}}
 
 
 def test_each_dictionary_a_student_uses_runs_once_on_one_extraction(ablation_config):
@@ -140,13 +140,13 @@ def test_a_grid_student_named_as_a_listed_student_is_refused(ablation_config):
 def grid_report(tmp_path, with_plots: bool = True):
     """A 2 x 2 grid (dictionary k64/k512 x mlm_weight 0.2/1.0) whose scores on t1 are 0.6 + seed/100, +0.05 with
     k512 and +0.02 with weight 1.0; an MLM student; the control at 0.55 + seed/100. Every student learned."""
-    members, scores, students = {}, [], []
+    layout, scores, students = {"g": {"keys": ["dictionary", "mlm_weight"], "students": []}}, [], []
     rows = [(f"g.dictionary-{k}.mlm_weight-{w}", "mlsm+mlm", 0.6 + 0.05 * (k == "k512") + 0.02 * (w == 1.0),
              {"dictionary": k, "mlm_weight": w}) for k in ("k64", "k512") for w in (0.2, 1.0)]
     rows += [("mlm", "mlm", 0.58, None), ("none", "none", 0.55, None)]
     for student, objective, base, keys in rows:
         if keys:
-            members[student] = {"grid": "g", "keys": keys}
+            layout["g"]["students"].append([student, list(keys.values())])
         for seed in (1, 2, 3):
             path = tmp_path / f"{student}-{seed}.json"
             write_record(path, {"params": {"student": student, "objective": objective, "task_name": "t1",
@@ -164,7 +164,8 @@ def grid_report(tmp_path, with_plots: bool = True):
                             "tokens_per_second": 5.0, "diagnostics": measured})
         students.append(str(path))
     out = tmp_path / "report"
-    call("report", {"device": "cpu", "grids": members}, scores=scores, students=students, md=out / "r.md",
+    params = json.loads(cfg.as_json({"device": "cpu", "grids": layout}))  # as the workflow passes it: keys sorted
+    call("report", params, scores=scores, students=students, md=out / "r.md",
          csv=out / "r.csv", scores_plot=out / "r.png", curve_plot=out / "curve.png", manifest=out / "manifest.json",
          html=out / "r.html", **({"ablation": out / "ablation"} if with_plots else {}))
     return out

@@ -19,14 +19,6 @@ DIAGNOSTICS = (("mlm_gain", "MLM gain (nats)"), ("mlsm_gain", "MLSM gain (nats)"
                ("masked_cosine", "masked-state cosine"))
 
 
-def grids_of(members: dict[str, dict]) -> dict[str, dict[str, dict]]:
-    """grid -> {student: its swept values}, keys in the order the grid sweeps them."""
-    grids: dict[str, dict[str, dict]] = {}
-    for student, member in members.items():
-        grids.setdefault(member["grid"], {})[student] = member["keys"]
-    return grids
-
-
 def series(students: dict[str, dict], key: str) -> list[tuple[tuple, list[tuple[object, str]]]]:
     """For one swept key: (the other keys' values, [(this key's value, student), ...]) per combination of the
     other keys, the values in the order the grid sweeps them."""
@@ -46,14 +38,15 @@ def label(fixed: tuple) -> str:
     return ", ".join(f"{k} {v}" for k, v in fixed) or "all"
 
 
-def sections(c: Comparison, members: dict[str, dict], plot_dir: str | None) -> tuple[list[str], dict[str, str]]:
-    """The report's lines on every grid, and the plots written into plot_dir (name in the report -> path)."""
+def sections(c: Comparison, plot_dir: str | None) -> tuple[list[str], dict[str, str]]:
+    """The report's lines on every grid (c.grids), and the plots written into plot_dir (name in the report ->
+    path)."""
     lines, plots = [], {}
-    for grid, students in grids_of(members).items():
-        students = {s: k for s, k in students.items() if s in c.names}
+    for grid, layout in c.grids.items():
+        keys = layout["keys"]
+        students = {s: dict(zip(keys, values)) for s, values in layout["students"] if s in c.names}
         if not students:
             continue
-        keys = list(next(iter(students.values())))
         lines += ["", f"## Ablation grid `{grid}`: {' × '.join(keys)}", "",
                   f"{len(students)} students that differ only in {', '.join(f'`{k}`' for k in keys)}, pre-trained with "
                   "the same budget and settings. For each swept key: the final models' scores and training-health "

@@ -30,7 +30,7 @@ class Comparison:
     students: dict[str, dict]
     majority: dict[str, float | None]
     glue: dict[str, str] = field(default_factory=dict)  # reported task -> the GLUE task it scores (MNLI-m: MNLI)
-    members: dict[str, dict] = field(default_factory=dict)  # a grid's student -> {grid, keys: its swept values}
+    grids: dict[str, dict] = field(default_factory=dict)  # ablation.grid_layout: each grid's keys and students
 
     def __post_init__(self):
         self.controls = health.controls_of(self.students)
@@ -105,7 +105,8 @@ def paired_differences(comparison: Comparison) -> list[dict]:
     """Each MLSM student against each MLM student, per task: the mean over seeds of (MLSM - MLM) on
     the final models, paired by seed, with its 95 % bootstrap CI. A grid's students are compared with each other
     in one key at a time (pipeline/reporting/ablation.py), not here."""
-    objectives = {r["student"]: r["objective"] for r in comparison.final if r["student"] not in comparison.members}
+    in_grids = {student for grid in comparison.grids.values() for student, _ in grid["students"]}
+    objectives = {r["student"]: r["objective"] for r in comparison.final if r["student"] not in in_grids}
     out = []
     for mlsm in sorted(s for s, o in objectives.items() if objective(o).targets):
         for mlm in sorted(s for s, o in objectives.items() if o == "mlm"):

@@ -32,7 +32,7 @@ def inputs(w, job):
 
 def params(w, job):
     """The device and the students' processes (the cost table); the grids' students and their swept values."""
-    grids = ablation.grid_members(w.config)
+    grids = ablation.grid_layout(w.config)
     return {"device": w.device, "student_gpus": {s: w.student_options(s)["gpus"] for s in w.students},
             **({"grids": grids} if grids else {})}
 
