@@ -4,10 +4,12 @@ they make and which of them an edit reruns (the jobs, not only their rules)."""
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from pipeline import ablation
 from pipeline import config as cfg
@@ -22,7 +24,7 @@ from test_finetune_and_report import diagnostics
 from test_plan import FixedRates
 from test_pretrain import BASE, learning_curve
 from test_wiring import dag, edited, reruns
-from test_workflow import snakemake, tiny_config
+from test_workflow import finetune_jobs, planned_jobs, snakemake, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +297,24 @@ def test_a_config_of_grids_alone_needs_no_students_section(ablation_config):
                                                         "g.dictionary-k12.mlm_weight-1.0", "none"]
     with pytest.raises(cfg.ConfigError, match="config key 'students': no student; list students, or give grids"):
         cfg.validate({k: v for k, v in config.items() if k != "grids"})
+
+
+@pytest.mark.e2e
+def test_an_ablation_added_to_a_finished_run_runs_only_its_own_jobs(workflow_run):
+    """Real Snakemake on the tiny run: a dictionary variant and a grid over it and the MLM weight add their
+    dictionary, targets, students and fine-tuning; the corpus, the activations and every finished student stay."""
+    workdir, _, config = workflow_run
+    changed = json.loads(json.dumps(config))
+    changed["teachers"]["minilm"]["dictionaries"] = {"k12": {"dictionary": {"atoms": 12}, "targets": {"top_k": 4}}}
+    changed["grids"] = {"g": {"student": {"objective": "mlsm+mlm", "teacher": "minilm"},
+                              "sweep": {"dictionary": ["k12"], "mlm_weight": [0.5, 1.0]}}}
+    other = workdir / "ablation.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    result = snakemake(workdir, other, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = changed["corpus"]["shards"] + 1  # the training shards and the validation split
+    assert planned_jobs(result) == {"fit_dictionary": 1, "precompute_targets": parts, "summarize_targets": 1,
+                                    "pretrain_student": 2, "finetune": finetune_jobs(config, students=2),
+                                    "report": 1, "all": 1}
+    planned = re.findall(r"wildcards: (.*)", result.stdout)
+    assert all("student=g.dictionary-k12" in w or "dictionary=minilm@k12" in w for w in planned), planned
