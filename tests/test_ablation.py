@@ -318,3 +318,20 @@ def test_an_ablation_added_to_a_finished_run_runs_only_its_own_jobs(workflow_run
                                     "report": 1, "all": 1}
     planned = re.findall(r"wildcards: (.*)", result.stdout)
     assert all("student=g.dictionary-k12" in w or "dictionary=minilm@k12" in w for w in planned), planned
+
+
+def test_the_new_ports_stay_out_of_the_commands_of_configs_without_them(ablation_config):
+    """Snakemake reruns a job whose command changed: a config without budgets or grids keeps the commands it had
+    before this issue (no --continue-from, no --ablation), so that upgrading reruns none of its jobs."""
+    from pipeline.wiring import command
+    from pipeline.wiring.workflow import Workflow
+
+    plain = Workflow(cfg.validate({k: v for k, v in ablation_config.items() if k != "grids"}
+                                  | {"students": {"mlm": {"objective": "mlm"}}}))
+    assert "--continue-from" not in command("pretrain_student", plain) and "--ablation" not in command("report", plain)
+    assert "ablation" not in plain.outputs("report")
+    budgets = edited(ablation_config, "grids.g.sweep", {"max_steps": [2, 4]})
+    budgets["grids"]["g"]["student"].update(lr_schedule="constant", warmup_steps=1, checkpoint_fractions=[])
+    chained = Workflow(cfg.validate(budgets))
+    assert "{params.continue_from:q} {params.continue_summary:q}" in command("pretrain_student", chained)
+    assert "--ablation {output.ablation:q}" in command("report", chained)

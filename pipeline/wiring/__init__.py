@@ -34,21 +34,22 @@ RULES = {rule.name: rule for rule in (
 STAGES = {rule.stage.name: rule.stage for rule in RULES.values()}
 
 
-def command(rule_name: str) -> str:
+def command(rule_name: str, workflow=None) -> str:
     """The rule's shell command: `python -m pipeline.<stage>` with every port the rule has, as Snakemake
     placeholders. Required inputs are `--x {input.x}`; optional ones {params.x}, the flag and its
-    paths where the job has that input, else nothing."""
+    paths where the job has that input, else nothing. A port of some configs only (Rule.when) is left out
+    unless the workflow's config has it (without a workflow: every port)."""
     rule = RULES[rule_name]
     stage = rule.stage
     launcher = "{params.launcher}" if rule.gpus_key else "python"
     words = [f"{launcher} -m pipeline.{stage.name}"]
     for port in stage.ports:
+        if port.name in rule.when and workflow is not None and not rule.when[port.name](workflow):
+            continue
         if port.role == INPUT and port.name in rule.input_ports and port.verbatim:
             words.append(f"{port.flag} {{params.{port.name}:q}}")
         elif port.role == INPUT and port.name in rule.input_ports:
             words.append(f"{{params.{port.name}:q}}" if port.optional else f"{port.flag} {{input.{port.name}:q}}")
-        elif port.role == OUTPUT and port.name in rule.writes_when:
-            words.append(f"{{params.{port.name}:q}}")
         elif port.role == OUTPUT and port.name in rule.outputs:
             words.append(f"{port.flag} {{output.{port.name}:q}}")
         elif port.role == LOG and port.name in rule.logs:
@@ -75,21 +76,6 @@ def optional_inputs(rule_name: str) -> dict[str, Callable]:
     rule = RULES[rule_name]
     return {port.name: _flag_and_paths(port.flag, port.name) for port in rule.stage.ports
             if port.role == INPUT and port.optional and port.name in rule.input_ports}
-
-
-def conditional_outputs(rule_name: str) -> dict[str, Callable]:
-    """Params functions of the rule's outputs that only some configs have (Rule.writes_when): [flag, path], or
-    [] where the job has no such output."""
-    rule = RULES[rule_name]
-
-    def arguments(flag: str, name: str) -> Callable:
-        def of_job(wildcards, output) -> list[str]:
-            value = getattr(output, name, None)
-            return [] if value is None else [flag, value]
-
-        return of_job
-
-    return {port: arguments(rule.stage.port(port).flag, port) for port in rule.writes_when}
 
 
 def _flag_and_paths(flag: str, name: str) -> Callable:

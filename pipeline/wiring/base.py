@@ -114,7 +114,9 @@ class Rule:
     uses: tuple[str, ...] = ()           # the stage's input ports its jobs may be given (empty: all of them)
     beside_results: bool = False         # its outputs lie beside the results directory (the demo's data)
     final: bool = False                  # its outputs are asked for by the workflow's target (as the report's)
-    writes_when: dict = field(default_factory=dict)  # port -> (workflow) -> bool: an output of some configs only
+    # port -> (workflow) -> bool: a port of some configs only, left out of the others' commands and outputs (so
+    # that adding it reran no job of a config without it: Snakemake reruns a job whose command changed)
+    when: dict = field(default_factory=dict)
 
     @property
     def input_ports(self) -> tuple[str, ...]:

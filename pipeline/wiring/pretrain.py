@@ -122,4 +122,5 @@ PRETRAIN_STUDENT = Rule(
     inputs=student_inputs, params=student_params, jobs=lambda w: [{"student": s} for s in w.students],
     cost=student_cost, threads=lambda w, job: w.process_threads(w.gpus("pretrain_student", job)),
     resources=RESOURCES, resumable=True, gpus_key="student",
+    when={"continue_from": lambda w: bool(w.budget_chain()), "continue_summary": lambda w: bool(w.budget_chain())},
     shown={"summary": Shown("student_summary", STUDENTS, (("student", "{student}"),))})

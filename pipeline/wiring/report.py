@@ -49,7 +49,7 @@ REPORT = Rule(
              "scores_plot": contract.REPORT_PLOT, "curve_plot": contract.REPORT_CURVE,
              "cards": contract.REPORT_CARDS, "ablation": contract.REPORT_ABLATION,
              "manifest": contract.REPORT_MANIFEST},
-    writes_when={"ablation": lambda w: bool(w.config.get("grids"))},
+    when={"ablation": lambda w: bool(w.config.get("grids"))},
     inputs=inputs, params=params,
     jobs=lambda w: [{}], cost=cost, resources=Resources(mem_mb=2000, runtime=10, local=True),
     shown={"html": Shown("report_html", RESULTS, (("output", "report page"),)),

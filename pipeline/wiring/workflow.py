@@ -65,7 +65,7 @@ class Workflow(Slices):
         """Port -> path template (a list for a port of many files)."""
         declared, out = RULES[rule], {}
         for port, template in declared.outputs.items():
-            if port in declared.writes_when and not declared.writes_when[port](self):
+            if port in declared.when and not declared.when[port](self):
                 continue
             if declared.beside_results:
                 out[port] = template

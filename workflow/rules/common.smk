@@ -6,7 +6,7 @@ import sys as _sys
 
 from pipeline import config as cfg
 from pipeline.wiring import preflight
-from pipeline.wiring import RULES, command, conditional_outputs, optional_inputs, verbatim_inputs
+from pipeline.wiring import RULES, command, optional_inputs, verbatim_inputs
 from pipeline.wiring.workflow import Workflow
 
 try:
@@ -89,7 +89,7 @@ def rule_logs(rule):
 
 def rule_params(rule):
     """The stage's config slice, the optional and verbatim inputs of the job, where it resumes from, its launcher."""
-    params = {"stage": lambda wildcards: W.params(rule, wildcards), **optional_inputs(rule), **conditional_outputs(rule)}
+    params = {"stage": lambda wildcards: W.params(rule, wildcards), **optional_inputs(rule)}
     for port in verbatim_inputs(rule):  # e.g. hf:<hub id>, which is no file Snakemake could track
         params[port] = lambda wildcards, port=port: W.arguments(port)
     if RULES[rule].resumable:

@@ -89,4 +89,4 @@ for _rule in RULES.values():
         params:
             **rule_params(_rule.name),
         shell:
-            command(rule)
+            command(rule, W)
