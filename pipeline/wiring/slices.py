@@ -20,7 +20,6 @@ ADDED_AT_DEFAULT = {
     "mask_unknown": (False, None),
     "mlsm_loss": ("kl", None),
     "precision": ("bf16", ("pretrain_student", "pretrain_teacher")),  # finetune's precision is not new
-    "warmup_steps": (None, None),
 }
 
 
