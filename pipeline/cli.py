@@ -18,6 +18,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +27,7 @@ from typing import Any
 
 from .common import StageError, log
 from .data.locks import holding
+from .resume import request_stop
 from .stages import paths
 from .wiring import OUTPUT, SETTINGS, STAGES, STATE, Stage
 
@@ -78,6 +81,8 @@ def run(stage_name: str, function: Callable[[SimpleNamespace, dict], Any], argv=
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     paths, params = parse(stage_name, argv)
     note = Path(paths.resume_dir) / FAILURE_NOTE if getattr(paths, "resume_dir", None) else None
+    if note is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, request_stop)  # save at the next unit boundary, then stop (resume.py)
     try:
         with holding(written_paths(STAGES[stage_name], paths)):
             if note is not None:

@@ -332,6 +332,7 @@ def student_options(config: dict, name: str) -> dict:
     merged.update(config["students"][name])
     if not objective(merged["objective"]).trains:
         merged.update(max_steps=0, checkpoint_fractions=[], gpus=1)
+        merged.pop("nodes", None)
     return merged
 
 

@@ -4,9 +4,10 @@ One node, `gpus` > 1: `torchrun --standalone --nproc-per-node=<gpus>` inside the
 executor the plugin already runs the job in `srun -n1 --gpus=<gpus>`, so torchrun's processes share
 that step's GPUs and the world size is `gpus`.
 
-Several nodes (the plan; not yet a config key): the job is submitted with `nodes=N` and one task per
-node; `srun` starts one torchrun per node, which rendezvous (c10d) on the first node of the
-allocation; world size = nodes x gpus. `torchrun_command(gpus, nodes)` builds that line.
+Several nodes (a trainee's `nodes`, SLURM only): the job is submitted with `nodes=N` and one task per node
+(workflow/rules/common.smk: multi_node_resources); `srun` starts one torchrun per node, which rendezvous (c10d)
+on the first node of the allocation; world size = nodes x gpus. `torchrun_command(gpus, nodes)` builds that
+line.
 
     python -m pipeline.launch --gpus 2            # prints the launcher prefix for a rule's shell
 """

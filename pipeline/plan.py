@@ -125,7 +125,7 @@ class Planner:
         """A trainee's job; `coding` names the dictionary an MLSM objective's targets come from."""
         dictionary, targets = self.workflow.coding(coding)[1:] if coding else (None, None)
         atoms = dictionary["atoms"] if dictionary else None
-        gpus = options["gpus"]
+        gpus = options["gpus"] * options.get("nodes", 1)  # the processes of all nodes (the world size)
         tokens = options["max_steps"] * options["batch_size"] * options["grad_accumulation"] * gpus * self.length
         rate = self.rates.training(self.key(options), name, atoms, self.length, self.vocab, 1) * gpus
         seconds = tokens / rate
@@ -231,11 +231,26 @@ def render(config_path: str, planner: Planner, costs: list[Cost]) -> str:
                  sum(c.gpu_seconds for c in costs), sum(c.disk for c in costs))
     lines.append(f"| **total** | {total.jobs} | {human_bytes(total.disk)} | {human_seconds(total.seconds)} | | "
                  f"{total.gpu_seconds / 3600:,.2f} |")
-    lines += ablation_lines(planner)
+    lines += ablation_lines(planner) + submission_lines(planner, costs)
     lines += ["", "Compute is the sum of the jobs' wall times (jobs run side by side as cores and GPUs allow); disk "
               "is the outputs (resumable state and logs aside). Assumed where not measured: bytes per token "
               f"{BYTES}, share of the dictionary's epochs run {EARLY_STOP}, subsampling keeps {SUBSAMPLE_KEEP}."]
     return "\n".join(lines)
+
+
+def submission_lines(planner: Planner, costs: list[Cost]) -> list[str]:
+    """On SLURM: the jobs submitted (all but the local rules), and the trainees that span nodes."""
+    local = {name for name, rule in RULES.items() if rule.resources.local}
+    submitted = planner.workflow.submissions()
+    packed = "" if submitted == sum(c.jobs for c in costs if c.rule not in local) else \
+        f" ({sum(c.jobs for c in costs if c.rule not in local)} jobs, packed by finetune.pack)"
+    lines = ["", f"On SLURM (profiles/slurm): {submitted} submissions{packed}: every job but those of "
+             f"{', '.join(sorted(local & {c.rule for c in costs}))}, which run on the submitting host."]
+    wide = planner.workflow.multi_node()
+    if wide:
+        shown = [f"{key.removesuffix('.nodes')}: {nodes} nodes x {gpus} GPUs" for key, (nodes, gpus) in wide.items()]
+        lines.append("Several nodes: " + "; ".join(shown) + ".")
+    return lines
 
 
 def ablation_lines(planner: Planner) -> list[str]:

@@ -12,9 +12,11 @@ run. Three kinds of state:
 - progress (extraction): the output grows in a work directory here; a small record says how much of
   it is final (at each checkpoint), and a rerun cuts anything written beyond that and goes on.
 
-The state is tied to a key (the stage's params and its inputs' checksums): other params or inputs
-discard it. journal.jsonl logs start, resume, checkpoint, discard and done events, and outlives the
-checkpoints, which are deleted when the stage has written its outputs.
+SIGTERM (SLURM's preemption, requeue or `--signal` before a time limit; pipeline/cli.py installs the handler)
+makes the next unit boundary a checkpoint, after which the stage stops with a transient error: Snakemake's retry,
+or SLURM's requeue of the job, resumes from it. The state is tied to a key (the stage's params and its inputs'
+checksums): other params or inputs discard it. journal.jsonl logs start, resume, checkpoint, discard and done
+events, and outlives the checkpoints, which are deleted when the stage has written its outputs.
 """
 
 from __future__ import annotations
@@ -24,16 +26,27 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from .common import fingerprint, log
+from .common import StageError, fingerprint, log
 from .data.integrity import atomic_output, fsync_tree
 
 DEFAULT_INTERVAL_SECONDS = 300.0
+_STOP = threading.Event()  # SIGTERM received: save at the next unit boundary, then stop
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """The handler of SIGTERM in a stage with a resume directory (pipeline/cli.py)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
 
 
 class Resume:
@@ -43,9 +56,10 @@ class Resume:
     Under torchrun only rank 0 is the writer; the other ranks read the state it saved."""
 
     def __init__(self, directory: str | Path | None, key: object, writer: bool = True,
-                 interval: float = DEFAULT_INTERVAL_SECONDS):
+                 interval: float = DEFAULT_INTERVAL_SECONDS, stops: bool = True):
         self.directory = Path(directory) if directory else None
         self.writer = writer
+        self.stops = stops  # stop after the checkpoint a SIGTERM asked for (pre-training decides across ranks)
         self.key = fingerprint(key)
         self.interval = interval
         self.last_save = time.monotonic()
@@ -74,7 +88,14 @@ class Resume:
             os.fsync(fh.fileno())
 
     def due(self) -> bool:
-        return self.directory is not None and time.monotonic() - self.last_save >= self.interval
+        return self.directory is not None and (stop_requested() or time.monotonic() - self.last_save >= self.interval)
+
+    def _saved(self, unit: object) -> None:
+        """After a checkpoint: the clock restarts; asked to stop by SIGTERM, the stage stops here."""
+        self.last_save = time.monotonic()
+        if self.stops and stop_requested():
+            raise StageError(f"stopped by SIGTERM after unit {unit}; the state is saved in {self.directory}, and a "
+                             "retry or a rerun (SLURM's requeue too) resumes from it", transient=True)
 
     # ---- parts: results per unit ----
 
@@ -114,7 +135,8 @@ class Resume:
                 save_file(tensors, str(tmp))
             self.parts_written += 1
             self.journal("checkpoint", units=sorted(self.pending))
-            self.pending, self.last_save = {}, time.monotonic()
+            done, self.pending = max(self.pending), {}
+            self._saved(done)
 
     # ---- state: the whole training state ----
 
@@ -151,7 +173,7 @@ class Resume:
         with atomic_output(self.directory / "state.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"meta": json.dumps({**meta, "unit": unit})})
         self.journal("checkpoint", unit=unit)
-        self.last_save = time.monotonic()
+        self._saved(unit)
 
     # ---- progress: an output growing in the work directory ----
 
@@ -191,7 +213,7 @@ class Resume:
         with atomic_output(self.directory / "progress.json") as tmp:
             tmp.write_text(json.dumps({**meta, "unit": unit}))
         self.journal("checkpoint", unit=unit)
-        self.last_save = time.monotonic()
+        self._saved(unit)
 
     # ---- end ----
 

@@ -15,7 +15,7 @@ from pipeline.common import StageError
 from pipeline.corpus import shard
 from pipeline.data import contract
 from pipeline.data.text import input_files
-from pipeline.plan import BYTES, Planner, actual_costs
+from pipeline.plan import BYTES, Planner, actual_costs, render
 from pipeline.plan_rates import Assumed, student_training_flops
 from pipeline.wiring.workflow import Workflow
 
@@ -277,3 +277,29 @@ def test_every_value_of_every_option_is_planned(tiny):
         planned.append((path, value))
     assert (("targets", "top_k"), "none") in planned and (("corpus", "packing"), "reference_pairs") in planned
     assert len(planned) >= 40 and len(refused) < len(planned), (len(planned), refused)
+
+
+def test_the_plan_counts_slurm_submissions_packed_and_the_trainees_on_several_nodes(tiny):
+    """Issue #33: the plan shows the students spanning nodes (nodes x GPUs) and how many jobs a cluster gets;
+    finetune.pack puts up to that many fine-tuning jobs of one model in one submission."""
+    import copy
+    import math
+
+    config = copy.deepcopy(tiny)
+    config["students"]["mlm"]["nodes"], config["students"]["mlm"]["gpus"] = 2, 4
+    planner = Planner(config, FixedRates(), cores=2)
+    text = render("tiny.yaml", planner, planner.costs())
+    assert "Several nodes: students.mlm: 2 nodes x 4 GPUs." in text
+    local = {"bbc_news_data", "summarize_targets", "report"}
+    jobs = [rule for rule, _ in planner.workflow.jobs() if rule not in local]
+    assert f"On SLURM (profiles/slurm): {len(jobs)} submissions: every job but" in text
+    config["finetune"]["pack"] = 2
+    planner = Planner(config, FixedRates(), cores=2)
+    packed = render("tiny.yaml", planner, planner.costs())
+    tasks, seeds, trained = len(config["tasks"]), len(config["finetune"]["seeds"]), 4  # the control has no checkpoint
+    models = {"final": len(config["students"]), "step2": trained}
+    per_model = {"final": tasks * seeds, "step2": len(config["finetune"]["checkpoint_tasks"]) * seeds}
+    finetune = sum(models[m] * math.ceil(per_model[m] / 2) for m in models)
+    others = sum(rule != "finetune" for rule in jobs)
+    assert f"On SLURM (profiles/slurm): {others + finetune} submissions ({len(jobs)} jobs, packed by finetune.pack)" \
+        in packed

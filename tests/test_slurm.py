@@ -1,4 +1,4 @@
-"""The workflow through a real one-node SLURM cluster (tests/slurm/cluster.sh) with profiles/slurm.
+"""The workflow through a real two-node SLURM cluster (tests/slurm/cluster.sh) with profiles/slurm.
 
 Every rule runs as a SLURM job with the cpus, memory and time limit the rule declares (read back from
 SLURM's own job-completion records); a rerun submits nothing; changing one student submits only that
@@ -13,9 +13,11 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, venv_env
@@ -70,16 +72,19 @@ def slurm_config() -> dict:
     return config
 
 
+def slurm_command(workdir: Path, configfile: Path) -> list[str]:
+    # timeout -k: a plugin that loses track of its jobs waits forever; the test must not.
+    return ["timeout", "-k", "10", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake",
+            "--workflow-profile", str(PROFILE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+            "--configfile", str(configfile), "--jobs", "4", "--latency-wait", "5",
+            "--slurm-init-seconds-before-status-checks", "1"]
+
+
 def slurm_run(workdir: Path, config: dict) -> subprocess.CompletedProcess:
     configfile = workdir / f"config-{len(list(workdir.glob('config-*.yaml')))}.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    env = venv_env()
-    # timeout -k: a plugin that loses track of its jobs waits forever; the test must not.
-    command = ["timeout", "-k", "10", str(RUN_TIMEOUT), sys.executable, "-m", "snakemake",
-               "--workflow-profile", str(PROFILE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-               "--configfile", str(configfile), "--jobs", "4", "--latency-wait", "5",
-               "--slurm-init-seconds-before-status-checks", "1"]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT + 30)
+    return subprocess.run(slurm_command(workdir, configfile), capture_output=True, text=True, env=venv_env(),
+                          timeout=RUN_TIMEOUT + 30)
 
 
 def run_on_slurm(workdir: Path, config: dict) -> str:
@@ -114,12 +119,21 @@ def submissions(output: str) -> dict[str, dict]:
     """SLURM job id -> {rule, threads, mem_mb, runtime, log} as Snakemake planned and submitted the job."""
     planned = {block["jobid"]: block for block in job_blocks(output) if "jobid" in block}
     jobs = {}
-    for job, slurm_id, log in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.*?)\)\.",
+    for job, slurm_id, log in re.findall(r"Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.*?)\)\.",
                                          output):
+        if job not in planned:  # a group job (finetune.pack): group_submissions
+            continue
         block = planned[job]
         jobs[slurm_id] = {"rule": block["rule"], "threads": block["threads"], "mem_mb": block["resources"]["mem_mb"],
                           "runtime": block["resources"]["runtime"], "log": log}
     return jobs
+
+
+def group_submissions(output: str) -> list[str]:
+    """The SLURM job ids of the group jobs Snakemake submitted (several jobs in one submission)."""
+    planned = {block["jobid"] for block in job_blocks(output) if "jobid" in block}
+    return [slurm_id for job, slurm_id in re.findall(r"Job (\S+) has been submitted with SLURM jobid (\d+)", output)
+            if job not in planned]
 
 
 def slurm_records(state: Path) -> dict[str, dict]:
@@ -227,3 +241,109 @@ def test_a_job_larger_than_every_node_stops_before_submitting(cluster, tmp_path)
     assert f"job shard_corpus asks SLURM for {cpus + 2} CPUs" in output
     assert f"(the largest: {cpus} CPUs" in output and "Change corpus.threads" in output
     assert "has been submitted" not in output and len(slurm_records(cluster)) == before
+
+
+# ---- a student on two nodes, and a requeue in the middle of a student's training (issue #33) -----------------
+
+def two_node_config() -> dict:
+    """MLM students, no dropout. `wide` (two nodes, one process each, 4 sequences a process) and `narrow` (one
+    process, 8 sequences): the same global batch, so their updates differ only by the order in which the ranks'
+    gradients are summed. `long` and `twin`: the same student twice, long enough to be requeued mid-way."""
+    config = slurm_config()
+    config["finetune"].update(seeds=[1, 2], pack=2)  # each model's two fine-tuning jobs in one submission
+    student = {"objective": "mlm", "dropout": 0.0, "max_steps": 4}
+    config["students"] = {"wide": {**student, "nodes": 2, "batch_size": 4}, "narrow": {**student, "batch_size": 8},
+                          "long": {**student, "batch_size": 8, "max_steps": 300},
+                          "twin": {**student, "batch_size": 8, "max_steps": 300}}
+    return config
+
+
+def requeue_when_training(workdir: Path, student: str, update: int, runner: subprocess.Popen) -> str:
+    """Once the student's job has logged `update`, `scontrol requeue` it; its SLURM job id."""
+    log = workdir / "results" / "logs" / "pretrain_student" / f"{student}.csv"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (log.is_file() and len(log.read_text().splitlines()) > update // 10):  # a line every 10 updates
+        assert runner.poll() is None and time.monotonic() < deadline, f"{student} never reached update {update}"
+        time.sleep(0.2)
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True, check=True).stdout
+    slurm_id = next(line.split()[0] for line in queue.splitlines() if line.endswith(f"wildcards_{student}"))
+    subprocess.run(["scontrol", "requeue", slurm_id], check=True, capture_output=True)
+    return slurm_id
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm_two_nodes")
+    configfile = workdir / "two-nodes.yaml"
+    configfile.write_text(yaml.safe_dump(two_node_config()))
+    runner = subprocess.Popen(slurm_command(workdir, configfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=venv_env())
+    try:
+        requeued = requeue_when_training(workdir, "long", 100, runner)
+        output, _ = runner.communicate(timeout=RUN_TIMEOUT + 30)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, output[-6000:]
+    return workdir, output, requeued
+
+
+def test_a_student_spans_two_nodes_and_matches_one_process_with_its_global_batch(cluster, two_node_run):
+    from safetensors.torch import load_file
+
+    workdir, output, _ = two_node_run
+    students = workdir / "results" / "students"
+    wide, narrow = (json.loads((students / s / "summary.json").read_text()) for s in ("wide", "narrow"))
+    assert wide["world_size"] == 2 and narrow["world_size"] == 1
+    slurm_id = next(i for i, job in submissions(output).items()
+                    if job["rule"] == "pretrain_student" and "/wide/" in job["log"])
+    record = slurm_records(cluster)[slurm_id]
+    assert (record["NodeCnt"], record["NodeList"], record["JobState"]) == ("2", "node[1-2]", "COMPLETED"), record
+    assert wide["tokens_seen"] == narrow["tokens_seen"]  # the same sequences, split over the nodes
+    for one, two in zip(narrow["history"], wide["history"], strict=True):
+        assert one["mlm"] == pytest.approx(two["mlm"], rel=1e-4) and one["masked_tokens"] == two["masked_tokens"]
+    a, b = (load_file(students / s / "model" / "model.safetensors") for s in ("wide", "narrow"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # 4 AdamW updates of float sums in other orders
+
+
+def test_a_student_requeued_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(cluster, two_node_run):
+    from safetensors.torch import load_file
+
+    workdir, _, requeued = two_node_run
+    states = [fields["JobState"] for line in (cluster / "jobcomp.log").read_text().splitlines()
+              if (fields := dict(re.findall(r"(\w+)=(\S*)", line)))["JobId"] == requeued]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states  # SLURM ran it again after the requeue
+    journal_file = workdir / "results" / "resume" / "pretrain_student" / "long" / "journal.jsonl"
+    journal = [json.loads(line) for line in journal_file.read_text().splitlines()]
+    resumed = [e for e in journal if e["event"] == "resume"]
+    assert resumed and resumed[0]["completed"] >= 100 and journal[-1]["event"] == "done", journal
+    a, b = (load_file(workdir / "results" / "students" / s / "model" / "model.safetensors") for s in ("long", "twin"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_two_node_run_reruns_nothing(cluster, two_node_run):
+    workdir, _, _ = two_node_run
+    before = len(slurm_records(cluster))
+    output = run_on_slurm(workdir, two_node_config())
+    assert submissions(output) == {} and "Nothing to be done" in output
+    assert len(slurm_records(cluster)) == before
+
+
+def test_packed_fine_tuning_submits_one_job_per_model_with_the_same_scores(cluster, two_node_run):
+    """finetune.pack: 2 puts each model's two fine-tuning jobs (seeds 1 and 2) in one SLURM job: 4 submissions
+    for 8 jobs; a packed job's scores equal those of the same command run on its own."""
+    from pipeline.compare import comparable
+
+    workdir, output, _ = two_node_run
+    assert not [j for j in submissions(output).values() if j["rule"] == "finetune"]
+    packed = group_submissions(output)
+    assert len(packed) == 4 and all(slurm_records(cluster)[i]["JobState"] == "COMPLETED" for i in packed)
+    scores = "results/finetune/narrow/final/bbc_topic/seed2.json"
+    command = next(line for line in output.splitlines() if "-m pipeline.finetune " in line and scores in line)
+    command = command[command.index("python -m pipeline.finetune"):].split(" > ")[0]
+    alone = command.replace(scores, "alone/seed2.json").replace("--resume-dir ", "--resume-dir alone/")
+    ran = subprocess.run(["bash", "-c", alone], cwd=workdir, capture_output=True, text=True, env=venv_env(),
+                         timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert comparable(workdir / "alone" / "seed2.json", workdir) == comparable(workdir / scores, workdir)

@@ -37,12 +37,14 @@ class PlannedJob:
         return False
 
 
-def planned_jobs(workdir: Path, device: str, *extra: str, gpus: int = 1) -> list[PlannedJob]:
+def planned_jobs(workdir: Path, device: str, *extra: str, gpus: int = 1, nodes: int = 1) -> list[PlannedJob]:
     """Every job of a dry run, with the resources Snakemake evaluated for it (and its shell command)."""
     config = slurm_config()
     config["device"] = device
     config["students"]["mlsm"]["gpus"] = gpus
-    configfile = workdir / f"{device}-{gpus}.yaml"
+    if nodes > 1:
+        config["students"]["mlsm"]["nodes"] = nodes
+    configfile = workdir / f"{device}-{gpus}-{nodes}.yaml"
     configfile.write_text(yaml.safe_dump(config))
     # No workstation profile: its one-GPU cap for local runs would scale the jobs' gpu= down.
     result = snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--workflow-profile", "none", *extra)
@@ -114,6 +116,33 @@ def test_a_two_gpu_student_asks_for_two_gpus_and_runs_torchrun(workdir):
     assert "--gpus=2" in sbatch_arguments(two) and "--cpus-per-task=4" in sbatch_arguments(two)
     assert two.shell.startswith("torchrun --standalone --nproc-per-node=2 -m pipeline.pretrain ")
     assert "--gpus=1" in sbatch_arguments(one) and one.shell.startswith("python -m pipeline.pretrain ")
+
+
+def test_a_two_node_student_asks_for_a_task_and_its_gpus_on_each_node(workdir):
+    """Issue #33: nodes x one task, GPUs per node as gres, and the launcher's srun starting a torchrun per node;
+    a one-node student of the same config keeps its one task and --gpus."""
+    jobs = planned_jobs(workdir, "cuda", "--cores", "64", gpus=2, nodes=2)
+    pretrain = [job for job in jobs if job.name == "pretrain_student"]
+    wide = next(job for job in pretrain if "--model results/students/mlsm/model" in job.shell)
+    one = next(job for job in pretrain if "--model results/students/mlm/model" in job.shell)
+    arguments = sbatch_arguments(wide)
+    assert {"--nodes=2", "--ntasks=2", "--gres=gpu:2", "--cpus-per-task=4"} <= set(arguments), arguments
+    assert not any(a.startswith(("--gpus", "--ntasks-per-gpu")) for a in arguments)
+    assert wide.shell.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 torchrun --nnodes=2 "
+                                 "--nproc-per-node=2 --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID ")
+    assert "--gpus=1" in sbatch_arguments(one) and not any(a.startswith("--ntasks") for a in sbatch_arguments(one))
+    assert one.shell.startswith("python -m pipeline.pretrain ")
+
+
+def test_a_two_node_student_on_one_machine_is_one_clear_error(tmp_path):
+    config = slurm_config()
+    config["students"]["mlsm"]["nodes"] = 2
+    configfile = tmp_path / "nodes.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, configfile)  # the workstation profile: the local executor
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "config key 'students.mlsm.nodes': 2 nodes need a SLURM cluster" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_submission_parser_reads_snakemake_output():

@@ -80,7 +80,7 @@ def build(rank: int, world: int, device: torch.device, paths: SimpleNamespace, p
                                        "phases": [[p[1][CHECKSUM_KEY], p[3] and p[3][CHECKSUM_KEY]]
                                                   for p in phases.values()],
                                        "dictionary": online.record[CHECKSUM_KEY] if online else None},
-                    writer=rank == 0, interval=paths.checkpoint_seconds)
+                    writer=rank == 0, interval=paths.checkpoint_seconds, stops=False)
     facts = card.facts(paths, params, manifest, target_record, world)
     return Setup(rank, world, device, paths, params, manifest, tokenizer, online, target_record, stream, model,
                  forward, teacher, optimizer, scheduler, resume, base, facts, heads_at_prior)

@@ -31,7 +31,7 @@ from ..config import checkpoint_steps
 from ..data import contract
 from ..data.integrity import atomic_output, file_entries, read_verified, write_record
 from ..objectives import objective
-from ..resume import Resume, load_training, save_training
+from ..resume import Resume, load_training, save_training, stop_requested
 from ..training import autocast, grad_scaler, rng_states, set_rng_states, training_precision
 from . import card
 from .data import Prefetcher, Shard, rank_share
@@ -103,6 +103,7 @@ class Trainer:
         started, window = time.perf_counter() - self.seconds, Window(self.step, self.tokens_seen)
         in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be handled
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop) if in_main_thread else None
+        self.stop_requested = self.stop_requested or stop_requested()  # a SIGTERM before the loop began
         s.model.train()
         try:
             while self.step < total:
@@ -122,7 +123,8 @@ class Trainer:
                     self.save_state()
                 if stop:
                     raise StageError(f"stopped by SIGTERM after update {self.step} of {total}; the state is "
-                                     f"saved in {s.paths.resume_dir}, and a rerun resumes from it")
+                                     f"saved in {s.paths.resume_dir}, and a retry or a rerun (SLURM's requeue too) "
+                                     "resumes from it", transient=True)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous_handler)

@@ -117,6 +117,9 @@ class Rule:
     # port -> (workflow) -> bool: a port of some configs only, left out of the others' commands and outputs (so
     # that adding it reran no job of a config without it: Snakemake reruns a job whose command changed)
     when: dict = field(default_factory=dict)
+    # (group template, (config) -> jobs per submission): on a cluster, the jobs of one group (the template filled
+    # with their wildcards) are packed that many at a time into one submission (Snakemake's job groups)
+    group: tuple | None = None
 
     @property
     def input_ports(self) -> tuple[str, ...]:

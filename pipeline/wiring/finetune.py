@@ -23,8 +23,9 @@ def inputs(w, job):
 
 
 def params(w, job):
-    # The lists of seeds and checkpoint tasks are left out: they add jobs and must not rerun the others.
-    options = {k: v for k, v in w.config["finetune"].items() if k not in ("seeds", "checkpoint_tasks")}
+    # The lists of seeds and checkpoint tasks are left out: they add jobs and must not rerun the others; pack only
+    # groups the jobs into submissions.
+    options = {k: v for k, v in w.config["finetune"].items() if k not in ("seeds", "checkpoint_tasks", "pack")}
     return {**options, "snapshot": job.snapshot, "student": job.student, "task_name": job.task,
             "objective": w.config["students"][job.student]["objective"], "task": w.config["tasks"][job.task],
             "seed": int(job.seed), "device": w.device}
@@ -51,4 +52,5 @@ def cost(plan, job):
 FINETUNE = Rule(
     "finetune", STAGE, job="{student}_{snapshot}_{task}_seed{seed}", outputs={"scores": contract.FINETUNE_SCORES},
     inputs=inputs, params=params, jobs=jobs, cost=cost, threads=lambda w, job: w.process_threads(1),
-    resources=Resources(mem_mb=6000, runtime=240, gpu=True), resumable=True)
+    resources=Resources(mem_mb=6000, runtime=240, gpu=True), resumable=True,
+    group=("finetune_{student}_{snapshot}", lambda config: config["finetune"].get("pack", 1)))

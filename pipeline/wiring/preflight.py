@@ -116,6 +116,17 @@ def check_outputs(snakemake_workflow, workflow: Workflow) -> None:
         raise SystemExit(f"Error: {damage.message(found, workflow, configfiles)}")
 
 
+def check_nodes(snakemake_workflow, workflow: Workflow) -> None:
+    """A trainee that spans nodes needs SLURM: a run on this machine alone (the local executor) stops here,
+    naming the key. (A dry run cannot tell where the jobs would run, so it does not stop.)"""
+    plugin = getattr(snakemake_workflow, "executor_plugin", None)
+    several = workflow.multi_node()
+    if plugin is not None and plugin.name == "local" and several:
+        key, (nodes, _) = next(iter(several.items()))
+        raise SystemExit(f"Error: config key '{key}': {nodes} nodes need a SLURM cluster (snakemake "
+                         "--workflow-profile profiles/slurm); on one machine, spread the processes with gpus instead")
+
+
 def check_tasks(workflow: Workflow, jobs: list[tuple[str, dict]]) -> None:
     """The task files of the fine-tuning jobs about to run, read and checked as each job will (columns, labels,
     the examples max_train_examples draws for each seed): a bad task file stops the run before Snakemake

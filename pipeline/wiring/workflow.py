@@ -160,8 +160,41 @@ class Workflow(Slices):
             return self.config["teachers"][wildcards.teacher]["auxiliary"]["gpus"]
         return 1
 
+    def nodes(self, rule: str, wildcards) -> int:
+        """Nodes of a pre-training job (SLURM): the student's or auxiliary teacher's `nodes`, else 1."""
+        if RULES[rule].gpus_key == "student":
+            return self.student_options(wildcards.student).get("nodes", 1)
+        if RULES[rule].gpus_key == "teacher":
+            return self.config["teachers"][wildcards.teacher]["auxiliary"].get("nodes", 1)
+        return 1
+
+    def multi_node(self) -> dict[str, tuple[int, int]]:
+        """The trainees that span several nodes: their `nodes` key ('students.<s>.nodes') -> (nodes, processes
+        per node)."""
+        trainees = {f"students.{s}.nodes": self.student_options(s) for s in self.students}
+        trainees.update({f"teachers.{t}.auxiliary.nodes": self.config["teachers"][t]["auxiliary"]
+                         for t in self.auxiliary_teachers()})
+        return {key: (o["nodes"], o["gpus"]) for key, o in trainees.items() if o.get("nodes", 1) > 1}
+
+    def submissions(self) -> int:
+        """How many jobs a cluster executor submits: one per job of a rule that is not local, where a rule packs
+        its jobs (Rule.group) one per group of at most its size."""
+        from collections import Counter
+        from math import ceil
+
+        single, groups = 0, Counter()
+        for rule, wildcards in self.jobs():
+            declared = RULES[rule]
+            if declared.resources.local:
+                continue
+            if declared.group is not None and declared.group[1](self.config) > 1:
+                groups[rule, fill(declared.group[0], **wildcards)] += 1
+            else:
+                single += 1
+        return single + sum(ceil(n / RULES[rule].group[1](self.config)) for (rule, _), n in groups.items())
+
     def launcher(self, rule: str, wildcards) -> str:
-        return torchrun_command(self.gpus(rule, wildcards))
+        return torchrun_command(self.gpus(rule, wildcards), self.nodes(rule, wildcards))
 
     def threads(self, rule: str, wildcards) -> int:
         """The job's threads (its rule's declaration; Snakemake sets OMP_NUM_THREADS and the like from them)."""

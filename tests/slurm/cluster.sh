@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine, for the tests marked `slurm`.
+# A real two-node SLURM cluster on this machine, for the tests marked `slurm`: node1 and node2, two slurmd
+# (Debian's slurm-wlm is built with multiple-slurmd support), each in its own UTS and mount namespace, so that a
+# job on it has the node's hostname and resolves both names (a private /etc/hosts: node1 127.0.0.2, node2
+# 127.0.0.3, on the loopback). Both nodes declare the machine's CPUs and memory: SLURM's bookkeeping only.
 #   tests/slurm/cluster.sh start STATE_DIR   install (Debian packages) if needed, configure, start, wait idle
 #   tests/slurm/cluster.sh stop STATE_DIR    stop the daemons by PID
 # The config goes to /etc/slurm/slurm.conf, where every SLURM command finds it (the executor plugin drops
@@ -14,10 +17,12 @@ CONF=/etc/slurm/slurm.conf
 MARK="# written by mlsm-pipeline tests/slurm/cluster.sh"
 
 stop() {
-    for daemon in slurmd slurmctld munged; do
-        if [ -f "$state/$daemon.pid" ]; then
-            kill "$(cat "$state/$daemon.pid")" 2>/dev/null || true
-            rm -f "$state/$daemon.pid"
+    for pidfile in "$state"/slurmd-node*.pid "$state/slurmctld.pid" "$state/munged.pid"; do
+        if [ -f "$pidfile" ]; then
+            pid=$(cat "$pidfile")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+            rm -f "$pidfile"
         fi
     done
     if [ -f "$CONF" ] && head -n 1 "$CONF" | grep -qxF "$MARK"; then rm -f "$CONF"; fi
@@ -49,6 +54,8 @@ socket="$state/munge/munge.socket"
 munged --force --key-file="$state/munge/munge.key" --socket="$socket" \
     --pid-file="$state/munged.pid" --log-file="$state/munged.log" --seed-file="$state/munge/seed"
 
+{ echo "127.0.0.1 localhost"; echo "127.0.0.2 node1"; echo "127.0.0.3 node2"; } > "$state/hosts"
+slurmd_port=$(( 17818 + RANDOM % 1000 ))
 cpus=$(nproc)
 memory=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
 mkdir -p "$(dirname "$CONF")"
@@ -59,16 +66,16 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$socket
+AuthInfo=socket=$socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$state/ctld
-SlurmdSpoolDir=$state/spool
+SlurmdSpoolDir=$state/spool-%n
 SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd.pid
+SlurmdPidFile=$state/slurmd-%n.pid
 SlurmctldLogFile=$state/slurmctld.log
-SlurmdLogFile=$state/slurmd.log
+SlurmdLogFile=$state/slurmd-%n.log
 SlurmctldPort=$(( 16817 + RANDOM % 1000 ))
-SlurmdPort=$(( 17818 + RANDOM % 1000 ))
+SlurmdPort=$slurmd_port
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -80,22 +87,27 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerParameters=batch_sched_delay=0
 SchedulerType=sched/backfill
 MinJobAge=600
+JobRequeue=1
 ReturnToService=2
 MpiDefault=none
 SwitchType=switch/none
-NodeName=localhost CPUs=$cpus RealMemory=$memory State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.2 Port=$slurmd_port CPUs=$cpus RealMemory=$memory State=UNKNOWN
+NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.3 Port=$((slurmd_port + 1)) CPUs=$cpus RealMemory=$memory State=UNKNOWN
+PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
 CONF
 slurmctld -f "$CONF"
-slurmd -N localhost -f "$CONF"
+for node in node1 node2; do
+    unshare --uts --mount --propagation private sh -c \
+        "mount --bind '$state/hosts' /etc/hosts && hostname $node && exec slurmd -N $node -f '$CONF'"
+done
 for _ in $(seq 60); do
-    if sinfo -h -N -o %T 2>/dev/null | grep -qx idle; then
+    if [ "$(sinfo -h -N -o %T 2>/dev/null | grep -cx idle)" = 2 ]; then
         echo "SLURM cluster up: $(sinfo -h -o '%P %D %c %m')"
         exit 0
     fi
     sleep 1
 done
-echo "SLURM node did not become idle; logs in $state" >&2
-tail -n 20 "$state/slurmctld.log" "$state/slurmd.log" >&2 || true
+echo "SLURM nodes did not become idle; logs in $state" >&2
+tail -n 20 "$state/slurmctld.log" "$state"/slurmd-node*.log >&2 || true
 stop
 exit 1

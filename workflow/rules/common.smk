@@ -41,6 +41,7 @@ wildcard_constraints:
 
 
 _OUTPUTS_CHECKED = []
+GROUP_SIZES = {}  # a job group's template -> jobs per submission (rule_group)
 
 
 def _check_outputs_once():
@@ -49,7 +50,9 @@ def _check_outputs_once():
     if _OUTPUTS_CHECKED or not workflow.is_main_process:
         return
     _OUTPUTS_CHECKED.append(True)
+    _pack_groups()
     if getattr(workflow, "executor_plugin", None) is not None and not workflow.touch:
+        preflight.check_nodes(workflow, W)
         preflight.check_outputs(workflow, W)
 
 
@@ -99,6 +102,24 @@ def rule_params(rule):
     return params
 
 
+def rule_group(rule):
+    """The rule's job group where the config packs its jobs (Rule.group), with the jobs per submission
+    (Snakemake's --group-components, set here from the config); else none."""
+    declared = RULES[rule].group
+    if declared is None or declared[1](CONFIG) <= 1:
+        return None
+    GROUP_SIZES[declared[0]] = declared[1](CONFIG)
+    return declared[0]
+
+
+def _pack_groups():
+    """The groups' sizes, as --group-components would give them (a --group-components of the command wins);
+    set when the DAG is built, since Snakemake replaces its group settings after the Snakefile is read."""
+    settings = getattr(workflow, "group_settings", None)
+    if GROUP_SIZES and settings is not None:
+        settings.group_components = {**GROUP_SIZES, **dict(settings.group_components or {})}
+
+
 def rule_benchmark(rule):
     return W.benchmark(rule)
 
@@ -111,6 +132,25 @@ def rule_threads(rule):
 def job_attempt(wildcards, attempt):
     """The job's attempt, for its command (`--attempt`): a retry after a failure that repeats stops at once."""
     return attempt
+
+
+def multi_node_resources(rule):
+    """A job of several nodes asks SLURM for one task per node (its threads per task, its memory per node, GPUs
+    per node as gres); `mpi` keeps the plugin from wrapping the job in `srun -n1`, since the job's launcher
+    (pipeline/launch.py) starts one torchrun per node with its own srun. A single-node job of the same rule gets
+    an empty mpi and one task."""
+
+    def several(wildcards):
+        return W.nodes(rule, wildcards) > 1
+
+    # tasks_per_gpu 0: the plugin would otherwise turn `tasks` into --ntasks-per-gpu for a GPU job.
+    return {
+        "nodes": lambda wildcards: W.nodes(rule, wildcards),
+        "tasks": lambda wildcards: W.nodes(rule, wildcards),
+        "tasks_per_gpu": 0,
+        "mpi": lambda wildcards: "srun" if several(wildcards) else "",
+        "gres": lambda wildcards: f"gpu:{W.gpus(rule, wildcards)}" if GPU and several(wildcards) else "",
+    }
 
 
 def rule_resources(rule):
@@ -126,7 +166,9 @@ def rule_resources(rule):
     else:
         resources["runtime"] = wanted.runtime
     if wanted.gpu:
-        resources["gpu"] = lambda wildcards: GPU * W.gpus(rule, wildcards)
+        resources["gpu"] = lambda wildcards: GPU * W.gpus(rule, wildcards) * (W.nodes(rule, wildcards) == 1)
+    if declared.gpus_key and W.multi_node():
+        resources.update(multi_node_resources(rule))
     if "checkpoint_seconds" in declared.stage.settings:
         resources["checkpoint_seconds"] = CHECKPOINT_SECONDS
     return resources
