@@ -143,6 +143,9 @@ def expand_grids(config: dict) -> dict[str, tuple[str, dict]]:
             raise GridError(f"config key 'grids.{name}': {size} students ({shape}), over grid_limit ({limit}); "
                             "sweep fewer values, or raise grid_limit")
         for student, keys in grid_students(name, grid).items():
+            if config["students"].get(student) == keys and student not in made:  # a config validated before
+                made[student] = (name, {k: keys[k] for k in grid["sweep"]})
+                continue
             if student in config["students"] or student in made:
                 raise GridError(f"config key 'grids.{name}': its student {student!r} is also a student of the "
                                 "config or of another grid; rename one")

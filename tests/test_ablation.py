@@ -338,3 +338,8 @@ def test_the_new_ports_stay_out_of_the_commands_of_configs_without_them(ablation
     chained = Workflow(cfg.validate(budgets))
     assert "{params.continue_from:q} {params.continue_summary:q}" in command("pretrain_student", chained)
     assert "--ablation {output.ablation:q}" in command("report", chained)
+
+
+def test_a_validated_config_validates_again_to_itself(ablation_config):
+    once = cfg.validate(ablation_config)
+    assert cfg.validate(once) == once

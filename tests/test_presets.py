@@ -175,7 +175,7 @@ def test_the_paper_recipe_runs_end_to_end_scaled_down(tmp_path, mlm_teacher):
     results = tmp_path / "results"
     assert read_record(results / contract.DICTIONARY_METRICS.format(dictionary="bert_base_cased"))["backend"] == "spams"
     for manifest in (contract.TARGET_MANIFEST, contract.TARGET_PHASE_MANIFEST):
-        record = read_record(results / manifest.format(teacher="bert_base_cased", length=64))
+        record = read_record(results / manifest.format(dictionary="bert_base_cased", length=64))
         assert record["mean_mass_lost_to_top_k"] == 0 and record["mean_kept_atoms"] == pytest.approx(
             record["mean_nnz"])  # the whole codes
     for student in config["students"]:

@@ -657,7 +657,7 @@ def test_the_teachers_precision_in_extraction_and_targets_as_the_reference(tmp_p
     config["targets"] = {**config.get("targets", {}), "teacher_precision": "fp16"}
     workflow = Workflow(cfg.validate(config))
     teacher = next(iter(workflow.teachers))
-    job = type("Job", (), {"teacher": teacher, "part": "shard-000"})()
+    job = type("Job", (), {"teacher": teacher, "dictionary": teacher, "part": "shard-000"})()
     assert RULES["extract_activations"].params(workflow, job)["teacher_precision"] == "fp32"
     assert RULES["precompute_targets"].params(workflow, job)["teacher_precision"] == "fp16"
 
