@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 
 RENDEZVOUS_PORT = 29500
-# The first host of the SLURM allocation, resolved inside the job's shell.
-FIRST_NODE = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+# The first host of the srun step, resolved by each task's own shell: the executor plugin strips SLURM_JOB_NODELIST
+# from the job's environment, and srun sets the step's for its tasks.
+FIRST_NODE = "$(scontrol show hostnames $SLURM_STEP_NODELIST | head -n 1)"
 
 
 def torchrun_command(gpus: int, nodes: int = 1) -> str:
@@ -29,9 +30,9 @@ def torchrun_command(gpus: int, nodes: int = 1) -> str:
         return "python"
     if nodes == 1:
         return f"torchrun --standalone --nproc-per-node={gpus}"
-    return (f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
-            f"torchrun --nnodes={nodes} --nproc-per-node={gpus} --rdzv-backend=c10d "
-            f'--rdzv-id=$SLURM_JOB_ID --rdzv-endpoint="{FIRST_NODE}:{RENDEZVOUS_PORT}"')
+    torchrun = (f"exec torchrun --nnodes={nodes} --nproc-per-node={gpus} --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID "
+                f'--rdzv-endpoint={FIRST_NODE}:{RENDEZVOUS_PORT} "$@"')
+    return f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 bash -c '{torchrun}' torchrun"
 
 
 def main(argv=None) -> None:

@@ -128,7 +128,7 @@ def test_a_two_node_student_asks_for_a_task_and_its_gpus_on_each_node(workdir):
     arguments = sbatch_arguments(wide)
     assert {"--nodes=2", "--ntasks=2", "--gres=gpu:2", "--cpus-per-task=4"} <= set(arguments), arguments
     assert not any(a.startswith(("--gpus", "--ntasks-per-gpu")) for a in arguments)
-    assert wide.shell.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 torchrun --nnodes=2 "
+    assert wide.shell.startswith("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 bash -c 'exec torchrun --nnodes=2 "
                                  "--nproc-per-node=2 --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID ")
     assert "--gpus=1" in sbatch_arguments(one) and not any(a.startswith("--ntasks") for a in sbatch_arguments(one))
     assert one.shell.startswith("python -m pipeline.pretrain ")
