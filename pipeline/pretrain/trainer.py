@@ -212,7 +212,7 @@ class Trainer:
         if theirs != mine or not budget_independent(self.params):
             raise StageError(f"{self.s.paths.continue_from}: a run that differs from this one in more than its "
                              "budget, or a schedule that depends on max_steps; it cannot be continued")
-        return Resume(state.parent, None, writer=False)
+        return Resume(state.parent, None, writer=False, stops=False)
 
     def _as_if_from_scratch(self, step: int) -> None:
         """Drop what the shorter run recorded only because it ended at `step`: its diagnostics there, and its
@@ -327,7 +327,8 @@ class Trainer:
                    "baselines": self.s.baselines.record(), "diagnostics": self.diagnostics, "card": s.card}
         if budget_independent(self.params):  # collective: every rank's random states
             (self.saved_models / FINAL_STATE).mkdir(parents=True, exist_ok=True)
-            self.save_state(self.final_rngs, into=Resume(self.saved_models / FINAL_STATE, None, writer=False))
+            final = Resume(self.saved_models / FINAL_STATE, None, writer=False, stops=False)
+            self.save_state(self.final_rngs, into=final)
         if s.rank == 0:
             self._publish(summary)
         if s.world > 1:
