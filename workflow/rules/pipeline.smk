@@ -81,9 +81,9 @@ for _rule in RULES.values():
             **rule_logs(_rule.name),
         benchmark:
             rule_benchmark(_rule.name)
+        retries: RETRIES if _rule.resumable else 0
         group:
             rule_group(_rule.name)
-        retries: RETRIES if _rule.resumable else 0
         localrule: _rule.resources.local
         threads: rule_threads(_rule.name)
         resources:
