@@ -36,6 +36,9 @@ def why_no_cluster() -> str | None:
     conf = Path("/etc/slurm/slurm.conf")
     if conf.exists() and "tests/slurm/cluster.sh" not in (conf.read_text().splitlines() or [""])[0]:
         return f"{conf} belongs to a real SLURM installation; the test cluster does not replace it"
+    # The two nodes are two slurmd, each in its own UTS and mount namespace (tests/slurm/cluster.sh).
+    if subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True).returncode != 0:
+        return "unshare --uts --mount is refused here: the two-node test cluster needs namespaces (a privileged root)"
     if shutil.which("slurmctld") and shutil.which("munged"):
         return None
     if not shutil.which("apt-get"):
