@@ -37,7 +37,7 @@ def why_no_cluster() -> str | None:
     if conf.exists() and "tests/slurm/cluster.sh" not in (conf.read_text().splitlines() or [""])[0]:
         return f"{conf} belongs to a real SLURM installation; the test cluster does not replace it"
     # The two nodes are two slurmd, each in its own UTS and mount namespace (tests/slurm/cluster.sh).
-    if subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True).returncode != 0:
+    if not shutil.which("unshare") or subprocess.run(["unshare", "--uts", "--mount", "true"]).returncode != 0:
         return "unshare --uts --mount is refused here: the two-node test cluster needs namespaces (a privileged root)"
     if shutil.which("slurmctld") and shutil.which("munged"):
         return None
