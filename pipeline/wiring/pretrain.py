@@ -70,7 +70,7 @@ def student_inputs(w, job):
         inputs["dictionary_metrics"] = w.path(contract.DICTIONARY_METRICS, dictionary=coding)  # model card
     inputs.update(w.phase_inputs(w.student_options(job.student),
                                  coding if w.precomputed_targets(job.student) else None))
-    shorter = w.budget_chain().get(job.student)
+    shorter = w.budget_chain.get(job.student)
     if shorter is not None:
         inputs["continue_from"] = w.path(contract.STUDENT_CHECKPOINTS, student=shorter)
         inputs["continue_summary"] = w.path(contract.STUDENT_SUMMARY, student=shorter)
@@ -107,7 +107,7 @@ def student_cost(plan, job):
     if not needs.trains:  # the control: initialised, measured and saved
         return plan.rates.startup(True), plan.model_bytes(options["size"], options["objective"], None), 0
     student, w = job.student, plan.workflow
-    shorter = w.budget_chain().get(student)
+    shorter = w.budget_chain.get(student)
     if shorter is not None:  # it trains the updates beyond the shorter budget only
         options = {**options, "max_steps": options["max_steps"] - w.student_options(shorter)["max_steps"]}
     return plan.pretraining(options, options["objective"], w.student_teacher(student), w.student_coding(student))
@@ -122,5 +122,5 @@ PRETRAIN_STUDENT = Rule(
     inputs=student_inputs, params=student_params, jobs=lambda w: [{"student": s} for s in w.students],
     cost=student_cost, threads=lambda w, job: w.process_threads(w.gpus("pretrain_student", job)),
     resources=RESOURCES, resumable=True, gpus_key="student",
-    when={"continue_from": lambda w: bool(w.budget_chain()), "continue_summary": lambda w: bool(w.budget_chain())},
+    when=dict.fromkeys(("continue_from", "continue_summary"), lambda w: bool(w.budget_chain)),
     shown={"summary": Shown("student_summary", STUDENTS, (("student", "{student}"),))})

@@ -10,6 +10,8 @@ torch or pyarrow: Snakemake reads it at every parse, also in every cluster job.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from .. import ablation
 from .. import config as cfg
 from ..data import contract
@@ -138,11 +140,10 @@ class Workflow(Slices):
         """(teacher, dictionary section, targets section) of a dictionary: a variant's keys over the sections."""
         return ablation.coding_sections(self.config, name)
 
+    @cached_property
     def budget_chain(self) -> dict[str, str]:
         """Student -> the shorter budget's student whose final state it continues (ablation.budget_chain)."""
-        if not hasattr(self, "_chain"):
-            self._chain = ablation.budget_chain(self.config, self.student_options)
-        return self._chain
+        return ablation.budget_chain(self.config, self.student_options)
 
     def coding_teacher(self, name: str) -> str:
         return ablation.coding_parts(name)[0]
@@ -152,21 +153,21 @@ class Workflow(Slices):
         options = self.student_options(student)
         return objective(options["objective"]).targets and options["targets"] == "online"
 
-    def gpus(self, rule: str, wildcards) -> int:
-        """Processes (torchrun) of a pre-training job: the student's or auxiliary teacher's `gpus`."""
+    def trainee(self, rule: str, wildcards) -> dict:
+        """The options of a pre-training job's trainee (the student, or the auxiliary teacher); {} for other rules."""
         if RULES[rule].gpus_key == "student":
-            return self.student_options(wildcards.student)["gpus"]
+            return self.student_options(wildcards.student)
         if RULES[rule].gpus_key == "teacher":
-            return self.config["teachers"][wildcards.teacher]["auxiliary"]["gpus"]
-        return 1
+            return self.config["teachers"][wildcards.teacher]["auxiliary"]
+        return {}
+
+    def gpus(self, rule: str, wildcards) -> int:
+        """Processes (torchrun) per node of a job: its trainee's `gpus`, else 1."""
+        return self.trainee(rule, wildcards).get("gpus", 1)
 
     def nodes(self, rule: str, wildcards) -> int:
-        """Nodes of a pre-training job (SLURM): the student's or auxiliary teacher's `nodes`, else 1."""
-        if RULES[rule].gpus_key == "student":
-            return self.student_options(wildcards.student).get("nodes", 1)
-        if RULES[rule].gpus_key == "teacher":
-            return self.config["teachers"][wildcards.teacher]["auxiliary"].get("nodes", 1)
-        return 1
+        """Nodes of a job (SLURM): its trainee's `nodes`, else 1."""
+        return self.trainee(rule, wildcards).get("nodes", 1)
 
     def multi_node(self) -> dict[str, tuple[int, int]]:
         """The trainees that span several nodes: their `nodes` key ('students.<s>.nodes') -> (nodes, processes
