@@ -143,10 +143,8 @@ def expand_grids(config: dict) -> dict[str, tuple[str, dict]]:
             raise GridError(f"config key 'grids.{name}': {size} students ({shape}), over grid_limit ({limit}); "
                             "sweep fewer values, or raise grid_limit")
         for student, keys in grid_students(name, grid).items():
-            if config["students"].get(student) == keys and student not in made:  # a config validated before
-                made[student] = (name, {k: keys[k] for k in grid["sweep"]})
-                continue
-            if student in config["students"] or student in made:
+            validated_before = config["students"].get(student) == keys  # this grid's own student, expanded once
+            if student in made or (student in config["students"] and not validated_before):
                 raise GridError(f"config key 'grids.{name}': its student {student!r} is also a student of the "
                                 "config or of another grid; rename one")
             made[student] = (name, {k: keys[k] for k in grid["sweep"]})

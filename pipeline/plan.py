@@ -241,9 +241,8 @@ def render(config_path: str, planner: Planner, costs: list[Cost]) -> str:
 def submission_lines(planner: Planner, costs: list[Cost]) -> list[str]:
     """On SLURM: the jobs submitted (all but the local rules), and the trainees that span nodes."""
     local = {name for name, rule in RULES.items() if rule.resources.local}
-    submitted = planner.workflow.submissions()
-    packed = "" if submitted == sum(c.jobs for c in costs if c.rule not in local) else \
-        f" ({sum(c.jobs for c in costs if c.rule not in local)} jobs, packed by finetune.pack)"
+    submitted, jobs = planner.workflow.submissions(), sum(c.jobs for c in costs if c.rule not in local)
+    packed = "" if submitted == jobs else f" ({jobs} jobs, packed by finetune.pack)"
     lines = ["", f"On SLURM (profiles/slurm): {submitted} submissions{packed}: every job but those of "
              f"{', '.join(sorted(local & {c.rule for c in costs}))}, which run on the submitting host."]
     wide = planner.workflow.multi_node()

@@ -55,9 +55,10 @@ def sections(c: Comparison, plot_dir: str | None) -> tuple[list[str], dict[str, 
         for key in keys:
             lines += key_table(c, students, key)
             if plot_dir is not None:
-                name = f"{Path(plot_dir).name}/{grid}.{key}.png"
-                plot_key(str(Path(plot_dir) / f"{grid}.{key}.png"), c, students, key, grid)
-                plots[name] = str(Path(plot_dir) / f"{grid}.{key}.png")
+                path = Path(plot_dir) / f"{grid}.{key}.png"
+                name = f"{path.parent.name}/{path.name}"
+                plot_key(str(path), c, students, key, grid)
+                plots[name] = str(path)
                 lines += ["", f"![{grid}: {key}]({name})"]
             lines += pairs_table(c, students, key)
     return lines, plots
